@@ -1,0 +1,251 @@
+"""HF <-> megatron-core through mbridge, kept behind this one module.
+
+mbridge knows the name/layout mapping between HF Llama/Qwen2/Qwen3 checkpoints and a megatron-core
+``GPTModel`` sharded over TP x PP. What this module adds (see shared PLATFORM.md):
+
+* the non-TE ("local") layer spec when transformer-engine is absent; its layer norms are separate
+  modules (``input_layernorm``, ``pre_mlp_layernorm``) so they need their own name mappings;
+* a private copy of the name mappings per bridge: mbridge's tied-embedding bridges edit a dict that
+  is shared by every bridge class, which corrupts a later untied bridge in the same process;
+* vocab padding for TP (``make_vocab_size_divisible_by``), trimmed again on export;
+* fusions and sequence parallelism off on CPU; fp32 by default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from megatron_opd.platform.cpu_compat import cpu_compat, cuda_available
+
+# HF architecture -> mbridge registry key.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+_UNTIED_DIRECT = {
+    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+    "decoder.final_layernorm.weight": "model.norm.weight",
+    "output_layer.weight": "lm_head.weight",
+}
+_LOCAL_SPEC_NORMS = {
+    "other": {"input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"]},
+    "mlp": {"pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"]},
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The HF checkpoint's architecture has no bridge."""
+
+
+def transformer_engine_available() -> bool:
+    return cuda_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def load_hf_config(path: str | Path) -> Any:
+    """Read ``config.json`` of an HF checkpoint and check we can build it."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not an HF checkpoint directory (no config.json)")
+    hf_config = AutoConfig.from_pretrained(str(path))
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"{path}: architecture {archs or hf_config.model_type!r} is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    return hf_config
+
+
+def _bridge_class(model_type: str) -> type:
+    import mbridge  # noqa: F401  (registers the model bridges)
+    from mbridge.core.bridge import _MODEL_REGISTRY
+
+    base = _MODEL_REGISTRY[model_type]
+    attention = {k: list(v) for k, v in base._ATTENTION_MAPPING.items()}
+    mlp = {k: list(v) for k, v in base._MLP_MAPPING.items()}
+    other = {k: list(v) for k, v in base._OTHER_MAPPING.items()}
+    if not transformer_engine_available():
+        mlp = {**_LOCAL_SPEC_NORMS["mlp"], **mlp}
+        other.update(_LOCAL_SPEC_NORMS["other"])
+
+    def layer_spec(self: Any, vp_stage: int | None = None) -> Any:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        self.has_vp_stage = True
+        return get_gpt_decoder_block_spec(
+            self.config, use_transformer_engine=transformer_engine_available(), vp_stage=vp_stage
+        )
+
+    attrs = {
+        "_DIRECT_MAPPING": dict(_UNTIED_DIRECT),
+        "_ATTENTION_MAPPING": attention,
+        "_MLP_MAPPING": mlp,
+        "_OTHER_MAPPING": other,
+        "_get_transformer_layer_spec": layer_spec,
+    }
+    return type(f"Opd{base.__name__}", (base,), attrs)
+
+
+@dataclass
+class ModelBundle:
+    """A built student: its model chunks on this rank and the bridge that maps them to HF."""
+
+    bridge: Any
+    chunks: list[torch.nn.Module]
+    hf_config: Any
+    vocab_size: int
+    padded_vocab_size: int
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.chunks[0]
+
+
+def _cpu_overrides() -> dict[str, Any]:
+    if cuda_available():
+        return {}
+    return dict(
+        use_cpu_initialization=True,
+        sequence_parallel=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def build_model(
+    hf_config: Any,
+    dtype: torch.dtype = torch.float32,
+    vocab_divisible_by: int = 128,
+    **transformer_overrides: Any,
+) -> ModelBundle:
+    """Build this rank's GPTModel chunk (random init) for ``hf_config``.
+
+    Needs :func:`megatron_opd.platform.init_distributed` first. ``transformer_overrides`` go to
+    megatron's ``TransformerConfig`` (e.g. ``recompute_granularity``).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+    from mbridge.core.parallel_states import ParallelStates
+
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {archs or hf_config.model_type!r} is not supported; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp or groups % tp:
+        raise ValueError(
+            f"num_attention_heads ({heads}) and num_key_value_heads ({groups}) must both be "
+            f"divisible by tensor parallel size {tp}"
+        )
+    if hf_config.num_hidden_layers % parallel_state.get_pipeline_model_parallel_world_size():
+        raise ValueError(
+            f"num_hidden_layers ({hf_config.num_hidden_layers}) must be divisible by pipeline "
+            f"parallel size {parallel_state.get_pipeline_model_parallel_world_size()}"
+        )
+    cls = _bridge_class(SUPPORTED_ARCHITECTURES[archs[0]])
+    bridge = cls(
+        hf_config,
+        dtype=dtype,
+        parallel_states=ParallelStates.get_parallel_state(),
+        make_vocab_size_divisible_by=vocab_divisible_by,
+    )
+    bridge.set_extra_args(**_cpu_overrides(), **transformer_overrides)
+    provider = bridge._model_provider([])
+    with cpu_compat():
+        model = provider(
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+        )
+    if cuda_available():
+        model.cuda(torch.cuda.current_device())
+    for param in model.parameters():
+        tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+    return ModelBundle(bridge, [model], hf_config, bridge.vocab_size, bridge.padded_vocab_size)
+
+
+def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path) -> None:
+    """Scatter the HF safetensors of ``hf_dir`` into this rank's shards."""
+    with torch.no_grad(), cpu_compat():
+        bundle.bridge.load_weights(bundle.chunks, str(hf_dir))
+
+
+def export_hf_weights(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream full HF-named tensors gathered from every TP/PP shard (a collective: every rank
+    of the model-parallel group must consume the whole iterator)."""
+    with torch.no_grad():
+        stream = bundle.bridge.export_weights(bundle.chunks)
+        while True:
+            with cpu_compat():
+                item = next(stream, None)
+            if item is None:
+                return
+            yield item
+
+
+def save_hf_checkpoint(
+    bundle: ModelBundle, out_dir: str | Path, tokenizer_src: str | Path | None = None
+) -> None:
+    """Write an HF directory (safetensors + config + tokenizer files) from the sharded model.
+
+    Collective over all ranks; only global rank 0 writes. The directory appears atomically.
+    """
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    tensors = {}
+    for name, tensor in export_hf_weights(bundle):
+        if rank == 0:
+            tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    if rank == 0:
+        if getattr(bundle.hf_config, "tie_word_embeddings", False):
+            tensors.pop("lm_head.weight", None)
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        bundle.hf_config.save_pretrained(str(tmp))
+        copy_tokenizer_files(tokenizer_src, tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:
+    copied = []
+    if src is None:
+        return copied
+    for name in TOKENIZER_FILES:
+        path = Path(src) / name
+        if path.is_file():
+            shutil.copy2(path, dst / name)
+            copied.append(name)
+    return copied
+

@@ -1,0 +1,63 @@
+"""One entry point for running the sharded student over micro-batches (forward or forward+backward).
+
+Wraps megatron-core's ``get_forward_backward_func`` so every caller (SFT, OPD, evaluation,
+parity tests) goes through the same TP/PP pipeline schedule.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from megatron_opd.platform.cpu_compat import cpu_compat
+
+# loss_fn(logits_shard [b, s, V_pad/tp], micro_batch) -> (loss_sum, num_tokens, metrics)
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+
+
+def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, 1, s, s] boolean mask, True where attention is *forbidden* (megatron's convention)."""
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
+
+
+def _forward_step(loss_fn: LossFn, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    batch = next(data_iterator)
+    input_ids = batch["input_ids"]
+    seq_len = input_ids.shape[1]
+    position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+    output = model(input_ids, position_ids, causal_mask(seq_len, input_ids.device))
+    return output, partial(_reduce, loss_fn, batch)
+
+
+def _reduce(loss_fn: LossFn, batch: dict[str, torch.Tensor], output: torch.Tensor) -> tuple:
+    loss_sum, num_tokens, metrics = loss_fn(output, batch)
+    return loss_sum, num_tokens.to(torch.int), metrics
+
+
+def run_pipeline(
+    chunks: list[torch.nn.Module],
+    micro_batches: list[dict[str, torch.Tensor]],
+    loss_fn: LossFn,
+    forward_only: bool,
+) -> list[dict[str, Any]]:
+    """Run ``micro_batches`` through the pipeline; returns the metrics dicts of the last stage
+    (an empty list on other stages). Every micro-batch must hold ``input_ids`` [b, s]; all
+    micro-batches must share b (sequence lengths may differ)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        raise ValueError("run_pipeline needs at least one micro-batch")
+    micro_batch_size, seq_length = micro_batches[0]["input_ids"].shape
+    forward_backward = get_forward_backward_func()
+    with cpu_compat():
+        return forward_backward(
+            forward_step_func=partial(_forward_step, loss_fn),
+            data_iterator=iter(micro_batches),
+            model=chunks,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )

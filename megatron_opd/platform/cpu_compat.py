@@ -1,0 +1,105 @@
+"""Run megatron-core 0.16 on a machine without CUDA.
+
+megatron-core hard-codes CUDA in a few places: ``torch.cuda.current_device()`` allocations,
+``device="cuda"`` literals in the pipeline schedules, ``.cuda()`` calls, and an RNG tracker that
+stores CUDA generator states. On a CPU-only machine we
+
+* map the CUDA RNG helpers onto the CPU generator (the tracker then forks CPU RNG states), and make
+  ``torch.cuda.manual_seed``/``synchronize``/``current_device`` harmless, once per process
+  (:func:`install_cpu_patches`);
+* rewrite CUDA devices to CPU for tensor factories, ``Tensor.cuda`` and ``Tensor.to`` (and report
+  CPU tensors' ``Tensor.type()`` under its CUDA name, which megatron's grad clipping asserts) inside
+  :func:`cpu_compat`, a ``TorchFunctionMode``. A mode costs a Python call per torch op, so callers
+  enter it only around megatron calls (model build, forward/backward, optimizer step), never around
+  token-by-token generation.
+
+Nothing here is active when CUDA is available: both functions are then no-ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_PATCHED = False
+_CPU = torch.device("cpu")
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def _is_cuda(device: Any) -> bool:
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True  # a bare index means a CUDA ordinal to torch factories
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrite every CUDA device argument to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron asserts grads are 'torch.cuda.FloatTensor' before clipping
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cpu_compat() -> Iterator[None]:
+    """Context in which megatron-core's CUDA allocations land on the CPU (no-op with CUDA)."""
+    if cuda_available():
+        yield
+        return
+    install_cpu_patches()
+    with _CudaToCpu():
+        yield
+
+
+def _noop() -> Any:
+    # A fresh function per patched name: torch.compile's rule table rejects one object
+    # registered under several torch names.
+    def noop(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    return noop
+
+
+def install_cpu_patches() -> None:
+    """Patch the process-wide CUDA entry points megatron-core calls (idempotent, CPU only)."""
+    global _PATCHED
+    if _PATCHED or cuda_available():
+        return
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    def get_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> None:
+        torch.set_rng_state(new_state)
+
+    mcore_random._get_cuda_rng_state = get_state
+    mcore_random._set_cuda_rng_state = set_state
+    # The tracker seeds a named state with torch.cuda.manual_seed and reads it back with
+    # torch.cuda.get_rng_state; on CPU both act on the CPU generator, which the tracker restores.
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = _noop()
+    torch.cuda.synchronize = _noop()
+    torch.cuda.empty_cache = _noop()
+    torch.cuda.current_device = lambda: 0  # an ordinal; cpu_compat() maps it to the CPU
+    _PATCHED = True

@@ -1,0 +1,82 @@
+"""torch.distributed + megatron-core parallel-state initialisation (gloo on CPU, NCCL on GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.platform.cpu_compat import cuda_available, install_cpu_patches
+
+
+class ParallelLayoutError(ValueError):
+    """The requested TP x PP x DP layout does not fit the processes that were started."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_layout(world_size: int, tp: int, pp: int, dp: int = 1) -> None:
+    if tp < 1 or pp < 1 or dp < 1:
+        raise ParallelLayoutError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} dp={dp}")
+    if tp * pp * dp != world_size:
+        raise ParallelLayoutError(
+            f"tp({tp}) x pp({pp}) x dp({dp}) = {tp * pp * dp} does not match the "
+            f"{world_size} process(es) started; launch exactly tp*pp*dp processes"
+        )
+
+
+def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) -> DistInfo:
+    """Join (or create, for a lone process) the process group and build megatron's groups.
+
+    Under torchrun the usual RANK/WORLD_SIZE/MASTER_* variables are read; a plain single process
+    gets a private rendezvous on 127.0.0.1.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(world_size, tp, pp, dp)
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if cuda_available() else "gloo"
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=10))
+    if not cuda_available():
+        install_cpu_patches()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return DistInfo(rank, world_size, local_rank, tp, pp, dp, backend)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

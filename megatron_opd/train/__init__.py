@@ -1,0 +1,1 @@
+"""Megatron trainer: the only layer that drives megatron-core training (SFT, OPD/MOPD, GRPO)."""

@@ -1,0 +1,79 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+VOCAB = 131  # deliberately not divisible by 2: exercises TP vocab padding
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny_hf(out: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    """A tiny random HF checkpoint built from a config (no download)."""
+    from transformers import (
+        LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+    )
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+    )
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if arch == "qwen3":  # q/k norm, tied embeddings, explicit head_dim
+        model = Qwen3ForCausalLM(Qwen3Config(**{"head_dim": 16, "tie_word_embeddings": True, **common}))
+    elif arch == "qwen2":  # qkv bias
+        model = Qwen2ForCausalLM(Qwen2Config(**{"tie_word_embeddings": False, **common}))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": False, "rope_theta": 50000.0, **common}))
+    else:
+        raise ValueError(arch)
+    # random biases are zero at init: make them non-trivial so the bias mapping is exercised
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_hf")
+    return {arch: make_tiny_hf(root / arch, arch, seed=i) for i, arch in enumerate(["qwen3", "qwen2", "llama"])}
+
+
+def torchrun(nproc: int, script_or_module: list[str], timeout: int = 600, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """Run a real multi-process job on 127.0.0.1 (gloo) and return the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *script_or_module]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def opd(*args: str, timeout: int = 900, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `opd` CLI in a subprocess."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "megatron_opd.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"opd {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
