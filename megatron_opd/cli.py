@@ -1,0 +1,117 @@
+"""``opd``: the command-line entry point.
+
+Distributed commands re-run themselves under torchrun when they need several processes, so the
+same command line works on a laptop and inside a Slurm allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from megatron_opd.config import ConfigError, load_recipe
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation with a megatron-core student.")
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between formats.")
+app.add_typer(convert_app, name="convert")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _distributed(nproc: int, argv: list[str]) -> bool:
+    """True if this process should do the work; otherwise relaunches and exits with torchrun's code."""
+    from megatron_opd.platform.launch import relaunch_with_torchrun, under_launcher
+
+    if under_launcher() or nproc == 1:
+        if under_launcher() and int(os.environ["WORLD_SIZE"]) != nproc:
+            _fail(f"this job needs {nproc} processes but {os.environ['WORLD_SIZE']} were started")
+        return True
+    raise typer.Exit(relaunch_with_torchrun(nproc, argv))
+
+
+def _preflight_model(hf_path: Path, tp: int, pp: int) -> None:
+    """Checks that need only config.json, done before any process starts."""
+    from megatron_opd.model.bridge import load_hf_config
+
+    cfg = load_hf_config(hf_path)
+    heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
+    if heads % tp or groups % tp:
+        raise ValueError(f"{hf_path}: num_attention_heads ({heads}) and num_key_value_heads ({groups}) must be divisible by tp={tp}")
+    if cfg.num_hidden_layers % pp:
+        raise ValueError(f"{hf_path}: num_hidden_layers ({cfg.num_hidden_layers}) must be divisible by pp={pp}")
+
+
+@app.command()
+def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value")) -> None:
+    """Run a recipe stage (``opd run recipes/tiny/sft.yaml train.steps=50``)."""
+    try:
+        cfg = load_recipe(recipe, overrides or [])
+        _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
+        for name in ("train", "eval"):
+            source = getattr(cfg.data, name)
+            if source and source.endswith((".jsonl", ".json", ".parquet")) and not Path(source).is_file():
+                raise ValueError(f"data.{name}: file {source} not found")
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
+        from megatron_opd.train.sft import run_sft
+
+        run_sft(cfg)
+
+
+@convert_app.command("hf-to-megatron")
+def hf_to_megatron(
+    src: Path, dst: Path,
+    tp: int = typer.Option(1, help="tensor parallel size"),
+    pp: int = typer.Option(1, help="pipeline parallel size"),
+    vocab_divisible_by: int = typer.Option(128, help="pad the vocabulary to a multiple of this"),
+) -> None:
+    """HF safetensors directory -> sharded megatron-opd checkpoint for TP x PP."""
+    try:
+        _preflight_model(src, tp, pp)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    argv = ["convert", "hf-to-megatron", str(src), str(dst), "--tp", str(tp), "--pp", str(pp),
+            "--vocab-divisible-by", str(vocab_divisible_by)]
+    if _distributed(tp * pp, argv):
+        from megatron_opd.model.convert import hf_to_megatron as convert
+        from megatron_opd.platform import init_distributed
+
+        init_distributed(tp, pp)
+        out = convert(src, dst, vocab_divisible_by)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"wrote {out}")
+
+
+@app.command("export-hf")
+def export_hf(src: Path, dst: Path) -> None:
+    """Sharded megatron-opd checkpoint (root or step dir) -> HF safetensors directory."""
+    from megatron_opd.model.checkpoint import CheckpointError, read_meta, resolve
+
+    try:
+        meta = read_meta(resolve(src))
+    except CheckpointError as exc:
+        _fail(str(exc))
+    if _distributed(meta["tp"] * meta["pp"], ["export-hf", str(src), str(dst)]):
+        from megatron_opd.model.convert import megatron_to_hf
+        from megatron_opd.platform import init_distributed
+
+        init_distributed(meta["tp"], meta["pp"])
+        megatron_to_hf(src, dst)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(f"wrote {dst}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Typed recipe configuration: YAML + dotted CLI overrides -> validated pydantic models.
+
+Every user-facing default lives here, once. Unknown keys are errors (with a "did you mean").
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the field and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Strict):
+    hf_path: Path = Field(description="HF checkpoint directory (config, safetensors, tokenizer) to start from")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    vocab_divisible_by: int = Field(128, ge=1, description="pad the vocabulary to a multiple of this")
+
+
+class ParallelConfig(Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class ChatDataConfig(Strict):
+    train: str = Field(description="jsonl/json/parquet file (or hub id when online) with chat 'messages'")
+    eval: str | None = Field(None, description="held-out file for eval loss")
+    messages_field: str = "messages"
+    max_length: int = Field(512, ge=2)
+    overlong: Literal["truncate", "drop"] = "drop"
+    eval_max_rows: int = Field(256, ge=1)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+class TrainConfig(Strict):
+    steps: int = Field(ge=1)
+    global_batch_size: int = Field(ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    seed: int = 1234
+    save_interval: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept on disk")
+    eval_interval: int = Field(0, ge=0, description="eval every N steps (0: only before and after)")
+    log_interval: int = Field(1, ge=1)
+    resume: bool = True
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    output_dir: Path = Path("outputs/run")
+
+
+class SFTStageConfig(Strict):
+    kind: Literal["sft"]
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    data: ChatDataConfig
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _batch_layout(self) -> "SFTStageConfig":
+        per_step = self.train.micro_batch_size * self.parallel.dp
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x parallel.dp ({per_step})"
+            )
+        return self
+
+
+StageConfig = Union[SFTStageConfig]
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "<root>"
+        if err["type"] == "extra_forbidden":
+            known = _known_fields(model, loc)
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
+            lines.append(f"{where}: unknown key{extra}")
+        else:
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+STAGE_KINDS: dict[str, type[BaseModel]] = {"sft": SFTStageConfig}
+
+
+def parse_stage(raw: dict[str, Any]) -> StageConfig:
+    kind = raw.get("kind")
+    if kind not in STAGE_KINDS:
+        raise ConfigError(f"kind: expected one of {sorted(STAGE_KINDS)}, got {kind!r}")
+    model = STAGE_KINDS[kind]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, model)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping at the top level")
+    return parse_stage(apply_overrides(raw, list(overrides or [])))
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: dataset loading, chat templating with assistant-only loss masks, batching."""

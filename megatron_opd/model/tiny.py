@@ -1,0 +1,36 @@
+"""Tiny random HF checkpoints built from configs (no download): students and test models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_opd.model.bridge import copy_tokenizer_files
+
+SIZES = {
+    # name: hidden, intermediate, layers, heads, kv heads
+    "nano": (64, 192, 2, 4, 2),
+    "micro": (96, 288, 4, 4, 2),
+    "small": (128, 384, 4, 8, 4),
+}
+
+
+def make_tiny_qwen3(out_dir: str | Path, vocab_size: int, size: str = "nano", seed: int = 0,
+                    tokenizer_dir: str | Path | None = None, max_positions: int = 512) -> Path:
+    """Save a randomly initialised Qwen3 (q/k norm, GQA, tied embeddings) to ``out_dir``."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hidden, ffn, layers, heads, kv = SIZES[size]
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+        max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=True,
+        pad_token_id=0, eos_token_id=3, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    copy_tokenizer_files(tokenizer_dir, out_dir)
+    return out_dir
