@@ -77,3 +77,47 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> dict[str, Path]:
+    """Tokenizer, a random tiny student and count-domain chat data, made by the project's own code."""
+    from megatron_opd.data.tokenizer import build_char_tokenizer
+    from megatron_opd.data.toy import chat_rows, write_jsonl
+    from megatron_opd.model.tiny import make_tiny_qwen3
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    tok = build_char_tokenizer(root / "tokenizer")
+    student = make_tiny_qwen3(root / "student", len(tok), "nano", seed=0, tokenizer_dir=root / "tokenizer")
+    test = chat_rows("count", 64, seed=2)
+    train = chat_rows("count", 400, seed=1, exclude={r["messages"][0]["content"] for r in test})
+    return {
+        "root": root,
+        "student": student,
+        "train": write_jsonl(train, root / "train.jsonl"),
+        "test": write_jsonl(test, root / "test.jsonl"),
+    }
+
+
+def sft_recipe(world: dict[str, Path], out: Path, tp: int = 1, pp: int = 1, **train) -> Path:
+    """Write a small SFT recipe over ``world`` and return its path."""
+    import yaml
+
+    recipe = {
+        "kind": "sft",
+        "run": {"name": "test", "output_dir": str(out)},
+        "model": {"hf_path": str(world["student"]), "vocab_divisible_by": 8},
+        "parallel": {"tp": tp, "pp": pp},
+        "data": {"train": str(world["train"]), "eval": str(world["test"]), "max_length": 64, "eval_max_rows": 32},
+        "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "train": {"steps": 4, "global_batch_size": 8, "micro_batch_size": 4, "seed": 7, **train},
+    }
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]

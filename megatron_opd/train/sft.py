@@ -53,9 +53,10 @@ def evaluate_loss(chunks, examples, micro_batch_size: int, pad_id: int, vocab_si
 
     if not examples:
         return float("nan")
-    indices = list(range(len(examples)))
-    usable = len(indices) - len(indices) % micro_batch_size or len(indices)
-    batches = micro_batches(examples, indices[:usable], micro_batch_size, pad_id)
+    # Every micro-batch must have the same batch size: fill the last one with fully masked rows.
+    filler = TokenizedExample(examples[0].input_ids, [0] * len(examples[0].input_ids))
+    padded = list(examples) + [filler] * (-len(examples) % micro_batch_size)
+    batches = micro_batches(padded, list(range(len(padded))), micro_batch_size, pad_id)
     with torch.no_grad():
         results = run_pipeline(chunks, batches, partial(sft_loss, vocab_size), forward_only=True)
     totals = sum_from_last_stage(results, ("nll_sum", "tokens"))
