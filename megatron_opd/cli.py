@@ -25,6 +25,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    from megatron_opd.data.chat import DataError
+    from megatron_opd.model.bridge import UnsupportedArchitectureError
+    from megatron_opd.model.checkpoint import CheckpointError
+    from megatron_opd.platform.dist import ParallelLayoutError
+
+    return (ConfigError, DataError, CheckpointError, UnsupportedArchitectureError, ParallelLayoutError, FileNotFoundError)
+
+
+def _guarded(work, *args):
+    """Run a worker body; a user error becomes one clear line (prefixed with the rank) and exit 2."""
+    try:
+        return work(*args)
+    except _user_errors() as exc:
+        rank = os.environ.get("RANK")
+        _fail(f"[rank {rank}] {exc}" if rank is not None else str(exc))
+
+
 def _distributed(nproc: int, argv: list[str]) -> bool:
     """True if this process should do the work; otherwise relaunches and exits with torchrun's code."""
     from megatron_opd.platform.launch import relaunch_with_torchrun, under_launcher
@@ -63,7 +81,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
         from megatron_opd.train.sft import run_sft
 
-        run_sft(cfg)
+        _guarded(run_sft, cfg)
 
 
 @convert_app.command("hf-to-megatron")
@@ -85,7 +103,7 @@ def hf_to_megatron(
         from megatron_opd.platform import init_distributed
 
         init_distributed(tp, pp)
-        out = convert(src, dst, vocab_divisible_by)
+        out = _guarded(convert, src, dst, vocab_divisible_by)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {out}")
 
@@ -104,7 +122,7 @@ def export_hf(src: Path, dst: Path) -> None:
         from megatron_opd.platform import init_distributed
 
         init_distributed(meta["tp"], meta["pp"])
-        megatron_to_hf(src, dst)
+        _guarded(megatron_to_hf, src, dst)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {dst}")
 

@@ -108,7 +108,7 @@ def sft_recipe(world: dict[str, Path], out: Path, tp: int = 1, pp: int = 1, **tr
         "run": {"name": "test", "output_dir": str(out)},
         "model": {"hf_path": str(world["student"]), "vocab_divisible_by": 8},
         "parallel": {"tp": tp, "pp": pp},
-        "data": {"train": str(world["train"]), "eval": str(world["test"]), "max_length": 64, "eval_max_rows": 32},
+        "data": {"train": str(world["train"]), "eval": str(world["test"]), "max_length": 128, "eval_max_rows": 32},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
         "train": {"steps": 4, "global_batch_size": 8, "micro_batch_size": 4, "seed": 7, **train},
     }

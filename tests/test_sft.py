@@ -79,7 +79,7 @@ def test_sft_halves_held_out_loss(tiny_world, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "hf")
-    examples, _ = tokenize_dataset(load_rows(str(tiny_world["test"])), tokenizer, 64)
+    examples, _ = tokenize_dataset(load_rows(str(tiny_world["test"])), tokenizer, 128)
     nll, tokens = 0.0, 0
     with torch.no_grad():
         for ex in examples[:32]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_opd.config import SFTStageConfig, dump_config
 from megatron_opd.data.chat import (
-    TokenizedExample, collate, global_batch_indices, load_rows, tokenize_dataset,
+    DataError, TokenizedExample, collate, global_batch_indices, load_rows, tokenize_dataset,
 )
 from megatron_opd.model import build_model, load_hf_config, load_hf_weights, real_vocab_logprobs
 from megatron_opd.model.bridge import save_hf_checkpoint
@@ -63,6 +63,10 @@ def evaluate_loss(chunks, examples, micro_batch_size: int, pad_id: int, vocab_si
     return totals["nll_sum"] / max(totals["tokens"], 1.0)
 
 
+def data_report_source(cfg: SFTStageConfig) -> str:
+    return cfg.data.train
+
+
 @dataclass
 class SFTResult:
     output_dir: Path
@@ -75,9 +79,10 @@ def _load_data(cfg: SFTStageConfig, tokenizer: Any) -> tuple[list[TokenizedExamp
     data = cfg.data
     train, train_report = tokenize_dataset(load_rows(data.train), tokenizer, data.max_length, data.overlong, data.messages_field)
     if not train:
-        raise ValueError(f"{data.train}: no usable training rows ({train_report.summary()}; first problems: {train_report.first_errors})")
+        raise DataError(f"{data.train}: no usable training rows ({train_report.summary()}; first problems: {train_report.first_errors})")
     held_out: list[TokenizedExample] = []
-    report = {"train": train_report.summary(), "train_skipped": dict(train_report.skipped), "train_truncated": train_report.truncated}
+    report = {"train": train_report.summary(), "train_skipped": dict(train_report.skipped),
+              "train_truncated": train_report.truncated, "train_problems": train_report.first_errors}
     if data.eval:
         held_out, eval_report = tokenize_dataset(load_rows(data.eval), tokenizer, data.max_length, data.overlong, data.messages_field)
         held_out = held_out[: data.eval_max_rows]
@@ -96,10 +101,12 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
     train, held_out, data_report = _load_data(cfg, tokenizer)
     if is_rank0:
         print(f"[sft] data: {data_report['train']}" + (f"; eval: {data_report['eval']}" if "eval" in data_report else ""), flush=True)
+        for problem in data_report["train_problems"]:
+            print(f"[sft]   skipped {data_report_source(cfg)} {problem}", flush=True)
 
     hf_config = load_hf_config(cfg.model.hf_path)
     if len(tokenizer) > hf_config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model vocab_size is {hf_config.vocab_size}")
+        raise DataError(f"{cfg.model.hf_path}: tokenizer has {len(tokenizer)} tokens but the model vocab_size is {hf_config.vocab_size}")
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     bundle = build_model(hf_config, dtype=dtype, vocab_divisible_by=cfg.model.vocab_divisible_by)
     optim = cfg.optim
