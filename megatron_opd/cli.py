@@ -72,8 +72,8 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     try:
         cfg = load_recipe(recipe, overrides or [])
         _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
-        for name in ("train", "eval"):
-            source = getattr(cfg.data, name)
+        sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
+        for name, source in sources + [("eval", cfg.data.eval)]:
             if source and source.endswith((".jsonl", ".json", ".parquet")) and not Path(source).is_file():
                 raise ValueError(f"data.{name}: file {source} not found")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
@@ -125,6 +125,49 @@ def export_hf(src: Path, dst: Path) -> None:
         _guarded(megatron_to_hf, src, dst)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {dst}")
+
+
+@app.command("eval")
+def eval_cmd(
+    ckpt: Path,
+    domains: Optional[str] = typer.Option(None, help="comma-separated domains (default: all in the world)"),
+    samples: Optional[int] = typer.Option(None, help="first N test problems per domain"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
+    world: Path = typer.Option(Path("assets/tiny"), help="tiny-world directory (data/<domain>/test.jsonl)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    max_new_tokens: int = typer.Option(96),
+) -> None:
+    """Per-domain accuracy of an HF directory or megatron-opd checkpoint (greedy and sampled)."""
+    import json
+    import tempfile
+
+    from megatron_opd.eval.domains import evaluate, format_table
+    from megatron_opd.model.checkpoint import CheckpointError, find_latest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = ckpt
+        if not (ckpt / "config.json").is_file():
+            try:
+                if find_latest(ckpt) is None:
+                    raise CheckpointError(f"{ckpt}: neither an HF directory nor a megatron-opd checkpoint")
+            except CheckpointError as exc:
+                _fail(str(exc))
+            model_dir = Path(tmp) / "hf"
+            code = _run_cli(["export-hf", str(ckpt), str(model_dir)])
+            if code:
+                raise typer.Exit(code)
+        names = [d.strip() for d in domains.split(",")] if domains else None
+        results = _guarded(evaluate, model_dir, world, names, samples, seed, 1.0, max_new_tokens)
+    typer.echo(format_table(results, f"eval {ckpt} (seed {seed})"))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=1))
+
+
+def _run_cli(argv: list[str]) -> int:
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "megatron_opd.cli", *argv])
 
 
 def main() -> None:

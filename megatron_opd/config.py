@@ -38,7 +38,7 @@ class ParallelConfig(Strict):
 
 
 class ChatDataConfig(Strict):
-    train: str = Field(description="jsonl/json/parquet file (or hub id when online) with chat 'messages'")
+    train: str | list[str] = Field(description="jsonl/json/parquet file(s) (or hub id when online) with chat 'messages'")
     eval: str | None = Field(None, description="held-out file for eval loss")
     messages_field: str = "messages"
     max_length: int = Field(512, ge=2)

@@ -24,6 +24,8 @@ def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tenso
 
 def _forward_step(loss_fn: LossFn, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
     batch = next(data_iterator)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # no-op on CPU
     input_ids = batch["input_ids"]
     seq_len = input_ids.shape[1]
     position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand_as(input_ids)

@@ -1,0 +1,77 @@
+"""Open a trainable student: distributed init, model build, DDP/optimizer, resume or fresh load.
+
+Every training stage (SFT, OPD/MOPD, GRPO) starts from :func:`open_student` and saves through
+:func:`save_step`, so checkpoint/resume behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_opd.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megatron_opd.model import ModelBundle, build_model, load_hf_config, load_hf_weights
+from megatron_opd.model.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from megatron_opd.platform import DistInfo, init_distributed
+from megatron_opd.train.common import capture_train_state, restore_train_state
+from megatron_opd.train.metrics import MetricsLogger
+from megatron_opd.train.optim import OptimSettings, TrainState, wrap_for_training
+
+
+@dataclass
+class StudentSession:
+    info: DistInfo
+    bundle: ModelBundle
+    state: TrainState
+    start_step: int
+    out_dir: Path
+    metrics: MetricsLogger
+    hf_path: Path
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.info.rank == 0
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
+def optim_settings(optim: OptimConfig, total_steps: int) -> OptimSettings:
+    return OptimSettings(
+        lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps, clip_grad=optim.clip_grad,
+        warmup_steps=optim.warmup_steps, decay_steps=total_steps, decay_style=optim.decay_style,
+    )
+
+
+def open_student(
+    model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, out_dir: Path, tag: str
+) -> StudentSession:
+    info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed)
+    dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
+    bundle = build_model(load_hf_config(model.hf_path), dtype=dtype, vocab_divisible_by=model.vocab_divisible_by)
+    state = wrap_for_training(bundle, optim_settings(optim, train.steps))
+    ckpt_root = out_dir / "checkpoints"
+    latest = find_latest(ckpt_root) if train.resume and ckpt_root.exists() else None
+    start_step = 0
+    if latest is not None:
+        saved = load_checkpoint(latest, bundle)
+        start_step = restore_train_state(state, saved) if saved else 0
+        if info.rank == 0:
+            print(f"[{tag}] resumed from {latest} at step {start_step}", flush=True)
+    else:
+        load_hf_weights(bundle, model.hf_path)
+    metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step)
+    return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path))
+
+
+def save_step(session: StudentSession, step: int, consumed_samples: int, keep_last: int) -> Path:
+    """Checkpoint weights + optimizer/scheduler/RNG/data position (collective)."""
+    return save_checkpoint(
+        session.ckpt_root, step, session.bundle,
+        capture_train_state(session.state, step, consumed_samples),
+        keep_last=keep_last, tokenizer_src=session.hf_path,
+    )
