@@ -83,7 +83,8 @@ def _free_port() -> int:
 def tiny_world(tmp_path_factory) -> dict[str, Path]:
     """Tokenizer, a random tiny student and count-domain chat data, made by the project's own code."""
     from megatron_opd.data.tokenizer import build_char_tokenizer
-    from megatron_opd.data.toy import chat_rows, write_jsonl
+    from megatron_opd.data.toy import chat_rows
+    from megatron_opd.data.world import write_rows
     from megatron_opd.model.tiny import make_tiny_qwen3
 
     root = tmp_path_factory.mktemp("tiny_world")
@@ -94,8 +95,8 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     return {
         "root": root,
         "student": student,
-        "train": write_jsonl(train, root / "train.jsonl"),
-        "test": write_jsonl(test, root / "test.jsonl"),
+        "train": write_rows(train, root / "train.jsonl"),
+        "test": write_rows(test, root / "test.jsonl"),
     }
 
 

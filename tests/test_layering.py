@@ -8,7 +8,9 @@ FORBIDDEN = {
     "platform": {"config", "data", "model", "train", "cli"},
     "data": {"model", "train", "cli", "platform"},
     "model": {"train", "cli", "data", "config"},
-    "train": {"cli"},
+    "rollout": {"model", "train", "eval", "cli"},
+    "eval": {"train", "cli"},
+    "train": {"cli", "eval"},
     "config": {"model", "train", "cli", "platform", "data"},
 }
 

@@ -1,11 +1,10 @@
-"""First verifiable chat domains: count a range, reverse a string. Seeded, exact, disjoint splits."""
+"""Two quick toy chat tasks (count a range, reverse a word) for fast SFT tests; the tiny world's
+verifiable domains live in ``data/domains``."""
 
 from __future__ import annotations
 
-import json
 import random
 import string
-from pathlib import Path
 from typing import Any
 
 
@@ -37,10 +36,3 @@ def chat_rows(domain: str, n: int, seed: int, exclude: set[str] | None = None) -
         rows.append({"domain": domain, "messages": [
             {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     return rows
-
-
-def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path

@@ -1,0 +1,1 @@
+"""Evaluation: per-domain accuracy on held-out splits, regression monitors, run reports."""

@@ -1,0 +1,90 @@
+"""Per-domain accuracy (and format score) of an HF checkpoint on the tiny world's held-out splits,
+greedy and sampled, deterministic for a seed."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_opd.data.chat import DataError
+from megatron_opd.data.domains import DOMAINS, get_domain
+from megatron_opd.data.world import read_rows
+from megatron_opd.rollout.hf_generate import generate
+
+
+@dataclass
+class DomainScore:
+    accuracy: float  # greedy
+    format_score: float
+    n: int
+    sampled_accuracy: float
+    sampled_format_score: float
+
+
+def load_hf_for_eval(model_dir: str | Path) -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer_config.json").is_file():
+        raise DataError(f"{model_dir}: no tokenizer files next to the model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab_size = AutoConfig.from_pretrained(str(model_dir)).vocab_size
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model vocab_size is "
+                        f"{vocab_size} (tokenizer/model mismatch)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def available_domains(world_dir: str | Path) -> list[str]:
+    data = Path(world_dir) / "data"
+    return sorted(p.name for p in data.iterdir() if (p / "test.jsonl").is_file()) if data.is_dir() else []
+
+
+def score_responses(domain: str, metas: list[dict], responses: list[str]) -> tuple[float, float]:
+    verdicts = [get_domain(domain).verify(m, r) for m, r in zip(metas, responses)]
+    n = max(len(verdicts), 1)
+    return sum(v.correct for v in verdicts) / n, sum(v.format_score for v in verdicts) / n
+
+
+def evaluate(
+    model_dir: str | Path,
+    world_dir: str | Path,
+    domains: list[str] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 96,
+) -> dict[str, dict[str, Any]]:
+    """``{"<domain>": {"accuracy", "format_score", "n", "sampled_accuracy", ...}}``."""
+    have = available_domains(world_dir)
+    domains = domains or have
+    unknown = [d for d in domains if d not in have or d not in DOMAINS]
+    if unknown:
+        raise DataError(f"unknown domain(s) {unknown}; available in {world_dir}: {have}")
+    model, tokenizer = load_hf_for_eval(model_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    results = {}
+    for domain in domains:
+        rows = read_rows(Path(world_dir) / "data" / domain / "test.jsonl")[:samples]
+        prompts = [tokenizer.apply_chat_template([r["messages"][0]], add_generation_prompt=True, tokenize=True) for r in rows]
+        metas = [r["meta"] for r in rows]
+        scores = []
+        for temp in (0.0, temperature):
+            completions = generate(model, prompts, max_new_tokens, eos, pad, temperature=temp, seed=seed)
+            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+            scores.append(score_responses(domain, metas, texts))
+        (acc, fmt), (s_acc, s_fmt) = scores
+        results[domain] = asdict(DomainScore(acc, fmt, len(rows), s_acc, s_fmt))
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]], title: str = "") -> str:
+    lines = [title] if title else []
+    lines.append(f"{'domain':<12}{'n':>5}{'greedy acc':>12}{'format':>9}{'sampled acc':>13}")
+    for domain, r in results.items():
+        lines.append(f"{domain:<12}{r['n']:>5}{r['accuracy']:>12.3f}{r['format_score']:>9.3f}{r['sampled_accuracy']:>13.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Rollout engines: generate completions (token ids + sampler log-probs) from prompts."""

@@ -1,0 +1,119 @@
+"""Build the tiny multi-domain world that the CPU recipes, tests and results table run on.
+
+    python tools/make_tiny_world.py [--out assets/tiny] [--only data|teachers|cold-start]
+
+Writes (about 15 min on 2 cores; the repository ships the result):
+  tokenizer/                    char-level tokenizer (HF files, ChatML template)
+  data/<domain>/{train,test}.jsonl   seeded problems with reference solutions; disjoint prompts
+  student_init/                 random "micro" Qwen3 (the student; smaller than every teacher)
+  teachers/<domain>/            "small" Qwen3 specialists, SFT on their domain's reference solutions
+  original/                     "small" generalist, SFT on all domains (the pre-regression model)
+  data/<domain>/cold_start.jsonl     responses *sampled* (T=1) from the domain's teacher on train
+                                prompts, kept only when the verifier accepts them
+  world_report.json             per-domain accuracy of every teacher and the original
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_opd.data.domains import DOMAINS, get_domain
+from megatron_opd.data.tokenizer import build_char_tokenizer
+from megatron_opd.data.world import make_splits, read_rows, to_row, write_rows
+from megatron_opd.model.tiny import make_tiny_qwen3
+
+N_TRAIN, N_TEST, N_COLD = 2000, 200, 600
+TEACHER_STEPS, ORIGINAL_STEPS = 800, 1500
+
+
+def opd(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "megatron_opd.cli", *args], check=True)
+
+
+def build_data(out: Path) -> None:
+    tokenizer = build_char_tokenizer(out / "tokenizer")
+    make_tiny_qwen3(out / "student_init", len(tokenizer), "micro", seed=0, tokenizer_dir=out / "tokenizer")
+    for name in DOMAINS:
+        for split, rows in make_splits(name, N_TRAIN, N_TEST, seed=0).items():
+            write_rows(rows, out / "data" / name / f"{split}.jsonl")
+
+
+def train_teacher(out: Path, work: Path, name: str, sources: list[str], steps: int, dest: Path) -> None:
+    init = work / "init_small"
+    if not init.exists():
+        make_tiny_qwen3(init, len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]),
+                        "small", seed=1, tokenizer_dir=out / "tokenizer")
+    run_dir = work / name
+    train = "[" + ",".join(sources) + "]"
+    opd("run", "recipes/tiny/teacher.yaml", f"model.hf_path={init}", f"data.train={train}",
+        f"run.output_dir={run_dir}", f"train.steps={steps}", "train.resume=false")
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(run_dir / "hf", dest)
+
+
+def build_teachers(out: Path, work: Path, domains: list[str]) -> None:
+    for name in [d for d in domains if d in DOMAINS]:
+        train_teacher(out, work, name, [str(out / "data" / name / "train.jsonl")], TEACHER_STEPS, out / "teachers" / name)
+    every = [str(out / "data" / n / "train.jsonl") for n in DOMAINS]
+    if "original" not in domains:
+        return
+    train_teacher(out, work, "original", every, ORIGINAL_STEPS, out / "original")
+
+
+def build_cold_start(out: Path) -> None:
+    """Teacher-written SFT data: sample at T=1 on train prompts, keep verified-correct responses."""
+    from megatron_opd.eval.domains import load_hf_for_eval
+    from megatron_opd.rollout.hf_generate import generate
+
+    for name in DOMAINS:
+        model, tok = load_hf_for_eval(out / "teachers" / name)
+        rows = read_rows(out / "data" / name / "train.jsonl")[:N_COLD]
+        prompts = [tok.apply_chat_template([r["messages"][0]], add_generation_prompt=True, tokenize=True) for r in rows]
+        completions = generate(model, prompts, 96, tok.eos_token_id, tok.pad_token_id, temperature=1.0, seed=0)
+        kept = []
+        for row, completion in zip(rows, completions):
+            text = tok.decode(completion.token_ids, skip_special_tokens=True)
+            if get_domain(name).verify(row["meta"], text).correct:
+                kept.append(to_row(name, len(kept), "cold_start", _problem(row, text)))
+        write_rows(kept, out / "data" / name / "cold_start.jsonl")
+        print(f"cold start {name}: kept {len(kept)}/{len(rows)} verified teacher samples")
+
+
+def _problem(row: dict, text: str):
+    from megatron_opd.data.domains import Problem
+
+    return Problem(row["messages"][0]["content"], text, row["meta"])
+
+
+def report(out: Path) -> None:
+    from megatron_opd.eval.domains import evaluate, format_table
+
+    results = {"teachers": {}, "original": evaluate(out / "original", out, seed=0)}
+    for name in DOMAINS:
+        results["teachers"][name] = evaluate(out / "teachers" / name, out, [name], seed=0)[name]
+    print(format_table(results["teachers"], "specialist teachers, own domain"))
+    print(format_table(results["original"], "original (generalist)"))
+    (out / "world_report.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("assets/tiny"))
+    parser.add_argument("--work", type=Path, default=Path("outputs/tiny/world_build"))
+    parser.add_argument("--only", choices=["data", "teachers", "cold-start", "report"])
+    parser.add_argument("--teachers", default=",".join([*DOMAINS, "original"]),
+                        help="which teachers to (re)train, comma-separated (default: all + original)")
+    args = parser.parse_args()
+    steps = {"data": lambda: build_data(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
+             "cold-start": lambda: build_cold_start(args.out), "report": lambda: report(args.out)}
+    for name, step in steps.items():
+        if args.only in (None, name):
+            step()
+
+
+if __name__ == "__main__":
+    main()
