@@ -1,0 +1,116 @@
+"""The embedded rollout engine: a ``transformers`` model holding HF-named weights, generating on CPU.
+
+Implements the :class:`~megatron_opd.rollout.types.Engine` protocol in-process; ``opd serve --role
+rollout`` puts the same object behind SGLang's HTTP API.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from megatron_opd.rollout.hf_generate import generate
+from megatron_opd.rollout.types import Rollout, SamplingParams
+
+
+class EmbeddedEngine:
+    def __init__(self, model_dir: str | Path, batch_size: int = 32, weight_version: str = "0") -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.config = AutoConfig.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.batch_size = batch_size
+        self.weight_version = weight_version
+        self._running = threading.Event()
+        self._running.set()
+        self._lock = threading.Lock()  # one generation or weight update at a time
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version."""
+        self._running.wait()
+        expanded = [(i, k, p) for i, p in enumerate(prompts) for k in range(sampling.n)]
+        with self._lock:
+            version = self.weight_version
+            completions = generate(
+                self.model, [p for _, _, p in expanded], sampling.max_new_tokens, self.eos_token_id,
+                self.pad_token_id, temperature=sampling.temperature, seed=sampling.seed or 0,
+                batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
+                stop_token_ids=sampling.stop_token_ids,
+            )
+        return [
+            Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k)
+            for (i, k, p), c in zip(expanded, completions)
+        ]
+
+    @torch.no_grad()
+    def score(self, sequences: list[list[int]], start: list[int], top_k: int = 0) -> list[dict[str, Any]]:
+        """Log-prob of every token from ``start[i]`` on (positions >= 1), plus optional top-k."""
+        out = []
+        with self._lock:
+            for seq, first in zip(sequences, start):
+                ids = torch.tensor([seq])
+                logprobs = torch.log_softmax(self.model(ids).logits[0, :, : self.config.vocab_size].float(), -1)
+                positions = range(max(first, 1), len(seq))
+                record: dict[str, Any] = {"token_logprobs": [float(logprobs[t - 1, seq[t]]) for t in positions]}
+                if top_k:
+                    values, indices = torch.topk(logprobs[[t - 1 for t in positions]], top_k, dim=-1)
+                    record["top_logprobs"] = values.tolist()
+                    record["top_ids"] = indices.tolist()
+                out.append(record)
+        return out
+
+    # -- weights ------------------------------------------------------------------------------
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.model.state_dict(keep_vars=True))
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str) -> int:
+        """Copy HF-named tensors into the model; unknown names or shapes are errors. Returns count."""
+        params = self._tensors()
+        count = 0
+        with self._lock:
+            for name, tensor in named_tensors:
+                if name not in params:
+                    raise KeyError(f"weight {name!r} does not exist in the rollout model")
+                if tuple(params[name].shape) != tuple(tensor.shape):
+                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+                params[name].data.copy_(tensor.to(params[name].dtype))
+                count += 1
+            self.weight_version = version
+        return count
+
+    def update_weights_from_disk(self, model_dir: str | Path, version: str) -> int:
+        from safetensors.torch import load_file
+
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+        return self.update_weights((kv for f in files for kv in load_file(str(f)).items()), version)
+
+    def get_weight(self, name: str) -> torch.Tensor:
+        params = self._tensors()
+        if name not in params:
+            raise KeyError(f"weight {name!r} does not exist in the rollout model")
+        return params[name].detach().clone()
+
+    # -- control ------------------------------------------------------------------------------
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def health(self) -> bool:
+        return True

@@ -1,0 +1,112 @@
+"""HTTP client for SGLang servers and the embedded server (same wire format).
+
+Every body is checked against SGLang's schema before it is sent, so a request that would fail on
+a real SGLang server fails here first, with the field named.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron_opd.rollout.types import Rollout, SamplingParams
+from megatron_opd.serve.contract import validate_request
+
+
+class ServerError(RuntimeError):
+    """A server answered with an error or could not be reached."""
+
+
+class SGLangClient:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        import httpx
+
+        validate_request(path, body)
+        try:
+            response = self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    def _get(self, path: str) -> Any:
+        import httpx
+
+        try:
+            response = self._http.get(path)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        body = {"input_ids": prompts, "sampling_params": sampling.to_sglang(), "return_logprob": True,
+                "logprob_start_len": max(len(p) for p in prompts) if prompts else 0}
+        outputs = self._post("/generate", body)
+        if isinstance(outputs, dict):
+            outputs = [outputs]
+        if len(outputs) != len(prompts) * sampling.n:
+            raise ServerError(f"{self.base_url}/generate: expected {len(prompts) * sampling.n} outputs, got {len(outputs)}")
+        rollouts = []
+        for index, out in enumerate(outputs):
+            meta = out["meta_info"]
+            entries = meta.get("output_token_logprobs") or []
+            rollouts.append(Rollout(
+                prompt_ids=list(prompts[index // sampling.n]),
+                completion_ids=list(out["output_ids"]),
+                logprobs=[float(e[0]) for e in entries],
+                finish_reason=meta["finish_reason"]["type"] if meta.get("finish_reason") else "abort",
+                weight_version=str(meta.get("weight_version", "")),
+                prompt_index=index // sampling.n,
+                sample_index=index % sampling.n,
+            ))
+        return rollouts
+
+    def score(self, sequences: list[list[int]], start: int) -> list[list[float]]:
+        """Log-prob of every token of each sequence from position ``start`` on (prefill only)."""
+        body = {"input_ids": sequences, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                "return_logprob": True, "logprob_start_len": start}
+        outputs = self._post("/generate", body)
+        outputs = [outputs] if isinstance(outputs, dict) else outputs
+        return [[e[0] for e in out["meta_info"]["input_token_logprobs"] if e[0] is not None] for out in outputs]
+
+    # -- weights and control --------------------------------------------------------------------
+    def update_weights_from_disk(self, model_path: str, weight_version: str) -> dict[str, Any]:
+        result = self._post("/update_weights_from_disk", {"model_path": model_path, "weight_version": weight_version})
+        if not result.get("success"):
+            raise ServerError(f"{self.base_url}/update_weights_from_disk: {result.get('message')}")
+        return result
+
+    def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
+        return self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
+
+    def update_weight_version(self, version: str) -> None:
+        self._post("/update_weight_version", {"new_version": version, "abort_all_requests": False})
+
+    def pause(self) -> None:
+        self._post("/pause_generation", {"mode": "in_place"})
+
+    def resume(self) -> None:
+        self._post("/continue_generation", {})
+
+    def health(self) -> bool:
+        try:
+            self._get("/health")
+            return True
+        except ServerError:
+            return False
+
+    def model_info(self) -> dict[str, Any]:
+        return self._get("/model_info")

@@ -1,0 +1,1 @@
+"""Embedded HTTP servers that speak SGLang's wire format (rollout now; teachers later)."""

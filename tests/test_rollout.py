@@ -1,0 +1,126 @@
+"""Embedded engine and server: parity with transformers, SGLang contract, weight sync from TP2xPP2."""
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import REPO, WORKERS, _free_port, torchrun
+from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.rollout.http_client import SGLangClient
+from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.serve.contract import ContractError, validate_request
+
+TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
+
+
+def _prompts(tokenizer, texts):
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True)
+            for t in texts]
+
+
+def test_greedy_equals_transformers_generate_and_sampling_is_seeded():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    engine = EmbeddedEngine(TEACHER)
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    prompts = _prompts(tok, ["add 123 + 45", "add 99999 + 1", "add 5 + 5"])
+    ours = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=40))
+    reference = AutoModelForCausalLM.from_pretrained(TEACHER, dtype=torch.float32).eval()
+    for prompt, rollout in zip(prompts, ours):
+        expected = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=40,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, len(prompt):]
+        assert rollout.completion_ids == expected.tolist()
+        # sampler log-probs are the model's own log-probs of those tokens
+        with torch.no_grad():
+            full = torch.tensor([prompt + rollout.completion_ids])
+            lp = torch.log_softmax(reference(full).logits[0, len(prompt) - 1 : -1], -1)
+        picked = lp.gather(-1, torch.tensor(rollout.completion_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(rollout.logprobs), picked, atol=1e-5)
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_new_tokens=30, n=3, seed=11)
+    a, b = engine.generate(prompts, sampling), engine.generate(prompts, sampling)
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    assert [(r.prompt_index, r.sample_index) for r in a] == [(i, k) for i in range(3) for k in range(3)]
+    c = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=30, n=3, seed=12))
+    assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", "rollout",
+                             "--model", str(TEACHER), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(proc.stdout.read())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_server_speaks_sglang_shapes_and_rejects_invalid_bodies(server):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TEACHER)
+    client = SGLangClient(server)
+    prompts = _prompts(tok, ["add 1234 + 5678", "add 700 + 300"])
+    rollouts = client.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
+    local = EmbeddedEngine(TEACHER).generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=64))
+    assert [r.completion_ids for r in rollouts] == [r.completion_ids for r in local]
+    assert all(r.finish_reason == "stop" and r.weight_version == "0" for r in rollouts)
+    assert tok.decode(rollouts[0].completion_ids, skip_special_tokens=True).endswith("answer: 6912")
+    # raw response shape of a single prompt with logprobs
+    body = {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 5, "temperature": 0.0},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2}
+    validate_request("/generate", body)
+    raw = httpx.post(server + "/generate", json=body).json()
+    meta = raw["meta_info"]
+    assert set(raw) == {"text", "output_ids", "meta_info"}
+    assert meta["finish_reason"] == {"type": "length", "length": 5}
+    assert meta["prompt_tokens"] == len(prompts[0]) and meta["completion_tokens"] == 5
+    assert meta["input_token_logprobs"][0] == [None, prompts[0][0], None]
+    assert len(meta["input_token_logprobs"]) == len(prompts[0]) and len(meta["output_token_logprobs"]) == 5
+    assert len(meta["input_top_logprobs"][1]) == 2
+    # prefill-only scoring returns the same numbers as the engine's own scoring
+    scores = client.score([prompts[0] + rollouts[0].completion_ids], start=len(prompts[0]))
+    assert len(scores[0]) == len(rollouts[0].completion_ids)
+    assert torch.allclose(torch.tensor(scores[0]), torch.tensor(rollouts[0].logprobs), atol=1e-5)
+    # schema-invalid bodies: 400 naming the field; the client refuses to send them at all
+    bad = httpx.post(server + "/generate", json={"input_ids": [1, 2], "return_logprob": "yes"})
+    assert bad.status_code == 400 and "return_logprob" in bad.json()["error"]
+    bad = httpx.post(server + "/update_weights_from_disk", json={"weight_version": "1"})
+    assert bad.status_code == 400 and "model_path" in bad.json()["error"]
+    with pytest.raises(ContractError, match="model_path"):
+        client._post("/update_weights_from_disk", {})
+    info = client.model_info()
+    assert info["is_generation"] and info["weight_version"] == "0"
+
+
+def test_weight_sync_from_tp2pp2_student_is_exact(server, tmp_path):
+    torchrun(4, [str(WORKERS / "sync_worker.py"), "2", "2", str(TEACHER), server, str(tmp_path)])
+    client = SGLangClient(server)
+    assert client.model_info()["weight_version"] == "7"
+    trainer = torch.load(tmp_path / "trainer_weights.pt", weights_only=True)
+    for name, tensor in trainer.items():
+        served = torch.tensor(client.get_weights_by_name(name, truncate_size=10**6), dtype=tensor.dtype)
+        assert torch.equal(served, tensor), name
+    # mismatch probe: server log-probs vs the megatron student's recomputed ones
+    seqs = torch.load(tmp_path / "seqs.pt", weights_only=True)
+    student = torch.load(next(tmp_path.glob("student_logprobs_rank*.pt")), weights_only=True)
+    served = torch.tensor(client.score(seqs.tolist(), start=1))
+    diff = (served - student.double()).abs()
+    assert diff.max().item() <= 1e-5, diff.max().item()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tensors"] == len(trainer) and report["bytes"] > 0
