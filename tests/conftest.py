@@ -122,3 +122,27 @@ def read_metrics(out: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def start_rollout_server(model: Path, timeout: float = 120.0) -> tuple[str, subprocess.Popen]:
+    """`opd serve --role rollout` on a free loopback port; returns (url, process) once healthy."""
+    import time
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", "rollout",
+                             "--model", str(model), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in time")

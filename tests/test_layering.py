@@ -9,6 +9,7 @@ FORBIDDEN = {
     "data": {"model", "train", "cli", "platform"},
     "model": {"train", "cli", "data", "config"},
     "rollout": {"model", "train", "eval", "cli"},
+    "serve": {"model", "train", "eval", "cli"},
     "eval": {"train", "cli"},
     "train": {"cli", "eval"},
     "config": {"model", "train", "cli", "platform", "data"},

@@ -13,6 +13,7 @@ SIZES = {
     "nano": (64, 192, 2, 4, 2),
     "micro": (96, 288, 4, 4, 2),
     "small": (128, 384, 4, 8, 4),
+    "bench": (512, 1536, 8, 8, 4),  # ~30M params: big enough to time transports
 }
 
 

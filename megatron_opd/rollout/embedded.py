@@ -95,6 +95,30 @@ class EmbeddedEngine:
             raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
         return self.update_weights((kv for f in files for kv in load_file(str(f)).items()), version)
 
+    def init_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                          backend: str = "gloo") -> None:
+        from megatron_opd.rollout.update_group import WeightUpdateGroup
+
+        self._group = WeightUpdateGroup(master_address, master_port, rank_offset, world_size, backend)
+
+    def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str | None) -> int:
+        """Receive each named tensor by broadcast from the trainer (group rank 0), in order."""
+        from megatron_opd.rollout.update_group import parse_dtype
+
+        group = getattr(self, "_group", None)
+        if group is None:
+            raise RuntimeError("no weight update group: call /init_weights_update_group first")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ValueError("names, dtypes and shapes must have the same length")
+
+        incoming = [torch.empty(shape, dtype=parse_dtype(dtype)) for dtype, shape in zip(dtypes, shapes)]
+        for tensor in incoming:  # always drain the broadcasts, so a bad name cannot hang the trainer
+            group.broadcast(tensor, root=0)
+        return self.update_weights(zip(names, incoming), version or self.weight_version)
+
+    def destroy_update_group(self) -> None:
+        self._group = None
+
     def get_weight(self, name: str) -> torch.Tensor:
         params = self._tensors()
         if name not in params:

@@ -89,6 +89,25 @@ class SGLangClient:
             raise ServerError(f"{self.base_url}/update_weights_from_disk: {result.get('message')}")
         return result
 
+    def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                  world_size: int, backend: str, group_name: str = "weight_update_group") -> None:
+        result = self._post("/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend})
+        if not result.get("success"):
+            raise ServerError(f"{self.base_url}/init_weights_update_group: {result.get('message')}")
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                        weight_version: str, group_name: str = "weight_update_group") -> None:
+        result = self._post("/update_weights_from_distributed", {
+            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+            "flush_cache": True, "weight_version": weight_version})
+        if not result.get("success"):
+            raise ServerError(f"{self.base_url}/update_weights_from_distributed: {result.get('message')}")
+
+    def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        self._post("/destroy_weights_update_group", {"group_name": group_name})
+
     def get_weights_by_name(self, name: str, truncate_size: int = 100) -> Any:
         return self._post("/get_weights_by_name", {"name": name, "truncate_size": truncate_size})
 

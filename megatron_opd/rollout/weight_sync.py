@@ -5,6 +5,9 @@ it, so rollout code never imports Megatron. Modes:
 
 * ``disk``: write bounded-size safetensors buckets to a fresh directory, then
   ``/update_weights_from_disk`` on every server;
+* ``distributed``: ``/init_weights_update_group`` once, then per bucket
+  ``/update_weights_from_distributed`` while trainer rank 0 broadcasts each tensor over a standalone
+  group that includes the servers (gloo on CPU, NCCL on GPU);
 * ``in_process``: copy straight into an in-process engine.
 
 Sequence for servers: pause -> update -> new weight version -> continue.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +90,68 @@ def push_to_servers_via_disk(clients: list[Any], stream: Iterable[tuple[str, tor
             client.resume()
     shutil.rmtree(out_dir, ignore_errors=True)
     return SyncReport("disk", count, total, time.perf_counter() - start, version)
+
+
+def _in_thread(fn, *args) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn(*args)
+        except BaseException as exc:  # surfaced to the caller after join
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def _join(calls: list[tuple[threading.Thread, list[BaseException]]]) -> None:
+    for thread, errors in calls:
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+class DistributedPusher:
+    """Trainer rank 0's end of distributed weight sync to a set of servers (one group, reused)."""
+
+    def __init__(self, clients: list[Any], master_port: int, master_address: str = "127.0.0.1",
+                 backend: str = "gloo") -> None:
+        from megatron_opd.rollout.update_group import WeightUpdateGroup
+
+        self.clients = clients
+        world = 1 + len(clients)
+        calls = [_in_thread(c.init_weights_update_group, master_address, master_port, 1 + i, world, backend)
+                 for i, c in enumerate(clients)]
+        self.group = WeightUpdateGroup(master_address, master_port, 0, world, backend)
+        _join(calls)
+
+    def push(self, stream: Iterable[tuple[str, torch.Tensor]], version: str, bucket_bytes: int = 64 << 20) -> SyncReport:
+        from megatron_opd.rollout.update_group import dtype_name
+
+        start, count, total = time.perf_counter(), 0, 0
+        for client in self.clients:
+            client.pause()
+        try:
+            for bucket in buckets(stream, bucket_bytes):
+                names = list(bucket)
+                dtypes = [dtype_name(t.dtype) for t in bucket.values()]
+                shapes = [list(t.shape) for t in bucket.values()]
+                calls = [_in_thread(c.update_weights_from_distributed, names, dtypes, shapes, version) for c in self.clients]
+                for tensor in bucket.values():
+                    self.group.broadcast(tensor, root=0)
+                    count += 1
+                    total += tensor.numel() * tensor.element_size()
+                _join(calls)
+        finally:
+            for client in self.clients:
+                client.resume()
+        return SyncReport("distributed", count, total, time.perf_counter() - start, version)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.destroy_weights_update_group()
 
 
 def push_in_process(engine: Any, stream: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncReport:

@@ -118,6 +118,32 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
             return {"success": False, "message": str(exc)}
         return {"success": True, "message": f"loaded {count} tensors", "num_paused_requests": 0}
 
+    @app.post("/init_weights_update_group")
+    async def init_group(request: Request):
+        body = await body_of(request, "/init_weights_update_group")
+        try:
+            await run_in_threadpool(engine.init_update_group, body["master_address"], body["master_port"],
+                                    body["rank_offset"], body["world_size"], body.get("backend", "nccl"))
+        except (RuntimeError, ValueError) as exc:
+            return {"success": False, "message": str(exc)}
+        return {"success": True, "message": "joined weight update group"}
+
+    @app.post("/update_weights_from_distributed")
+    async def update_distributed(request: Request):
+        body = await body_of(request, "/update_weights_from_distributed")
+        try:
+            count = await run_in_threadpool(engine.update_from_distributed, body["names"], body["dtypes"],
+                                            body["shapes"], body.get("weight_version"))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            return {"success": False, "message": str(exc)}
+        return {"success": True, "message": f"received {count} tensors"}
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_group(request: Request):
+        await body_of(request, "/destroy_weights_update_group")
+        engine.destroy_update_group()
+        return {"success": True, "message": "left weight update group"}
+
     @app.post("/get_weights_by_name")
     async def weights_by_name(request: Request):
         body = await body_of(request, "/get_weights_by_name")

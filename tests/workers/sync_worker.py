@@ -6,13 +6,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opd.model import build_model, export_hf_weights, load_hf_config, load_hf_weights, real_vocab_logprobs
-from megatron_opd.model.forward import run_pipeline
+from megatron_opd.model import build_model, export_hf_weights, load_hf_config, load_hf_weights
 from megatron_opd.platform import init_distributed
 from megatron_opd.rollout.http_client import SGLangClient
-from megatron_opd.train.weight_sync import sync_weights_via_disk
+from megatron_opd.train.weight_sync import mismatch_probe, sync_weights_distributed, sync_weights_via_disk
 
-tp, pp, hf_dir, url, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
+tp, pp, hf_dir, url, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5]), sys.argv[6]
 init_distributed(tp, pp)
 bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8)
 load_hf_weights(bundle, hf_dir)
@@ -21,22 +20,22 @@ with torch.no_grad():  # the "trained" student differs from what the server star
         p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
 rank = dist.get_rank()
 client = SGLangClient(url) if rank == 0 else None
-report = sync_weights_via_disk(bundle, [client] if client else [], "7", out / "sync")
+if mode == "disk":
+    report = sync_weights_via_disk(bundle, [client] if client else [], "7", out / "sync", bucket_bytes=1 << 16)
+else:
+    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.rollout.weight_sync import DistributedPusher
 
-# the student's own log-probs on a fixed batch, recomputed by megatron
+    pusher = DistributedPusher([client], master_port=_free_port()) if rank == 0 else None
+    report = sync_weights_distributed(bundle, pusher, "8", bucket_bytes=1 << 16)
+    if pusher:
+        pusher.close()
+
+# mismatch probe on a fixed batch: server log-probs vs the megatron student's recomputed ones
 seqs = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
-
-
-def collect(logits_shard, batch):
-    lp = real_vocab_logprobs(logits_shard[:, :-1], batch["input_ids"][:, 1:], bundle.vocab_size)
-    return lp.sum() * 0, torch.tensor(1), {"logprobs": lp}
-
-
-results = run_pipeline(bundle.chunks, [{"input_ids": seqs}], collect, forward_only=True)
-if results:
-    torch.save(results[0]["logprobs"], out / f"student_logprobs_rank{rank}.pt")
+probe = mismatch_probe(bundle, client, seqs)
 exported = {name: t.clone() for name, t in export_hf_weights(bundle)}
 if rank == 0:
     torch.save(exported, out / "trainer_weights.pt")
-    (out / "report.json").write_text(json.dumps({"tensors": report.tensors, "bytes": report.bytes, "mb_per_s": report.mb_per_s}))
-    torch.save(seqs, out / "seqs.pt")
+    (out / "report.json").write_text(json.dumps({"tensors": report.tensors, "bytes": report.bytes,
+                                                  "mb_per_s": report.mb_per_s, "probe": probe}))

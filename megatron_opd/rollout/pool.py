@@ -1,0 +1,63 @@
+"""Several rollout servers as one engine: a batch is split across them, and the share of a server
+that fails (connection lost, HTTP error) is retried on the servers still alive."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import replace
+from typing import Any
+
+from megatron_opd.rollout.http_client import ServerError
+from megatron_opd.rollout.types import Rollout, SamplingParams
+
+
+class RolloutPool:
+    def __init__(self, clients: list[Any], max_retries: int = 3) -> None:
+        if not clients:
+            raise ValueError("a rollout pool needs at least one server")
+        self.clients = clients
+        self.max_retries = max_retries
+        self.retries = 0
+        self.dead: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _alive(self) -> list[int]:
+        return [i for i in range(len(self.clients)) if i not in self.dead]
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+        """``sampling.n`` rollouts per prompt, each prompt's samples exactly once, in prompt order."""
+        alive = self._alive()
+        if not alive:
+            raise ServerError("no rollout server is alive")
+        shares = [list(range(len(prompts)))[k :: len(alive)] for k in range(len(alive))]
+        results: dict[int, list[Rollout]] = {}
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as executor:
+            futures = {}
+            for chunk_id, (server, indices) in enumerate(zip(alive, shares)):
+                if indices:
+                    futures[self._submit(executor, server, indices, prompts, sampling, chunk_id)] = (server, indices, chunk_id, 0)
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in done:
+                    server, indices, chunk_id, attempt = futures.pop(future)
+                    try:
+                        rollouts = future.result()
+                    except ServerError:
+                        with self._lock:
+                            self.dead.add(server)
+                            self.retries += 1
+                        survivors = self._alive()
+                        if not survivors or attempt + 1 > self.max_retries:
+                            raise
+                        target = survivors[chunk_id % len(survivors)]
+                        futures[self._submit(executor, target, indices, prompts, sampling, chunk_id)] = (target, indices, chunk_id, attempt + 1)
+                        continue
+                    for rollout in rollouts:
+                        results.setdefault(indices[rollout.prompt_index], []).append(
+                            replace(rollout, prompt_index=indices[rollout.prompt_index]))
+        return [r for i in range(len(prompts)) for r in sorted(results[i], key=lambda r: r.sample_index)]
+
+    def _submit(self, executor, server, indices, prompts, sampling, chunk_id):
+        seed = None if sampling.seed is None else sampling.seed + chunk_id  # same share -> same seed on retry
+        return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], replace(sampling, seed=seed))

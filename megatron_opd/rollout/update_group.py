@@ -1,0 +1,48 @@
+"""A weight-update process group between a trainer rank and rollout servers.
+
+It is a standalone group (its own TCPStore), separate from the trainer's default group, like
+SGLang's ``/init_weights_update_group``: trainer rank 0 is rank 0 and broadcasts; each server joins
+at ``rank_offset``. gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    key = name.replace("torch.", "")
+    if key not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+class WeightUpdateGroup:
+    def __init__(self, master_address: str, master_port: int, rank: int, world_size: int,
+                 backend: str = "gloo", timeout_s: float = 300.0) -> None:
+        timeout = timedelta(seconds=timeout_s)
+        self.rank, self.world_size = rank, world_size
+        self._store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
+        if backend == "gloo":
+            self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+        elif backend == "nccl":
+            if not torch.cuda.is_available():
+                raise RuntimeError("backend 'nccl' needs CUDA; use backend 'gloo' on CPU")
+            self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size)
+        else:
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        self._pg.broadcast([tensor], opts).wait()
+        return tensor

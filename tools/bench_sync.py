@@ -1,0 +1,100 @@
+"""Weight-sync bandwidth: disk and distributed (gloo) modes into an embedded rollout server, next
+to the plain loopback TCP bandwidth measured in the same run.
+
+    python tools/bench_sync.py [--size bench] [--repeats 3]
+"""
+
+import argparse
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from safetensors.torch import load_file
+
+from megatron_opd.data.tokenizer import build_char_tokenizer
+from megatron_opd.model.tiny import make_tiny_qwen3
+from megatron_opd.platform.dist import _free_port
+from megatron_opd.rollout.http_client import SGLangClient
+from megatron_opd.rollout.weight_sync import DistributedPusher, push_to_servers_via_disk
+
+
+def loopback_mb_per_s(nbytes: int) -> float:
+    """One TCP stream over 127.0.0.1, 4 MiB writes, receiver draining into a buffer."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    received = [0]
+
+    def drain() -> None:
+        conn, _ = server.accept()
+        buf = bytearray(4 << 20)
+        while received[0] < nbytes:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            received[0] += n
+        conn.close()
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    client = socket.create_connection(server.getsockname())
+    chunk = bytes(4 << 20)
+    start = time.perf_counter()
+    sent = 0
+    while sent < nbytes:
+        client.sendall(chunk)
+        sent += len(chunk)
+    thread.join()
+    elapsed = time.perf_counter() - start
+    client.close()
+    server.close()
+    return sent / 1e6 / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="bench")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tok = build_char_tokenizer(tmp / "tok")
+        model = make_tiny_qwen3(tmp / "model", len(tok), args.size, tokenizer_dir=tmp / "tok")
+        weights = load_file(str(model / "model.safetensors"))
+        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--model", str(model),
+                                 "--port", str(port)], stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(240):
+                try:
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            client = SGLangClient(url)
+            rows = []
+            disk = [push_to_servers_via_disk([client], iter(weights.items()), f"d{i}", tmp / "sync").mb_per_s
+                    for i in range(args.repeats)]
+            pusher = DistributedPusher([client], master_port=_free_port())
+            dist_mb = [pusher.push(iter(weights.items()), f"g{i}").mb_per_s for i in range(args.repeats)]
+            pusher.close()
+            loop = [loopback_mb_per_s(nbytes) for _ in range(args.repeats)]
+            rows = [("loopback TCP (reference)", max(loop)), ("disk (safetensors + /update_weights_from_disk)", max(disk)),
+                    ("distributed (gloo broadcast)", max(dist_mb))]
+        finally:
+            proc.terminate()
+        print(f"weights: {len(weights)} tensors, {nbytes / 1e6:.1f} MB (size '{args.size}'), best of {args.repeats}")
+        for name, value in rows:
+            print(f"  {name:<50} {value:8.1f} MB/s")
+        print(f"  distributed / loopback = {max(dist_mb) / max(loop):.0%}")
+
+
+if __name__ == "__main__":
+    main()
