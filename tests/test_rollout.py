@@ -132,3 +132,54 @@ def test_pool_retries_a_killed_servers_share_exactly_once():
         for _, proc in servers:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_every_client_request_matches_sglangs_schema(server, tmp_path):
+    """Record the bodies the client really sends and check them with jsonschema against the
+    vendored SGLang OpenAPI document (independently of the client's own pre-send check)."""
+    import jsonschema
+
+    from megatron_opd.serve.contract import CONTRACT
+
+    doc = json.loads(CONTRACT.read_text())
+    sent = []
+    client = SGLangClient(server)
+    client._http.event_hooks["request"].append(lambda req: sent.append((req.url.path, req.read())))
+    client.generate([[2, 90, 88, 74, 87, 4]], SamplingParams(max_new_tokens=3, seed=1, n=2, stop_token_ids=(3,)))
+    client.score([[2, 90, 88, 74]], start=1)
+    client.pause()
+    client.resume()
+    client.update_weight_version("v-schema")
+    client.get_weights_by_name("model.norm.weight")
+    from safetensors.torch import save_file
+
+    save_file({"model.norm.weight": EmbeddedEngine(TEACHER).get_weight("model.norm.weight")}, str(tmp_path / "w.safetensors"))
+    client.update_weights_from_disk(str(tmp_path), "v-disk")
+    posted = [(path, json.loads(body)) for path, body in sent if body]
+    assert {p for p, _ in posted} >= {"/generate", "/pause_generation", "/continue_generation",
+                                       "/update_weight_version", "/get_weights_by_name", "/update_weights_from_disk"}
+    for path, body in posted:
+        schema = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        jsonschema.validate(body, {**schema, "components": doc["components"]})
+    assert client.model_info()["weight_version"] == "v-disk"
+
+
+def test_in_process_push_and_api_key(tmp_path):
+    from megatron_opd.rollout.weight_sync import push_in_process
+
+    engine = EmbeddedEngine(TEACHER)
+    donor = EmbeddedEngine(REPO / "assets" / "tiny" / "original")
+    report = push_in_process(engine, iter(donor.model.state_dict().items()), "3")
+    assert engine.weight_version == "3" and not engine.paused and report.tensors > 0
+    for name, tensor in donor.model.state_dict().items():
+        assert torch.equal(engine.get_weight(name), tensor), name
+    with pytest.raises(KeyError, match="does not exist"):
+        engine.update_weights(iter([("model.nope.weight", torch.zeros(1))]), "4")
+
+    from fastapi.testclient import TestClient
+
+    from megatron_opd.serve.rollout_server import create_app
+
+    http = TestClient(create_app(engine, api_key="secret"))
+    assert http.get("/health").status_code == 401
+    assert http.get("/health", headers={"Authorization": "Bearer secret"}).status_code == 200
