@@ -128,6 +128,9 @@ def test_pool_retries_a_killed_servers_share_exactly_once():
         assert pool.retries == 1 and pool.dead == {1}
         assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(8) for k in range(2)]
         assert all(r.prompt_ids == prompts[r.prompt_index] and r.completion_ids for r in rollouts)
+        assert pool.health() and pool.dead == {1}
+        again = pool.generate(prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=8))
+        assert [r.prompt_index for r in again] == [0, 1]
     finally:
         for _, proc in servers:
             proc.kill()

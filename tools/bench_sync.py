@@ -25,6 +25,8 @@ from megatron_opd.rollout.weight_sync import DistributedPusher, push_to_servers_
 
 def loopback_mb_per_s(nbytes: int) -> float:
     """One TCP stream over 127.0.0.1, 4 MiB writes, receiver draining into a buffer."""
+    chunk = bytes(4 << 20)
+    nbytes = -(-nbytes // len(chunk)) * len(chunk)  # whole chunks: both ends agree on the total
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
@@ -43,7 +45,6 @@ def loopback_mb_per_s(nbytes: int) -> float:
     thread = threading.Thread(target=drain)
     thread.start()
     client = socket.create_connection(server.getsockname())
-    chunk = bytes(4 << 20)
     start = time.perf_counter()
     sent = 0
     while sent < nbytes:
@@ -60,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="bench")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bucket-mb", type=int, default=256, help="weight-sync bucket size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -80,10 +82,10 @@ def main() -> None:
                     time.sleep(0.5)
             client = SGLangClient(url)
             rows = []
-            disk = [push_to_servers_via_disk([client], iter(weights.items()), f"d{i}", tmp / "sync").mb_per_s
+            disk = [push_to_servers_via_disk([client], iter(weights.items()), f"d{i}", tmp / "sync", args.bucket_mb << 20).mb_per_s
                     for i in range(args.repeats)]
             pusher = DistributedPusher([client], master_port=_free_port())
-            dist_mb = [pusher.push(iter(weights.items()), f"g{i}").mb_per_s for i in range(args.repeats)]
+            dist_mb = [pusher.push(iter(weights.items()), f"g{i}", args.bucket_mb << 20).mb_per_s for i in range(args.repeats)]
             pusher.close()
             loop = [loopback_mb_per_s(nbytes) for _ in range(args.repeats)]
             rows = [("loopback TCP (reference)", max(loop)), ("disk (safetensors + /update_weights_from_disk)", max(disk)),

@@ -111,6 +111,16 @@ class EmbeddedEngine:
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError("names, dtypes and shapes must have the same length")
 
+        params = self._tensors()
+        fits = all(n in params and list(params[n].shape) == list(sh) and params[n].dtype == parse_dtype(dt)
+                   for n, dt, sh in zip(names, dtypes, shapes))
+        if fits:  # receive straight into the parameters: no staging copy
+            with self._lock, torch.no_grad():
+                for name in names:
+                    group.broadcast(params[name].data, root=0)
+                if version:
+                    self.weight_version = version
+            return len(names)
         incoming = [torch.empty(shape, dtype=parse_dtype(dtype)) for dtype, shape in zip(dtypes, shapes)]
         for tensor in incoming:  # always drain the broadcasts, so a bad name cannot hang the trainer
             group.broadcast(tensor, root=0)

@@ -58,6 +58,21 @@ class RolloutPool:
                             replace(rollout, prompt_index=indices[rollout.prompt_index]))
         return [r for i in range(len(prompts)) for r in sorted(results[i], key=lambda r: r.sample_index)]
 
+    def pause(self) -> None:
+        for i in self._alive():
+            self.clients[i].pause()
+
+    def resume(self) -> None:
+        for i in self._alive():
+            self.clients[i].resume()
+
+    def health(self) -> bool:
+        """True while at least one server answers; servers that stop answering are marked dead."""
+        for i in self._alive():
+            if not self.clients[i].health():
+                self.dead.add(i)
+        return bool(self._alive())
+
     def _submit(self, executor, server, indices, prompts, sampling, chunk_id):
         seed = None if sampling.seed is None else sampling.seed + chunk_id  # same share -> same seed on retry
         return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], replace(sampling, seed=seed))
