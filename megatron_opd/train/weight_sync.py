@@ -7,7 +7,7 @@ talks to servers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,34 +26,30 @@ def _rank0_stream(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
-def sync_weights_via_disk(bundle: ModelBundle, clients: list[Any], version: str, work_dir: Path,
-                          bucket_bytes: int = 64 << 20) -> SyncReport | None:
-    """Push the student's current weights to every server; returns the report on rank 0."""
+def _sync(bundle: ModelBundle, push: Callable[[Iterator[tuple[str, torch.Tensor]]], SyncReport]) -> SyncReport | None:
+    """Run the collective export on every rank; rank 0 feeds it to ``push``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
+    report = None
     if rank == 0:
-        report = push_to_servers_via_disk(clients, _rank0_stream(bundle), version, work_dir, bucket_bytes)
+        report = push(_rank0_stream(bundle))
     else:
         for _ in export_hf_weights(bundle):
             pass
-        report = None
     if dist.is_initialized():
         dist.barrier()
     return report
+
+
+def sync_weights_via_disk(bundle: ModelBundle, clients: list[Any], version: str, work_dir: Path,
+                          bucket_bytes: int = 64 << 20) -> SyncReport | None:
+    """Push the student's current weights to every server through disk; the report on rank 0."""
+    return _sync(bundle, lambda stream: push_to_servers_via_disk(clients, stream, version, work_dir, bucket_bytes))
 
 
 def sync_weights_distributed(bundle: ModelBundle, pusher: DistributedPusher | None, version: str,
                              bucket_bytes: int = 64 << 20) -> SyncReport | None:
     """Broadcast the student's weights to the servers in ``pusher``'s group (rank 0 holds it)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        report = pusher.push(_rank0_stream(bundle), version, bucket_bytes)
-    else:
-        for _ in export_hf_weights(bundle):
-            pass
-        report = None
-    if dist.is_initialized():
-        dist.barrier()
-    return report
+    return _sync(bundle, lambda stream: pusher.push(stream, version, bucket_bytes))
 
 
 def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
