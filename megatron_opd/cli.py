@@ -35,9 +35,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def _guarded(work, *args):
-    """Run a worker body; a user error becomes one clear line (prefixed with the rank) and exit 2."""
+    """Run a worker body; a user error becomes one clear line (prefixed with the rank) and exit 2.
+    Process groups are left cleanly after a successful body."""
+    from megatron_opd.platform import destroy
+
     try:
-        return work(*args)
+        result = work(*args)
+        destroy()
+        return result
     except _user_errors() as exc:
         rank = os.environ.get("RANK")
         _fail(f"[rank {rank}] {exc}" if rank is not None else str(exc))
@@ -76,7 +81,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         for name, source in sources + [("eval", cfg.data.eval)]:
             if source and source.endswith((".jsonl", ".json", ".parquet")) and not Path(source).is_file():
                 raise ValueError(f"data.{name}: file {source} not found")
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
         from megatron_opd.train.sft import run_sft

@@ -129,6 +129,11 @@ def test_pool_retries_a_killed_servers_share_exactly_once():
         assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(8) for k in range(2)]
         assert all(r.prompt_ids == prompts[r.prompt_index] and r.completion_ids for r in rollouts)
         assert pool.health() and pool.dead == {1}
+        from megatron_opd.rollout.http_client import ServerError
+
+        with pytest.raises(ServerError, match="token ids must be in"):  # a bad request is not a dead server
+            pool.generate([[1, 10**6]], SamplingParams(max_new_tokens=2))
+        assert pool.dead == {1} and pool.retries == 1
         again = pool.generate(prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=8))
         assert [r.prompt_index for r in again] == [0, 1]
     finally:
@@ -176,8 +181,10 @@ def test_in_process_push_and_api_key(tmp_path):
     assert engine.weight_version == "3" and not engine.paused and report.tensors > 0
     for name, tensor in donor.model.state_dict().items():
         assert torch.equal(engine.get_weight(name), tensor), name
-    with pytest.raises(KeyError, match="does not exist"):
-        engine.update_weights(iter([("model.nope.weight", torch.zeros(1))]), "4")
+    norm = "model.norm.weight"
+    with pytest.raises(KeyError, match="does not exist"):  # checked before anything is copied
+        engine.update_weights(iter([(norm, torch.zeros_like(engine.get_weight(norm))), ("model.nope.weight", torch.zeros(1))]), "4")
+    assert torch.equal(engine.get_weight(norm), donor.get_weight(norm)) and engine.weight_version == "3"
 
     from fastapi.testclient import TestClient
 

@@ -174,7 +174,7 @@ def build_model(
         parallel_states=ParallelStates.get_parallel_state(),
         make_vocab_size_divisible_by=vocab_divisible_by,
     )
-    bridge.set_extra_args(**_cpu_overrides(), **transformer_overrides)
+    bridge.set_extra_args(**{**_cpu_overrides(), **transformer_overrides})
     provider = bridge._model_provider([])
     with cpu_compat():
         model = provider(

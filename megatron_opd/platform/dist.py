@@ -74,8 +74,11 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
 
 
 def destroy() -> None:
+    """Leave the process groups cleanly (a process that exits with live gloo threads can abort)."""
     from megatron.core import parallel_state
 
+    if dist.is_initialized():
+        dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

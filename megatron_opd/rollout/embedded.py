@@ -28,20 +28,20 @@ class EmbeddedEngine:
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.batch_size = batch_size
         self.weight_version = weight_version
-        self._running = threading.Event()
-        self._running.set()
-        self._lock = threading.Lock()  # one generation or weight update at a time
+        self._paused = False
+        self._lock = threading.Condition()  # one generation or weight update at a time
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
         """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version."""
-        self._running.wait()
         expanded = [(i, k, p) for i, p in enumerate(prompts) for k in range(sampling.n)]
+        seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         with self._lock:
+            self._lock.wait_for(lambda: not self._paused)  # checked under the lock: no half-synced weights
             version = self.weight_version
             completions = generate(
                 self.model, [p for _, _, p in expanded], sampling.max_new_tokens, self.eos_token_id,
-                self.pad_token_id, temperature=sampling.temperature, seed=sampling.seed or 0,
+                self.pad_token_id, temperature=sampling.temperature, seed=seed,
                 batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=sampling.stop_token_ids,
             )
@@ -73,19 +73,20 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str) -> int:
-        """Copy HF-named tensors into the model; unknown names or shapes are errors. Returns count."""
+        """Copy HF-named tensors into the model. Every name and shape is checked before anything is
+        copied, so a bad update leaves the model as it was. Returns the count."""
         params = self._tensors()
-        count = 0
+        items = list(named_tensors)
+        for name, tensor in items:
+            if name not in params:
+                raise KeyError(f"weight {name!r} does not exist in the rollout model")
+            if tuple(params[name].shape) != tuple(tensor.shape):
+                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
         with self._lock:
-            for name, tensor in named_tensors:
-                if name not in params:
-                    raise KeyError(f"weight {name!r} does not exist in the rollout model")
-                if tuple(params[name].shape) != tuple(tensor.shape):
-                    raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+            for name, tensor in items:
                 params[name].data.copy_(tensor.to(params[name].dtype))
-                count += 1
             self.weight_version = version
-        return count
+        return len(items)
 
     def update_weights_from_disk(self, model_dir: str | Path, version: str) -> int:
         from safetensors.torch import load_file
@@ -137,14 +138,17 @@ class EmbeddedEngine:
 
     # -- control ------------------------------------------------------------------------------
     def pause(self) -> None:
-        self._running.clear()
+        with self._lock:
+            self._paused = True
 
     def resume(self) -> None:
-        self._running.set()
+        with self._lock:
+            self._paused = False
+            self._lock.notify_all()
 
     @property
     def paused(self) -> bool:
-        return not self._running.is_set()
+        return self._paused
 
     def health(self) -> bool:
         return True

@@ -13,7 +13,15 @@ from megatron_opd.serve.contract import validate_request
 
 
 class ServerError(RuntimeError):
-    """A server answered with an error or could not be reached."""
+    """A server answered with an error (``status``) or could not be reached (``status`` None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def unavailable(self) -> bool:
+        return self.status is None or self.status in (502, 503, 504)
 
 
 class SGLangClient:
@@ -36,7 +44,7 @@ class SGLangClient:
         except httpx.HTTPError as exc:
             raise ServerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
-            raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+            raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}", response.status_code)
         return response.json()
 
     def _get(self, path: str) -> Any:
@@ -47,7 +55,7 @@ class SGLangClient:
         except httpx.HTTPError as exc:
             raise ServerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
-            raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}")
+            raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}", response.status_code)
         return response.json()
 
     # -- generation ---------------------------------------------------------------------------

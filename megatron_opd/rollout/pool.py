@@ -43,7 +43,9 @@ class RolloutPool:
                     server, indices, chunk_id, attempt = futures.pop(future)
                     try:
                         rollouts = future.result()
-                    except ServerError:
+                    except ServerError as exc:
+                        if not exc.unavailable:  # a bad request fails the same everywhere
+                            raise
                         with self._lock:
                             self.dead.add(server)
                             self.retries += 1

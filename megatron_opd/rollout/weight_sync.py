@@ -80,15 +80,15 @@ def push_to_servers_via_disk(clients: list[Any], stream: Iterable[tuple[str, tor
     start = time.perf_counter()
     out_dir = Path(work_dir) / f"weights-v{version}"
     count, total = write_safetensors_dir(stream, out_dir, bucket_bytes)
-    for client in clients:
-        client.pause()
     try:
+        for client in clients:
+            client.pause()
         for client in clients:
             client.update_weights_from_disk(str(out_dir.resolve()), version)
     finally:
         for client in clients:
             client.resume()
-    shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
     return SyncReport("disk", count, total, time.perf_counter() - start, version)
 
 
@@ -131,9 +131,9 @@ class DistributedPusher:
         from megatron_opd.rollout.update_group import dtype_name
 
         start, count, total = time.perf_counter(), 0, 0
-        for client in self.clients:
-            client.pause()
         try:
+            for client in self.clients:
+                client.pause()
             for bucket in buckets(stream, bucket_bytes):
                 names = list(bucket)
                 dtypes = [dtype_name(t.dtype) for t in bucket.values()]

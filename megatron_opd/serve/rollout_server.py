@@ -39,6 +39,9 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
     prompts = [input_ids] if single else list(input_ids)
     if not prompts or any(not p or not all(isinstance(t, int) for t in p) for p in prompts):
         raise ContractError("/generate: input_ids: expected a non-empty list of token ids (or a list of them)")
+    vocab = engine.config.vocab_size
+    if any(t < 0 or t >= vocab for p in prompts for t in p):
+        raise ContractError(f"/generate: input_ids: token ids must be in [0, {vocab})")
     params = body.get("sampling_params") or {}
     if isinstance(params, list):
         raise ContractError("/generate: sampling_params: per-prompt lists are not supported here; send one dict")
@@ -47,13 +50,22 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
     except (TypeError, ValueError) as exc:
         raise ContractError(f"/generate: sampling_params: {exc}") from None
     want_logprobs = bool(body.get("return_logprob"))
-    start = int(body.get("logprob_start_len") or 0)
-    top_k = int(body.get("top_logprobs_num") or 0)
+    start, top_k = body.get("logprob_start_len"), body.get("top_logprobs_num") or 0
+    if isinstance(start, list) or isinstance(top_k, list):
+        raise ContractError("/generate: per-prompt lists for logprob_start_len/top_logprobs_num are not supported here")
+    start = 0 if start is None else int(start)
+    if start < 0:  # SGLang's -1: no input log-probs
+        start = max(len(p) for p in prompts)
+    if not 0 <= int(top_k) <= engine.config.vocab_size:
+        raise ContractError(f"/generate: top_logprobs_num: expected 0..{engine.config.vocab_size}, got {top_k}")
+    top_k = int(top_k)
     if sampling.max_new_tokens == 0:
         rollouts = [None] * (len(prompts) * sampling.n)
     else:
         rollouts = engine.generate(prompts, sampling)
-    scores = engine.score(prompts, [start] * len(prompts), top_k) if want_logprobs else None
+    # prefill scoring only when some prompt has positions at or after `start` (rollouts skip it)
+    needs_scores = want_logprobs and any(len(p) > max(start, 1) for p in prompts)
+    scores = engine.score(prompts, [start] * len(prompts), top_k) if needs_scores else None
     out = []
     for index, rollout in enumerate(rollouts):
         prompt_index = index // sampling.n
@@ -65,15 +77,16 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
             "prompt_tokens": len(prompt),
             "completion_tokens": len(completion),
             "cached_tokens": 0,
-            "weight_version": engine.weight_version,
+            "weight_version": rollout.weight_version if rollout else engine.weight_version,
         }
         if want_logprobs:
             # SGLang: entry for the first prompt position has logprob None
             first = [None] if start == 0 else []
-            meta["input_token_logprobs"] = _logprob_entries(first + scores[prompt_index]["token_logprobs"], prompt[start:])
+            prompt_scores = scores[prompt_index] if scores else {"token_logprobs": [], "top_logprobs": [], "top_ids": []}
+            meta["input_token_logprobs"] = _logprob_entries(first + prompt_scores["token_logprobs"], prompt[start:])
             meta["output_token_logprobs"] = _logprob_entries(rollout.logprobs if rollout else [], completion)
             if top_k:
-                tops = scores[prompt_index]
+                tops = prompt_scores
                 first_top = [None] if start == 0 else []
                 meta["input_top_logprobs"] = first_top + [
                     [[v, t, None] for v, t in zip(vs, ts)] for vs, ts in zip(tops["top_logprobs"], tops["top_ids"])]
@@ -86,7 +99,7 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+        if api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
             return JSONResponse({"error": "invalid or missing API key"}, status_code=401)
         return await call_next(request)
 
@@ -113,9 +126,9 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
         body = await body_of(request, "/update_weights_from_disk")
         version = body.get("weight_version") or engine.weight_version
         try:
-            count = engine.update_weights_from_disk(body["model_path"], version)
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            return {"success": False, "message": str(exc)}
+            count = await run_in_threadpool(engine.update_weights_from_disk, body["model_path"], version)
+        except Exception as exc:  # report any load failure to the trainer; the model is unchanged
+            return {"success": False, "message": f"{type(exc).__name__}: {exc}"}
         return {"success": True, "message": f"loaded {count} tensors", "num_paused_requests": 0}
 
     @app.post("/init_weights_update_group")

@@ -64,6 +64,8 @@ def open_student(
             print(f"[{tag}] resumed from {latest} at step {start_step}", flush=True)
     else:
         load_hf_weights(bundle, model.hf_path)
+    # mixed-precision optimizers keep fp32 main copies of the params they were built with
+    state.optimizer.reload_model_params()
     metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step)
     return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path))
 

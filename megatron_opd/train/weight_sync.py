@@ -30,10 +30,12 @@ def _sync(bundle: ModelBundle, push: Callable[[Iterator[tuple[str, torch.Tensor]
     """Run the collective export on every rank; rank 0 feeds it to ``push``."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     report = None
-    if rank == 0:
-        report = push(_rank0_stream(bundle))
-    else:
-        for _ in export_hf_weights(bundle):
+    stream = _rank0_stream(bundle) if rank == 0 else export_hf_weights(bundle)
+    try:
+        if rank == 0:
+            report = push(stream)
+    finally:
+        for _ in stream:  # finish the collective gather even if rank 0's push failed
             pass
     if dist.is_initialized():
         dist.barrier()

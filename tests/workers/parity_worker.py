@@ -28,3 +28,7 @@ for hf_dir in hf_dirs:
         logits = torch.cat([r["logits"] for r in results])
         save_file({"logits": logits.contiguous()}, str(out_dir / f"{Path(hf_dir).name}.safetensors"))
         (out_dir / f"{Path(hf_dir).name}.json").write_text(json.dumps({"padded_vocab": bundle.padded_vocab_size}))
+
+from megatron_opd.platform import destroy  # noqa: E402
+
+destroy()

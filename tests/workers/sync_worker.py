@@ -39,3 +39,7 @@ if rank == 0:
     torch.save(exported, out / "trainer_weights.pt")
     (out / "report.json").write_text(json.dumps({"tensors": report.tensors, "bytes": report.bytes,
                                                   "mb_per_s": report.mb_per_s, "probe": probe}))
+
+from megatron_opd.platform import destroy  # noqa: E402
+
+destroy()
