@@ -61,14 +61,9 @@ def _distributed(nproc: int, argv: list[str]) -> bool:
 
 def _preflight_model(hf_path: Path, tp: int, pp: int) -> None:
     """Checks that need only config.json, done before any process starts."""
-    from megatron_opd.model.bridge import load_hf_config
+    from megatron_opd.model.bridge import check_parallel_fit, load_hf_config
 
-    cfg = load_hf_config(hf_path)
-    heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
-    if heads % tp or groups % tp:
-        raise ValueError(f"{hf_path}: num_attention_heads ({heads}) and num_key_value_heads ({groups}) must be divisible by tp={tp}")
-    if cfg.num_hidden_layers % pp:
-        raise ValueError(f"{hf_path}: num_hidden_layers ({cfg.num_hidden_layers}) must be divisible by pp={pp}")
+    check_parallel_fit(load_hf_config(hf_path), tp, pp, where=str(hf_path))
 
 
 @app.command()

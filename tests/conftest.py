@@ -71,12 +71,7 @@ def opd(*args: str, timeout: int = 900, env: dict | None = None, check: bool = T
     return proc
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_opd.platform.dist import _free_port  # noqa: E402,F401  (one free-port helper)
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,13 @@ class TokenizeReport:
         return ", ".join(parts)
 
 
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:
+    """A tokenizer with ids past the model's vocabulary cannot drive it."""
+    if len(tokenizer) > vocab_size:
+        raise DataError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model vocab_size is "
+                        f"{vocab_size} (tokenizer/model mismatch)")
+
+
 def load_rows(source: str, split: str = "train") -> Any:
     """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet file (or a hub id when online)."""
     import datasets

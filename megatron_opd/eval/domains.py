@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from megatron_opd.data.chat import DataError
+from megatron_opd.data.chat import DataError, check_tokenizer_fits
 from megatron_opd.data.domains import DOMAINS, get_domain
 from megatron_opd.data.world import read_rows
 from megatron_opd.rollout.hf_generate import generate
@@ -31,10 +31,7 @@ def load_hf_for_eval(model_dir: str | Path) -> tuple[Any, Any]:
     if not (model_dir / "tokenizer_config.json").is_file():
         raise DataError(f"{model_dir}: no tokenizer files next to the model")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    vocab_size = AutoConfig.from_pretrained(str(model_dir)).vocab_size
-    if len(tokenizer) > vocab_size:
-        raise DataError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model vocab_size is "
-                        f"{vocab_size} (tokenizer/model mismatch)")
+    check_tokenizer_fits(tokenizer, AutoConfig.from_pretrained(str(model_dir)).vocab_size, str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     return model, tokenizer
 

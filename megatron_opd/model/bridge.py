@@ -120,6 +120,17 @@ class ModelBundle:
         return self.chunks[0]
 
 
+def check_parallel_fit(hf_config: Any, tp: int, pp: int, where: str = "") -> None:
+    """Heads must split over TP ranks and layers over PP stages (needs only the HF config)."""
+    prefix = f"{where}: " if where else ""
+    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp or groups % tp:
+        raise ValueError(f"{prefix}num_attention_heads ({heads}) and num_key_value_heads ({groups}) "
+                         f"must be divisible by tp={tp}")
+    if hf_config.num_hidden_layers % pp:
+        raise ValueError(f"{prefix}num_hidden_layers ({hf_config.num_hidden_layers}) must be divisible by pp={pp}")
+
+
 def _cpu_overrides() -> dict[str, Any]:
     if cuda_available():
         return {}
@@ -156,17 +167,7 @@ def build_model(
             f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
         )
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    if heads % tp or groups % tp:
-        raise ValueError(
-            f"num_attention_heads ({heads}) and num_key_value_heads ({groups}) must both be "
-            f"divisible by tensor parallel size {tp}"
-        )
-    if hf_config.num_hidden_layers % parallel_state.get_pipeline_model_parallel_world_size():
-        raise ValueError(
-            f"num_hidden_layers ({hf_config.num_hidden_layers}) must be divisible by pipeline "
-            f"parallel size {parallel_state.get_pipeline_model_parallel_world_size()}"
-        )
+    check_parallel_fit(hf_config, tp, parallel_state.get_pipeline_model_parallel_world_size())
     cls = _bridge_class(SUPPORTED_ARCHITECTURES[archs[0]])
     bridge = cls(
         hf_config,

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_opd.config import SFTStageConfig, dump_config
 from megatron_opd.data.chat import (
-    DataError, TokenizedExample, collate, global_batch_indices, load_rows, tokenize_dataset,
+    DataError, TokenizedExample, check_tokenizer_fits, collate, global_batch_indices, load_rows, tokenize_dataset,
 )
 from megatron_opd.model import load_hf_config, real_vocab_logprobs
 from megatron_opd.model.bridge import save_hf_checkpoint
@@ -98,9 +98,7 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
 
     out = Path(cfg.run.output_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model.hf_path))
-    vocab = load_hf_config(cfg.model.hf_path).vocab_size
-    if len(tokenizer) > vocab:
-        raise DataError(f"{cfg.model.hf_path}: tokenizer has {len(tokenizer)} tokens but the model vocab_size is {vocab}")
+    check_tokenizer_fits(tokenizer, load_hf_config(cfg.model.hf_path).vocab_size, str(cfg.model.hf_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train, held_out, data_report = _load_data(cfg, tokenizer)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "sft")
