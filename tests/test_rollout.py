@@ -93,7 +93,7 @@ def test_server_speaks_sglang_shapes_and_rejects_invalid_bodies(server):
     assert info["is_generation"] and info["weight_version"] == "0"
 
 
-@pytest.mark.parametrize("mode,version", [("disk", "7"), ("distributed", "8")])
+@pytest.mark.parametrize("mode,version", [("disk", "7"), ("distributed", "8"), ("distributed_flat", "9")])
 def test_weight_sync_from_tp2pp2_student_is_exact(server, tmp_path, mode, version):
     torchrun(4, [str(WORKERS / "sync_worker.py"), "2", "2", str(TEACHER), server, str(tmp_path), mode])
     client = SGLangClient(server)

@@ -1,10 +1,11 @@
 """Weight-sync bandwidth: disk and distributed (gloo) modes into an embedded rollout server, next
 to the plain loopback TCP bandwidth measured in the same run.
 
-    python tools/bench_sync.py [--size bench] [--repeats 3]
+    python tools/bench_sync.py [--size bench] [--repeats 7] [--flattened]
 """
 
 import argparse
+import statistics
 import socket
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def loopback_mb_per_s(nbytes: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="bench")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--flattened", action="store_true", help="also time SGLang's flattened_bucket format")
     parser.add_argument("--bucket-mb", type=int, default=256, help="weight-sync bucket size")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,21 +83,30 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.5)
             client = SGLangClient(url)
-            rows = []
-            disk = [push_to_servers_via_disk([client], iter(weights.items()), f"d{i}", tmp / "sync", args.bucket_mb << 20).mb_per_s
-                    for i in range(args.repeats)]
-            pusher = DistributedPusher([client], master_port=_free_port())
-            dist_mb = [pusher.push(iter(weights.items()), f"g{i}", args.bucket_mb << 20).mb_per_s for i in range(args.repeats)]
-            pusher.close()
-            loop = [loopback_mb_per_s(nbytes) for _ in range(args.repeats)]
-            rows = [("loopback TCP (reference)", max(loop)), ("disk (safetensors + /update_weights_from_disk)", max(disk)),
-                    ("distributed (gloo broadcast)", max(dist_mb))]
+            per_tensor = DistributedPusher([client], master_port=_free_port())
+            rows: dict[str, list[float]] = {}
+            bucket = args.bucket_mb << 20
+            # Interleaved, so every mode sees the same machine load (2 shared cores are noisy).
+            for i in range(args.repeats):
+                rows.setdefault("loopback TCP (reference)", []).append(loopback_mb_per_s(nbytes))
+                rows.setdefault("disk (safetensors + /update_weights_from_disk)", []).append(
+                    push_to_servers_via_disk([client], iter(weights.items()), f"d{i}", tmp / "sync", bucket).mb_per_s)
+                rows.setdefault("distributed (gloo, one broadcast per tensor)", []).append(
+                    per_tensor.push(iter(weights.items()), f"g{i}", bucket).mb_per_s)
+                if args.flattened:
+                    rows.setdefault("distributed (gloo, flattened_bucket)", []).append(
+                        per_tensor.push(iter(weights.items()), f"f{i}", bucket, flattened=True).mb_per_s)
+            per_tensor.close()
         finally:
             proc.terminate()
-        print(f"weights: {len(weights)} tensors, {nbytes / 1e6:.1f} MB (size '{args.size}'), best of {args.repeats}")
-        for name, value in rows:
-            print(f"  {name:<50} {value:8.1f} MB/s")
-        print(f"  distributed / loopback = {max(dist_mb) / max(loop):.0%}")
+        print(f"weights: {len(weights)} tensors, {nbytes / 1e6:.1f} MB (size '{args.size}'), {args.repeats} rounds")
+        print(f"  {'mode':<50} {'median':>8} {'best':>8}  MB/s")
+        for name, values in rows.items():
+            print(f"  {name:<50} {statistics.median(values):8.1f} {max(values):8.1f}")
+        loop = statistics.median(rows["loopback TCP (reference)"])
+        for name, values in rows.items():
+            if name.startswith("distributed"):
+                print(f"  {name} / loopback (medians) = {statistics.median(values) / loop:.0%}")
 
 
 if __name__ == "__main__":

@@ -102,19 +102,39 @@ class EmbeddedEngine:
 
         self._group = WeightUpdateGroup(master_address, master_port, rank_offset, world_size, backend)
 
-    def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]], version: str | None) -> int:
-        """Receive each named tensor by broadcast from the trainer (group rank 0), in order."""
-        from megatron_opd.rollout.update_group import parse_dtype
+    def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                version: str | None, load_format: str | None = None) -> int:
+        """Receive the named tensors by broadcast from the trainer (group rank 0): one broadcast per
+        tensor, or with ``load_format="flattened_bucket"`` one uint8 buffer holding them all, in order."""
+        from megatron_opd.rollout.update_group import FLATTENED_BUCKET, bucket_nbytes, parse_dtype
 
         group = getattr(self, "_group", None)
         if group is None:
             raise RuntimeError("no weight update group: call /init_weights_update_group first")
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError("names, dtypes and shapes must have the same length")
+        if load_format not in (None, FLATTENED_BUCKET):
+            raise ValueError(f"load_format must be null or {FLATTENED_BUCKET!r}, got {load_format!r}")
 
         params = self._tensors()
         fits = all(n in params and list(params[n].shape) == list(sh) and params[n].dtype == parse_dtype(dt)
                    for n, dt, sh in zip(names, dtypes, shapes))
+        if load_format == FLATTENED_BUCKET:
+            sizes = bucket_nbytes(dtypes, shapes)
+            flat = torch.empty(sum(sizes), dtype=torch.uint8)
+            group.broadcast(flat, root=0)  # always drain the broadcast, so a bad name cannot hang the trainer
+            pieces, offset = [], 0
+            for dtype, shape, size in zip(dtypes, shapes, sizes):
+                pieces.append(flat[offset:offset + size].view(parse_dtype(dtype)).view(shape))
+                offset += size
+            if fits:
+                with self._lock, torch.no_grad():
+                    for name, piece in zip(names, pieces):
+                        params[name].data.copy_(piece)
+                    if version:
+                        self.weight_version = version
+                return len(names)
+            return self.update_weights(zip(names, pieces), version or self.weight_version)
         if fits:  # receive straight into the parameters: no staging copy
             with self._lock, torch.no_grad():
                 for name in names:
@@ -128,7 +148,9 @@ class EmbeddedEngine:
         return self.update_weights(zip(names, incoming), version or self.weight_version)
 
     def destroy_update_group(self) -> None:
-        self._group = None
+        group, self._group = getattr(self, "_group", None), None
+        if group is not None:
+            group.close()
 
     def get_weight(self, name: str) -> torch.Tensor:
         params = self._tensors()

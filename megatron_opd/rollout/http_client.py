@@ -106,10 +106,13 @@ class SGLangClient:
             raise ServerError(f"{self.base_url}/init_weights_update_group: {result.get('message')}")
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                        weight_version: str, group_name: str = "weight_update_group") -> None:
-        result = self._post("/update_weights_from_distributed", {
-            "names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
-            "flush_cache": True, "weight_version": weight_version})
+                                        weight_version: str, group_name: str = "weight_update_group",
+                                        load_format: str | None = None) -> None:
+        body = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                "flush_cache": True, "weight_version": weight_version}
+        if load_format is not None:
+            body["load_format"] = load_format
+        result = self._post("/update_weights_from_distributed", body)
         if not result.get("success"):
             raise ServerError(f"{self.base_url}/update_weights_from_distributed: {result.get('message')}")
 

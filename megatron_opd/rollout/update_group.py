@@ -19,6 +19,24 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+FLATTENED_BUCKET = "flattened_bucket"  # SGLang's load_format: one uint8 buffer per bucket
+
+
+def flatten_bucket(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate the raw bytes of ``tensors`` in order (SGLang's ``flattened_bucket`` layout)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def bucket_nbytes(dtypes: list[str], shapes: list[list[int]]) -> list[int]:
+    sizes = []
+    for dtype, shape in zip(dtypes, shapes):
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        sizes.append(numel * torch.empty((), dtype=parse_dtype(dtype)).element_size())
+    return sizes
+
+
 def parse_dtype(name: str) -> torch.dtype:
     key = name.replace("torch.", "")
     if key not in DTYPES:
@@ -46,3 +64,14 @@ class WeightUpdateGroup:
         opts.rootRank = root
         self._pg.broadcast([tensor], opts).wait()
         return tensor
+
+    def close(self) -> None:
+        """Leave the group (the store and the gloo/NCCL pairs are released)."""
+        shutdown = getattr(self._pg, "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except RuntimeError:
+                pass
+        self._pg = None
+        self._store = None

@@ -6,8 +6,9 @@ it, so rollout code never imports Megatron. Modes:
 * ``disk``: write bounded-size safetensors buckets to a fresh directory, then
   ``/update_weights_from_disk`` on every server;
 * ``distributed``: ``/init_weights_update_group`` once, then per bucket
-  ``/update_weights_from_distributed`` while trainer rank 0 broadcasts each tensor over a standalone
-  group that includes the servers (gloo on CPU, NCCL on GPU);
+  ``/update_weights_from_distributed`` while trainer rank 0 broadcasts over a standalone group that
+  includes the servers (gloo on CPU, NCCL on GPU): by default the bucket's bytes as one buffer
+  (SGLang's ``load_format="flattened_bucket"``), else one broadcast per tensor;
 * ``in_process``: copy straight into an in-process engine.
 
 Sequence for servers: pause -> update -> new weight version -> continue.
@@ -117,7 +118,7 @@ class DistributedPusher:
     """Trainer rank 0's end of distributed weight sync to a set of servers (one group, reused)."""
 
     def __init__(self, clients: list[Any], master_port: int, master_address: str = "127.0.0.1",
-                 backend: str = "gloo") -> None:
+                 backend: str = "gloo", flattened: bool = False) -> None:
         from megatron_opd.rollout.update_group import WeightUpdateGroup
 
         self.clients = clients
@@ -125,24 +126,30 @@ class DistributedPusher:
         calls = [_in_thread(c.init_weights_update_group, master_address, master_port, 1 + i, world, backend)
                  for i, c in enumerate(clients)]
         self.group = WeightUpdateGroup(master_address, master_port, 0, world, backend)
+        self.flattened = flattened
         _join(calls)
 
-    def push(self, stream: Iterable[tuple[str, torch.Tensor]], version: str, bucket_bytes: int = 64 << 20) -> SyncReport:
-        from megatron_opd.rollout.update_group import dtype_name
+    def push(self, stream: Iterable[tuple[str, torch.Tensor]], version: str, bucket_bytes: int = 64 << 20,
+             flattened: bool | None = None) -> SyncReport:
+        """Broadcast the stream bucket by bucket; ``flattened`` overrides the pusher's default format."""
+        from megatron_opd.rollout.update_group import FLATTENED_BUCKET, dtype_name, flatten_bucket
 
         start, count, total = time.perf_counter(), 0, 0
         try:
             for client in self.clients:
                 client.pause()
             for bucket in buckets(stream, bucket_bytes):
-                names = list(bucket)
-                dtypes = [dtype_name(t.dtype) for t in bucket.values()]
-                shapes = [list(t.shape) for t in bucket.values()]
-                calls = [_in_thread(c.update_weights_from_distributed, names, dtypes, shapes, version) for c in self.clients]
-                for tensor in bucket.values():
+                names, tensors = list(bucket), list(bucket.values())
+                dtypes = [dtype_name(t.dtype) for t in tensors]
+                shapes = [list(t.shape) for t in tensors]
+                flat = self.flattened if flattened is None else flattened
+                load_format = FLATTENED_BUCKET if flat else None
+                calls = [_in_thread(c.update_weights_from_distributed, names, dtypes, shapes, version,
+                                    "weight_update_group", load_format) for c in self.clients]
+                for tensor in [flatten_bucket(tensors)] if flat else tensors:
                     self.group.broadcast(tensor, root=0)
-                    count += 1
-                    total += tensor.numel() * tensor.element_size()
+                count += len(tensors)
+                total += sum(t.numel() * t.element_size() for t in tensors)
                 _join(calls)
         finally:
             for client in self.clients:
@@ -150,8 +157,11 @@ class DistributedPusher:
         return SyncReport("distributed", count, total, time.perf_counter() - start, version)
 
     def close(self) -> None:
-        for client in self.clients:
-            client.destroy_weights_update_group()
+        try:
+            for client in self.clients:
+                client.destroy_weights_update_group()
+        finally:
+            self.group.close()
 
 
 def push_in_process(engine: Any, stream: Iterable[tuple[str, torch.Tensor]], version: str) -> SyncReport:

@@ -146,7 +146,7 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
         body = await body_of(request, "/update_weights_from_distributed")
         try:
             count = await run_in_threadpool(engine.update_from_distributed, body["names"], body["dtypes"],
-                                            body["shapes"], body.get("weight_version"))
+                                            body["shapes"], body.get("weight_version"), body.get("load_format"))
         except (RuntimeError, ValueError, KeyError) as exc:
             return {"success": False, "message": str(exc)}
         return {"success": True, "message": f"received {count} tensors"}

@@ -26,8 +26,9 @@ else:
     from megatron_opd.platform.dist import _free_port
     from megatron_opd.rollout.weight_sync import DistributedPusher
 
-    pusher = DistributedPusher([client], master_port=_free_port()) if rank == 0 else None
-    report = sync_weights_distributed(bundle, pusher, "8", bucket_bytes=1 << 16)
+    flattened = mode == "distributed_flat"  # SGLang's load_format="flattened_bucket"
+    pusher = DistributedPusher([client], master_port=_free_port(), flattened=flattened) if rank == 0 else None
+    report = sync_weights_distributed(bundle, pusher, "9" if flattened else "8", bucket_bytes=1 << 16)
     if pusher:
         pusher.close()
 
