@@ -166,16 +166,16 @@ def eval_cmd(
 
 @app.command()
 def serve(
-    role: str = typer.Option("rollout", help="rollout (teacher scoring servers come with the teachers layer)"),
+    role: str = typer.Option("rollout", help="rollout (generation + weight updates) or teacher (scoring; read-only weights)"),
     model: Path = typer.Option(..., help="HF checkpoint directory"),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
     port: int = typer.Option(30000),
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY'"),
     batch_size: int = typer.Option(32, help="sequences per generation batch"),
 ) -> None:
-    """Serve the embedded engine with SGLang's HTTP API (/generate, weight updates, /health, ...)."""
-    if role != "rollout":
-        _fail(f"--role {role!r}: only 'rollout' is available")
+    """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
+    if role not in ("rollout", "teacher"):
+        _fail(f"--role {role!r}: expected 'rollout' or 'teacher'")
     if not (model / "config.json").is_file():
         _fail(f"--model {model}: not an HF checkpoint directory (no config.json)")
     import uvicorn
@@ -183,8 +183,8 @@ def serve(
     from megatron_opd.rollout.embedded import EmbeddedEngine
     from megatron_opd.serve.rollout_server import create_app
 
-    app = create_app(EmbeddedEngine(model, batch_size=batch_size), api_key)
-    typer.echo(f"serving {model} on http://{host}:{port}", err=True)
+    app = create_app(EmbeddedEngine(model, batch_size=batch_size), api_key, role=role)
+    typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

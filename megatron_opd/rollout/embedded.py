@@ -52,20 +52,69 @@ class EmbeddedEngine:
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], start: list[int], top_k: int = 0) -> list[dict[str, Any]]:
-        """Log-prob of every token from ``start[i]`` on (positions >= 1), plus optional top-k."""
-        out = []
+        """Log-prob of every token at positions ``>= start[i]`` (and ``>= 1``), plus optional top-k.
+
+        Sequences that share their prefix ``seq[:start]`` (the n samples of one prompt) share one
+        prefill of it: the prefix is run once, its KV cache is repeated across the group, and only
+        the continuations are computed. Each record has ``logprobs`` [T] (float32), ``top_logprobs`` /
+        ``top_ids`` [T, top_k], ``cached_tokens`` (prefix tokens reused) and ``computed_tokens``.
+        """
+        starts = [max(int(s), 1) for s in start]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (seq, s) in enumerate(zip(sequences, starts)):
+            groups.setdefault(tuple(seq[:s]), []).append(i)
+        out: list[dict[str, Any]] = [{}] * len(sequences)
         with self._lock:
-            for seq, first in zip(sequences, start):
-                ids = torch.tensor([seq])
-                logprobs = torch.log_softmax(self.model(ids).logits[0, :, : self.config.vocab_size].float(), -1)
-                positions = range(max(first, 1), len(seq))
-                record: dict[str, Any] = {"token_logprobs": [float(logprobs[t - 1, seq[t]]) for t in positions]}
-                if top_k:
-                    values, indices = torch.topk(logprobs[[t - 1 for t in positions]], top_k, dim=-1)
-                    record["top_logprobs"] = values.tolist()
-                    record["top_ids"] = indices.tolist()
-                out.append(record)
+            for prefix, members in groups.items():
+                for lo in range(0, len(members), self.batch_size):
+                    chunk = members[lo:lo + self.batch_size]
+                    for i, record in zip(chunk, self._score_group(list(prefix), [sequences[i][len(prefix):] for i in chunk], top_k)):
+                        out[i] = record
+                    out[chunk[0]]["cached_tokens"] = 0  # this one paid for the prefix
+                    out[chunk[0]]["computed_tokens"] += len(prefix)
         return out
+
+    def _score_group(self, prefix: list[int], continuations: list[list[int]], top_k: int) -> list[dict[str, Any]]:
+        vocab = self.config.vocab_size
+        if len(continuations) == 1:  # nothing to share: one plain forward over the whole sequence
+            logits = self.model(torch.tensor([prefix + continuations[0]])).logits[:, len(prefix) - 1: -1, :vocab]
+            return self._records(torch.log_softmax(logits.float(), -1), continuations, len(prefix), top_k,
+                                 computed=len(prefix) + len(continuations[0]) - 1)
+        first = self.model(torch.tensor([prefix]), use_cache=True)
+        last = torch.log_softmax(first.logits[0, -1, :vocab].float(), -1)
+        longest = max(len(c) for c in continuations)
+        rows = [last.expand(len(continuations), -1)[:, None]]  # [B, 1, V]: predicts each continuation's 1st token
+        if longest > 1:
+            cache = first.past_key_values
+            cache.batch_repeat_interleave(len(continuations))
+            width = longest - 1
+            ids = torch.full((len(continuations), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(continuations), len(prefix) + width, dtype=torch.long)
+            mask[:, : len(prefix)] = 1
+            for b, cont in enumerate(continuations):
+                if len(cont) > 1:
+                    ids[b, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+                    mask[b, len(prefix): len(prefix) + len(cont) - 1] = 1
+            positions = torch.arange(len(prefix), len(prefix) + width)[None].expand(len(continuations), -1)
+            logits = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+            rows.append(torch.log_softmax(logits[..., :vocab].float(), -1))
+        return self._records(torch.cat(rows, 1), continuations, len(prefix), top_k)
+
+    @staticmethod
+    def _records(logprobs: torch.Tensor, continuations: list[list[int]], prefix_len: int, top_k: int,
+                 computed: int | None = None) -> list[dict[str, Any]]:
+        """Per continuation: its tokens' log-probs from ``logprobs`` [B, longest, V] (+ top-k)."""
+        records = []
+        for b, cont in enumerate(continuations):
+            table = logprobs[b, : len(cont)]
+            ids = torch.tensor(cont, dtype=torch.long)
+            record: dict[str, Any] = {"logprobs": table.gather(-1, ids[:, None])[:, 0].clone(), "cached_tokens": prefix_len,
+                                      "computed_tokens": max(len(cont) - 1, 0) if computed is None else computed - prefix_len}
+            if top_k:
+                values, indices = torch.topk(table, top_k, dim=-1)
+                record["top_logprobs"], record["top_ids"] = values.clone(), indices.clone()
+            records.append(record)
+        return records
 
     # -- weights ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:

@@ -35,17 +35,21 @@ class SGLangClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def post_raw(self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:
+        """POST a schema-checked body; the ``httpx.Response`` (status 200) or a ``ServerError``."""
         import httpx
 
         validate_request(path, body)
         try:
-            response = self._http.post(path, json=body)
+            response = self._http.post(path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise ServerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
             raise ServerError(f"{self.base_url}{path}: HTTP {response.status_code}: {response.text[:500]}", response.status_code)
-        return response.json()
+        return response
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.post_raw(path, body).json()
 
     def _get(self, path: str) -> Any:
         import httpx
@@ -83,9 +87,12 @@ class SGLangClient:
         return rollouts
 
     def score(self, sequences: list[list[int]], start: int) -> list[list[float]]:
-        """Log-prob of every token of each sequence from position ``start`` on (prefill only)."""
+        """Log-prob of every token of each sequence at positions >= ``start`` >= 1 (prefill only).
+        SGLang's entries begin at ``logprob_start_len`` with a None, hence ``start - 1``."""
+        if start < 1:
+            raise ValueError(f"start must be >= 1 (position 0 has no log-prob), got {start}")
         body = {"input_ids": sequences, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
-                "return_logprob": True, "logprob_start_len": start}
+                "return_logprob": True, "logprob_start_len": start - 1}
         outputs = self._post("/generate", body)
         outputs = [outputs] if isinstance(outputs, dict) else outputs
         return [[e[0] for e in out["meta_info"]["input_token_logprobs"] if e[0] is not None] for out in outputs]

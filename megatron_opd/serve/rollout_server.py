@@ -1,4 +1,4 @@
-"""``opd serve --role rollout``: the embedded engine behind SGLang's HTTP API (FastAPI/uvicorn).
+"""``opd serve --role rollout|teacher``: the embedded engine behind SGLang's HTTP API (FastAPI/uvicorn).
 
 Request bodies are validated against SGLang's own schema (HTTP 400 with the offending field);
 responses have SGLang's shapes, so :mod:`megatron_opd.rollout.http_client` drives this server and a
@@ -12,11 +12,12 @@ import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.serve import score_codec
 from megatron_opd.serve.contract import ContractError, validate_request
 
 
@@ -30,8 +31,17 @@ def _logprob_entries(values: list[float | None], ids: list[int]) -> list[list[An
     return [[v, t, None] for v, t in zip(values, ids)]
 
 
-def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
-    """Answer a ``/generate`` body (already schema-valid) with SGLang-shaped output."""
+def _per_prompt(value: Any, count: int, name: str) -> list[Any]:
+    if isinstance(value, list):
+        if len(value) != count:
+            raise ContractError(f"/generate: {name}: {len(value)} values for {count} prompts")
+        return value
+    return [value] * count
+
+
+def parse_generate(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[list[int]], bool, SamplingParams, list[int], int]:
+    """Check a schema-valid ``/generate`` body against what this server does; returns
+    (prompts, single, sampling, logprob_start_len per prompt, top_logprobs_num)."""
     input_ids = body.get("input_ids")
     if input_ids is None:
         raise ContractError("/generate: input_ids: this server takes token ids (text prompts are not supported)")
@@ -49,53 +59,77 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
         sampling = SamplingParams.from_sglang(params)
     except (TypeError, ValueError) as exc:
         raise ContractError(f"/generate: sampling_params: {exc}") from None
+    starts = []
+    for prompt, start in zip(prompts, _per_prompt(body.get("logprob_start_len"), len(prompts), "logprob_start_len")):
+        start = 0 if start is None else int(start)
+        starts.append(len(prompt) if start < 0 else start)  # SGLang's -1: no input log-probs
+    tops = {int(k or 0) for k in _per_prompt(body.get("top_logprobs_num"), len(prompts), "top_logprobs_num")}
+    if len(tops) > 1:
+        raise ContractError("/generate: top_logprobs_num: one value for all prompts is supported here")
+    top_k = tops.pop()
+    if not 0 <= top_k <= vocab:
+        raise ContractError(f"/generate: top_logprobs_num: expected 0..{vocab}, got {top_k}")
+    return prompts, single, sampling, starts, top_k
+
+
+def score_prompts(engine: EmbeddedEngine, prompts: list[list[int]], starts: list[int], top_k: int) -> list[dict[str, Any]]:
+    """SGLang's input log-probs: for ``logprob_start_len = L`` the entries are the tokens
+    ``prompt[L:]``, the first one's value is None, the rest are log p(token | before) — so
+    ``L = prompt_len - 1`` scores exactly the completion of a finished sequence."""
+    return engine.score(prompts, [min(s + 1, len(p)) for p, s in zip(prompts, starts)], top_k)
+
+
+def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
+    """Answer a ``/generate`` body (already schema-valid) with SGLang-shaped output."""
+    prompts, single, sampling, starts, top_k = parse_generate(engine, body)
     want_logprobs = bool(body.get("return_logprob"))
-    start, top_k = body.get("logprob_start_len"), body.get("top_logprobs_num") or 0
-    if isinstance(start, list) or isinstance(top_k, list):
-        raise ContractError("/generate: per-prompt lists for logprob_start_len/top_logprobs_num are not supported here")
-    start = 0 if start is None else int(start)
-    if start < 0:  # SGLang's -1: no input log-probs
-        start = max(len(p) for p in prompts)
-    if not 0 <= int(top_k) <= engine.config.vocab_size:
-        raise ContractError(f"/generate: top_logprobs_num: expected 0..{engine.config.vocab_size}, got {top_k}")
-    top_k = int(top_k)
-    if sampling.max_new_tokens == 0:
-        rollouts = [None] * (len(prompts) * sampling.n)
-    else:
-        rollouts = engine.generate(prompts, sampling)
-    # prefill scoring only when some prompt has positions at or after `start` (rollouts skip it)
-    needs_scores = want_logprobs and any(len(p) > max(start, 1) for p in prompts)
-    scores = engine.score(prompts, [start] * len(prompts), top_k) if needs_scores else None
+    rollouts = [None] * (len(prompts) * sampling.n) if sampling.max_new_tokens == 0 else engine.generate(prompts, sampling)
+    needs_scores = want_logprobs and any(len(p) > s + 1 for p, s in zip(prompts, starts))
+    scores = score_prompts(engine, prompts, starts, top_k) if needs_scores else None
     out = []
     for index, rollout in enumerate(rollouts):
         prompt_index = index // sampling.n
-        prompt = prompts[prompt_index]
+        prompt, start = prompts[prompt_index], starts[prompt_index]
         completion = rollout.completion_ids if rollout else []
+        record = scores[prompt_index] if scores else None
         meta: dict[str, Any] = {
             "id": secrets.token_hex(8),
             "finish_reason": _finish_reason(rollout.finish_reason if rollout else "length", completion),
             "prompt_tokens": len(prompt),
             "completion_tokens": len(completion),
-            "cached_tokens": 0,
+            "cached_tokens": record["cached_tokens"] if record and index % sampling.n == 0 else 0,
             "weight_version": rollout.weight_version if rollout else engine.weight_version,
         }
         if want_logprobs:
-            # SGLang: entry for the first prompt position has logprob None
-            first = [None] if start == 0 else []
-            prompt_scores = scores[prompt_index] if scores else {"token_logprobs": [], "top_logprobs": [], "top_ids": []}
-            meta["input_token_logprobs"] = _logprob_entries(first + prompt_scores["token_logprobs"], prompt[start:])
+            values = ([None] + record["logprobs"].tolist()) if record else [None] * len(prompt[start:])
+            meta["input_token_logprobs"] = _logprob_entries(values[: len(prompt[start:])], prompt[start:])
             meta["output_token_logprobs"] = _logprob_entries(rollout.logprobs if rollout else [], completion)
             if top_k:
-                tops = prompt_scores
-                first_top = [None] if start == 0 else []
-                meta["input_top_logprobs"] = first_top + [
-                    [[v, t, None] for v, t in zip(vs, ts)] for vs, ts in zip(tops["top_logprobs"], tops["top_ids"])]
+                rows = zip(record["top_logprobs"].tolist(), record["top_ids"].tolist()) if record else []
+                meta["input_top_logprobs"] = ([None] + [[[v, t, None] for v, t in zip(vs, ts)] for vs, ts in rows])[: len(prompt[start:])]
         out.append({"text": "", "output_ids": completion, "meta_info": meta})
     return out[0] if single and sampling.n == 1 else out
 
 
-def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
-    app = FastAPI(title="megatron-opd embedded rollout server (SGLang wire format)")
+def binary_scores(engine: EmbeddedEngine, body: dict[str, Any], top_dtype: str) -> bytes:
+    """A scoring request (``max_new_tokens=0``) answered in the compact binary format: for each
+    prompt the same numbers as the JSON ``input_token_logprobs`` minus the leading None."""
+    prompts, _, sampling, starts, top_k = parse_generate(engine, body)
+    if sampling.max_new_tokens != 0 or sampling.n != 1 or not body.get("return_logprob"):
+        raise ContractError(f"{score_codec.MEDIA_TYPE} answers scoring requests only "
+                            "(max_new_tokens=0, n=1, return_logprob=true)")
+    return score_codec.encode(score_prompts(engine, prompts, starts, top_k), top_k, engine.config.vocab_size, top_dtype)
+
+
+WEIGHT_UPDATE_PATHS = {"/update_weights_from_disk", "/init_weights_update_group", "/update_weights_from_distributed",
+                       "/destroy_weights_update_group", "/update_weight_version"}
+
+
+def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "rollout") -> Any:
+    """The SGLang-compatible app. ``role="teacher"`` refuses weight updates (HTTP 403)."""
+    if role not in ("rollout", "teacher"):
+        raise ValueError(f"role must be 'rollout' or 'teacher', got {role!r}")
+    app = FastAPI(title=f"megatron-opd embedded {role} server (SGLang wire format)")
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -119,7 +153,22 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
         body = await body_of(request, "/generate")
+        try:
+            top_dtype = score_codec.negotiated_top_dtype(request.headers.get("accept"))
+        except ValueError as exc:
+            raise ContractError(str(exc)) from None
+        if top_dtype is not None:
+            payload = await run_in_threadpool(binary_scores, engine, body, top_dtype)
+            return Response(payload, media_type=score_codec.MEDIA_TYPE)
         return await run_in_threadpool(generate_response, engine, body)
+
+    if role == "teacher":  # teachers are read-only: a weight sync aimed at one is a wiring mistake
+        @app.middleware("http")
+        async def read_only(request: Request, call_next):
+            if request.url.path in WEIGHT_UPDATE_PATHS:
+                return JSONResponse({"error": f"{request.url.path}: this is a teacher server (read-only weights)"},
+                                    status_code=403)
+            return await call_next(request)
 
     @app.post("/update_weights_from_disk")
     async def update_from_disk(request: Request):
@@ -186,7 +235,7 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None) -> Any:
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        return {"success": True}  # no prefix cache to flush
+        return {"success": True}  # prefixes are shared within a request only: nothing kept to flush
 
     @app.get("/health")
     async def health():

@@ -1,0 +1,1 @@
+"""Teacher scoring: backends (SGLang / embedded, OpenAI-compatible), replica pools, routing."""

@@ -1,0 +1,122 @@
+"""All the teachers of a run: endpoints up, parity checked, samples routed, scored and weighted.
+
+``TeacherSet.start(spec, student_dir)`` launches embedded teacher servers for teachers given as a
+checkpoint, connects to the others, checks tokenizer parity and health, and stops before anything
+is scored if something is wrong. ``score(samples, top_k)`` returns, per sample, every routed
+unit's :class:`TokenScores` and its per-token weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_opd.serve.process import ServerProcess, start_server
+from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
+from megatron_opd.teachers.parity import check_parity
+from megatron_opd.teachers.pool import TeacherPool
+from megatron_opd.teachers.router import Router, RoutingSpec, TeacherSpec
+from megatron_opd.teachers.types import TeacherError, TokenScores
+
+
+@dataclass
+class Sample:
+    """A finished rollout as the teachers see it: ids = prompt + completion."""
+
+    token_ids: list[int]
+    start: int  # first completion position (= prompt length)
+    tag: str | None = None
+
+
+@dataclass
+class SampleScores:
+    scores: dict[str, TokenScores]  # unit -> its scores of this sample's completion
+    weights: dict[str, torch.Tensor]  # unit -> per-token weight [T]; they sum to 1 per token
+
+    def teacher_logprobs(self) -> torch.Tensor:
+        """``sum_k w_k,t log p_Tk(y_t)`` [T]: with weights summing to 1, the combined advantage is
+        this minus the student's log-prob."""
+        return sum(self.weights[u] * self.scores[u].logprobs for u in self.scores)
+
+
+class TeacherSet:
+    def __init__(self, spec: RoutingSpec, pools: dict[str, TeacherPool], servers: list[ServerProcess] | None = None) -> None:
+        self.spec = spec
+        self.router = Router(spec)
+        self.pools = pools
+        self.servers = servers or []
+
+    @classmethod
+    def start(cls, spec: RoutingSpec, student_dir: Path | None = None, log_dir: Path | None = None) -> "TeacherSet":
+        router = Router(spec)
+        if student_dir is not None:
+            check_parity(Path(student_dir), {unit: _tokenizer_of(spec.teachers[unit]) for unit in router.units},
+                         spec.allow_tokenizer_mismatch)
+        servers: list[ServerProcess] = []
+        pools: dict[str, TeacherPool] = {}
+        try:
+            for unit in router.units:
+                teacher = spec.teachers[unit]
+                urls = list(teacher.urls)
+                if not urls:
+                    for r in range(teacher.replicas):
+                        log = Path(log_dir) / f"teacher-{unit}-{r}.log" if log_dir else None
+                        servers.append(start_server(Path(teacher.model), role="teacher", log_path=log))
+                        urls.append(servers[-1].url)
+                pools[unit] = TeacherPool(unit, [_scorer(unit, teacher, url) for url in urls], teacher.batch_size,
+                                          teacher.max_concurrency, teacher.max_retries)
+                pools[unit].check_health()
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return cls(spec, pools, servers)
+
+    def score(self, samples: list[Sample], top_k: int = 0) -> list[SampleScores]:
+        if self.spec.weighting == "confidence" and top_k < 1:
+            raise ValueError("weighting 'confidence' needs top_k >= 1 (teacher entropies come from the top-k)")
+        routes, work = self.router.plan([s.tag for s in samples])  # a missing route fails here, before any request
+        per_unit: dict[str, dict[int, TokenScores]] = {}
+        for unit, indices in work.items():
+            scored = self.pools[unit].score([samples[i].token_ids for i in indices], [samples[i].start for i in indices], top_k)
+            per_unit[unit] = dict(zip(indices, scored))
+        out = []
+        for i, weights in enumerate(routes):
+            scores = {unit: per_unit[unit][i] for unit in weights}
+            expected = len(samples[i].token_ids) - samples[i].start
+            for unit, sc in scores.items():
+                if len(sc) != expected:
+                    raise TeacherError(f"teacher {unit!r}: sample {i}: {len(sc)} scores for {expected} completion tokens")
+            out.append(SampleScores(scores, self.router.token_weights(weights, scores)))
+        return out
+
+    def counters(self) -> dict[str, dict[str, Any]]:
+        return {unit: pool.counters.as_dict() for unit, pool in self.pools.items()}
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+
+    def __enter__(self) -> "TeacherSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tokenizer_of(teacher: TeacherSpec) -> Path | None:
+    return teacher.tokenizer or teacher.model
+
+
+def _scorer(name: str, teacher: TeacherSpec, url: str):
+    api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
+    if teacher.api_key_env and api_key is None:
+        raise TeacherError(f"teacher {name!r}: environment variable {teacher.api_key_env} (its API key) is not set")
+    if teacher.backend == "openai":
+        return OpenAIScorer(url, teacher.served_model_name, name=name, api_key=api_key, timeout=teacher.timeout_s)
+    return SGLangScorer(url, name=name, api_key=api_key, timeout=teacher.timeout_s, binary=teacher.binary)
