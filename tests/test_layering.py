@@ -11,6 +11,7 @@ FORBIDDEN = {
     "rollout": {"model", "train", "eval", "cli"},
     "serve": {"model", "train", "eval", "cli", "teachers"},
     "teachers": {"model", "train", "eval", "cli", "algo"},
+    "algo": {"platform", "config", "data", "model", "rollout", "teachers", "serve", "train", "eval", "cli"},
     "eval": {"train", "cli"},
     "train": {"cli", "eval"},
     "config": {"model", "train", "cli", "platform", "data"},

@@ -1,0 +1,1 @@
+"""Advantages and losses for OPD / MOPD / GRPO: pure tensor functions, no I/O, no distributed state."""

@@ -1,0 +1,70 @@
+"""Divergences between a student and a teacher over the vocabulary, as differentiable losses.
+
+All inputs are log-probabilities with the vocabulary (or the teacher's top-k) in the last
+dimension; every function returns per-position values ``[...]`` so the caller masks and reduces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) = sum_v p_v (log p_v - log q_v) over the last dimension (0 log 0 = 0)."""
+    p = p_log.exp()
+    return torch.where(p > 0, p * (p_log - q_log), torch.zeros_like(p)).sum(-1)
+
+
+def reverse_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """KL(S || T): mode-seeking; the objective OPD's sampled-token advantage estimates
+    (Agarwal et al. 2024 GKD; Gu et al. 2024 MiniLLM; Thinking Machines, "On-Policy Distillation")."""
+    return kl(student_log, teacher_log)
+
+
+def forward_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """KL(T || S): mode-covering (classic KD, Hinton et al. 2015)."""
+    return kl(teacher_log, student_log)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable (Maechler 2012)."""
+    x = x.clamp_max(-1e-12)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_forward_kl_with_tail(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor) -> torch.Tensor:
+    """KL(T || S) over the teacher's top-k plus one tail bucket holding the remaining mass of
+    each distribution (GKD-style top-k distillation when only the teacher's top-k is known).
+
+    ``student_log`` [..., V] full student log-probs; ``top_ids`` / ``top_teacher_log`` [..., k].
+    """
+    s_top = student_log.gather(-1, top_ids)
+    t_tail = _log1mexp(torch.logsumexp(top_teacher_log, -1))
+    s_tail = _log1mexp(torch.logsumexp(s_top, -1))
+    t = torch.cat([top_teacher_log, t_tail[..., None]], -1)
+    s = torch.cat([s_top, s_tail[..., None]], -1)
+    return kl(t, s)
+
+
+def topk_reverse_kl_support_matched(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor) -> torch.Tensor:
+    """KL(S' || T') with both distributions renormalised over the teacher's top-k ("local support
+    matching", Fu et al. 2026). A differentiable loss on the student's logits: a top-k "reward"
+    that does not depend on the sampled token has zero expected policy gradient (miles #2362),
+    so it must be computed in the trainer like this, not as an advantage."""
+    s_top = torch.log_softmax(student_log.gather(-1, top_ids), -1)
+    t_top = torch.log_softmax(top_teacher_log, -1)
+    return kl(s_top, t_top)
+
+
+def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 3):
+    ``beta KL(T || M) + (1 - beta) KL(S || M)`` with ``M = beta T + (1 - beta) S``.
+    Bounded by the binary entropy H(beta) (ln 2 at beta = 0.5); beta -> 0 / 1 vanish, so GKD's
+    limits (forward / reverse KL) are the scaled derivatives, not these endpoints."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    mix = torch.logsumexp(torch.stack([teacher_log + math.log(beta), student_log + math.log1p(-beta)]), 0)
+    return beta * kl(teacher_log, mix) + (1 - beta) * kl(student_log, mix)
+

@@ -1,0 +1,154 @@
+"""Loss and advantage math against hand-computed values, autograd gradchecks and Monte Carlo."""
+import math
+
+import pytest
+import torch
+
+from megatron_opd.algo.advantages import (
+    combined_advantage, gkd_on_policy, grpo_advantages, mix_teacher_logprobs, sampled_token_advantage,
+)
+from megatron_opd.algo.divergences import (
+    forward_kl, generalized_jsd, reverse_kl, topk_forward_kl_with_tail, topk_reverse_kl_support_matched,
+)
+from megatron_opd.algo.masks import completion_mask, mask_after_eos, mask_special_tokens
+from megatron_opd.algo.policy_loss import policy_gradient_loss
+
+P_T = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+P_S = torch.tensor([0.5, 0.4, 0.1], dtype=torch.float64)
+
+
+def test_hand_computed_kl():
+    # KL(S||T) = 0.5 ln(5/7) + 0.4 ln 2 = 0.10902; KL(T||S) = 0.7 ln 1.4 + 0.2 ln 0.5 = 0.09690
+    assert reverse_kl(P_S.log(), P_T.log()).item() == pytest.approx(0.5 * math.log(5 / 7) + 0.4 * math.log(2), abs=1e-12)
+    assert round(reverse_kl(P_S.log(), P_T.log()).item(), 3) == 0.109
+    assert round(forward_kl(P_S.log(), P_T.log()).item(), 3) == 0.097
+    assert reverse_kl(P_S.log(), P_S.log()).item() == 0.0
+
+
+def test_topk_divergences_hand_computed():
+    ids = torch.tensor([0, 1])  # teacher top-2 of P_T: 0.7, 0.2 (tail 0.1); student there: 0.5, 0.4 (tail 0.1)
+    fkl = topk_forward_kl_with_tail(P_S.log(), ids, P_T.log()[ids])
+    assert fkl.item() == pytest.approx(0.7 * math.log(0.7 / 0.5) + 0.2 * math.log(0.2 / 0.4) + 0.0, abs=1e-9)
+    # support matched: renormalised over {0, 1}: T' = (7/9, 2/9), S' = (5/9, 4/9)
+    rkl = topk_reverse_kl_support_matched(P_S.log(), ids, P_T.log()[ids])
+    assert rkl.item() == pytest.approx(5 / 9 * math.log(5 / 7) + 4 / 9 * math.log(4 / 2), abs=1e-9)
+    full = torch.arange(3)  # top-k over the whole vocabulary: exact KLs
+    assert topk_forward_kl_with_tail(P_S.log(), full, P_T.log()).item() == pytest.approx(forward_kl(P_S.log(), P_T.log()).item(), abs=1e-6)
+    assert topk_reverse_kl_support_matched(P_S.log(), full, P_T.log()).item() == pytest.approx(reverse_kl(P_S.log(), P_T.log()).item(), abs=1e-12)
+
+
+def test_jsd_bounds_and_zero():
+    g = torch.Generator().manual_seed(0)
+    for beta in (0.1, 0.5, 0.9):
+        bound = -(beta * math.log(beta) + (1 - beta) * math.log(1 - beta))
+        s = torch.log_softmax(torch.randn(200, 7, generator=g, dtype=torch.float64) * 4, -1)
+        t = torch.log_softmax(torch.randn(200, 7, generator=g, dtype=torch.float64) * 4, -1)
+        jsd = generalized_jsd(s, t, beta)
+        assert (jsd >= -1e-12).all() and (jsd <= bound + 1e-12).all()
+        assert generalized_jsd(s, s, beta).abs().max() < 1e-12
+        disjoint = torch.log(torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+        assert generalized_jsd(disjoint[0], disjoint[1], beta).item() == pytest.approx(bound, abs=1e-12)
+    with pytest.raises(ValueError, match="beta"):
+        generalized_jsd(s, t, 1.0)
+
+
+def test_gradcheck_every_differentiable_loss():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(3, 6, dtype=torch.float64, generator=g), -1)
+    ids = torch.topk(teacher, 3, -1).indices
+    top_t = teacher.gather(-1, ids)
+    checks = {
+        "reverse_kl": lambda x: reverse_kl(torch.log_softmax(x, -1), teacher),
+        "forward_kl": lambda x: forward_kl(torch.log_softmax(x, -1), teacher),
+        "topk_fkl": lambda x: topk_forward_kl_with_tail(torch.log_softmax(x, -1), ids, top_t),
+        "topk_rkl": lambda x: topk_reverse_kl_support_matched(torch.log_softmax(x, -1), ids, top_t),
+        "jsd": lambda x: generalized_jsd(torch.log_softmax(x, -1), teacher, 0.3),
+    }
+    for name, fn in checks.items():
+        assert torch.autograd.gradcheck(fn, (logits,)), name
+    lp = torch.randn(2, 5, dtype=torch.float64, generator=g).clamp(max=-0.1).requires_grad_(True)
+    old = (lp.detach() + 0.1 * torch.randn(2, 5, dtype=torch.float64, generator=g))
+    adv = torch.randn(2, 5, dtype=torch.float64, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.float64)
+    # ratios stay inside the clip range here, away from the kinks where the loss is not differentiable
+    assert torch.autograd.gradcheck(lambda x: policy_gradient_loss(x, old, adv, mask, 0.5, 0.5, dual_clip=3.0)[0], (lp,))
+
+
+def test_ppo_clip_dual_clip_and_tis_edge_cases():
+    old = torch.zeros(1, 4, dtype=torch.float64)
+    lp = torch.log(torch.tensor([[1.0, 1.5, 0.5, 5.0]], dtype=torch.float64)).requires_grad_(True)
+    adv = torch.tensor([[2.0, 2.0, -2.0, -1.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.float64)
+    loss, metrics = policy_gradient_loss(lp, old, adv, mask, 0.2, 0.2)
+    # ratio 1: -A; ratio 1.5 > 1.2 with A > 0: clipped at 1.2; ratio 0.5 < 0.8 with A < 0: clipped at 0.8;
+    # ratio 5 with A < 0: unclipped (pessimistic) -5 * -1 = 5
+    assert loss[0].tolist() == pytest.approx([-2.0, -2.4, 1.6, 5.0])
+    loss.sum().backward()
+    assert lp.grad[0, 1] == 0 and lp.grad[0, 2] == 0 and lp.grad[0, 0] != 0  # clipped tokens carry no gradient
+    assert metrics["clipped_tokens"].item() == 3
+    dual, _ = policy_gradient_loss(lp, old, adv, mask, 0.2, 0.2, dual_clip=3.0)
+    assert dual[0, 3].item() == pytest.approx(3.0)  # bounded by -c A
+    sampler = torch.log(torch.tensor([[0.5, 1.0, 1.0, 1.0]], dtype=torch.float64))
+    tis, m = policy_gradient_loss(lp, old, adv, mask, 0.2, 0.2, sampler_logprobs=sampler, tis_cap=1.5)
+    assert tis[0, 0].item() == pytest.approx(-2.0 * 1.5)  # weight exp(0 - log 0.5) = 2, capped at 1.5
+    assert m["tis_weight_sum"].item() == pytest.approx(1.5 + 3)
+    masked, _ = policy_gradient_loss(lp, old, adv, torch.tensor([[1.0, 0, 0, 1.0]], dtype=torch.float64))
+    assert masked[0, 1] == 0 and masked[0, 2] == 0
+
+
+def test_sampled_token_estimator_gradient_equals_exact_reverse_kl_gradient():
+    """E_{y~S}[-(log T(y) - log S(y)) grad log S(y)] = grad KL(S||T), checked by Monte Carlo."""
+    torch.manual_seed(0)
+    logits = torch.tensor([0.3, -0.5, 1.2, 0.0, -1.0], dtype=torch.float64, requires_grad=True)
+    teacher = torch.log_softmax(torch.tensor([1.0, 0.5, -0.3, 0.2, -2.0], dtype=torch.float64), -1)
+    exact = torch.autograd.grad(reverse_kl(torch.log_softmax(logits, -1), teacher), logits)[0]
+    n = 400_000
+    student = torch.log_softmax(logits, -1)
+    y = torch.multinomial(student.detach().exp(), n, replacement=True)
+    adv = sampled_token_advantage(teacher[y][None], student.detach()[y][None], torch.ones(1, n, dtype=torch.float64))[0]
+    per_sample = -(adv * student[y])
+    estimate = torch.autograd.grad(per_sample.mean(), logits)[0]
+    # standard error of the mean of each gradient coordinate
+    jac = -adv[:, None] * (torch.nn.functional.one_hot(y, 5).double() - student.detach().exp()[None])
+    stderr = jac.std(0) / math.sqrt(n)
+    assert ((estimate - exact).abs() <= 5 * stderr + 1e-9).all(), (estimate, exact, stderr)
+    assert exact.abs().max() > 20 * stderr.max()  # the test has power: the gradient is far from 0
+
+
+def test_support_matched_topk_has_signal_a_topk_reward_has_none():
+    logits = torch.log(P_S).clone().requires_grad_(True)
+    ids = torch.tensor([0, 1])
+    loss = topk_reverse_kl_support_matched(torch.log_softmax(logits, -1), ids, P_T.log()[ids])
+    grad = torch.autograd.grad(loss, logits)[0]
+    assert grad.abs().max() > 1e-3  # student and teacher disagree on the support: a real gradient
+    # a per-position "reward" that does not depend on the sampled token (e.g. the top-k KL value used
+    # as an advantage) has zero expected policy gradient: sum_y p(y) r grad log p(y) = r grad sum p = 0
+    r = loss.detach()
+    student = torch.log_softmax(logits, -1)
+    expected_pg = torch.autograd.grad((student.exp().detach() * r * student).sum(), logits)[0]
+    assert expected_pg.abs().max() < 1e-12
+
+
+def test_advantages_grpo_discount_mix_and_masks():
+    t = torch.tensor([[-0.1, -0.2, -0.3]])
+    s = torch.tensor([[-0.5, -0.2, -1.3]])
+    m = torch.tensor([[1.0, 1.0, 0.0]])
+    assert sampled_token_advantage(t, s, m).tolist() == [[pytest.approx(0.4), 0.0, 0.0]]
+    assert sampled_token_advantage(t, s, torch.ones(1, 3), discount=0.5).tolist()[0] == pytest.approx([0.4 + 0.25 * 1.0, 0.5, 1.0])
+    assert sampled_token_advantage(t, s, torch.ones(1, 3), clamp=0.3).tolist()[0] == pytest.approx([0.3, 0.0, 0.3])
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    adv = grpo_advantages(rewards)
+    assert adv[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5) and adv[1].abs().max() == 0
+    assert combined_advantage(torch.tensor([1.0, -1.0]), torch.ones(2, 3), 0.5).tolist() == [[1.5] * 3, [-0.5] * 3]
+    w1, w2 = torch.tensor([0.25, 1.0]), torch.tensor([0.75, 0.0])
+    assert mix_teacher_logprobs([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -5.0])], [w1, w2]).tolist() == [-2.5, -2.0]
+    with pytest.raises(ValueError, match="sum to 1"):
+        mix_teacher_logprobs([torch.zeros(2)], [torch.tensor([0.5, 1.0])])
+    assert gkd_on_policy(1000, 0.0, torch.Generator().manual_seed(0)).sum() == 0
+    assert gkd_on_policy(1000, 1.0, torch.Generator().manual_seed(0)).all()
+    mask = completion_mask([2, 1], [4, 3], 5)
+    assert mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
+    ids = torch.tensor([[5, 6, 3, 7, 3], [1, 3, 9, 9, 9]])
+    assert mask_after_eos(ids, torch.tensor([[0, 1, 1, 1, 1.0], [1, 1, 1, 1, 1.0]]), 3).tolist() == [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert mask_special_tokens(ids, torch.ones(2, 5), [9]).tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
