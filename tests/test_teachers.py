@@ -107,11 +107,14 @@ def test_binary_payload_and_prefix_sharing(teacher_server):
     tokens = n * completion
     assert bin_scorer.last_response_bytes * 8 <= json_scorer.last_response_bytes, (
         bin_scorer.last_response_bytes / tokens, json_scorer.last_response_bytes / tokens)
-    # the prompt is computed once for the 8 samples: (P + n*(C-1)) positions for n*C scored tokens
+    # the prompt is prefilled once for the 8 samples (SGLang's accounting: tokens - cached tokens)
     computed = sum(s.computed_tokens for s in bs)
-    assert computed == len(prompt) + n * (completion - 1)
-    assert computed / tokens <= 1 + len(prompt) / (n * completion)
-    assert sum(s.cached_tokens for s in bs) == (n - 1) * len(prompt)
+    assert computed == len(prompt) + n * completion == sum(s.computed_tokens for s in js)
+    assert computed / tokens == 1 + len(prompt) / (n * completion)
+    assert sum(s.cached_tokens for s in bs) == (n - 1) * len(prompt) == sum(s.cached_tokens for s in js)
+    # a sample with an empty completion scores nothing and breaks nothing
+    empty = bin_scorer.score([prompt], [len(prompt)], top_k=3)[0]
+    assert len(empty) == 0 and empty.top_ids.shape == (0, 3)
 
 
 def test_prefix_batches_keep_prompt_groups_together():
@@ -166,6 +169,33 @@ def test_killed_replica_fails_over_and_all_dead_stops(rollouts):
             s.stop()
 
 
+class _FailsOnce:
+    """A real replica that answers its first request with a 503 (overloaded), then works."""
+
+    def __init__(self, url: str) -> None:
+        self.scorer, self.calls, self.name, self.url = SGLangScorer(url), 0, "flaky", url
+
+    def score(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            from megatron_opd.rollout.http_client import ServerError
+
+            raise ServerError("HTTP 503: overloaded", 503)
+        return self.scorer.score(*args, **kwargs)
+
+    def health(self):
+        return self.scorer.health()
+
+
+def test_single_replica_retries_after_a_transient_error(teacher_server, rollouts):
+    seqs, starts = [s.token_ids for s in rollouts[:4]], [s.start for s in rollouts[:4]]
+    pool = TeacherPool("arith", [_FailsOnce(teacher_server)], batch_size=8, backoff_s=0.01)
+    got = pool.score(seqs, starts)
+    assert len(got) == 4 and pool.counters.retries == 1 and pool.counters.failures == 1
+    reference = SGLangScorer(teacher_server).score(seqs, starts)
+    assert all(torch.equal(a.logprobs, b.logprobs) for a, b in zip(got, reference))
+
+
 def _scores(entropy_like: list[list[float]]) -> TokenScores:
     """Per position a top-2 distribution; returns TokenScores with those top log-probs."""
     top = torch.log(torch.tensor(entropy_like))
@@ -190,6 +220,12 @@ def test_router_tags_default_missing_overlap_dedupe_and_confidence():
     assert routes[1] == {"general": 1.0} and work == {"math": [0], "general": [1, 2]}
     with pytest.raises(ValueError, match="unknown teacher 'nope'"):
         RoutingSpec.model_validate({"teachers": {"a": {"urls": ["http://x"]}}, "routes": {"t": "nope"}})
+    with pytest.raises(ValueError, match="routes.t"):  # an empty route would leave samples unscored
+        RoutingSpec.model_validate({"teachers": {"a": {"urls": ["http://x"]}}, "routes": {"t": []}})
+    # one OpenAI server hosting two models is two teachers, not one
+    two = Router(RoutingSpec.model_validate({"teachers": {
+        m: {"urls": ["http://x"], "backend": "openai", "served_model_name": m} for m in ("a", "b")}, "default": "a"}))
+    assert sorted(two.units) == ["a", "b"]
 
     # confidence: per-token weights sum to 1 and favour the teacher that is sure at that position
     conf = Router(RoutingSpec.model_validate({**spec.model_dump(), "weighting": "confidence"}))
@@ -198,6 +234,8 @@ def test_router_tags_default_missing_overlap_dedupe_and_confidence():
     assert torch.allclose(w["math"] + w["strings"], torch.ones(2))
     assert w["math"][0] > 0.5 > w["math"][1]
     # entropy with a tail bucket: top-2 covering 0.9 of the mass leaves 0.1 in one tail bucket
+    # a -inf top-k entry (no mass) contributes 0, not NaN
+    assert torch.isfinite(topk_entropy(_scores([[1.0, 0.0]]))).all()
     h = topk_entropy(_scores([[0.6, 0.3]]))
     expected = -(0.6 * torch.log(torch.tensor(0.6)) + 0.3 * torch.log(torch.tensor(0.3)) + 0.1 * torch.log(torch.tensor(0.1)))
     assert torch.allclose(h, expected[None], atol=1e-6)
@@ -237,6 +275,11 @@ def test_teacher_set_launches_routes_and_weights(rollouts, tmp_path):
         assert set(scored.scores) == {"arithmetic", "original"}
         total = scored.weights["arithmetic"] + scored.weights["original"]
         assert torch.allclose(total, torch.ones(len(sample.token_ids) - sample.start))
+        # confidence weights: softmax over teachers of log(0.5) - entropy (tau 1), per token
+        entropies = torch.stack([topk_entropy(scored.scores[u]) for u in ("arithmetic", "original")])
+        expected = torch.softmax(torch.log(torch.tensor(0.5)) - entropies, 0)
+        assert torch.allclose(scored.weights["arithmetic"], expected[0], atol=1e-6)
+        assert not torch.allclose(scored.weights["arithmetic"], torch.full_like(expected[0], 0.5))
         mixed = scored.teacher_logprobs()
         lo = torch.minimum(scored.scores["arithmetic"].logprobs, scored.scores["original"].logprobs)
         hi = torch.maximum(scored.scores["arithmetic"].logprobs, scored.scores["original"].logprobs)

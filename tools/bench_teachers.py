@@ -1,8 +1,9 @@
 """Teacher scoring payloads and prefix sharing, measured against a real embedded teacher server.
 
 For 512 completion tokens (n=8 samples x 64 tokens of one 48-token prompt) with top-k 20:
-bytes per scored token in SGLang's JSON vs the binary payload, and teacher tokens computed per
-scored token next to the ideal 1 + prompt_len / (n * completion_len).
+bytes per scored token in SGLang's JSON vs the binary payload, and teacher tokens prefilled per
+scored token (SGLang's accounting: prompt_tokens - cached_tokens) next to the ideal
+1 + prompt_len / (n * completion_len).
 
     python tools/bench_teachers.py [--vocab 100 151936]
 """

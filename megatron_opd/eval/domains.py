@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,13 +57,30 @@ def evaluate(
     max_new_tokens: int = 96,
 ) -> dict[str, dict[str, Any]]:
     """``{"<domain>": {"accuracy", "format_score", "n", "sampled_accuracy", ...}}``."""
+    model, tokenizer = load_hf_for_eval(model_dir)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def complete(prompts: list[list[int]], temp: float) -> list[list[int]]:
+        return [c.token_ids for c in generate(model, prompts, max_new_tokens, eos, pad, temperature=temp, seed=seed)]
+
+    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature)
+
+
+def evaluate_with(
+    complete: Callable[[list[list[int]], float], list[list[int]]],
+    tokenizer: Any,
+    world_dir: str | Path,
+    domains: list[str] | None = None,
+    samples: int | None = None,
+    temperature: float = 1.0,
+) -> dict[str, dict[str, Any]]:
+    """The same table for any generator: ``complete(prompt_ids, temperature) -> completion ids``
+    (a local HF model, the embedded engine, or a rollout server)."""
     have = available_domains(world_dir)
     domains = domains or have
     unknown = [d for d in domains if d not in have or d not in DOMAINS]
     if unknown:
         raise DataError(f"unknown domain(s) {unknown}; available in {world_dir}: {have}")
-    model, tokenizer = load_hf_for_eval(model_dir)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     results = {}
     for domain in domains:
         rows = read_rows(Path(world_dir) / "data" / domain / "test.jsonl")[:samples]
@@ -71,8 +88,7 @@ def evaluate(
         metas = [r["meta"] for r in rows]
         scores = []
         for temp in (0.0, temperature):
-            completions = generate(model, prompts, max_new_tokens, eos, pad, temperature=temp, seed=seed)
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in complete(prompts, temp)]
             scores.append(score_responses(domain, metas, texts))
         (acc, fmt), (s_acc, s_fmt) = scores
         results[domain] = asdict(DomainScore(acc, fmt, len(rows), s_acc, s_fmt))

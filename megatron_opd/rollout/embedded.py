@@ -57,7 +57,8 @@ class EmbeddedEngine:
         Sequences that share their prefix ``seq[:start]`` (the n samples of one prompt) share one
         prefill of it: the prefix is run once, its KV cache is repeated across the group, and only
         the continuations are computed. Each record has ``logprobs`` [T] (float32), ``top_logprobs`` /
-        ``top_ids`` [T, top_k], ``cached_tokens`` (prefix tokens reused) and ``computed_tokens``.
+        ``top_ids`` [T, top_k], ``cached_tokens`` (prefix tokens reused) and ``computed_tokens``
+        (tokens prefilled for it, SGLang's ``prompt_tokens - cached_tokens``).
         """
         starts = [max(int(s), 1) for s in start]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -78,8 +79,7 @@ class EmbeddedEngine:
         vocab = self.config.vocab_size
         if len(continuations) == 1:  # nothing to share: one plain forward over the whole sequence
             logits = self.model(torch.tensor([prefix + continuations[0]])).logits[:, len(prefix) - 1: -1, :vocab]
-            return self._records(torch.log_softmax(logits.float(), -1), continuations, len(prefix), top_k,
-                                 computed=len(prefix) + len(continuations[0]) - 1)
+            return self._records(torch.log_softmax(logits.float(), -1), continuations, len(prefix), top_k)
         first = self.model(torch.tensor([prefix]), use_cache=True)
         last = torch.log_softmax(first.logits[0, -1, :vocab].float(), -1)
         longest = max(len(c) for c in continuations)
@@ -101,15 +101,15 @@ class EmbeddedEngine:
         return self._records(torch.cat(rows, 1), continuations, len(prefix), top_k)
 
     @staticmethod
-    def _records(logprobs: torch.Tensor, continuations: list[list[int]], prefix_len: int, top_k: int,
-                 computed: int | None = None) -> list[dict[str, Any]]:
+    def _records(logprobs: torch.Tensor, continuations: list[list[int]], prefix_len: int, top_k: int) -> list[dict[str, Any]]:
         """Per continuation: its tokens' log-probs from ``logprobs`` [B, longest, V] (+ top-k)."""
         records = []
         for b, cont in enumerate(continuations):
             table = logprobs[b, : len(cont)]
             ids = torch.tensor(cont, dtype=torch.long)
+            # SGLang's accounting: a sequence's prefilled tokens = its tokens - the cached ones
             record: dict[str, Any] = {"logprobs": table.gather(-1, ids[:, None])[:, 0].clone(), "cached_tokens": prefix_len,
-                                      "computed_tokens": max(len(cont) - 1, 0) if computed is None else computed - prefix_len}
+                                      "computed_tokens": len(cont)}
             if top_k:
                 values, indices = torch.topk(table, top_k, dim=-1)
                 record["top_logprobs"], record["top_ids"] = values.clone(), indices.clone()

@@ -23,6 +23,11 @@ class ServerError(RuntimeError):
     def unavailable(self) -> bool:
         return self.status is None or self.status in (502, 503, 504)
 
+    @property
+    def retryable(self) -> bool:
+        """Worth another try, possibly elsewhere: unreachable, rate-limited or a server-side error."""
+        return self.status is None or self.status == 429 or self.status >= 500
+
 
 class SGLangClient:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0) -> None:

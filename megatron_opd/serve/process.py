@@ -37,20 +37,25 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
     port = port or _free_port()
     if log_path is None:  # a file, not a pipe: a chatty server must never block on a full pipe
         log_path = Path(tempfile.mkstemp(prefix=f"opd-{role}-", suffix=".log")[1])
-    log = open(log_path, "w")  # noqa: SIM115 (handed to the child)
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", role, "--model", str(model),
-                             "--host", host, "--port", str(port), *(extra_args or [])],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(log_path, "w") as log:  # the child keeps its own handle
+        proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", role, "--model", str(model),
+                                 "--host", host, "--port", str(port), *(extra_args or [])],
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://{host}:{port}"
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            output = Path(log_path).read_text()[-3000:]
-            raise RuntimeError(f"`opd serve --role {role} --model {model}` exited with {proc.returncode}: {output}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return ServerProcess(url, proc, log_path)
-        except httpx.HTTPError:
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"`opd serve --role {role} --model {model}` exited with {proc.returncode}: "
+                                   f"{Path(log_path).read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return ServerProcess(url, proc, log_path)
+            except httpx.HTTPError:
+                pass
             time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"`opd serve --role {role} --model {model}` was not healthy after {timeout:.0f}s")
+        raise RuntimeError(f"`opd serve --role {role} --model {model}` was not healthy after {timeout:.0f}s "
+                           f"(log: {log_path})")
+    except BaseException:  # never leave a half-started server behind (timeout, Ctrl-C, ...)
+        ServerProcess(url, proc, log_path).stop(timeout=10)
+        raise

@@ -62,6 +62,8 @@ def encode(records: list[dict[str, Any]], top_k: int, vocab_size: int, top_dtype
         float_type, bits_type, mag_bits = _FLOATS[top_dtype]
         values = torch.cat([r["top_logprobs"].reshape(-1) for r in records]).clamp_max(0).neg().numpy()
         ids = torch.cat([r["top_ids"].reshape(-1) for r in records]).numpy().astype(np.uint64)
+        if ids.size and int(ids.max()) >= 1 << header["id_bits"]:
+            raise ValueError(f"top-k id {int(ids.max())} does not fit a vocabulary of {vocab_size}")
         magnitude = values.astype(float_type).view(bits_type).astype(np.uint64) & ((1 << mag_bits) - 1)
         parts.append(_pack_bits(ids | (magnitude << np.uint64(header["id_bits"])), header["id_bits"] + mag_bits))
     return b"".join(parts)
@@ -103,12 +105,26 @@ def decode(payload: bytes) -> list[dict[str, Any]]:
     return records
 
 
+_CHUNK = 1 << 16  # entries per packing step (a multiple of 8: chunks end on byte boundaries)
+
+
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
     """``width`` low bits of every uint64, little-endian bit order, padded to a whole byte."""
-    bits = ((values[:, None] >> np.arange(width, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+    shifts = np.arange(width, dtype=np.uint64)
+    out = []
+    for lo in range(0, len(values), _CHUNK):
+        bits = ((values[lo:lo + _CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+        out.append(np.packbits(bits.reshape(-1), bitorder="little").tobytes())
+    return b"".join(out)
 
 
 def _unpack_bits(buffer: bytes, count: int, width: int) -> np.ndarray:
-    bits = np.unpackbits(np.frombuffer(buffer, dtype=np.uint8), bitorder="little")[: count * width]
-    return (bits.reshape(count, width).astype(np.uint64) << np.arange(width, dtype=np.uint64)).sum(1, dtype=np.uint64)
+    shifts = np.arange(width, dtype=np.uint64)
+    raw = np.frombuffer(buffer, dtype=np.uint8)
+    out = np.empty(count, dtype=np.uint64)
+    step = _CHUNK * width // 8  # bytes per full chunk
+    for i, lo in enumerate(range(0, count, _CHUNK)):
+        n = min(_CHUNK, count - lo)
+        bits = np.unpackbits(raw[i * step: i * step + (n * width + 7) // 8], bitorder="little")[: n * width]
+        out[lo:lo + n] = (bits.reshape(n, width).astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
+    return out

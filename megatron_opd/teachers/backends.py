@@ -85,7 +85,8 @@ class SGLangScorer:
 class OpenAIScorer:
     """OpenAI-compatible ``/v1/completions`` with vLLM's ``prompt_logprobs``: the prompt is the whole
     sequence; ``prompt_logprobs[t]`` maps token id -> {logprob, rank} for the token at ``t`` (always
-    present) plus the top-k. One generated token is requested and ignored."""
+    present) plus the top-k. vLLM rejects ``max_tokens=0``, so one token is generated and ignored:
+    the server's ``--max-model-len`` must exceed the longest prompt + completion by one."""
 
     def __init__(self, url: str, model: str, name: str = "", api_key: str | None = None, timeout: float = 120.0) -> None:
         import httpx

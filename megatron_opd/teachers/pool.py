@@ -2,14 +2,14 @@
 
 A batch keeps the n samples of one prompt together (same prefix), so the server computes the
 prompt once (SGLang's radix cache; the embedded server's per-request prefix sharing). A replica
-that cannot be reached or times out is taken out of rotation and its batch goes to another one
-after a backoff; when the retry budget is spent or no replica is left, scoring stops with a
-:class:`TeacherError` naming the teacher — never a missing or zero score.
+that cannot be reached, times out, rate-limits or fails server-side is taken out of rotation for
+a cooldown and its batch goes to another one after a backoff (with no replica left in rotation,
+the ones answering /health come back). When the retry budget is spent or no replica answers,
+scoring stops with a :class:`TeacherError` naming the teacher — never a missing or zero score.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -55,7 +55,7 @@ def prefix_batches(sequences: list[list[int]], starts: list[int], batch_size: in
 
 class TeacherPool:
     def __init__(self, name: str, replicas: list[Scorer], batch_size: int = 32, max_concurrency: int = 4,
-                 max_retries: int = 3, backoff_s: float = 0.5) -> None:
+                 max_retries: int = 3, backoff_s: float = 0.5, cooldown_s: float = 30.0) -> None:
         if not replicas:
             raise ValueError(f"teacher {name!r}: no replicas")
         self.name = name
@@ -64,34 +64,47 @@ class TeacherPool:
         self.max_concurrency = max_concurrency
         self.max_retries = max_retries
         self.backoff_s = backoff_s
-        self.dead: set[int] = set()
+        self.cooldown_s = cooldown_s
+        self.dead_until: dict[int, float] = {}  # replica -> end of its cooldown
         self.counters = TeacherCounters()
-        self._lock = threading.Lock()
         self._next = 0
 
+    @property
+    def dead(self) -> set[int]:
+        now = time.monotonic()
+        return {i for i, until in self.dead_until.items() if until > now}
+
     def check_health(self) -> None:
-        """Mark replicas that do not answer /health; stop if none does."""
+        """Take replicas that do not answer /health out of rotation; stop if none does."""
         for i, replica in enumerate(self.replicas):
-            if not replica.health():
-                self.dead.add(i)
+            if replica.health():
+                self.dead_until.pop(i, None)
+            else:
+                self.dead_until[i] = time.monotonic() + self.cooldown_s
         if len(self.dead) == len(self.replicas):
             raise TeacherError(f"teacher {self.name!r}: none of its {len(self.replicas)} replicas is healthy "
                                f"({', '.join(getattr(r, 'url', '?') for r in self.replicas)})")
 
     def _pick(self) -> int:
-        with self._lock:
-            alive = [i for i in range(len(self.replicas)) if i not in self.dead]
-            if not alive:
-                raise TeacherError(f"teacher {self.name!r}: all {len(self.replicas)} replicas failed")
-            self._next += 1
-            return alive[self._next % len(alive)]
+        alive = [i for i in range(len(self.replicas)) if i not in self.dead]
+        if not alive:  # everyone is cooling down: take back whoever answers /health now
+            for i, replica in enumerate(self.replicas):
+                if replica.health():
+                    self.dead_until.pop(i, None)
+                    alive.append(i)
+        if not alive:
+            raise TeacherError(f"teacher {self.name!r}: none of its {len(self.replicas)} replicas answers "
+                               f"({', '.join(getattr(r, 'url', '?') for r in self.replicas)})")
+        self._next += 1
+        return alive[self._next % len(alive)]
 
     def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0) -> list[TokenScores]:
         """Every sequence scored exactly once, in order."""
         began = time.perf_counter()
         results: list[TokenScores | None] = [None] * len(sequences)
         batches = prefix_batches(sequences, starts, self.batch_size)
-        with ThreadPoolExecutor(max_workers=self.max_concurrency) as executor:
+        executor = ThreadPoolExecutor(max_workers=self.max_concurrency)
+        try:
             futures = {self._submit(executor, batch, sequences, starts, top_k): (batch, 0) for batch in batches}
             while futures:
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
@@ -102,31 +115,30 @@ class TeacherPool:
                         for index, scores in zip(batch, future.result()):
                             results[index] = scores
                         continue
-                    if not isinstance(error, ServerError) or not error.unavailable:
+                    if not isinstance(error, ServerError) or not error.retryable:
                         raise TeacherError(f"teacher {self.name!r}: {error}") from error
-                    with self._lock:
-                        self.counters.failures += 1
-                        self.dead.add(replica)
+                    self.counters.failures += 1
+                    self.dead_until[replica] = time.monotonic() + self.cooldown_s
                     if attempt >= self.max_retries:
                         raise TeacherError(f"teacher {self.name!r}: a batch failed {attempt + 1} times; last error: {error}") from error
                     time.sleep(self.backoff_s * 2 ** attempt)
-                    with self._lock:
-                        self.counters.retries += 1
+                    self.counters.retries += 1
                     futures[self._submit(executor, batch, sequences, starts, top_k)] = (batch, attempt + 1)
+        finally:  # on an error, do not wait for the queued batches
+            executor.shutdown(wait=False, cancel_futures=True)
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:  # cannot happen unless a replica answered short; never hand on a silent gap
             raise TeacherError(f"teacher {self.name!r}: no scores for samples {missing[:10]}")
-        with self._lock:
-            self.counters.samples += len(sequences)
-            self.counters.tokens += sum(len(r) for r in results)
-            self.counters.computed_tokens += sum(r.computed_tokens for r in results)
-            self.counters.wait_s += time.perf_counter() - began
+        self.counters.samples += len(sequences)
+        self.counters.tokens += sum(len(r) for r in results)
+        self.counters.computed_tokens += sum(r.computed_tokens for r in results)
+        self.counters.wait_s += time.perf_counter() - began
         return results  # type: ignore[return-value]
 
     def _submit(self, executor, batch, sequences, starts, top_k):
+        """Only the calling (main) thread touches the rotation and the counters."""
         replica = self._pick()
-        with self._lock:
-            self.counters.requests += 1
+        self.counters.requests += 1
         future = executor.submit(self.replicas[replica].score, [sequences[i] for i in batch], [starts[i] for i in batch], top_k)
         future.replica = replica
         return future

@@ -15,7 +15,7 @@ that is sure.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -54,7 +54,7 @@ class TeacherSpec(BaseModel):
     def endpoint_key(self) -> tuple[str, ...]:
         """Teachers with equal keys are one scoring unit (same servers, or same checkpoint)."""
         if self.urls:
-            return tuple(sorted(u.rstrip("/").lower() for u in self.urls))
+            return (self.backend, self.served_model_name or "", *sorted(u.rstrip("/").lower() for u in self.urls))
         return ("model", str(Path(self.model).resolve()))
 
 
@@ -65,7 +65,7 @@ class RouteTarget(BaseModel):
     weight: float = Field(1.0, gt=0)
 
 
-Route = list[RouteTarget]
+Route = Annotated[list[RouteTarget], Field(min_length=1)]
 
 
 class RoutingSpec(BaseModel):
@@ -129,6 +129,8 @@ class Router:
             unit = self.unit_of[target.teacher]
             weights[unit] = weights.get(unit, 0.0) + target.weight
         total = sum(weights.values())
+        if not weights or total <= 0:
+            raise NoRouteError(f"domain tag {tag!r}: its route has no teacher")
         return {unit: w / total for unit, w in weights.items()}
 
     def plan(self, tags: list[str | None]) -> tuple[list[dict[str, float]], dict[str, list[int]]]:
@@ -162,5 +164,6 @@ def topk_entropy(scores: TokenScores) -> torch.Tensor:
     top = scores.top_logprobs.double()
     p = top.exp()
     tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-    h = -(p * top).sum(-1) - torch.where(tail > 0, tail * torch.log(tail.clamp_min(1e-30)), torch.zeros_like(tail))
+    h = -torch.where(p > 0, p * top, torch.zeros_like(p)).sum(-1)  # a -inf entry adds 0, not NaN
+    h = h - torch.where(tail > 0, tail * torch.log(tail.clamp_min(1e-30)), torch.zeros_like(tail))
     return h.float()
