@@ -73,15 +73,43 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         cfg = load_recipe(recipe, overrides or [])
         _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
         sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
-        for name, source in sources + [("eval", cfg.data.eval)]:
+        if cfg.kind == "sft":
+            sources.append(("eval", cfg.data.eval))
+        for name, source in sources:
             if source and source.endswith((".jsonl", ".json", ".parquet")) and not Path(source).is_file():
                 raise ValueError(f"data.{name}: file {source} not found")
+        if cfg.kind == "opd":
+            _preflight_opd(cfg)
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
-        from megatron_opd.train.sft import run_sft
+        if cfg.kind == "sft":
+            from megatron_opd.train.sft import run_sft
 
-        _guarded(run_sft, cfg)
+            _guarded(run_sft, cfg)
+        else:
+            from megatron_opd.train.opd import run_opd
+
+            evaluator = None
+            if cfg.eval.world_dir is not None:
+                from megatron_opd.eval.domains import DomainEvaluator
+
+                evaluator = DomainEvaluator(cfg.eval.world_dir, cfg.eval.domains, cfg.eval.samples, cfg.model.hf_path)
+            _guarded(run_opd, cfg, evaluator)
+
+
+def _preflight_opd(cfg) -> None:
+    """Everything an OPD run needs that can be checked before any process starts."""
+    for name, teacher in cfg.teachers.teachers.items():
+        if teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
+            raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
+    if cfg.eval.world_dir is not None:
+        from megatron_opd.eval.domains import available_domains
+
+        have = available_domains(cfg.eval.world_dir)
+        unknown = [d for d in cfg.eval.domains if d not in have]
+        if unknown or not have:
+            raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
 
 
 @convert_app.command("hf-to-megatron")

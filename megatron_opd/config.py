@@ -12,6 +12,8 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from megatron_opd.teachers.router import RoutingSpec
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the field and what was expected."""
@@ -95,7 +97,111 @@ class SFTStageConfig(Strict):
         return self
 
 
-StageConfig = Union[SFTStageConfig]
+class PromptDataConfig(Strict):
+    train: list[str] = Field(min_length=1, description="jsonl/json/parquet files with chat 'messages' (+ 'domain' tags)")
+    messages_field: str = "messages"
+    domain_field: str = "domain"
+    max_prompt_length: int = Field(256, ge=2)
+
+
+class RolloutConfig(Strict):
+    engine: Literal["embedded", "servers"] = Field("embedded", description="embedded: in-process on trainer rank 0; "
+                                                   "servers: SGLang / `opd serve --role rollout` at `urls`")
+    urls: list[str] = Field(default_factory=list)
+    sync: Literal["in_process", "disk", "distributed"] = "in_process"
+    n: int = Field(4, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences per generation batch (embedded engine)")
+    bucket_mb: int = Field(64, ge=1, description="weight-sync bucket size")
+
+    @model_validator(mode="after")
+    def _engine(self) -> "RolloutConfig":
+        if self.engine == "embedded" and self.sync != "in_process":
+            raise ValueError("rollout.engine 'embedded' lives in the trainer: use rollout.sync 'in_process'")
+        if self.engine == "servers" and (not self.urls or self.sync == "in_process"):
+            raise ValueError("rollout.engine 'servers' needs rollout.urls and rollout.sync 'disk' or 'distributed'")
+        return self
+
+
+class LossConfig(Strict):
+    kind: Literal["sampled_token", "topk_forward_kl", "topk_reverse_kl", "jsd"] = Field(
+        "sampled_token", description="sampled_token: policy gradient on A_t = log p_T - log p_S; the others: "
+        "differentiable divergences over the teacher's top-k (jsd: over the full vocabulary of the student vs top-k teacher)")
+    top_k: int = Field(0, ge=0, description="teacher top-k to request (needed by top-k losses and confidence weights)")
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap (None: off)")
+    kl_discount: float = Field(0.0, ge=0, le=1)
+    logratio_clamp: float | None = Field(20.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    epochs: int = Field(1, ge=1, description="optimizer steps on each rollout batch")
+
+    @model_validator(mode="after")
+    def _topk(self) -> "LossConfig":
+        if self.kind != "sampled_token" and self.top_k < 1:
+            raise ValueError(f"loss.kind {self.kind!r} needs loss.top_k >= 1")
+        return self
+
+
+class GuardConfig(Strict):
+    min_abs_advantage: float = Field(1e-4, ge=0, description="warn when mean |A| stays below this (teacher == student?)")
+    patience: int = Field(3, ge=1)
+    max_truncation_rate: float = Field(0.9, gt=0, le=1, description="stop when this share of samples hits max_new_tokens ...")
+    stop_on_guard: bool = Field(False, description="... for `patience` steps (else warn)")
+
+
+class OPDTrainConfig(Strict):
+    steps: int = Field(ge=1)
+    prompts_per_step: int = Field(ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    seed: int = 1234
+    save_interval: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    eval_interval: int = Field(0, ge=0, description="eval every N steps (0: before and after only)")
+    log_interval: int = Field(1, ge=1)
+    resume: bool = True
+
+
+class EvalConfig(Strict):
+    world_dir: Path | None = Field(None, description="tiny-world directory with data/<domain>/test.jsonl (None: no eval)")
+    domains: list[str] = Field(default_factory=list)
+    samples: int = Field(100, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class OPDStageConfig(Strict):
+    """On-policy distillation (one teacher) or MOPD (several, routed by domain tag)."""
+
+    kind: Literal["opd"]
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    data: PromptDataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    teachers: RoutingSpec
+    loss: LossConfig = LossConfig()
+    guard: GuardConfig = GuardConfig()
+    optim: OptimConfig = OptimConfig()
+    train: OPDTrainConfig
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _layout(self) -> "OPDStageConfig":
+        samples = self.train.prompts_per_step * self.rollout.n
+        per_step = self.train.micro_batch_size * self.parallel.dp
+        if samples % per_step:
+            raise ValueError(f"train.prompts_per_step x rollout.n ({samples}) must be a multiple of "
+                             f"train.micro_batch_size x parallel.dp ({per_step})")
+        if self.teachers.weighting == "confidence" and self.loss.top_k < 1:
+            raise ValueError("teachers.weighting 'confidence' needs loss.top_k >= 1")
+        return self
+
+
+StageConfig = Union[SFTStageConfig, OPDStageConfig]
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -134,11 +240,12 @@ def _format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
             extra = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
             lines.append(f"{where}: unknown key{extra}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            got = err.get("input")
+            lines.append(f"{where}: {err['msg']}" + ("" if isinstance(got, dict) else f" (got {got!r})"))
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
 
-STAGE_KINDS: dict[str, type[BaseModel]] = {"sft": SFTStageConfig}
+STAGE_KINDS: dict[str, type[BaseModel]] = {"sft": SFTStageConfig, "opd": OPDStageConfig}
 
 
 def parse_stage(raw: dict[str, Any]) -> StageConfig:

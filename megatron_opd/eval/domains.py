@@ -101,3 +101,19 @@ def format_table(results: dict[str, dict[str, Any]], title: str = "") -> str:
     for domain, r in results.items():
         lines.append(f"{domain:<12}{r['n']:>5}{r['accuracy']:>12.3f}{r['format_score']:>9.3f}{r['sampled_accuracy']:>13.3f}")
     return "\n".join(lines)
+
+
+class DomainEvaluator:
+    """What a training loop is handed to evaluate with its own engine (it never imports eval)."""
+
+    def __init__(self, world_dir: str | Path, domains: list[str], samples: int, tokenizer_dir: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        self.world_dir, self.domains, self.samples = Path(world_dir), domains or None, samples
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+    def evaluate(self, complete: Callable[[list[list[int]], float], list[list[int]]]) -> dict[str, dict[str, Any]]:
+        return evaluate_with(complete, self.tokenizer, self.world_dir, self.domains, self.samples)
+
+    def format(self, table: dict[str, dict[str, Any]], title: str) -> str:
+        return format_table(table, title)

@@ -51,7 +51,11 @@ def run_pipeline(
 
     if not micro_batches:
         raise ValueError("run_pipeline needs at least one micro-batch")
+    from megatron.core.utils import get_model_config
+
     micro_batch_size, seq_length = micro_batches[0]["input_ids"].shape
+    # pipeline stages exchange activations of a fixed shape unless told lengths vary
+    get_model_config(chunks[0]).variable_seq_lengths = len({b["input_ids"].shape[1] for b in micro_batches}) > 1
     forward_backward = get_forward_backward_func()
     with cpu_compat():
         return forward_backward(

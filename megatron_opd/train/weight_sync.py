@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.model import ModelBundle, export_hf_weights
-from megatron_opd.rollout.weight_sync import DistributedPusher, SyncReport, push_to_servers_via_disk
+from megatron_opd.rollout.weight_sync import DistributedPusher, SyncReport, push_in_process, push_to_servers_via_disk
 
 
 def _rank0_stream(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
@@ -52,6 +52,11 @@ def sync_weights_distributed(bundle: ModelBundle, pusher: DistributedPusher | No
                              bucket_bytes: int = 64 << 20) -> SyncReport | None:
     """Broadcast the student's weights to the servers in ``pusher``'s group (rank 0 holds it)."""
     return _sync(bundle, lambda stream: pusher.push(stream, version, bucket_bytes))
+
+
+def sync_weights_in_process(bundle: ModelBundle, engine: Any | None, version: str) -> SyncReport | None:
+    """Copy the student's weights into an engine living in rank 0's process."""
+    return _sync(bundle, lambda stream: push_in_process(engine, stream, version))
 
 
 def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
