@@ -40,6 +40,7 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000002"
     again = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}")
     assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    assert set(json.loads((resumed / "results.json").read_text())["eval"]) == {"before", "after"}
     keys = ("train/loss", "opd/reverse_kl", "rollout/response_length", "train/grad_norm", "opd/advantage_mean")
     a, b = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

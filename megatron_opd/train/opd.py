@@ -120,8 +120,13 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         sync = RolloutEngine.syncer(cfg.rollout, session.bundle, engine, out)
         sync(version)  # the engine serves exactly the trainer's weights (fresh or resumed)
         tables: dict[str, Any] = {}
+        before = out / "eval_before.json"  # kept across a resume, so results.json always has both tables
         if evaluator and session.start_step == 0:
             tables["before"] = _evaluate(evaluator, engine, cfg, rank0)
+            if rank0:
+                before.write_text(json.dumps(tables["before"]))
+        elif evaluator and rank0 and before.is_file():
+            tables["before"] = json.loads(before.read_text())
         result = _train(cfg, session, prompts, engine, teachers, sync, pad_id, tokenizer.eos_token_id, evaluator, tables)
         if evaluator:
             tables["after"] = _evaluate(evaluator, engine, cfg, rank0)
