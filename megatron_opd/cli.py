@@ -30,8 +30,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from megatron_opd.model.bridge import UnsupportedArchitectureError
     from megatron_opd.model.checkpoint import CheckpointError
     from megatron_opd.platform.dist import ParallelLayoutError
+    from megatron_opd.teachers.parity import TokenizerMismatch
+    from megatron_opd.teachers.router import NoRouteError
+    from megatron_opd.teachers.types import TeacherError
 
-    return (ConfigError, DataError, CheckpointError, UnsupportedArchitectureError, ParallelLayoutError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, UnsupportedArchitectureError, ParallelLayoutError, FileNotFoundError,
+            TeacherError, TokenizerMismatch, NoRouteError, FloatingPointError)
 
 
 def _guarded(work, *args):

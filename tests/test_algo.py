@@ -152,3 +152,18 @@ def test_advantages_grpo_discount_mix_and_masks():
     ids = torch.tensor([[5, 6, 3, 7, 3], [1, 3, 9, 9, 9]])
     assert mask_after_eos(ids, torch.tensor([[0, 1, 1, 1, 1.0], [1, 1, 1, 1, 1.0]]), 3).tolist() == [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
     assert mask_special_tokens(ids, torch.ones(2, 5), [9]).tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
+
+
+def test_topk_forward_kl_full_vocab_and_tiny_tails_have_finite_gradients():
+    """A top-k covering the vocabulary (or leaving ~0 mass outside) must give finite gradients."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(4, 6, dtype=torch.float64, generator=g) * 8, -1)
+    for k in (6, 5):
+        ids = torch.topk(teacher, k, -1).indices
+        loss = topk_forward_kl_with_tail(torch.log_softmax(logits, -1), ids, teacher.gather(-1, ids)).sum()
+        grad = torch.autograd.grad(loss, logits)[0]
+        assert torch.isfinite(loss) and torch.isfinite(grad).all(), k
+    full = torch.arange(6).expand(4, 6)
+    exact = forward_kl(torch.log_softmax(logits, -1), teacher)
+    assert torch.allclose(topk_forward_kl_with_tail(torch.log_softmax(logits, -1), full, teacher), exact)

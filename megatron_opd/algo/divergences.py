@@ -28,24 +28,27 @@ def forward_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Te
     return kl(teacher_log, student_log)
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable (Maechler 2012)."""
-    x = x.clamp_max(-1e-12)
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def topk_forward_kl_with_tail(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor) -> torch.Tensor:
+def topk_forward_kl_with_tail(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor,
+                              min_tail: float = 1e-6) -> torch.Tensor:
     """KL(T || S) over the teacher's top-k plus one tail bucket holding the remaining mass of
     each distribution (GKD-style top-k distillation when only the teacher's top-k is known).
 
     ``student_log`` [..., V] full student log-probs; ``top_ids`` / ``top_teacher_log`` [..., k].
+    The student's tail is summed exactly over the ids outside the top-k; a teacher tail below
+    ``min_tail`` (top-k covering the distribution) contributes nothing, so a full-vocabulary top-k
+    gives the exact forward KL with finite gradients.
     """
     s_top = student_log.gather(-1, top_ids)
-    t_tail = _log1mexp(torch.logsumexp(top_teacher_log, -1))
-    s_tail = _log1mexp(torch.logsumexp(s_top, -1))
-    t = torch.cat([top_teacher_log, t_tail[..., None]], -1)
-    s = torch.cat([s_top, s_tail[..., None]], -1)
-    return kl(t, s)
+    top_kl = kl(top_teacher_log, s_top)
+    if top_ids.shape[-1] >= student_log.shape[-1]:
+        return top_kl
+    t_tail = (1.0 - top_teacher_log.exp().sum(-1)).clamp_min(0.0)
+    outside = student_log.scatter(-1, top_ids, float("-inf"))
+    s_tail_log = torch.logsumexp(outside, -1)
+    keep = t_tail > min_tail
+    safe_t = torch.where(keep, t_tail, torch.ones_like(t_tail))
+    safe_s = torch.where(keep, s_tail_log, torch.zeros_like(s_tail_log))
+    return top_kl + torch.where(keep, safe_t * (safe_t.log() - safe_s), torch.zeros_like(t_tail))
 
 
 def topk_reverse_kl_support_matched(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor) -> torch.Tensor:

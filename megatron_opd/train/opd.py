@@ -9,6 +9,7 @@ steps on the OPD loss over TP x PP x DP, and the new weights are synced to the e
 from __future__ import annotations
 
 import json
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -182,6 +183,9 @@ def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, evalua
         for _ in range(lcfg.epochs):
             results = run_pipeline(chunks, batches, loss_fn, forward_only=False)
             step_result = optimizer_step(session.state)
+            if not math.isfinite(step_result.grad_norm):  # stop before bad weights reach the engine or a checkpoint
+                raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({step_result.grad_norm}); "
+                                         f"loss.kind={lcfg.kind}, lr={step_result.lr:g} — lower optim.lr or check the loss inputs")
         t_train = time.perf_counter() - began
         began = time.perf_counter()
         sync(f"step-{step + 1}")
