@@ -77,13 +77,18 @@ class RunConfig(Strict):
     output_dir: Path = Path("outputs/run")
 
 
-class SFTStageConfig(Strict):
-    kind: Literal["sft"]
+class StageBase(Strict):
+    """What every training stage has: where it writes, the student, its layout and optimizer."""
+
     run: RunConfig = RunConfig()
     model: ModelConfig
     parallel: ParallelConfig = ParallelConfig()
-    data: ChatDataConfig
     optim: OptimConfig = OptimConfig()
+
+
+class SFTStageConfig(StageBase):
+    kind: Literal["sft"]
+    data: ChatDataConfig
     train: TrainConfig
 
     @model_validator(mode="after")
@@ -173,19 +178,15 @@ class EvalConfig(Strict):
     max_new_tokens: int = Field(96, ge=1)
 
 
-class OPDStageConfig(Strict):
+class OPDStageConfig(StageBase):
     """On-policy distillation (one teacher) or MOPD (several, routed by domain tag)."""
 
     kind: Literal["opd"]
-    run: RunConfig = RunConfig()
-    model: ModelConfig
-    parallel: ParallelConfig = ParallelConfig()
     data: PromptDataConfig
     rollout: RolloutConfig = RolloutConfig()
     teachers: RoutingSpec
     loss: LossConfig = LossConfig()
     guard: GuardConfig = GuardConfig()
-    optim: OptimConfig = OptimConfig()
     train: OPDTrainConfig
     eval: EvalConfig = EvalConfig()
 
