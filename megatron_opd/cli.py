@@ -82,7 +82,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         for name, source in sources:
             if source and source.endswith((".jsonl", ".json", ".parquet")) and not Path(source).is_file():
                 raise ValueError(f"data.{name}: file {source} not found")
-        if cfg.kind == "opd":
+        if cfg.kind in ("opd", "grpo"):
             _preflight_opd(cfg)
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
@@ -104,7 +104,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
 
 def _preflight_opd(cfg) -> None:
     """Everything an OPD run needs that can be checked before any process starts."""
-    for name, teacher in cfg.teachers.teachers.items():
+    for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
         if teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
     if cfg.eval.world_dir is not None:

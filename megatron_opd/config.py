@@ -152,6 +152,15 @@ class LossConfig(Strict):
         return self
 
 
+class RewardConfig(Strict):
+    """Verifiable rewards (GRPO): each completion is checked by its domain's verifier."""
+
+    kind: Literal["verifier"] = "verifier"
+    normalize_std: bool = Field(True, description="GRPO: divide group-centred rewards by the group std")
+    lambda_opd: float = Field(0.0, ge=0, description="with teachers too: A = A_task + lambda_opd * A_opd")
+    format_weight: float = Field(0.0, ge=0, description="reward = correct + format_weight * format_score")
+
+
 class GuardConfig(Strict):
     min_abs_advantage: float = Field(1e-4, ge=0, description="warn when mean |A| stays below this (teacher == student?)")
     patience: int = Field(3, ge=1)
@@ -179,12 +188,14 @@ class EvalConfig(Strict):
 
 
 class OPDStageConfig(StageBase):
-    """On-policy distillation (one teacher) or MOPD (several, routed by domain tag)."""
+    """On-policy distillation (one teacher), MOPD (several, routed by domain tag), or GRPO
+    (``kind: grpo``: verifier rewards, optionally plus a teacher's advantage)."""
 
-    kind: Literal["opd"]
+    kind: Literal["opd", "grpo"]
     data: PromptDataConfig
     rollout: RolloutConfig = RolloutConfig()
-    teachers: RoutingSpec
+    teachers: RoutingSpec | None = None
+    reward: RewardConfig | None = None
     loss: LossConfig = LossConfig()
     guard: GuardConfig = GuardConfig()
     train: OPDTrainConfig
@@ -197,8 +208,16 @@ class OPDStageConfig(StageBase):
         if samples % per_step:
             raise ValueError(f"train.prompts_per_step x rollout.n ({samples}) must be a multiple of "
                              f"train.micro_batch_size x parallel.dp ({per_step})")
-        if self.teachers.weighting == "confidence" and self.loss.top_k < 1:
+        if self.teachers is not None and self.teachers.weighting == "confidence" and self.loss.top_k < 1:
             raise ValueError("teachers.weighting 'confidence' needs loss.top_k >= 1")
+        if self.kind == "opd" and self.teachers is None:
+            raise ValueError("kind 'opd' needs `teachers`")
+        if self.kind == "grpo" and self.reward is None:
+            raise ValueError("kind 'grpo' needs `reward`")
+        if self.kind == "grpo" and self.loss.kind != "sampled_token":
+            raise ValueError("kind 'grpo' trains with loss.kind 'sampled_token' (a policy gradient)")
+        if self.reward is not None and self.reward.lambda_opd > 0 and self.teachers is None:
+            raise ValueError("reward.lambda_opd > 0 needs `teachers`")
         return self
 
 
@@ -246,7 +265,7 @@ def _format_errors(exc: ValidationError, model: type[BaseModel]) -> str:
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
 
-STAGE_KINDS: dict[str, type[BaseModel]] = {"sft": SFTStageConfig, "opd": OPDStageConfig}
+STAGE_KINDS: dict[str, type[BaseModel]] = {"sft": SFTStageConfig, "opd": OPDStageConfig, "grpo": OPDStageConfig}
 
 
 def parse_stage(raw: dict[str, Any]) -> StageConfig:

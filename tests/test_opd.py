@@ -61,3 +61,29 @@ def test_opd_recipe_validation_names_the_field():
         load_recipe(RECIPE, ["train.prompt_per_step=3"])
     with pytest.raises(ConfigError, match="multiple of"):
         load_recipe(RECIPE, ["train.prompts_per_step=3", "rollout.n=1"])
+
+
+def test_grpo_verifier_rewards_drive_the_update(tmp_path):
+    """kind: grpo — no teacher; rewards from the domain verifier, group-normalised per prompt."""
+    out = tmp_path / "grpo"
+    opd("run", str(REPO / "recipes" / "tiny" / "grpo_arith.yaml"), "model.hf_path=assets/tiny/student_init",
+        "data.train=[assets/tiny/data/format/train.jsonl]", "reward.format_weight=1.0", "parallel.tp=1",
+        "train.steps=2", "train.prompts_per_step=4", "rollout.n=4", "train.micro_batch_size=8", "rollout.max_new_tokens=16",
+        "eval.domains=[format]", "eval.samples=4", "eval.max_new_tokens=16", f"run.output_dir={out}")
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0.0 <= r["rollout/reward_mean"] <= 2.0
+        assert r["opd/advantage_abs_mean"] > 0  # random samples get different format scores: a real signal
+        assert not any(k.startswith("teacher/") for k in r)
+    results = json.loads((out / "results.json").read_text())
+    assert results["teacher_counters"] == {} and "format" in results["eval"]["after"]
+
+
+def test_grpo_recipe_validation():
+    grpo = REPO / "recipes" / "tiny" / "grpo_arith.yaml"
+    assert load_recipe(grpo).reward.format_weight == 0.5
+    with pytest.raises(ConfigError, match="lambda_opd > 0 needs `teachers`"):
+        load_recipe(grpo, ["reward.lambda_opd=0.5"])
+    with pytest.raises(ConfigError, match="kind 'opd' needs `teachers`"):
+        load_recipe(grpo, ["kind=opd", "reward=null"])

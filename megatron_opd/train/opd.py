@@ -1,4 +1,5 @@
-"""On-policy distillation (OPD, one teacher) and MOPD (several, routed by domain tag).
+"""On-policy distillation (OPD, one teacher), MOPD (several, routed by domain tag), and GRPO
+(verifier rewards, group-normalised; optionally plus a teacher's per-token advantage).
 
 Each step: rank 0 samples prompts (deterministic in (seed, step)), the rollout engine samples n
 completions per prompt, the teachers score every completion token, and the record is broadcast.
@@ -24,6 +25,7 @@ from megatron_opd.model import load_hf_config
 from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform.faults import maybe_kill
+from megatron_opd.algo.advantages import grpo_advantages
 from megatron_opd.rollout.types import SamplingParams
 from megatron_opd.teachers.service import Sample, TeacherSet
 from megatron_opd.train.common import sum_from_last_stage
@@ -63,9 +65,23 @@ def _repetition(ids: list[int], n: int = 4) -> bool:
     return False
 
 
-def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: TeacherSet, step: int,
-                 eos_id: int) -> tuple[StepRecord, dict[str, float]]:
-    """Rank 0: sample, score, route; returns the record and the rollout/teacher metrics."""
+def verifier_rewards(reward_cfg: Any, prompts: list[Any], completions: list[list[int]],
+                     decode: Callable[[list[int]], str]) -> list[float]:
+    """GRPO's verifiable reward per completion: correct (1/0) + format_weight * format score."""
+    from megatron_opd.data.domains import get_domain
+
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        if prompt.domain is None or prompt.meta is None:
+            raise ValueError("reward 'verifier' needs every prompt row to carry `domain` and `meta`")
+        verdict = get_domain(prompt.domain).verify(prompt.meta, decode(completion))
+        rewards.append(float(verdict.correct) + reward_cfg.format_weight * verdict.format_score)
+    return rewards
+
+
+def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: TeacherSet | None, step: int,
+                 eos_id: int, decode: Callable[[list[int]], str]) -> tuple[StepRecord, dict[str, float]]:
+    """Rank 0: sample, score, route (and verify, for GRPO); returns the record and its metrics."""
     tcfg, rcfg = cfg.train, cfg.rollout
     chosen = [prompts[i] for i in global_batch_indices(len(prompts), tcfg.seed, step, tcfg.prompts_per_step)]
     sampling = SamplingParams(temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
@@ -76,20 +92,29 @@ def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: 
     t_rollout = time.perf_counter() - began
     samples = [Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), chosen[r.prompt_index].domain) for r in rollouts]
     began = time.perf_counter()
-    scored = teachers.score(samples, cfg.loss.top_k)
+    scored = teachers.score(samples, cfg.loss.top_k) if teachers else None
     t_score = time.perf_counter() - began
+    teacher_lps = [sc.teacher_logprobs().tolist() for sc in scored] if scored else [list(r.logprobs) for r in rollouts]
     record = StepRecord([s.token_ids for s in samples], [s.start for s in samples], [list(r.logprobs) for r in rollouts],
-                        [sc.teacher_logprobs().tolist() for sc in scored], [s.tag for s in samples])
-    if cfg.loss.kind != "sampled_token":
+                        teacher_lps, [s.tag for s in samples])
+    if scored and cfg.loss.kind != "sampled_token":
         record.tops = [[(sc.weights[u].tolist(), sc.scores[u].top_ids.tolist(), sc.scores[u].top_logprobs.tolist())
                         for u in sc.scores] for sc in scored]
+    reward_metrics: dict[str, float] = {}
+    if cfg.reward is not None:
+        rewards = verifier_rewards(cfg.reward, [chosen[r.prompt_index] for r in rollouts], [r.completion_ids for r in rollouts], decode)
+        grouped = torch.tensor(rewards).view(len(chosen), rcfg.n)
+        record.task_advantages = grpo_advantages(grouped, cfg.reward.normalize_std).view(-1).tolist()
+        record.opd_weight = cfg.reward.lambda_opd if teachers else 0.0
+        reward_metrics = {"rollout/reward_mean": sum(rewards) / len(rewards),
+                          "rollout/groups_without_signal": float((grouped.std(-1) == 0).float().mean())}
     lengths = [len(r.completion_ids) for r in rollouts]
-    metrics = {"rollout/response_length": sum(lengths) / len(lengths),
+    metrics = {**reward_metrics, "rollout/response_length": sum(lengths) / len(lengths),
                "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
                "rollout/repetition_rate": sum(_repetition(r.completion_ids) for r in rollouts) / len(rollouts),
                "time/rollout_s": t_rollout, "time/scoring_s": t_score,
                "throughput/rollout_tokens_per_s": sum(lengths) / max(t_rollout, 1e-9)}
-    for unit in teachers.pools:  # per-teacher sampled reverse KL, with the sampler's log-probs as the student's
+    for unit in (teachers.pools if teachers else []):  # per-teacher reverse KL, the sampler's log-probs as the student's
         gaps = [(torch.tensor(r.logprobs) - sc.scores[unit].logprobs).sum().item() for r, sc in zip(rollouts, scored) if unit in sc.scores]
         tokens = sum(len(sc.scores[unit]) for sc in scored if unit in sc.scores)
         if tokens:
@@ -115,7 +140,8 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         if rank0:
             print(f"[opd] {len(prompts)} prompts" + (f"; skipped {skipped} (first: {problems})" if skipped else ""), flush=True)
             (out / "config.yaml").write_text(dump_config(cfg))
-            teachers = TeacherSet.start(cfg.teachers, student_dir=cfg.model.hf_path, log_dir=out)
+            if cfg.teachers is not None:
+                teachers = TeacherSet.start(cfg.teachers, student_dir=cfg.model.hf_path, log_dir=out)
             engine = RolloutEngine.start(cfg.rollout, cfg.model.hf_path)
         version = f"step-{session.start_step}"
         sync = RolloutEngine.syncer(cfg.rollout, session.bundle, engine, out)
@@ -128,13 +154,14 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
                 before.write_text(json.dumps(tables["before"]))
         elif evaluator and rank0 and before.is_file():
             tables["before"] = json.loads(before.read_text())
-        result = _train(cfg, session, prompts, engine, teachers, sync, pad_id, tokenizer.eos_token_id, evaluator, tables)
+        decode = partial(tokenizer.decode, skip_special_tokens=True)
+        result = _train(cfg, session, prompts, engine, teachers, sync, pad_id, tokenizer.eos_token_id, decode, evaluator, tables)
         if evaluator:
             tables["after"] = _evaluate(evaluator, engine, cfg, rank0)
         save_hf_checkpoint(session.bundle, out / "hf", tokenizer_src=cfg.model.hf_path)
         if rank0:
             result.update({"wall_time_s": time.perf_counter() - wall, "eval": tables,
-                           "teacher_counters": teachers.counters(), "skipped_prompts": skipped})
+                           "teacher_counters": teachers.counters() if teachers else {}, "skipped_prompts": skipped})
             (out / "results.json").write_text(json.dumps(result, indent=1))
             _print_summary(result, out, evaluator)
         return result
@@ -153,7 +180,7 @@ def _evaluate(evaluator: Evaluator, engine: RolloutEngine | None, cfg: OPDStageC
     return table
 
 
-def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, evaluator, tables) -> dict[str, Any]:
+def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, decode, evaluator, tables) -> dict[str, Any]:
     from megatron.core import parallel_state
 
     tcfg, lcfg = cfg.train, cfg.loss
@@ -168,7 +195,7 @@ def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, evalua
     times: dict[str, float] = {}
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
-        record, metrics = build_record(cfg, prompts, engine, teachers, step, eos_id) if session.is_rank0 else (None, {})
+        record, metrics = build_record(cfg, prompts, engine, teachers, step, eos_id, decode) if session.is_rank0 else (None, {})
         record = _broadcast(record)
         mine = list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
         width = max(len(s) for s in record.sequences)
@@ -235,6 +262,9 @@ def _pad_to(batch: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tenso
         return batch
     out = {}
     for key, value in batch.items():
+        if value.dim() == 1:  # per-sample values
+            out[key] = value
+            continue
         dim = 2 if key.startswith("top_") else 1
         pad = [0, 0] * (value.dim() - dim - 1) + [0, width - current]
         out[key] = torch.nn.functional.pad(value, pad)
@@ -245,7 +275,7 @@ def _guards(cfg: OPDStageConfig, rank0: bool, quiet: int, truncated: int, step: 
     guard = cfg.guard
     if quiet >= guard.patience and rank0:
         print(f"[opd] warning: mean |advantage| < {guard.min_abs_advantage} for {quiet} steps at step {step}: "
-              "is the teacher the student? (no learning signal)", flush=True)
+              "no learning signal (is the teacher the student? do all samples of a prompt get the same reward?)", flush=True)
     if truncated >= guard.patience:
         message = (f"[opd] guard: more than {guard.max_truncation_rate:.0%} of samples hit rollout.max_new_tokens "
                    f"for {truncated} steps (length inflation / repetition)")

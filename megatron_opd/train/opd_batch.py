@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from megatron_opd.model import gather_logits, real_vocab_logprobs
 class Prompt:
     ids: list[int]
     domain: str | None
+    meta: dict[str, Any] | None = None  # what the domain's verifier needs (GRPO rewards)
 
 
 def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain_field: str,
@@ -48,7 +50,8 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                 if len(problems) < 5:
                     problems.append(f"{source} row {i}: {reason}")
                 continue
-            prompts.append(Prompt(list(ids), row.get(domain_field)))
+            meta = row.get("meta")
+            prompts.append(Prompt(list(ids), row.get(domain_field), json.loads(meta) if isinstance(meta, str) else meta))
     if not prompts:
         raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
     return prompts, skipped, problems
@@ -65,6 +68,8 @@ class StepRecord:
     domains: list[str | None]
     # per sample, per routed unit: (weights [T], top ids [T, k], top log-probs [T, k]) for top-k losses
     tops: list[list[tuple[list[float], list[list[int]], list[list[float]]]]] = field(default_factory=list)
+    task_advantages: list[float] = field(default_factory=list)  # GRPO: one per sample
+    opd_weight: float = 1.0  # lambda on the teacher advantage (0: no teacher term)
 
 
 def collate(record: StepRecord, indices: list[int], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
@@ -72,7 +77,9 @@ def collate(record: StepRecord, indices: list[int], pad_id: int, top_k: int) -> 
     width = max(len(record.sequences[i]) for i in indices)
     b = len(indices)
     batch = {"input_ids": torch.full((b, width), pad_id, dtype=torch.long), "loss_mask": torch.zeros(b, width),
-             "sampler_lp": torch.zeros(b, width), "teacher_lp": torch.zeros(b, width), "old_lp": torch.zeros(b, width)}
+             "sampler_lp": torch.zeros(b, width), "teacher_lp": torch.zeros(b, width), "old_lp": torch.zeros(b, width),
+             "task_adv": torch.tensor([record.task_advantages[i] if record.task_advantages else 0.0 for i in indices]),
+             "opd_weight": torch.full((b,), record.opd_weight)}
     units = max((len(record.tops[i]) for i in indices), default=0) if record.tops else 0
     if top_k and units:
         batch["top_ids"] = torch.zeros(b, units, width, top_k, dtype=torch.long)
@@ -103,7 +110,9 @@ def opd_loss(loss_cfg: Any, vocab_size: int, with_entropy: bool, logits_shard: t
     targets = batch["input_ids"][:, 1:]
     mask = batch["loss_mask"][:, 1:]
     old, teacher, sampler = batch["old_lp"][:, 1:], batch["teacher_lp"][:, 1:], batch["sampler_lp"][:, 1:]
-    advantage = sampled_token_advantage(teacher, old, mask, loss_cfg.kl_discount, loss_cfg.logratio_clamp)
+    opd = sampled_token_advantage(teacher, old, mask, loss_cfg.kl_discount, loss_cfg.logratio_clamp)
+    # A = A_task + lambda * A_opd (OPD: A_task = 0, lambda = 1; GRPO: lambda = 0 without teachers)
+    advantage = (batch["task_adv"][:, None] * mask + batch["opd_weight"][:, None] * opd).detach()
     metrics: dict[str, torch.Tensor] = {}
     full = None
     if loss_cfg.kind != "sampled_token" or with_entropy:
