@@ -52,7 +52,7 @@ def test_opd_recipe_validation_names_the_field():
     cfg = load_recipe(RECIPE)
     assert cfg.kind == "opd" and cfg.parallel.tp == 2 and cfg.parallel.pp == 2
     with pytest.raises(ConfigError, match="loss.*top_k"):
-        load_recipe(RECIPE, ["loss.kind=topk_forward_kl"])
+        load_recipe(RECIPE, ["loss.top_k=0"])
     with pytest.raises(ConfigError, match="rollout.*in_process"):
         load_recipe(RECIPE, ["rollout.sync=disk"])
     with pytest.raises(ConfigError, match="teachers: .*routes.arithmetic: unknown teacher 'nope'"):
