@@ -123,7 +123,6 @@ def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: 
 
 
 def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str, Any]:
-    from megatron.core import parallel_state
     from transformers import AutoTokenizer
 
     out = Path(cfg.run.output_dir)

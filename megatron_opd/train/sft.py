@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_opd.config import SFTStageConfig, dump_config
 from megatron_opd.data.chat import (
