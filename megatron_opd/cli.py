@@ -72,9 +72,19 @@ def _preflight_model(hf_path: Path, tp: int, pp: int) -> None:
 
 @app.command()
 def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value")) -> None:
-    """Run a recipe stage (``opd run recipes/tiny/sft.yaml train.steps=50``)."""
+    """Run a recipe: one stage (``opd run recipes/tiny/sft.yaml train.steps=50``) or a cascade of them."""
+    from megatron_opd.config import CascadeConfig
+
     try:
         cfg = load_recipe(recipe, overrides or [])
+        if isinstance(cfg, CascadeConfig):
+            _preflight_cascade(cfg)
+    except (ConfigError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    if isinstance(cfg, CascadeConfig):
+        _run_cascade(cfg, recipe)
+        return
+    try:
         _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
         sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
         if cfg.kind == "sft":
@@ -100,12 +110,65 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
 
                 evaluator = DomainEvaluator(cfg.eval.world_dir, cfg.eval.domains, cfg.eval.samples, cfg.model.hf_path)
             _guarded(run_opd, cfg, evaluator)
+        if int(os.environ.get("RANK", "0")) == 0:
+            from megatron_opd.pipeline.report import write_stage_report
+
+            typer.echo(f"[{cfg.kind}] run directory {cfg.run.output_dir}; report {write_stage_report(cfg.run.output_dir)}")
+
+
+def _preflight_cascade(cfg) -> None:
+    from megatron_opd.eval.domains import available_domains
+
+    if not (Path(cfg.start) / "config.json").is_file():
+        raise ValueError(f"start: {cfg.start} is not an HF checkpoint (no config.json)")
+    have = available_domains(cfg.eval.world_dir)
+    unknown = [d for d in cfg.eval.domains if d not in have]
+    if unknown or not have:
+        raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
+
+
+def _run_cascade(cfg, recipe: Path) -> None:
+    from megatron_opd.eval.domains import evaluate, format_table
+    from megatron_opd.pipeline.cascade import CascadeRunner, StageFailed
+
+    e = cfg.eval
+
+    def evaluate_dir(model_dir, domains, offset, samples, sampled):
+        return evaluate(model_dir, e.world_dir, domains, samples, 0, 1.0, e.max_new_tokens, offset, sampled)
+
+    try:
+        results = CascadeRunner(cfg, recipe, evaluate_dir, log=lambda m: typer.echo(m)).run()
+    except StageFailed as exc:
+        _fail(str(exc))
+    typer.echo(format_table(results["start_eval"], "[cascade] held-out accuracy at the start:"))
+    for stage in results["stages"]:
+        if stage.get("eval"):
+            typer.echo(format_table(stage["eval"], f"[cascade] after stage {stage['name']} ({stage['kind']}, {stage['wall_s']:.0f} s):"))
+    typer.echo(f"[cascade] wall time {results['wall_time_s']:.0f} s; run directory {cfg.run.output_dir}")
+
+
+@app.command()
+def report(run_dir: Path) -> None:
+    """(Re)write report.md and its plots for a run directory."""
+    from megatron_opd.pipeline.report import write_cascade_report, write_stage_report
+
+    results = run_dir / "results.json"
+    if not run_dir.is_dir():
+        _fail(f"{run_dir}: not a run directory")
+    import json
+
+    data = json.loads(results.read_text()) if results.is_file() else {}
+    path = write_cascade_report(run_dir, data) if "stages" in data else write_stage_report(run_dir)
+    typer.echo(f"wrote {path}")
 
 
 def _preflight_opd(cfg) -> None:
     """Everything an OPD run needs that can be checked before any process starts."""
+    if cfg.rollout.engine == "servers" and not cfg.rollout.urls:
+        raise ValueError("rollout.urls: empty — give the rollout servers' URLs, or start the job with "
+                         "`opd launch RECIPE --executor slurm`, which places the servers and fills them in")
     for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
-        if teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
+        if not teacher.urls and teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
     if cfg.eval.world_dir is not None:
         from megatron_opd.eval.domains import available_domains
@@ -220,6 +283,69 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
+@app.command()
+def launch(
+    recipe: Path,
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value"),
+    executor: str = typer.Option("local", help="local (nemo-run LocalExecutor on this machine) or slurm"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="write the job script(s), submit nothing"),
+    job_dir: Path = typer.Option(Path("slurm_jobs"), help="where nemo-run writes the job script(s) and logs"),
+) -> None:
+    """Run a stage recipe through nemo-run: locally, or as one heterogeneous Slurm job (trainer nodes,
+    SGLang rollout servers, teacher servers) placed by the recipe's ``launch.slurm`` section."""
+    from megatron_opd.config import CascadeConfig
+
+    if executor not in ("local", "slurm"):
+        _fail(f"--executor {executor!r}: expected 'local' or 'slurm'")
+    try:
+        cfg = load_recipe(recipe, overrides or [])
+        if isinstance(cfg, CascadeConfig):
+            raise ConfigError("opd launch takes a stage recipe; run a cascade with `opd run` (each stage is its own job)")
+        if executor == "slurm":
+            from megatron_opd.launch.slurm import render_sbatch
+
+            if not dry_run:
+                raise ConfigError("--executor slurm submits with sbatch on a Slurm login node; here use --dry-run "
+                                  "and submit the written script with `sbatch`")
+            out = render_sbatch(cfg, str(recipe), list(overrides or []), job_dir)
+            typer.echo(f"wrote {out['path']} (groups: {', '.join(out['groups'])})")
+            return
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    from megatron_opd.launch.local import run_local
+
+    raise typer.Exit(run_local(str(recipe), list(overrides or []), job_dir, dry_run, echo=typer.echo))
+
+
+@app.command("wait-servers")
+def wait_servers(
+    urls: List[str] = typer.Argument(..., help="server URLs (comma-separated lists allowed)"),
+    timeout: float = typer.Option(1800.0, help="seconds to wait for all of them"),
+) -> None:
+    """Block until every server answers GET /health with 200 (used by the Slurm trainer group)."""
+    import time
+
+    import httpx
+
+    pending = [u.strip().rstrip("/") for item in urls for u in item.split(",") if u.strip()]
+    deadline = time.monotonic() + timeout
+    while pending:
+        still = []
+        for url in pending:
+            try:
+                ok = httpx.get(f"{url}/health", timeout=5.0).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
+                still.append(url)
+        pending = still
+        if pending and time.monotonic() > deadline:
+            _fail(f"servers not healthy after {timeout:.0f}s: {', '.join(pending)}")
+        if pending:
+            time.sleep(2.0)
+    typer.echo("all servers healthy")
+
+
 def _run_cli(argv: list[str]) -> int:
     import subprocess
 
@@ -227,6 +353,11 @@ def _run_cli(argv: list[str]) -> int:
 
 
 def main() -> None:
+    import signal
+
+    # SIGTERM (torchrun stopping a worker, Slurm, `kill`) unwinds like Ctrl-C: finally blocks stop the
+    # servers this process started and no half-written state is left behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     app()
 
 

@@ -5,16 +5,18 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "megatron_opd"
 # layer -> packages it must never import
 FORBIDDEN = {
-    "platform": {"config", "data", "model", "train", "cli"},
-    "data": {"model", "train", "cli", "platform"},
-    "model": {"train", "cli", "data", "config"},
-    "rollout": {"model", "train", "eval", "cli"},
-    "serve": {"model", "train", "eval", "cli", "teachers"},
-    "teachers": {"model", "train", "eval", "cli", "algo"},
-    "algo": {"platform", "config", "data", "model", "rollout", "teachers", "serve", "train", "eval", "cli"},
-    "eval": {"train", "cli"},
-    "train": {"cli", "eval"},
-    "config": {"model", "train", "cli", "platform", "data"},
+    "platform": {"config", "data", "model", "train", "cli", "pipeline", "launch"},
+    "data": {"model", "train", "cli", "platform", "pipeline", "launch"},
+    "model": {"train", "cli", "data", "config", "pipeline", "launch"},
+    "rollout": {"model", "train", "eval", "cli", "pipeline", "launch"},
+    "serve": {"model", "train", "eval", "cli", "teachers", "pipeline", "launch"},
+    "teachers": {"model", "train", "eval", "cli", "algo", "pipeline", "launch"},
+    "algo": {"platform", "config", "data", "model", "rollout", "teachers", "serve", "train", "eval", "cli", "pipeline", "launch"},
+    "eval": {"train", "cli", "pipeline", "launch"},
+    "train": {"cli", "eval", "pipeline", "launch"},
+    "config": {"model", "train", "cli", "platform", "data", "pipeline", "launch"},
+    "pipeline": {"cli", "launch"},
+    "launch": {"cli", "train", "pipeline", "model"},
 }
 
 

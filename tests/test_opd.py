@@ -87,3 +87,20 @@ def test_grpo_recipe_validation():
         load_recipe(grpo, ["reward.lambda_opd=0.5"])
     with pytest.raises(ConfigError, match="kind 'opd' needs `teachers`"):
         load_recipe(grpo, ["kind=opd", "reward=null"])
+
+
+def test_domain_normalisation_gives_each_domain_an_equal_share():
+    """loss.normalize=domain: a short-answer domain weighs as much as a long one in the token mean."""
+    from megatron_opd.train.opd_batch import StepRecord, collate, domain_loss_weights
+
+    domains, lengths = ["arith", "arith", "str", None], [30, 50, 4, 16]
+    weights = domain_loss_weights(domains, lengths)
+    assert weights == pytest.approx([100 / (3 * 80)] * 2 + [100 / (3 * 4), 100 / (3 * 16)])
+    assert sum(w * n for w, n in zip(weights, lengths)) == pytest.approx(sum(lengths))
+
+    seqs = [[1] * (2 + n) for n in lengths]
+    record = StepRecord(seqs, [2] * 4, [[-1.0] * n for n in lengths], [[-1.0] * n for n in lengths], domains,
+                        loss_weights=weights)
+    assert collate(record, [2, 3], 0, 0)["loss_w"].tolist() == pytest.approx(weights[2:])
+    record.loss_weights = []  # loss.normalize=token
+    assert collate(record, [2, 3], 0, 0)["loss_w"].tolist() == [1.0, 1.0]

@@ -359,3 +359,35 @@ def test_score_codec_round_trip_and_corruption():
     assert score_codec.negotiated_top_dtype(score_codec.accept_header("float32")) == "float32"
     with pytest.raises(ValueError, match="top-dtype"):
         score_codec.negotiated_top_dtype(f"{score_codec.MEDIA_TYPE};top-dtype=int8")
+
+
+def test_a_killed_run_leaves_no_server_behind(tmp_path):
+    """SIGKILL the process that started a teacher server: the server goes too (PR_SET_PDEATHSIG)."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, sys, time\nfrom pathlib import Path\nfrom megatron_opd.serve.process import start_server\n"
+            f"s = start_server(Path({str(TEACHER)!r}), role='teacher')\n"
+            "print(s.proc.pid, flush=True)\ntime.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # the server is up
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.2)
+    if _alive(child):
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the teacher server outlived the process that started it")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"

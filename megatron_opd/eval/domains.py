@@ -55,15 +55,18 @@ def evaluate(
     seed: int = 0,
     temperature: float = 1.0,
     max_new_tokens: int = 96,
+    offset: int = 0,
+    sampled: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """``{"<domain>": {"accuracy", "format_score", "n", "sampled_accuracy", ...}}``."""
+    """``{"<domain>": {"accuracy", "format_score", "n", "sampled_accuracy", ...}}`` on the held-out
+    rows ``[offset : offset + samples]`` (sampled scores are NaN with ``sampled=False``)."""
     model, tokenizer = load_hf_for_eval(model_dir)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def complete(prompts: list[list[int]], temp: float) -> list[list[int]]:
         return [c.token_ids for c in generate(model, prompts, max_new_tokens, eos, pad, temperature=temp, seed=seed)]
 
-    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature)
+    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature, offset, sampled)
 
 
 def evaluate_with(
@@ -73,6 +76,8 @@ def evaluate_with(
     domains: list[str] | None = None,
     samples: int | None = None,
     temperature: float = 1.0,
+    offset: int = 0,
+    sampled: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The same table for any generator: ``complete(prompt_ids, temperature) -> completion ids``
     (a local HF model, the embedded engine, or a rollout server)."""
@@ -83,14 +88,17 @@ def evaluate_with(
         raise DataError(f"unknown domain(s) {unknown}; available in {world_dir}: {have}")
     results = {}
     for domain in domains:
-        rows = read_rows(Path(world_dir) / "data" / domain / "test.jsonl")[:samples]
+        rows = read_rows(Path(world_dir) / "data" / domain / "test.jsonl")
+        rows = rows[offset: offset + samples if samples else None]
+        if not rows:
+            raise DataError(f"{world_dir}/data/{domain}/test.jsonl: no rows at offset {offset}")
         prompts = [tokenizer.apply_chat_template([r["messages"][0]], add_generation_prompt=True, tokenize=True) for r in rows]
         metas = [r["meta"] for r in rows]
         scores = []
-        for temp in (0.0, temperature):
+        for temp in ((0.0, temperature) if sampled else (0.0,)):
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in complete(prompts, temp)]
             scores.append(score_responses(domain, metas, texts))
-        (acc, fmt), (s_acc, s_fmt) = scores
+        (acc, fmt), (s_acc, s_fmt) = scores if sampled else (scores[0], (float("nan"), float("nan")))
         results[domain] = asdict(DomainScore(acc, fmt, len(rows), s_acc, s_fmt))
     return results
 

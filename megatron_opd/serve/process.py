@@ -25,6 +25,16 @@ class ServerProcess:
                 self.proc.wait(timeout=timeout)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the process that started it dies, even by
+    SIGKILL, so a killed run never leaves servers behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", port: int | None = None,
                  timeout: float = 180.0, extra_args: list[str] | None = None, log_path: Path | None = None) -> ServerProcess:
     """`opd serve --role ROLE --model MODEL` on ``host:port`` (a free port by default), healthy."""
@@ -40,7 +50,7 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
     with open(log_path, "w") as log:  # the child keeps its own handle
         proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", role, "--model", str(model),
                                  "--host", host, "--port", str(port), *(extra_args or [])],
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
+                                stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
     url = f"http://{host}:{port}"
     deadline = time.time() + timeout
     try:

@@ -29,7 +29,8 @@ from megatron_opd.algo.advantages import grpo_advantages
 from megatron_opd.rollout.types import SamplingParams
 from megatron_opd.teachers.service import Sample, TeacherSet
 from megatron_opd.train.common import sum_from_last_stage
-from megatron_opd.train.opd_batch import StepRecord, collate, load_prompts, opd_loss, student_token_logprobs
+from megatron_opd.train.opd_batch import (StepRecord, collate, domain_loss_weights, load_prompts, opd_loss,
+                                         student_token_logprobs)
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.progress import StepProgress
 from megatron_opd.train.rollout_engine import RolloutEngine
@@ -97,6 +98,8 @@ def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: 
     teacher_lps = [sc.teacher_logprobs().tolist() for sc in scored] if scored else [list(r.logprobs) for r in rollouts]
     record = StepRecord([s.token_ids for s in samples], [s.start for s in samples], [list(r.logprobs) for r in rollouts],
                         teacher_lps, [s.tag for s in samples])
+    if cfg.loss.normalize == "domain":
+        record.loss_weights = domain_loss_weights(record.domains, [len(r.completion_ids) for r in rollouts])
     if scored and cfg.loss.kind != "sampled_token":
         record.tops = [[(sc.weights[u].tolist(), sc.scores[u].top_ids.tolist(), sc.scores[u].top_logprobs.tolist())
                         for u in sc.scores] for sc in scored]
@@ -131,7 +134,8 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
                                               cfg.data.max_prompt_length)
-    session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd")  # type: ignore[arg-type]
+    session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
+                           optimizer_steps=cfg.train.steps * cfg.loss.epochs)
     rank0 = session.is_rank0
     teachers = engine = None
     wall = time.perf_counter()
@@ -249,7 +253,7 @@ def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, decode
                                   f"loss {metrics['train/loss']:.4f} " + " ".join(
                                       f"{p} {metrics.get(f'time/{p}_s', 0.0):.1f}s" for p in ("rollout", "scoring", "train", "sync")))
         if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
-            save_step(session, done, done * samples_per_step, tcfg.keep_last)
+            save_step(session, done, done * samples_per_step, tcfg.keep_last, tcfg.hf_snapshots)
     progress.close()
     return {"steps": tcfg.steps, "time_by_phase_s": times}
 

@@ -70,6 +70,17 @@ class StepRecord:
     tops: list[list[tuple[list[float], list[list[int]], list[list[float]]]]] = field(default_factory=list)
     task_advantages: list[float] = field(default_factory=list)  # GRPO: one per sample
     opd_weight: float = 1.0  # lambda on the teacher advantage (0: no teacher term)
+    loss_weights: list[float] = field(default_factory=list)  # per sample; empty: all 1
+
+
+def domain_loss_weights(domains: list[str | None], lengths: list[int]) -> list[float]:
+    """Per-sample weights giving each domain an equal share of a token-mean loss: a domain with
+    T_d of the step's T completion tokens gets w_d = T / (D * T_d), so sum_d w_d T_d = T."""
+    totals: dict[str | None, int] = {}
+    for domain, n in zip(domains, lengths):
+        totals[domain] = totals.get(domain, 0) + n
+    total, present = sum(totals.values()), [d for d, n in totals.items() if n > 0]
+    return [total / (len(present) * totals[d]) if totals[d] else 1.0 for d in domains]
 
 
 def collate(record: StepRecord, indices: list[int], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
@@ -79,7 +90,8 @@ def collate(record: StepRecord, indices: list[int], pad_id: int, top_k: int) -> 
     batch = {"input_ids": torch.full((b, width), pad_id, dtype=torch.long), "loss_mask": torch.zeros(b, width),
              "sampler_lp": torch.zeros(b, width), "teacher_lp": torch.zeros(b, width), "old_lp": torch.zeros(b, width),
              "task_adv": torch.tensor([record.task_advantages[i] if record.task_advantages else 0.0 for i in indices]),
-             "opd_weight": torch.full((b,), record.opd_weight)}
+             "opd_weight": torch.full((b,), record.opd_weight),
+             "loss_w": torch.tensor([record.loss_weights[i] if record.loss_weights else 1.0 for i in indices])}
     units = max((len(record.tops[i]) for i in indices), default=0) if record.tops else 0
     if top_k and units:
         batch["top_ids"] = torch.zeros(b, units, width, top_k, dtype=torch.long)
@@ -140,6 +152,7 @@ def opd_loss(loss_cfg: Any, vocab_size: int, with_entropy: bool, logits_shard: t
         metrics["topk_overlap_sum"] = (overlap * mask).sum()
     if full is not None:
         metrics["entropy_sum"] = (-(full.exp() * full).sum(-1) * mask).sum().detach()
+    per_token = per_token * batch["loss_w"][:, None]
     tokens = mask.sum()
     metrics.update({
         "loss_sum": per_token.sum().detach(), "tokens": tokens.detach(),

@@ -13,6 +13,7 @@ import torch
 
 from megatron_opd.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from megatron_opd.model import ModelBundle, build_model, load_hf_config, load_hf_weights
+from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megatron_opd.platform import DistInfo, init_distributed
 from megatron_opd.train.common import capture_train_state, restore_train_state
@@ -48,12 +49,15 @@ def optim_settings(optim: OptimConfig, total_steps: int) -> OptimSettings:
 
 
 def open_student(
-    model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, out_dir: Path, tag: str
+    model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, out_dir: Path, tag: str,
+    optimizer_steps: int | None = None,
 ) -> StudentSession:
+    """``optimizer_steps``: the LR schedule's length when it differs from ``train.steps`` (OPD with
+    ``loss.epochs`` optimizer steps per rollout batch)."""
     info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
     bundle = build_model(load_hf_config(model.hf_path), dtype=dtype, vocab_divisible_by=model.vocab_divisible_by)
-    state = wrap_for_training(bundle, optim_settings(optim, train.steps))
+    state = wrap_for_training(bundle, optim_settings(optim, optimizer_steps or train.steps))
     ckpt_root = out_dir / "checkpoints"
     latest = find_latest(ckpt_root) if train.resume and ckpt_root.exists() else None
     start_step = 0
@@ -70,10 +74,15 @@ def open_student(
     return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path))
 
 
-def save_step(session: StudentSession, step: int, consumed_samples: int, keep_last: int) -> Path:
-    """Checkpoint weights + optimizer/scheduler/RNG/data position (collective)."""
-    return save_checkpoint(
+def save_step(session: StudentSession, step: int, consumed_samples: int, keep_last: int,
+              hf_snapshot: bool = False) -> Path:
+    """Checkpoint weights + optimizer/scheduler/RNG/data position (collective); with ``hf_snapshot``
+    also an HF directory ``snapshots/step-N`` that later stages can evaluate and serve."""
+    path = save_checkpoint(
         session.ckpt_root, step, session.bundle,
         capture_train_state(session.state, step, consumed_samples),
         keep_last=keep_last, tokenizer_src=session.hf_path,
     )
+    if hf_snapshot:
+        save_hf_checkpoint(session.bundle, session.out_dir / "snapshots" / f"step-{step:06d}", tokenizer_src=session.hf_path)
+    return path

@@ -131,7 +131,7 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
             session.metrics.log(done, record)
             progress.update(done, f"loss {record['train/loss']:.4f} grad_norm {result.grad_norm:.4f} lr {result.lr:.2e}")
         if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
-            save_step(session, done, done * tcfg.global_batch_size, tcfg.keep_last)
+            save_step(session, done, done * tcfg.global_batch_size, tcfg.keep_last, tcfg.hf_snapshots)
     progress.close()
     return _finish(session, cfg, eval_loss() if held_out else None, data_report)
 

@@ -1,0 +1,148 @@
+"""Run a cascade: stages in order, each a normal ``opd run`` of its recipe in its own directory,
+starting from the previous stage's output; every stage's output is evaluated on the held-out
+splits, ``select`` stages pick per-domain teachers by measured eval, and a report is written.
+
+A stage that finished is not run again when the cascade is re-run (its evaluation is kept in
+``cascade_state.json``); an interrupted stage resumes from its own last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
+from megatron_opd.pipeline.report import write_cascade_report
+
+
+class StageFailed(RuntimeError):
+    """A stage's process exited non-zero; its log names the cause."""
+
+
+def _hf(stage_dir: Path) -> Path:
+    return stage_dir / "hf"
+
+
+class CascadeRunner:
+    def __init__(self, cfg: CascadeConfig, recipe_path: str | Path, evaluate: Callable[..., dict[str, Any]],
+                 log: Callable[[str], None] = print) -> None:
+        """``evaluate(model_dir, domains, offset, samples, sampled) -> {domain: scores}`` is injected
+        (the eval layer's generator-based evaluation) so this module stays a thin orchestrator."""
+        self.cfg, self.recipe_path, self.evaluate, self.log = cfg, Path(recipe_path), evaluate, log
+        self.out = Path(cfg.run.output_dir)
+        self.state_path = self.out / "cascade_state.json"
+        self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    def _eval(self, model_dir: Path) -> dict[str, Any]:
+        e = self.cfg.eval
+        return self.evaluate(model_dir, e.domains or None, 0, e.samples, True)
+
+    def _pick(self, ref: str) -> Path:
+        stage, domain = ref.split("/", 1)
+        return Path(self.state[stage]["picks"][domain]["path"])
+
+    def _init_for(self, stage: CascadeStage, previous: Path) -> Path:
+        if stage.init is None:
+            return previous
+        if stage.init.startswith("select:"):
+            return self._pick(stage.init[len("select:"):])
+        if stage.init in self.state:
+            return Path(self.state[stage.init]["hf"])
+        return Path(stage.init)
+
+    # -- stages ------------------------------------------------------------------------------------
+    def _train_stage(self, stage: CascadeStage, init: Path) -> dict[str, Any]:
+        stage_dir = self.out / stage.name
+        extra = [f"run.output_dir={stage_dir}", f"model.hf_path={init}"]
+        if stage.teachers_from:
+            extra += [f"teachers.teachers.{d}.model={p['path']}" for d, p in self.state[stage.teachers_from]["picks"].items()]
+        stage_cfg = load_stage_recipe(self.recipe_path, stage, extra)
+        if stage_cfg.kind != "sft" and not any(o.startswith("eval.") for o in stage.overrides):
+            extra.append("eval.world_dir=null")  # the cascade evaluates every stage's output itself
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "megatron_opd.cli", "run", str(stage_recipe_path(self.recipe_path, stage)),
+               *stage.overrides, *extra]
+        self.log(f"[cascade] stage {stage.name} ({stage_cfg.kind}) from {init}: log {stage_dir / 'stage.log'}")
+        began = time.perf_counter()
+        with open(stage_dir / "stage.log", "a") as log:
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            tail = "\n".join((stage_dir / "stage.log").read_text().splitlines()[-15:])
+            raise StageFailed(f"stage {stage.name!r} failed (exit {code}); last lines of {stage_dir / 'stage.log'}:\n{tail}")
+        wall = time.perf_counter() - began
+        table = self._eval(_hf(stage_dir))
+        return {"name": stage.name, "kind": stage_cfg.kind, "dir": str(stage_dir), "hf": str(_hf(stage_dir)),
+                "init": str(init), "wall_s": wall, "eval": table}
+
+    def _select_stage(self, stage: CascadeStage) -> dict[str, Any]:
+        spec = stage.select
+        assert spec is not None
+        began = time.perf_counter()
+        candidates: list[Path] = []
+        for name in spec.candidates:
+            done = self.state[name]
+            if spec.include_inputs:
+                candidates.append(Path(done["init"]))
+            candidates += sorted((Path(done["dir"]) / "snapshots").glob("step-*")) + [Path(done["hf"])]
+        unique = list(dict.fromkeys(c.resolve() for c in candidates))
+        scores: dict[str, dict[str, float]] = {}
+        for path in unique:
+            table = self.evaluate(path, spec.domains, spec.offset, spec.samples, False)
+            scores[str(path)] = {d: table[d][spec.metric] for d in spec.domains}
+            self.log(f"[cascade] {stage.name}: {path} " + " ".join(f"{d} {v:.3f}" for d, v in scores[str(path)].items()))
+        picks = {}
+        for d in spec.domains:
+            best = max(unique, key=lambda p: scores[str(p)][d])  # first (earliest) wins a tie
+            picks[d] = {"path": str(best), "score": scores[str(best)][d], "scores": {p: s[d] for p, s in scores.items()}}
+            self.log(f"[cascade] {stage.name}: {d} -> {best} ({spec.metric} {picks[d]['score']:.3f})")
+        return {"name": stage.name, "kind": "select", "metric": spec.metric, "picks": picks,
+                "rows": f"{spec.offset}..{spec.offset + spec.samples - 1}", "wall_s": time.perf_counter() - began}
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(self.cfg))
+        began = time.perf_counter()
+        if "start" not in self.state:
+            self.state["start"] = {"eval": self._eval(self.cfg.start)}
+            self._save_state()
+        previous, kept = Path(self.cfg.start), []
+        for stage in self.cfg.stages:
+            if stage.name in self.state:
+                self.log(f"[cascade] stage {stage.name}: done in an earlier run, kept")
+                kept.append(stage.name)
+            else:
+                self.state[stage.name] = (self._select_stage(stage) if stage.select
+                                          else self._train_stage(stage, self._init_for(stage, previous)))
+                self._save_state()
+            if stage.select is None:
+                previous = Path(self.state[stage.name]["hf"])
+        stages = [self.state[s.name] for s in self.cfg.stages]
+        results = {"name": self.cfg.run.name, "recipe": str(self.recipe_path), "eval_samples": self.cfg.eval.samples,
+                   "start_eval": self.state["start"]["eval"], "stages": stages, "rises": _rises(self.state["start"]["eval"], stages),
+                   "wall_time_s": time.perf_counter() - began, "kept_from_earlier_run": kept}
+        (self.out / "results.json").write_text(json.dumps(results, indent=1))
+        report = write_cascade_report(self.out, results)
+        self.log(f"[cascade] results: {self.out / 'results.json'}; report: {report}")
+        return results
+
+
+def _rises(start: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Greedy accuracy change of every domain at each training stage vs the one before it."""
+    out, before = {}, start
+    for s in stages:
+        if s.get("eval"):
+            out[s["name"]] = {d: s["eval"][d]["accuracy"] - before[d]["accuracy"] for d in s["eval"] if d in before}
+            before = s["eval"]
+    return out

@@ -1,0 +1,177 @@
+"""The run report: ``report.md`` with tables and PNG plots, readable without any other tool.
+
+Built only from what a run directory already holds (``metrics.jsonl``, ``results.json``), so a
+report can be re-made after the fact: ``opd report RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def accuracy_table(tables: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Markdown: one row per (column name, e.g. stage), greedy / sampled accuracy and format per domain."""
+    domains = sorted({d for t in tables.values() for d in t})
+    head = "| | " + " | ".join(f"{d} greedy | {d} sampled | {d} format" for d in domains) + " |"
+    rows = [head, "|---" * (1 + 3 * len(domains)) + "|"]
+    for name, table in tables.items():
+        cells = []
+        for d in domains:
+            r = table.get(d)
+            cells += [f"{r['accuracy']:.3f}", f"{r['sampled_accuracy']:.3f}", f"{r['format_score']:.3f}"] if r else ["", "", ""]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_accuracy_by_stage(tables: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) -> Path:
+    names = list(tables)
+    domains = sorted({d for t in tables.values() for d in t})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for d in domains:
+        xs = [i for i, n in enumerate(names) if d in tables[n]]
+        ax.plot(xs, [tables[names[i]][d]["accuracy"] for i in xs], marker="o", label=d)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("held-out greedy accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_series(segments: list[tuple[str, list[dict[str, Any]]]], keys: list[str], path: Path, title: str,
+                ylabel: str, logy: bool = False) -> Path | None:
+    """Metrics over steps; several stages are laid end to end with their boundaries marked."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset, drawn = 0, False
+    colors: dict[str, Any] = {}
+    for name, rows in segments:
+        for key in keys:
+            for k in sorted({k for r in rows for k in r if _matches(k, key)}):
+                points = [(offset + r["step"], r[k]) for r in rows if k in r]
+                if points:
+                    label = k if k not in colors else None
+                    line = ax.plot(*zip(*points), label=label, color=colors.get(k), linewidth=1)[0]
+                    colors.setdefault(k, line.get_color())
+                    drawn = True
+        if rows and len(segments) > 1:
+            ax.axvline(offset, color="grey", linewidth=0.5)
+            ax.text(offset, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+        offset += max((r["step"] for r in rows), default=0)
+    if not drawn:
+        plt.close(fig)
+        return None
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """``teacher/*/reverse_kl`` style patterns (one ``*``)."""
+    if "*" not in pattern:
+        return name == pattern
+    head, tail = pattern.split("*", 1)
+    return name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail)
+
+
+def training_plots(segments: list[tuple[str, list[dict[str, Any]]]], out: Path) -> list[tuple[str, Path]]:
+    plots = [
+        ("Reverse KL to each teacher (nats/token, on the student's samples)",
+         plot_series(segments, ["teacher/*/reverse_kl"], out / "reverse_kl.png", "reverse KL per teacher", "nats / token", logy=True)),
+        ("Response length and truncation",
+         plot_series(segments, ["rollout/response_length"], out / "response_length.png", "mean response length", "tokens")),
+        ("Truncation and repetition rates",
+         plot_series(segments, ["rollout/truncation_rate", "rollout/repetition_rate"], out / "truncation.png",
+                     "share of samples", "rate")),
+        ("Verifier reward (GRPO)", plot_series(segments, ["rollout/reward_mean"], out / "reward.png", "mean reward", "reward")),
+        ("Training loss", plot_series(segments, ["train/loss"], out / "loss.png", "loss", "loss")),
+    ]
+    return [(caption, p) for caption, p in plots if p is not None]
+
+
+def _images(plots: list[tuple[str, Path]], base: Path) -> list[str]:
+    return [f"### {caption}\n\n![{caption}]({p.relative_to(base).as_posix()})\n" for caption, p in plots]
+
+
+def write_stage_report(run_dir: str | Path) -> Path:
+    """report.md for one training stage (SFT, OPD/MOPD, GRPO) from its run directory."""
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    rows = read_metrics(run_dir)
+    lines = [f"# Run report: {run_dir.name}", ""]
+    tables = results.get("eval") or {}
+    if tables:
+        lines += ["## Held-out accuracy", "", accuracy_table(tables), ""]
+        plots = [("Accuracy per domain", plot_accuracy_by_stage(tables, plots_dir / "accuracy.png", "held-out accuracy"))]
+    else:
+        plots = []
+    if "wall_time_s" in results:
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in results.get("time_by_phase_s", {}).items())
+        lines += [f"Wall time {results['wall_time_s']:.0f} s" + (f" ({phases})." if phases else "."), ""]
+    plots += training_plots([(run_dir.name, rows)], plots_dir)
+    lines += ["## Plots", ""] + _images(plots, run_dir)
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
+    """report.md for a cascade: accuracy per domain after every stage, teacher picks, and each
+    training stage's curves laid end to end."""
+    plots_dir = out / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    tables = {"start": results["start_eval"], **{s["name"]: s["eval"] for s in results["stages"] if s.get("eval")}}
+    lines = [f"# Cascade report: {results['name']}", "",
+             f"Recipe `{results['recipe']}`; wall time {results['wall_time_s']:.0f} s.", "",
+             "## Held-out accuracy after each stage", "",
+             f"Greedy and sampled (temperature 1) accuracy and format score on the first {results['eval_samples']} "
+             "held-out rows of each domain.", "", accuracy_table(tables), ""]
+    rises = results.get("rises", {})
+    if rises:
+        lines += ["Per-domain greedy accuracy vs the stage before: " + "; ".join(
+            f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
+    lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
+    for s in results["stages"]:
+        lines.append(f"| {s['name']} | {s['kind']} | {s['wall_s']:.0f} | `{s.get('init', '')}` |")
+    lines.append("")
+    for s in results["stages"]:
+        if s["kind"] == "select":
+            lines += [f"## Selection `{s['name']}` ({s['metric']} on held-out rows {s['rows']})", "",
+                      "| domain | picked | score | candidates |", "|---|---|---|---|"]
+            for domain, pick in s["picks"].items():
+                cands = ", ".join(f"`{Path(p).parent.name}/{Path(p).name}` {v:.3f}" for p, v in pick["scores"].items())
+                lines.append(f"| {domain} | `{pick['path']}` | {pick['score']:.3f} | {cands} |")
+            lines.append("")
+    plots = [("Accuracy per domain per stage", plot_accuracy_by_stage(tables, plots_dir / "accuracy_by_stage.png", "held-out greedy accuracy"))]
+    segments = [(s["name"], read_metrics(s["dir"])) for s in results["stages"] if s["kind"] in ("opd", "grpo")]
+    plots += training_plots(segments, plots_dir)
+    lines += ["## Plots", ""] + _images(plots, out)
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,98 @@
+"""Recipes load and validate; a real (shrunk) cascade runs every stage as its own process, evaluates
+each output, picks teachers by measured eval, writes results.json + report.md with plots, and a
+re-run keeps finished stages."""
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, opd
+from megatron_opd.config import CascadeConfig, ConfigError, load_recipe
+
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in RECIPES])
+def test_every_recipe_loads_and_validates(recipe):
+    cfg = load_recipe(recipe)
+    assert cfg.kind in ("sft", "opd", "grpo", "cascade")
+
+
+def test_bad_cascade_names_the_stage_and_key():
+    cascade = REPO / "recipes" / "tiny" / "cascade.yaml"
+    cfg = load_recipe(cascade)
+    assert isinstance(cfg, CascadeConfig) and [s.name for s in cfg.stages] == ["sft", "opd", "mopd"]
+    with pytest.raises(ConfigError, match=r"(?s)stages.1 \(opd\): opd_arith.yaml: .*did you mean 'prompts_per_step'"):
+        load_recipe(cascade, ["opd.train.prompt_per_step=3"])
+    with pytest.raises(ConfigError, match=r"(?s)stages.2 \(mopd\).*loss.top_k"):
+        load_recipe(cascade, ["mopd.loss.top_k=0"])
+    # stages.<key> reaches every training stage; a value the SFT stage rejects names that stage
+    with pytest.raises(ConfigError, match=r"(?s)stages.0 \(sft\).*train.steps"):
+        load_recipe(cascade, ["stages.train.steps=0"])
+    with pytest.raises(ConfigError, match="start"):
+        load_recipe(cascade, ["strat=x"])
+
+
+def test_cascade_references_are_checked(tmp_path):
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text(
+        f"kind: cascade\nstart: {REPO}/assets/tiny/student_init\neval: {{world_dir: {REPO}/assets/tiny}}\n"
+        "stages:\n"
+        f"  - {{name: a, recipe: {REPO}/recipes/tiny/sft.yaml}}\n"
+        f"  - {{name: b, recipe: {REPO}/recipes/tiny/mopd.yaml, teachers_from: pick}}\n"
+        "  - {name: pick, select: {candidates: [a], domains: [format]}}\n")
+    with pytest.raises(ConfigError, match=r"stages.1 \(b\): refers to \['pick'\], which are not earlier stages"):
+        load_recipe(recipe)
+
+
+SHRINK = [
+    "stages.train.steps=2", "stages.train.save_interval=1", "stages.train.hf_snapshots=true",
+    "sft.train.global_batch_size=8", "sft.train.micro_batch_size=8", "sft.data.eval_max_rows=8",
+    "stages.parallel.tp=1", "stages.parallel.pp=1",
+    "opd.train.prompts_per_step=4", "opd.train.micro_batch_size=8", "opd.rollout.max_new_tokens=16",
+    "mopd.train.prompts_per_step=4", "mopd.train.micro_batch_size=8", "mopd.rollout.max_new_tokens=16",
+    "eval.samples=3", "eval.max_new_tokens=16",
+]
+
+
+def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
+    out = tmp_path / "cascade"
+    recipe = tmp_path / "cascade_pick.yaml"
+    # the tiny cascade plus a select stage: MOPD's teachers are the best measured checkpoints
+    raw = (REPO / "recipes" / "tiny" / "cascade.yaml").read_text().replace("recipe: ", f"recipe: {REPO}/recipes/tiny/")
+    raw = raw.replace("start: assets", f"start: {REPO}/assets").replace("world_dir: assets", f"world_dir: {REPO}/assets")
+    raw += ("  - name: pick\n    select: {candidates: [opd, mopd], domains: [arithmetic, format], offset: 100, samples: 3}\n"
+            f"  - name: consolidate\n    recipe: {REPO}/recipes/tiny/mopd.yaml\n    teachers_from: pick\n")
+    recipe.write_text(raw)
+    shrink = SHRINK + ["consolidate.train.prompts_per_step=4", "consolidate.train.micro_batch_size=8",
+                       "consolidate.rollout.max_new_tokens=16", f"run.output_dir={out}"]
+    run = opd("run", str(recipe), *shrink)
+    results = json.loads((out / "results.json").read_text())
+    names = [s["name"] for s in results["stages"]]
+    assert names == ["sft", "opd", "mopd", "pick", "consolidate"]
+    for stage in results["stages"]:
+        if stage["kind"] != "select":
+            assert set(stage["eval"]) == {"arithmetic", "strings", "format"}
+            assert (Path(stage["hf"]) / "model.safetensors").is_file()
+    by_name = {s["name"]: s for s in results["stages"]}
+    # each stage starts from the previous training stage's output
+    assert by_name["opd"]["init"] == by_name["sft"]["hf"] and by_name["mopd"]["init"] == by_name["opd"]["hf"]
+    assert by_name["consolidate"]["init"] == by_name["mopd"]["hf"]
+    picks = by_name["pick"]["picks"]
+    for domain, pick in picks.items():
+        # candidates: each stage's input, snapshots and output; the pick is the arg-max of the measured scores
+        # sft/hf (opd's input), opd step-1, step-2, opd/hf (= mopd's input, once), mopd step-1, step-2, mopd/hf
+        assert len(pick["scores"]) == 7 and pick["score"] == max(pick["scores"].values())
+        assert pick["scores"][pick["path"]] == pick["score"]
+    stage_cfg = (out / "consolidate" / "config.yaml").read_text()
+    assert picks["arithmetic"]["path"] in stage_cfg and picks["format"]["path"] in stage_cfg
+    report = (out / "report.md").read_text()
+    assert "| start |" in report and "| consolidate |" in report and "Selection `pick`" in report
+    for png in ("accuracy_by_stage.png", "reverse_kl.png", "response_length.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "[cascade] after stage mopd" in run.stdout
+    assert (out / "opd" / "report.md").is_file()  # every stage's own run directory has its report too
+
+    again = opd("run", str(recipe), *shrink)  # finished stages are kept, not re-run
+    assert again.stdout.count("done in an earlier run, kept") == 5
+    assert json.loads((out / "results.json").read_text())["kept_from_earlier_run"] == names
