@@ -1,0 +1,1 @@
+"""Launchers: Slurm (and local) jobs through nemo-run."""
