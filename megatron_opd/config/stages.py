@@ -1,0 +1,243 @@
+"""The training stages' recipe models: SFT and OPD / MOPD / GRPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import Field, model_validator
+
+from megatron_opd.config.base import Strict
+from megatron_opd.config.launch import LaunchConfig
+from megatron_opd.teachers.router import RoutingSpec
+
+
+class ModelConfig(Strict):
+    hf_path: Path = Field(description="HF checkpoint directory (config, safetensors, tokenizer) to start from")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    vocab_divisible_by: int = Field(128, ge=1, description="pad the vocabulary to a multiple of this")
+
+
+class ParallelConfig(Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    dp: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+class ChatDataConfig(Strict):
+    train: str | list[str] = Field(description="jsonl/json/parquet file(s) (or hub id when online) with chat 'messages'")
+    eval: str | None = Field(None, description="held-out file for eval loss")
+    messages_field: str = "messages"
+    max_length: int = Field(512, ge=2)
+    overlong: Literal["truncate", "drop"] = "drop"
+    eval_max_rows: int = Field(256, ge=1)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+class TrainConfig(Strict):
+    steps: int = Field(ge=1)
+    global_batch_size: int = Field(ge=1)
+    micro_batch_size: int = Field(1, ge=1)
+    seed: int = 1234
+    save_interval: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept on disk")
+    eval_interval: int = Field(0, ge=0, description="eval every N steps (0: only before and after)")
+    log_interval: int = Field(1, ge=1)
+    resume: bool = True
+    hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N), "
+                               "kept for a later stage to evaluate and pick from")
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    output_dir: Path = Path("outputs/run")
+
+
+class StageBase(Strict):
+    """What every training stage has: where it writes, the student, its layout and optimizer."""
+
+    run: RunConfig = RunConfig()
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    optim: OptimConfig = OptimConfig()
+    launch: LaunchConfig = LaunchConfig()
+
+    @model_validator(mode="after")
+    def _placement(self) -> "StageBase":
+        slurm = self.launch.slurm
+        if slurm is not None:
+            gpus = slurm.trainer.nodes * slurm.trainer.gpus_per_node
+            if gpus != self.parallel.world_size:
+                raise ValueError(f"launch.slurm.trainer: {slurm.trainer.nodes} nodes x {slurm.trainer.gpus_per_node} GPUs = {gpus} "
+                                 f"processes, but parallel tp x pp x dp = {self.parallel.world_size}")
+        return self
+
+
+class SFTStageConfig(StageBase):
+    kind: Literal["sft"]
+    data: ChatDataConfig
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _batch_layout(self) -> "SFTStageConfig":
+        per_step = self.train.micro_batch_size * self.parallel.dp
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x parallel.dp ({per_step})"
+            )
+        return self
+
+
+class PromptDataConfig(Strict):
+    train: list[str] = Field(min_length=1, description="jsonl/json/parquet files with chat 'messages' (+ 'domain' tags)")
+    messages_field: str = "messages"
+    domain_field: str = "domain"
+    max_prompt_length: int = Field(256, ge=2)
+
+
+class RolloutConfig(Strict):
+    engine: Literal["embedded", "servers"] = Field("embedded", description="embedded: in-process on trainer rank 0; "
+                                                   "servers: SGLang / `opd serve --role rollout` at `urls`")
+    urls: list[str] = Field(default_factory=list)
+    sync: Literal["in_process", "disk", "distributed"] = "in_process"
+    n: int = Field(4, ge=1, description="samples per prompt")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(64, ge=1, description="sequences per generation batch (embedded engine)")
+    bucket_mb: int = Field(64, ge=1, description="weight-sync bucket size")
+
+    @model_validator(mode="after")
+    def _engine(self) -> "RolloutConfig":
+        if self.engine == "embedded" and self.sync != "in_process":
+            raise ValueError("rollout.engine 'embedded' lives in the trainer: use rollout.sync 'in_process'")
+        if self.engine == "servers" and self.sync == "in_process":
+            raise ValueError("rollout.engine 'servers' needs rollout.sync 'disk' or 'distributed'")
+        return self
+
+
+class LossConfig(Strict):
+    kind: Literal["sampled_token", "topk_forward_kl", "topk_reverse_kl", "jsd"] = Field(
+        "sampled_token", description="sampled_token: policy gradient on A_t = log p_T - log p_S; the others: "
+        "differentiable divergences over the teacher's top-k (jsd: over the full vocabulary of the student vs top-k teacher)")
+    top_k: int = Field(0, ge=0, description="teacher top-k to request (needed by top-k losses and confidence weights)")
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap (None: off)")
+    kl_discount: float = Field(0.0, ge=0, le=1)
+    logratio_clamp: float | None = Field(20.0, gt=0)
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    epochs: int = Field(1, ge=1, description="optimizer steps on each rollout batch")
+    normalize: Literal["token", "domain"] = Field(
+        "token", description="token: every completion token of the step weighs the same; domain: each domain's tokens "
+        "share an equal part of the loss (MOPD: short-answer domains are not drowned by long ones)")
+
+    @model_validator(mode="after")
+    def _topk(self) -> "LossConfig":
+        if self.kind != "sampled_token" and self.top_k < 1:
+            raise ValueError(f"loss.kind {self.kind!r} needs loss.top_k >= 1")
+        return self
+
+
+class RewardConfig(Strict):
+    """Verifiable rewards (GRPO): each completion is checked by its domain's verifier."""
+
+    kind: Literal["verifier"] = "verifier"
+    normalize_std: bool = Field(True, description="GRPO: divide group-centred rewards by the group std")
+    lambda_opd: float = Field(0.0, ge=0, description="with teachers too: A = A_task + lambda_opd * A_opd")
+    format_weight: float = Field(0.0, ge=0, description="reward = correct + format_weight * format_score")
+
+
+class GuardConfig(Strict):
+    min_abs_advantage: float = Field(1e-4, ge=0, description="warn when mean |A| stays below this (teacher == student?)")
+    patience: int = Field(3, ge=1)
+    max_truncation_rate: float = Field(0.9, gt=0, le=1, description="stop when this share of samples hits max_new_tokens ...")
+    stop_on_guard: bool = Field(False, description="... for `patience` steps (else warn)")
+
+
+class OPDTrainConfig(Strict):
+    steps: int = Field(ge=1)
+    prompts_per_step: int = Field(ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    seed: int = 1234
+    save_interval: int = Field(0, ge=0)
+    keep_last: int = Field(2, ge=1)
+    eval_interval: int = Field(0, ge=0, description="eval every N steps (0: before and after only)")
+    log_interval: int = Field(1, ge=1)
+    resume: bool = True
+    hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N)")
+
+
+class EvalConfig(Strict):
+    world_dir: Path | None = Field(None, description="tiny-world directory with data/<domain>/test.jsonl (None: no eval)")
+    domains: list[str] = Field(default_factory=list)
+    samples: int = Field(100, ge=1)
+    max_new_tokens: int = Field(96, ge=1)
+
+
+class OPDStageConfig(StageBase):
+    """On-policy distillation (one teacher), MOPD (several, routed by domain tag), or GRPO
+    (``kind: grpo``: verifier rewards, optionally plus a teacher's advantage)."""
+
+    kind: Literal["opd", "grpo"]
+    data: PromptDataConfig
+    rollout: RolloutConfig = RolloutConfig()
+    teachers: RoutingSpec | None = None
+    reward: RewardConfig | None = None
+    loss: LossConfig = LossConfig()
+    guard: GuardConfig = GuardConfig()
+    train: OPDTrainConfig
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _layout(self) -> "OPDStageConfig":
+        samples = self.train.prompts_per_step * self.rollout.n
+        per_step = self.train.micro_batch_size * self.parallel.dp
+        if samples % per_step:
+            raise ValueError(f"train.prompts_per_step x rollout.n ({samples}) must be a multiple of "
+                             f"train.micro_batch_size x parallel.dp ({per_step})")
+        if self.teachers is not None and self.teachers.weighting == "confidence" and self.loss.top_k < 1:
+            raise ValueError("teachers.weighting 'confidence' needs loss.top_k >= 1")
+        if self.kind == "opd" and self.teachers is None:
+            raise ValueError("kind 'opd' needs `teachers`")
+        if self.kind == "grpo" and self.reward is None:
+            raise ValueError("kind 'grpo' needs `reward`")
+        if self.kind == "grpo" and self.loss.kind != "sampled_token":
+            raise ValueError("kind 'grpo' trains with loss.kind 'sampled_token' (a policy gradient)")
+        if self.reward is not None and self.reward.lambda_opd > 0 and self.teachers is None:
+            raise ValueError("reward.lambda_opd > 0 needs `teachers`")
+        slurm = self.launch.slurm
+        if self.rollout.engine == "servers" and not self.rollout.urls and (slurm is None or slurm.rollout is None):
+            raise ValueError("rollout.engine 'servers' needs rollout.urls (or launch.slurm.rollout, whose servers fill them)")
+        if slurm is not None:
+            if slurm.rollout is not None and self.rollout.engine != "servers":
+                raise ValueError("launch.slurm.rollout places SGLang rollout servers: set rollout.engine 'servers'")
+            unknown = sorted(set(slurm.teachers) - set(self.teachers.teachers if self.teachers else {}))
+            if unknown:
+                raise ValueError(f"launch.slurm.teachers: {unknown} are not in teachers.teachers")
+            for name in slurm.teachers:
+                spec = self.teachers.teachers[name]  # type: ignore[union-attr]
+                if spec.model is None and slurm.teachers[name].model is None:
+                    raise ValueError(f"launch.slurm.teachers.{name}: no checkpoint to serve (give `model` here or in teachers)")
+        return self
+
+
+StageConfig = Union[SFTStageConfig, OPDStageConfig]
