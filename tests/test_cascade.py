@@ -43,6 +43,16 @@ def test_cascade_references_are_checked(tmp_path):
         "  - {name: pick, select: {candidates: [a], domains: [format]}}\n")
     with pytest.raises(ConfigError, match=r"stages.1 \(b\): refers to \['pick'\], which are not earlier stages"):
         load_recipe(recipe)
+    recipe.write_text(
+        f"kind: cascade\nstart: {REPO}/assets/tiny/student_init\neval: {{world_dir: {REPO}/assets/tiny}}\n"
+        "stages:\n"
+        f"  - {{name: a, recipe: {REPO}/recipes/tiny/sft.yaml}}\n"
+        "  - {name: pick, select: {candidates: [a], domains: [format]}}\n"
+        f"  - {{name: b, recipe: {REPO}/recipes/tiny/sft.yaml, init: pick}}\n")
+    with pytest.raises(ConfigError, match=r"init 'pick' is a select stage; use 'select:pick/<domain>'"):
+        load_recipe(recipe)
+    recipe.write_text(recipe.read_text().replace("init: pick", "init: select:pick/format"))
+    assert load_recipe(recipe).stages[2].init == "select:pick/format"
 
 
 SHRINK = [

@@ -64,6 +64,9 @@ class CascadeConfig(Strict):
                 if stage.teachers_from in seen and seen[stage.teachers_from].select is None:
                     raise ValueError(f"{where}: teachers_from {stage.teachers_from!r} is not a select stage")
             if stage.init and "/" not in stage.init and not stage.init.startswith("select:") and stage.init in seen:
+                if seen[stage.init].select is not None:
+                    raise ValueError(f"{where}: init {stage.init!r} is a select stage; "
+                                     f"use 'select:{stage.init}/<domain>' to start from one of its picks")
                 refs.append(stage.init)
             if stage.init and stage.init.startswith("select:"):
                 refs.append(stage.init[len("select:"):].split("/")[0])
