@@ -125,6 +125,23 @@ def _preflight_cascade(cfg) -> None:
     unknown = [d for d in cfg.eval.domains if d not in have]
     if unknown or not have:
         raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
+    rows = {d: sum(1 for line in (Path(cfg.eval.world_dir) / "data" / d / "test.jsonl").open() if line.strip()) for d in have}
+    short = [d for d in (cfg.eval.domains or have) if rows[d] < cfg.eval.samples]
+    if short:
+        raise ValueError(f"eval.samples: {cfg.eval.samples} rows asked, but {short} have only {[rows[d] for d in short]}")
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages.{i} ({stage.name})"
+        domains = (stage.select.domains if stage.select else [stage.compare.domain] if stage.compare
+                   else list(stage.specialists.specialists) if stage.specialists else [])
+        unknown = [d for d in domains if d not in have]
+        if unknown:
+            raise ValueError(f"{where}: domains {unknown} not in {cfg.eval.world_dir} (has {have})")
+        spec = stage.select or stage.compare
+        if spec and any(rows[d] < spec.offset + spec.samples for d in domains):
+            raise ValueError(f"{where}: choice rows {spec.offset}..{spec.offset + spec.samples - 1} run past the "
+                             f"held-out split ({min(rows[d] for d in domains)} rows)")
+        if stage.compare and stage.compare.teacher and not (Path(stage.compare.teacher) / "config.json").is_file():
+            raise ValueError(f"{where}: compare.teacher {stage.compare.teacher} is not an HF checkpoint (no config.json)")
 
 
 def _run_cascade(cfg, recipe: Path) -> None:
@@ -144,6 +161,9 @@ def _run_cascade(cfg, recipe: Path) -> None:
     for stage in results["stages"]:
         if stage.get("eval"):
             typer.echo(format_table(stage["eval"], f"[cascade] after stage {stage['name']} ({stage['kind']}, {stage['wall_s']:.0f} s):"))
+        for goal in stage.get("goals", []):
+            verdict = "n/a" if goal["met"] is None else "met" if goal["met"] else "NOT met"
+            typer.echo(f"[cascade] {stage['name']}: {verdict}: {goal['goal']} ({goal['measured']})")
     typer.echo(f"[cascade] wall time {results['wall_time_s']:.0f} s; run directory {cfg.run.output_dir}")
 
 

@@ -6,7 +6,7 @@ Every user-facing default lives here, once. Unknown keys are errors (with a "did
 """
 
 from megatron_opd.config.base import ConfigError, Strict
-from megatron_opd.config.cascade import CascadeConfig, CascadeStage, SelectSpec
+from megatron_opd.config.cascade import CascadeConfig, CascadeStage, CompareSpec, SelectSpec, SpecialistsSpec
 from megatron_opd.config.launch import LaunchConfig, ServerGroup, SlurmConfig, TrainerGroup
 from megatron_opd.config.loading import (STAGE_KINDS, apply_overrides, dump_config, load_recipe, load_stage_recipe,
                                          parse_stage, stage_recipe_path)
@@ -15,9 +15,9 @@ from megatron_opd.config.stages import (ChatDataConfig, EvalConfig, GuardConfig,
                                         RolloutConfig, RunConfig, SFTStageConfig, StageBase, StageConfig, TrainConfig)
 
 __all__ = [
-    "CascadeConfig", "CascadeStage", "ChatDataConfig", "ConfigError", "EvalConfig", "GuardConfig", "LaunchConfig",
+    "CascadeConfig", "CascadeStage", "ChatDataConfig", "CompareSpec", "ConfigError", "EvalConfig", "GuardConfig", "LaunchConfig",
     "LossConfig", "ModelConfig", "OPDStageConfig", "OPDTrainConfig", "OptimConfig", "ParallelConfig", "PromptDataConfig",
     "RewardConfig", "RolloutConfig", "RunConfig", "STAGE_KINDS", "SFTStageConfig", "SelectSpec", "ServerGroup",
-    "SlurmConfig", "StageBase", "StageConfig", "Strict", "TrainConfig", "TrainerGroup", "apply_overrides",
+    "SlurmConfig", "SpecialistsSpec", "StageBase", "StageConfig", "Strict", "TrainConfig", "TrainerGroup", "apply_overrides",
     "dump_config", "load_recipe", "load_stage_recipe", "parse_stage", "stage_recipe_path",
 ]

@@ -23,6 +23,59 @@ class SelectSpec(Strict):
     samples: int = Field(100, ge=1)
 
 
+class CompareSpec(Strict):
+    """Methods side by side on one domain at an equal budget of trained response tokens (the results
+    table: continued SFT vs OPD vs GRPO from one cold start). Every method lists its grid points
+    (earlier training stages from the same init); the grid point is picked on held-out rows
+    ``offset..offset+samples-1`` and reported on the cascade's eval rows, with an accuracy-vs-tokens
+    curve from its HF snapshots (training stages need ``train.hf_snapshots`` and ``log_interval=1``)."""
+
+    domain: str
+    methods: dict[str, list[str]] = Field(min_length=2, description="method -> its grid: earlier training stages")
+    focus: str = Field("opd", description="the method whose goals are checked against the others")
+    reach: str | None = Field("grpo", description="tokens for `focus` to reach this method's accuracy at the budget")
+    reach_fraction: float = Field(1 / 9, gt=0, le=1, description="goal: focus needs <= this share of reach's tokens")
+    teacher: Path | None = Field(None, description="HF dir of the focus method's teacher (goal: >= teacher_fraction of it)")
+    teacher_fraction: float = Field(0.9, gt=0, le=1)
+    token_budget: int | None = Field(None, ge=1, description="None: the largest total any grid point of the "
+                                     "method with the fewest tokens reached")
+    offset: int = Field(100, ge=0, description="grid-choice rows: test[offset : offset + samples]")
+    samples: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> "CompareSpec":
+        for key, value in (("focus", self.focus), ("reach", self.reach)):
+            if value is not None and value not in self.methods:
+                raise ValueError(f"{key}: {value!r} is not one of methods {sorted(self.methods)}")
+        if self.reach == self.focus:
+            raise ValueError(f"reach: {self.reach!r} is the focus method; name another method or null")
+        bad = [m for m in self.methods if not m.replace("_", "").replace("-", "").isalnum()]
+        empty = [m for m, grid in self.methods.items() if not grid]
+        if bad or empty:
+            raise ValueError(f"methods: {bad or empty} " + ("are not plain names (letters, digits, _ or -)" if bad else "list no stages"))
+        listed = [name for grid in self.methods.values() for name in grid]
+        twice = sorted({n for n in listed if listed.count(n) > 1})
+        if twice:
+            raise ValueError(f"methods: {twice} listed more than once")
+        return self
+
+    def stages(self) -> list[str]:
+        return [name for grid in self.methods.values() for name in grid]
+
+
+class SpecialistsSpec(Strict):
+    """A consolidated multi-domain student (MOPD) against each domain's single-domain specialist, with
+    sequential single-domain OPD beside it (the see-saw), from the stages' own evaluations."""
+
+    consolidated: str = Field(description="the multi-domain stage (MOPD)")
+    specialists: dict[str, str] = Field(min_length=1, description="domain -> its specialist stage")
+    sequential: str | None = Field(None, description="the last stage of a chain of single-domain stages")
+    margin: float = Field(0.02, ge=0, description="goal: consolidated >= specialist - margin on each domain")
+
+    def stages(self) -> list[str]:
+        return [self.consolidated, *self.specialists.values(), *([self.sequential] if self.sequential else [])]
+
+
 class CascadeStage(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     recipe: Path | None = Field(None, description="stage recipe (sft/opd/grpo), relative to the cascade file")
@@ -31,12 +84,27 @@ class CascadeStage(Strict):
                              "a stage name = its output; 'select:<stage>/<domain>' = a pick; else an HF directory")
     teachers_from: str | None = Field(None, description="a select stage: its picks become teachers.teachers.<domain>.model")
     select: SelectSpec | None = None
+    compare: CompareSpec | None = None
+    specialists: SpecialistsSpec | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "CascadeStage":
-        if (self.recipe is None) == (self.select is None):
-            raise ValueError(f"stage {self.name!r}: give exactly one of `recipe` or `select`")
+        if sum(x is not None for x in (self.recipe, self.select, self.compare, self.specialists)) != 1:
+            raise ValueError(f"stage {self.name!r}: give exactly one of `recipe`, `select`, `compare` or `specialists`")
+        unused = [k for k in ("init", "teachers_from") if getattr(self, k) is not None] + (["overrides"] if self.overrides else [])
+        if not self.trains and unused:
+            raise ValueError(f"stage {self.name!r}: {unused} only apply to training stages (`recipe`)")
         return self
+
+    @property
+    def trains(self) -> bool:
+        return self.recipe is not None
+
+    @property
+    def measured(self) -> list[str]:
+        """The earlier training stages a select/compare/specialists stage reads."""
+        spec = self.select or self.compare or self.specialists
+        return (spec.candidates if isinstance(spec, SelectSpec) else spec.stages()) if spec else []
 
 
 class CascadeConfig(Strict):
@@ -58,18 +126,35 @@ class CascadeConfig(Strict):
             where = f"stages.{i} ({stage.name})"
             if stage.name in seen or stage.name == "start":
                 raise ValueError(f"{where}: duplicate or reserved stage name")
-            refs = list(stage.select.candidates) if stage.select else []
+            refs = list(stage.measured)
+            not_training = [n for n in refs if n in seen and not seen[n].trains]
+            if not_training:
+                what = "select candidates" if stage.select else "compare methods" if stage.compare else "specialists"
+                raise ValueError(f"{where}: {what} list {not_training}, which are not training stages")
+            rows = stage.select or stage.compare
+            if rows and rows.offset < self.eval.samples:  # the choice must not see the reported rows
+                raise ValueError(f"{where}: offset {rows.offset} overlaps the reported rows 0..{self.eval.samples - 1} "
+                                 f"(eval.samples); choose on rows from {self.eval.samples} on")
+            if stage.specialists and self.eval.domains:
+                unevaluated = [d for d in stage.specialists.specialists if d not in self.eval.domains]
+                if unevaluated:
+                    raise ValueError(f"{where}: specialists for {unevaluated}, which eval.domains does not evaluate")
             if stage.teachers_from:
                 refs.append(stage.teachers_from)
                 if stage.teachers_from in seen and seen[stage.teachers_from].select is None:
                     raise ValueError(f"{where}: teachers_from {stage.teachers_from!r} is not a select stage")
-            if stage.init and "/" not in stage.init and not stage.init.startswith("select:") and stage.init in seen:
+            if stage.init and stage.init.startswith("select:"):
+                target = stage.init[len("select:"):].split("/")[0]
+                if target in seen and seen[target].select is None:
+                    raise ValueError(f"{where}: init {stage.init!r}: {target!r} is not a select stage")
+                refs.append(target)
+            elif stage.init and "/" not in stage.init and stage.init in seen:
                 if seen[stage.init].select is not None:
                     raise ValueError(f"{where}: init {stage.init!r} is a select stage; "
                                      f"use 'select:{stage.init}/<domain>' to start from one of its picks")
+                if not seen[stage.init].trains:
+                    raise ValueError(f"{where}: init {stage.init!r} is a comparison stage, which makes no checkpoint")
                 refs.append(stage.init)
-            if stage.init and stage.init.startswith("select:"):
-                refs.append(stage.init[len("select:"):].split("/")[0])
             missing = [r for r in refs if r not in seen]
             if missing:
                 raise ValueError(f"{where}: refers to {missing}, which are not earlier stages")

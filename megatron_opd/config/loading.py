@@ -93,27 +93,37 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> StageCo
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, CascadeConfig)) from None
     picks = {s.name: s.select.domains for s in cascade.stages if s.select}
+    compared = {name: s.name for s in cascade.stages if s.compare for name in s.compare.stages()}
     for i, stage in enumerate(cascade.stages):
         if stage.recipe is not None:
             # teachers picked at run time stand in as placeholders for validation
             placeholders = [f"teachers.teachers.{d}.model=<picked by {stage.teachers_from}>"
                             for d in picks.get(stage.teachers_from or "", [])]
             try:
-                load_stage_recipe(path, stage, placeholders)
+                stage_cfg = load_stage_recipe(path, stage, placeholders)
             except ConfigError as exc:
                 raise ConfigError(f"stages.{i} ({stage.name}): {stage.recipe}: {exc}") from None
+            t = stage_cfg.train
+            if stage.name in compared and (t.log_interval != 1 or not t.hf_snapshots or not t.save_interval):
+                # the comparison needs every step's token count and checkpoints along the way
+                raise ConfigError(f"stages.{i} ({stage.name}): compared by {compared[stage.name]!r}, so it needs "
+                                  f"train.log_interval=1, train.hf_snapshots=true and train.save_interval > 0 (has "
+                                  f"{t.log_interval}, {str(t.hf_snapshots).lower()}, {t.save_interval})")
     return cascade
 
 
 def _route_stage_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
-    """Cascade overrides: ``<stage>.key=value`` goes to that stage's recipe, ``stages.key=value`` to
-    every training stage's; the rest apply to the cascade itself."""
+    """Cascade overrides: ``<stage>.key=value`` goes to that stage's recipe (or, for a select/compare
+    stage, to its own spec), ``stages.key=value`` to every training stage's; the rest apply to the
+    cascade itself."""
     stages = raw.get("stages") if isinstance(raw.get("stages"), list) else []
     names = {s.get("name"): s for s in stages if isinstance(s, dict)}
     rest = []
     for item in overrides:
         head, _, tail = item.partition(".")
-        if head in names and tail:
+        if head in names and tail and names[head].get("recipe") is None:
+            apply_overrides(names[head], [tail])  # a measuring stage: the override edits its own spec
+        elif head in names and tail:
             names[head].setdefault("overrides", []).append(tail)
         elif head == "stages" and tail and "=" in tail and not tail.split("=", 1)[0].isdigit():
             for stage in names.values():

@@ -1,6 +1,7 @@
 """Run a cascade: stages in order, each a normal ``opd run`` of its recipe in its own directory,
 starting from the previous stage's output; every stage's output is evaluated on the held-out
-splits, ``select`` stages pick per-domain teachers by measured eval, and a report is written.
+splits, ``select`` stages pick per-domain teachers by measured eval, ``compare`` stages put methods
+side by side at an equal token budget, and a report is written.
 
 A stage that finished is not run again when the cascade is re-run (its evaluation is kept in
 ``cascade_state.json``); an interrupted stage resumes from its own last checkpoint.
@@ -16,8 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
-from megatron_opd.pipeline.report import write_cascade_report
+from megatron_opd.pipeline.compare import (as_dict, at_budget, comparison_goals, cumulative_tokens, specialist_rows,
+                                           stage_checkpoints)
+from megatron_opd.pipeline.report import read_metrics, write_cascade_report
 
 
 class StageFailed(RuntimeError):
@@ -109,6 +114,72 @@ class CascadeRunner:
         return {"name": stage.name, "kind": "select", "metric": spec.metric, "picks": picks,
                 "rows": f"{spec.offset}..{spec.offset + spec.samples - 1}", "wall_s": time.perf_counter() - began}
 
+    def _compare_stage(self, stage: CascadeStage) -> dict[str, Any]:
+        spec = stage.compare
+        assert spec is not None
+        began, n = time.perf_counter(), self.cfg.eval.samples
+        cache: dict[tuple[str, int, int], float] = {}
+
+        def accuracy(path: str | Path, offset: int, samples: int) -> float:
+            key = (str(Path(path).resolve()), offset, samples)
+            if key not in cache:
+                cache[key] = self.evaluate(Path(path), [spec.domain], offset, samples, False)[spec.domain]["accuracy"]
+            return cache[key]
+
+        points = {}
+        for grid in spec.methods.values():
+            for name in grid:
+                done = self.state[name]
+                steps = int(yaml.safe_load((Path(done["dir"]) / "config.yaml").read_text())["train"]["steps"])
+                try:
+                    tokens = cumulative_tokens(read_metrics(done["dir"]), steps, name)
+                except ValueError as exc:
+                    raise StageFailed(f"stage {stage.name!r}: {exc}") from None
+                points[name] = stage_checkpoints(done["dir"], done["init"], steps, tokens)
+        # every method can spend the budget with at least one grid point (a collapsed run that stopped
+        # producing tokens does not shrink everyone's budget; it is judged at its own final checkpoint)
+        budget = float(spec.token_budget or min(max(points[g][-1].tokens for g in grid) for grid in spec.methods.values()))
+        self.log(f"[cascade] {stage.name}: {spec.domain} at a budget of {budget:.0f} trained response tokens")
+        methods: dict[str, dict[str, Any]] = {}
+        for method, grid in spec.methods.items():
+            tried = {}
+            for name in grid:
+                point = at_budget(points[name], budget)
+                tried[name] = {"checkpoint": as_dict(point), "choice_accuracy": accuracy(point.path, spec.offset, spec.samples)}
+                self.log(f"[cascade] {stage.name}: {method} grid point {name}: {point.tokens:.0f} tokens, "
+                         f"accuracy {tried[name]['choice_accuracy']:.3f} on rows {spec.offset}..{spec.offset + spec.samples - 1}")
+            pick = max(grid, key=lambda g: tried[g]["choice_accuracy"])  # the first listed wins a tie
+            curve = [[p.tokens, accuracy(p.path, 0, n)] for p in points[pick] if p.tokens <= budget]
+            reported = at_budget(points[pick], budget)
+            methods[method] = {"pick": pick, "grid": tried, "tokens": reported.tokens, "checkpoint": reported.path,
+                               "accuracy": accuracy(reported.path, 0, n), "curve": curve}
+            self.log(f"[cascade] {stage.name}: {method} -> {pick}: accuracy {methods[method]['accuracy']:.3f} "
+                     f"after {reported.tokens:.0f} tokens ({reported.tokens / budget:.1%} of the budget)")
+        teacher = accuracy(spec.teacher, 0, n) if spec.teacher else None
+        goals = comparison_goals(methods, spec.focus, spec.reach, spec.reach_fraction, teacher, spec.teacher_fraction)
+        for goal in goals:
+            self.log(f"[cascade] {stage.name}: goal {goal['goal']}: {_verdict(goal['met'])} ({goal['measured']})")
+        return {"name": stage.name, "kind": "compare", "spec": spec.model_dump(mode="json"), "domain": spec.domain, "token_budget": budget, "methods": methods,
+                "teacher": str(spec.teacher) if spec.teacher else None, "teacher_accuracy": teacher, "goals": goals,
+                "rows": f"0..{n - 1}", "choice_rows": f"{spec.offset}..{spec.offset + spec.samples - 1}",
+                "wall_s": time.perf_counter() - began}
+
+    def _specialists_stage(self, stage: CascadeStage) -> dict[str, Any]:
+        spec = stage.specialists
+        assert spec is not None
+        evals = {name: self.state[name]["eval"] for name in spec.stages()}
+        rows = specialist_rows(evals, spec.consolidated, spec.specialists, spec.sequential, spec.margin)
+        for r in rows:
+            self.log(f"[cascade] {stage.name}: {r['domain']}: specialist {r['specialist_accuracy']:.3f}, "
+                     f"{spec.consolidated} {r['consolidated_accuracy']:.3f}"
+                     + (f", sequential {r['sequential_accuracy']:.3f}" if spec.sequential else "")
+                     + f" -> within {spec.margin:.2f}: {'met' if r['met'] else 'NOT met'}")
+        goals = [{"goal": f"{spec.consolidated} within {spec.margin:.2f} of the {r['domain']} specialist", "met": r["met"],
+                  "measured": f"{r['consolidated_accuracy']:.3f} vs {r['specialist_accuracy']:.3f} ({r['gap']:+.3f})"}
+                 for r in rows]
+        return {"name": stage.name, "kind": "specialists", "spec": spec.model_dump(mode="json"), "consolidated": spec.consolidated, "sequential": spec.sequential,
+                "margin": spec.margin, "rows": rows, "goals": goals, "wall_s": 0.0}
+
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -119,14 +190,19 @@ class CascadeRunner:
             self._save_state()
         previous, kept = Path(self.cfg.start), []
         for stage in self.cfg.stages:
+            spec = stage.compare or stage.specialists
+            if spec and self.state.get(stage.name, {}).get("spec") != spec.model_dump(mode="json"):
+                self.state.pop(stage.name, None)  # a measuring stage is re-measured when its spec changed
             if stage.name in self.state:
                 self.log(f"[cascade] stage {stage.name}: done in an earlier run, kept")
                 kept.append(stage.name)
             else:
-                self.state[stage.name] = (self._select_stage(stage) if stage.select
-                                          else self._train_stage(stage, self._init_for(stage, previous)))
+                self.state[stage.name] = (self._select_stage(stage) if stage.select else
+                                          self._compare_stage(stage) if stage.compare else
+                                          self._specialists_stage(stage) if stage.specialists else
+                                          self._train_stage(stage, self._init_for(stage, previous)))
                 self._save_state()
-            if stage.select is None:
+            if stage.trains:
                 previous = Path(self.state[stage.name]["hf"])
         stages = [self.state[s.name] for s in self.cfg.stages]
         results = {"name": self.cfg.run.name, "recipe": str(self.recipe_path), "eval_samples": self.cfg.eval.samples,
@@ -146,3 +222,7 @@ def _rises(start: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, dic
             out[s["name"]] = {d: s["eval"][d]["accuracy"] - before[d]["accuracy"] for d in s["eval"] if d in before}
             before = s["eval"]
     return out
+
+
+def _verdict(met: bool | None) -> str:
+    return "n/a" if met is None else "met" if met else "NOT met"

@@ -169,9 +169,70 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
                 lines.append(f"| {domain} | `{pick['path']}` | {pick['score']:.3f} | {cands} |")
             lines.append("")
     plots = [("Accuracy per domain per stage", plot_accuracy_by_stage(tables, plots_dir / "accuracy_by_stage.png", "held-out greedy accuracy"))]
+    for s in results["stages"]:
+        if s["kind"] == "compare":
+            lines += comparison_section(s)
+            plots.append((f"Comparison {s['name']}: accuracy vs trained tokens",
+                          plot_comparison(s, plots_dir / f"compare_{s['name']}.png")))
+        elif s["kind"] == "specialists":
+            lines += specialists_section(s)
     segments = [(s["name"], read_metrics(s["dir"])) for s in results["stages"] if s["kind"] in ("opd", "grpo")]
     plots += training_plots(segments, plots_dir)
     lines += ["## Plots", ""] + _images(plots, out)
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def comparison_section(s: dict[str, Any]) -> list[str]:
+    """Markdown for a compare stage: the picked grid point of every method at the token budget,
+    what each grid tried, the teacher, and every goal with its measured numbers."""
+    lines = [f"## Comparison `{s['name']}`: {s['domain']} at {s['token_budget']:.0f} trained response tokens", "",
+             f"Each method's grid point is picked by greedy accuracy on held-out rows {s['choice_rows']}; the table "
+             f"reports rows {s['rows']} at the last checkpoint within the budget.", "",
+             "| method | picked | tokens (share of budget) | accuracy | grid tried (accuracy on the choice rows @ tokens) |",
+             "|---|---|---|---|---|"]
+    for method, m in s["methods"].items():
+        tried = ", ".join(f"`{name}` {g['choice_accuracy']:.3f} @ {g['checkpoint']['tokens']:.0f}" for name, g in m["grid"].items())
+        lines.append(f"| {method} | `{m['pick']}` | {m['tokens']:.0f} ({m['tokens'] / s['token_budget']:.0%}) | "
+                     f"{m['accuracy']:.3f} | {tried} |")
+    if s.get("teacher_accuracy") is not None:
+        lines.append(f"| teacher | `{s['teacher']}` | | {s['teacher_accuracy']:.3f} | |")
+    lines += ["", "| goal | met | measured |", "|---|---|---|"]
+    lines += [f"| {g['goal']} | {'n/a' if g['met'] is None else 'yes' if g['met'] else '**no**'} | {g['measured']} |"
+              for g in s["goals"]]
+    lines += ["", "Accuracy vs tokens of each pick: " + "; ".join(
+        f"{method} " + ", ".join(f"{t:.0f}:{a:.2f}" for t, a in m["curve"]) for method, m in s["methods"].items()), ""]
+    return lines
+
+
+def plot_comparison(s: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, m in s["methods"].items():
+        ax.plot(*zip(*m["curve"]), marker="o", label=f"{method} ({m['pick']})")
+    if s.get("teacher_accuracy") is not None:
+        ax.axhline(s["teacher_accuracy"], color="grey", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlabel("trained response tokens")
+    ax.set_ylabel(f"{s['domain']} held-out greedy accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{s['name']}: equal-token comparison")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def specialists_section(s: dict[str, Any]) -> list[str]:
+    seq = s.get("sequential")
+    lines = [f"## `{s['consolidated']}` vs each specialist" + (f" vs sequential single-domain OPD (`{seq}`)" if seq else ""), "",
+             "Greedy accuracy on the held-out rows of the table above.", "",
+             f"| domain | specialist stage | specialist | {s['consolidated']} |" + (" sequential |" if seq else "")
+             + f" {s['consolidated']} - specialist | within {s['margin']:.2f} |",
+             "|---" * (6 + bool(seq)) + "|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['domain']} | `{r['specialist']}` | {r['specialist_accuracy']:.3f} | {r['consolidated_accuracy']:.3f} |"
+                     + (f" {r['sequential_accuracy']:.3f} |" if seq else "")
+                     + f" {r['gap']:+.3f} | {'yes' if r['met'] else '**no**'} |")
+    return lines + [""]
