@@ -78,7 +78,11 @@ def plot_series(segments: list[tuple[str, list[dict[str, Any]]]], keys: list[str
         return None
     if logy:
         ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    return _save(fig, ax, path, "optimizer step", ylabel, title)
+
+
+def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -212,16 +216,9 @@ def plot_comparison(s: dict[str, Any], path: Path) -> Path:
         ax.plot(*zip(*m["curve"]), marker="o", label=f"{method} ({m['pick']})")
     if s.get("teacher_accuracy") is not None:
         ax.axhline(s["teacher_accuracy"], color="grey", linestyle="--", linewidth=1, label="teacher")
-    ax.set_xlabel("trained response tokens")
-    ax.set_ylabel(f"{s['domain']} held-out greedy accuracy")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{s['name']}: equal-token comparison")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "trained response tokens", f"{s['domain']} held-out greedy accuracy",
+                 f"{s['name']}: equal-token comparison")
 
 
 def specialists_section(s: dict[str, Any]) -> list[str]:
