@@ -104,7 +104,10 @@ def test_weight_sync_from_tp2pp2_student_is_exact(server, tmp_path, mode, versio
         assert torch.equal(served, tensor), name
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["tensors"] == len(trainer) and report["bytes"] > 0
-    assert report["probe"]["max_abs_diff"] <= 1e-5, report["probe"]
+    # weights are bit-identical (above); the probe compares two forwards of them, megatron TP2xPP2 vs the
+    # server's single-process one, so only fp32 reduction order differs: ~1e-6 relative on log-probs of
+    # magnitude up to ~20 (as in tests/test_teachers.py). Serving the unperturbed weights gives a mean of ~1.
+    assert report["probe"]["mean_abs_diff"] <= 1e-5 and report["probe"]["max_abs_diff"] <= 5e-5, report["probe"]
 
 
 def test_pool_retries_a_killed_servers_share_exactly_once():
