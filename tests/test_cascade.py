@@ -22,7 +22,7 @@ def test_bad_cascade_names_the_stage_and_key():
     cascade = REPO / "recipes" / "tiny" / "cascade.yaml"
     cfg = load_recipe(cascade)
     assert isinstance(cfg, CascadeConfig) and [s.name for s in cfg.stages] == ["sft", "opd", "mopd"]
-    with pytest.raises(ConfigError, match=r"(?s)stages.1 \(opd\): opd_arith.yaml: .*did you mean 'prompts_per_step'"):
+    with pytest.raises(ConfigError, match=r"(?s)stages.1 \(opd\): opd_general.yaml: .*did you mean 'prompts_per_step'"):
         load_recipe(cascade, ["opd.train.prompt_per_step=3"])
     with pytest.raises(ConfigError, match=r"(?s)stages.2 \(mopd\).*loss.top_k"):
         load_recipe(cascade, ["mopd.loss.top_k=0"])
