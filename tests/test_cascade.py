@@ -98,9 +98,17 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     assert picks["arithmetic"]["path"] in stage_cfg and picks["format"]["path"] in stage_cfg
     report = (out / "report.md").read_text()
     assert "| start |" in report and "| consolidate |" in report and "Selection `pick`" in report
+    # the verdict on "every domain rises at every stage" follows the measured tables
+    greedy = {s["name"]: {d: r["accuracy"] for d, r in s["eval"].items()} for s in results["stages"] if s.get("eval")}
+    order = ["sft", "opd", "mopd", "consolidate"]
+    before = {"sft": {d: r["accuracy"] for d, r in results["start_eval"].items()}, **{b: greedy[a] for a, b in zip(order, order[1:])}}
+    falls = [(stage, d) for stage in order for d in greedy[stage] if greedy[stage][d] <= before[stage][d]]
+    assert f"Every domain rises at every stage: **{'no' if falls else 'yes'}**" in report
+    for stage, d in falls:
+        assert f"{d} in {stage} (" in report
     for png in ("accuracy_by_stage.png", "reverse_kl.png", "response_length.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
-    assert "[cascade] after stage mopd" in run.stdout
+    assert "[cascade] after stage mopd" in run.stdout and "[cascade] Every domain rises at every stage: " in run.stdout
     assert (out / "opd" / "report.md").is_file()  # every stage's own run directory has its report too
 
     again = opd("run", str(recipe), *shrink)  # finished stages are kept, not re-run

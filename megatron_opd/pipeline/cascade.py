@@ -22,7 +22,7 @@ import yaml
 from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
 from megatron_opd.pipeline.compare import (as_dict, at_budget, comparison_goals, cumulative_tokens, specialist_rows,
                                            stage_checkpoints)
-from megatron_opd.pipeline.report import read_metrics, write_cascade_report
+from megatron_opd.pipeline.report import read_metrics, rises_verdict, write_cascade_report
 
 
 class StageFailed(RuntimeError):
@@ -210,6 +210,8 @@ class CascadeRunner:
                    "wall_time_s": time.perf_counter() - began, "kept_from_earlier_run": kept}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         report = write_cascade_report(self.out, results)
+        if results["rises"]:
+            self.log("[cascade] " + rises_verdict(results["rises"]).replace("**", ""))
         self.log(f"[cascade] results: {self.out / 'results.json'}; report: {report}")
         return results
 

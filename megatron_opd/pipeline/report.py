@@ -145,6 +145,12 @@ def write_stage_report(run_dir: str | Path) -> Path:
     return path
 
 
+def rises_verdict(rises: dict[str, dict[str, float]]) -> str:
+    """One line on the cascade goal "per-domain accuracy rises at each stage", naming what did not."""
+    falls = [f"{d} in {stage} ({delta:+.3f})" for stage, deltas in rises.items() for d, delta in deltas.items() if delta <= 0]
+    return f"Every domain rises at every stage: **{'no' if falls else 'yes'}**" + (f" — not rising: {', '.join(falls)}." if falls else ".")
+
+
 def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     """report.md for a cascade: accuracy per domain after every stage, teacher picks, and each
     training stage's curves laid end to end."""
@@ -160,6 +166,7 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     if rises:
         lines += ["Per-domain greedy accuracy vs the stage before: " + "; ".join(
             f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
+        lines += [rises_verdict(rises), ""]
     lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
     for s in results["stages"]:
         lines.append(f"| {s['name']} | {s['kind']} | {s['wall_s']:.0f} | `{s.get('init', '')}` |")
