@@ -122,26 +122,28 @@ def test_compare_recipes_fail_at_load_not_after_training(tmp_path):
         load_recipe(recipe, ["methods.overrides=[a=1]"])
 
 
-def test_compare_stage_references_are_checked(tmp_path):
-    head = (f"kind: cascade\nstart: {REPO}/assets/tiny/student_init\neval: {{world_dir: {REPO}/assets/tiny}}\n"
-            f"stages:\n  - {{name: a, recipe: {REPO}/recipes/tiny/sft.yaml}}\n"
-            "  - {name: pick, select: {candidates: [a], domains: [format]}}\n")
+BAD_MEASURING_STAGES = [  # (the stage line after stages a (sft) and pick (select), the error it must raise)
+    ("{name: cmp, compare: {domain: arithmetic, methods: {opd: [a], grpo: [pick]}}}",
+     r"stages.2 \(cmp\): compare methods list \['pick'\], which are not training stages"),
+    ("{name: cmp, compare: {domain: arithmetic, methods: {opd: [a], sft: [a]}}}",
+     r"reach: 'grpo' is not one of methods \['opd', 'sft'\]"),
+    ("{name: cmp, compare: {domain: arithmetic, methods: {opd: [a], grpo: [b]}}}",
+     r"refers to \['b'\], which are not earlier stages"),
+    ("{name: s, specialists: {consolidated: a, specialists: {format: pick}}}",
+     r"stages.2 \(s\): specialists list \['pick'\], which are not training stages"),
+    ("{name: s, specialists: {consolidated: a, specialists: {strings: a}}}",
+     r"specialists for \['strings'\], which eval.domains does not evaluate"),
+]
+
+
+@pytest.mark.parametrize("stage,error", BAD_MEASURING_STAGES)
+def test_compare_stage_references_are_checked(tmp_path, stage, error):
     recipe = tmp_path / "c.yaml"
-    recipe.write_text(head + "  - {name: cmp, compare: {domain: arithmetic, methods: {opd: [a], grpo: [pick]}}}\n")
-    with pytest.raises(ConfigError, match=r"stages.2 \(cmp\): compare methods list \['pick'\], which are not training stages"):
-        load_recipe(recipe)
-    recipe.write_text(head + "  - {name: cmp, compare: {domain: arithmetic, methods: {opd: [a], sft: [a]}}}\n")
-    with pytest.raises(ConfigError, match=r"reach: 'grpo' is not one of methods \['opd', 'sft'\]"):
-        load_recipe(recipe)
-    recipe.write_text(head + "  - {name: cmp, compare: {domain: arithmetic, methods: {opd: [a], grpo: [b]}}}\n")
-    with pytest.raises(ConfigError, match=r"refers to \['b'\], which are not earlier stages"):
-        load_recipe(recipe)
-    recipe.write_text(head + "  - {name: s, specialists: {consolidated: a, specialists: {format: pick}}}\n")
-    with pytest.raises(ConfigError, match=r"stages.2 \(s\): specialists list \['pick'\], which are not training stages"):
-        load_recipe(recipe)
-    recipe.write_text(head.replace("eval: {", "eval: {domains: [format], ")
-                      + "  - {name: s, specialists: {consolidated: a, specialists: {strings: a}}}\n")
-    with pytest.raises(ConfigError, match=r"specialists for \['strings'\], which eval.domains does not evaluate"):
+    recipe.write_text(f"kind: cascade\nstart: {REPO}/assets/tiny/student_init\n"
+                      f"eval: {{world_dir: {REPO}/assets/tiny, domains: [arithmetic, format]}}\n"
+                      f"stages:\n  - {{name: a, recipe: {REPO}/recipes/tiny/sft.yaml}}\n"
+                      f"  - {{name: pick, select: {{candidates: [a], domains: [format]}}}}\n  - {stage}\n")
+    with pytest.raises(ConfigError, match=error):
         load_recipe(recipe)
 
 
