@@ -206,7 +206,8 @@ class CascadeRunner:
                 previous = Path(self.state[stage.name]["hf"])
         stages = [self.state[s.name] for s in self.cfg.stages]
         results = {"name": self.cfg.run.name, "recipe": str(self.recipe_path), "eval_samples": self.cfg.eval.samples,
-                   "start_eval": self.state["start"]["eval"], "stages": stages, "rises": _rises(self.state["start"]["eval"], stages),
+                   "start_eval": self.state["start"]["eval"], "stages": stages,
+                   "rises": _rises(str(Path(self.cfg.start)), self.state["start"]["eval"], stages),
                    "wall_time_s": time.perf_counter() - began, "kept_from_earlier_run": kept}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         report = write_cascade_report(self.out, results)
@@ -216,13 +217,16 @@ class CascadeRunner:
         return results
 
 
-def _rises(start: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Greedy accuracy change of every domain at each training stage vs the one before it."""
-    out, before = {}, start
+def _rises(start: str, start_eval: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Greedy accuracy change of every domain at each training stage vs the checkpoint it started from
+    (the start or an earlier stage's output; a stage started from a picked snapshot is left out)."""
+    evals, out = {start: start_eval}, {}
     for s in stages:
-        if s.get("eval"):
-            out[s["name"]] = {d: s["eval"][d]["accuracy"] - before[d]["accuracy"] for d in s["eval"] if d in before}
-            before = s["eval"]
+        if s.get("eval") and "init" in s:  # a training stage
+            before = evals.get(s["init"])
+            if before is not None:
+                out[s["name"]] = {d: s["eval"][d]["accuracy"] - before[d]["accuracy"] for d in s["eval"] if d in before}
+            evals[s["hf"]] = s["eval"]
     return out
 
 

@@ -164,7 +164,7 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
              "held-out rows of each domain.", "", accuracy_table(tables), ""]
     rises = results.get("rises", {})
     if rises:
-        lines += ["Per-domain greedy accuracy vs the stage before: " + "; ".join(
+        lines += ["Per-domain greedy accuracy vs the checkpoint each stage started from: " + "; ".join(
             f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
         lines += [rises_verdict(rises), ""]
     lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
