@@ -212,7 +212,7 @@ class CascadeRunner:
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         report = write_cascade_report(self.out, results)
         if results["rises"]:
-            self.log("[cascade] " + rises_verdict(results["rises"]).replace("**", ""))
+            self.log("[cascade] " + rises_verdict(results["rises"]))
         self.log(f"[cascade] results: {self.out / 'results.json'}; report: {report}")
         return results
 

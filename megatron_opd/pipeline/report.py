@@ -145,10 +145,12 @@ def write_stage_report(run_dir: str | Path) -> Path:
     return path
 
 
-def rises_verdict(rises: dict[str, dict[str, float]]) -> str:
-    """One line on the cascade goal "per-domain accuracy rises at each stage", naming what did not."""
+def rises_verdict(rises: dict[str, dict[str, float]], mark: str = "") -> str:
+    """One line on the cascade goal "per-domain accuracy rises at each stage", naming what did not;
+    ``mark`` wraps the yes/no (``**`` in markdown)."""
     falls = [f"{d} in {stage} ({delta:+.3f})" for stage, deltas in rises.items() for d, delta in deltas.items() if delta <= 0]
-    return f"Every domain rises at every stage: **{'no' if falls else 'yes'}**" + (f" — not rising: {', '.join(falls)}." if falls else ".")
+    verdict = f"Every domain rises at every stage: {mark}{'no' if falls else 'yes'}{mark}"
+    return verdict + (f" — not rising: {', '.join(falls)}." if falls else ".")
 
 
 def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
@@ -166,7 +168,7 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     if rises:
         lines += ["Per-domain greedy accuracy vs the checkpoint each stage started from: " + "; ".join(
             f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
-        lines += [rises_verdict(rises), ""]
+        lines += [rises_verdict(rises, mark="**"), ""]
     lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
     for s in results["stages"]:
         lines.append(f"| {s['name']} | {s['kind']} | {s['wall_s']:.0f} | `{s.get('init', '')}` |")
