@@ -22,6 +22,9 @@ WORDS = ["lamp", "tree", "bird", "rock", "fish", "moon", "star", "leaf", "door",
          "rain", "salt", "gold", "frog", "bell", "kite", "milk", "sand", "coat", "nest", "ring", "seed"]
 BRACKETS = {"[]": ("[", "]"), "()": ("(", ")"), "{}": ("{", "}"), "<>": ("<", ">")}
 SEPARATORS = [" | ", ", ", "; ", " - "]
+# json prompts vary only in word and n, so n gets a wide range: with 24 words x n 2-5 there were only
+# 96 json prompts, the test split took 44 of them first and train was left with 2.6% json (vs 22%).
+JSON_COUNTS = (2, 40)
 
 
 def render_repeat(word: str, case: str, count: int, brackets: str, sep: str) -> str:
@@ -56,10 +59,12 @@ class Format:
     name = "format"
 
     def sample(self, rng: random.Random) -> Problem:
-        word, count = rng.choice(WORDS), rng.randint(2, 5)
+        word = rng.choice(WORDS)
         if rng.random() < 0.25:
+            count = rng.randint(*JSON_COUNTS)
             meta = {"kind": "json", "word": word, "count": count}
             return Problem(f'json word "{word}" n {count}', json.dumps({"word": word, "n": count}), meta)
+        count = rng.randint(2, 5)
         case, brackets, sep = rng.choice(["upper", "lower"]), rng.choice(sorted(BRACKETS)), rng.choice(SEPARATORS)
         meta = {"kind": "repeat", "word": word, "case": case, "count": count, "brackets": brackets, "sep": sep}
         prompt = f'write "{word}" {case} {count} times in {brackets} sep "{sep}"'
