@@ -114,3 +114,37 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     again = opd("run", str(recipe), *shrink)  # finished stages are kept, not re-run
     assert again.stdout.count("done in an earlier run, kept") == 5
     assert json.loads((out / "results.json").read_text())["kept_from_earlier_run"] == names
+    # a finished stage whose inputs changed is never reported as if it were current
+    stale = opd("run", str(recipe), *shrink, "opd.optim.lr=0.0005", check=False)
+    assert stale.returncode == 2 and "[cascade] stage sft: done in an earlier run, kept" in stale.stdout
+    assert "stage 'opd' finished in an earlier run" in stale.stderr and "config optim.lr: 0.001 -> 0.0005" in stale.stderr
+
+
+def test_stage_inputs_name_what_changed(tmp_path, monkeypatch):
+    from megatron_opd.pipeline.inputs import input_changes, stage_inputs
+
+    tmp_path = tmp_path.resolve()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text("a\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w.safetensors").write_bytes(b"12345")
+    (tmp_path / "run" / "ckpt").mkdir(parents=True)
+    (tmp_path / "run" / "ckpt" / "x").write_text("written by the stage itself")
+    config = {"data": {"train": [str(tmp_path / "data.jsonl")]}, "model": {"hf_path": "model"},
+              "run": {"output_dir": str(tmp_path / "run")}, "optim": {"lr": 0.001}, "here": "."}
+    before = stage_inputs(config, skip=tmp_path / "run")
+    assert set(before["files"]) == {str(tmp_path / "data.jsonl"), str(tmp_path / "model" / "w.safetensors")}
+    assert before["config"]["data.train.0"] == str(tmp_path / "data.jsonl") and before["config"]["optim.lr"] == 0.001
+    assert input_changes(before, stage_inputs(config, skip=tmp_path / "run")) == []
+    (tmp_path / "run" / "ckpt" / "x").write_text("the stage's own output is not an input")
+    assert input_changes(before, stage_inputs(config, skip=tmp_path / "run")) == []
+
+    (tmp_path / "data.jsonl").write_text("b, rebuilt\n")
+    (tmp_path / "model" / "extra.json").write_text("{}")
+    config["optim"]["lr"] = 0.002
+    assert input_changes(before, stage_inputs(config, skip=tmp_path / "run")) == [
+        "config optim.lr: 0.001 -> 0.002",
+        f"file {tmp_path / 'data.jsonl'}: changed",
+        f"file {tmp_path / 'model' / 'extra.json'}: new",
+    ]
+    assert input_changes(None, before) == ["no record of its inputs (written by an older version)"]

@@ -4,7 +4,9 @@ splits, ``select`` stages pick per-domain teachers by measured eval, ``compare``
 side by side at an equal token budget, and a report is written.
 
 A stage that finished is not run again when the cascade is re-run (its evaluation is kept in
-``cascade_state.json``); an interrupted stage resumes from its own last checkpoint.
+``cascade_state.json``) as long as its inputs are unchanged; a finished stage whose config or input
+files changed stops the re-run (its numbers would be stale). An interrupted stage resumes from its
+own last checkpoint.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ import yaml
 from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
 from megatron_opd.pipeline.compare import (as_dict, at_budget, comparison_goals, cumulative_tokens, specialist_rows,
                                            stage_checkpoints)
+from megatron_opd.pipeline.inputs import input_changes, stage_inputs
 from megatron_opd.pipeline.report import read_metrics, rises_verdict, write_cascade_report
 
 
 class StageFailed(RuntimeError):
     """A stage's process exited non-zero; its log names the cause."""
+
+
+class StaleStage(StageFailed):
+    """A stage finished in an earlier run from inputs that have changed since."""
 
 
 def _hf(stage_dir: Path) -> Path:
@@ -66,15 +73,31 @@ class CascadeRunner:
             return Path(self.state[stage.init]["hf"])
         return Path(stage.init)
 
+    def _inputs(self, config: dict[str, Any], skip: Path | None = None) -> dict[str, Any]:
+        return stage_inputs({"stage": config, "cascade_eval": self.cfg.eval.model_dump(mode="json")}, skip)
+
+    def _check_kept(self, name: str, now: dict[str, Any]) -> None:
+        changed = input_changes(self.state[name].get("inputs"), now)
+        if changed:
+            shown = "\n  ".join(changed[:12]) + (f"\n  ... and {len(changed) - 12} more" if len(changed) > 12 else "")
+            raise StaleStage(f"stage {name!r} finished in an earlier run of {self.out}, but its inputs changed since:\n  "
+                             f"{shown}\nIts results would be stale: remove {self.out} (or set run.output_dir to a new "
+                             "directory) to run the cascade again.")
+
     # -- stages ------------------------------------------------------------------------------------
-    def _train_stage(self, stage: CascadeStage, init: Path) -> dict[str, Any]:
-        stage_dir = self.out / stage.name
-        extra = [f"run.output_dir={stage_dir}", f"model.hf_path={init}"]
+    def _stage_args(self, stage: CascadeStage, init: Path) -> tuple[Any, list[str]]:
+        """The stage's resolved config and the overrides the runner adds to its recipe."""
+        extra = [f"run.output_dir={self.out / stage.name}", f"model.hf_path={init}"]
         if stage.teachers_from:
             extra += [f"teachers.teachers.{d}.model={p['path']}" for d, p in self.state[stage.teachers_from]["picks"].items()]
         stage_cfg = load_stage_recipe(self.recipe_path, stage, extra)
         if stage_cfg.kind != "sft" and not any(o.startswith("eval.") for o in stage.overrides):
             extra.append("eval.world_dir=null")  # the cascade evaluates every stage's output itself
+        return stage_cfg, extra
+
+    def _train_stage(self, stage: CascadeStage, init: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+        stage_dir = self.out / stage.name
+        stage_cfg, extra = self._stage_args(stage, init)
         stage_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "megatron_opd.cli", "run", str(stage_recipe_path(self.recipe_path, stage)),
                *stage.overrides, *extra]
@@ -88,7 +111,7 @@ class CascadeRunner:
         wall = time.perf_counter() - began
         table = self._eval(_hf(stage_dir))
         return {"name": stage.name, "kind": stage_cfg.kind, "dir": str(stage_dir), "hf": str(_hf(stage_dir)),
-                "init": str(init), "wall_s": wall, "eval": table}
+                "init": str(init), "wall_s": wall, "eval": table, "inputs": inputs}
 
     def _select_stage(self, stage: CascadeStage) -> dict[str, Any]:
         spec = stage.select
@@ -185,22 +208,30 @@ class CascadeRunner:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         began = time.perf_counter()
-        if "start" not in self.state:
-            self.state["start"] = {"eval": self._eval(self.cfg.start)}
+        start_inputs = self._inputs({"start": str(self.cfg.start)})
+        if "start" in self.state:
+            self._check_kept("start", start_inputs)
+        else:
+            self.state["start"] = {"eval": self._eval(self.cfg.start), "inputs": start_inputs}
             self._save_state()
         previous, kept = Path(self.cfg.start), []
         for stage in self.cfg.stages:
             spec = stage.compare or stage.specialists
             if spec and self.state.get(stage.name, {}).get("spec") != spec.model_dump(mode="json"):
                 self.state.pop(stage.name, None)  # a measuring stage is re-measured when its spec changed
+            init = self._init_for(stage, previous) if stage.trains else None
+            inputs = (self._inputs(self._stage_args(stage, init)[0].model_dump(mode="json"), self.out / stage.name)
+                      if init is not None else None)
             if stage.name in self.state:
+                if inputs is not None:
+                    self._check_kept(stage.name, inputs)
                 self.log(f"[cascade] stage {stage.name}: done in an earlier run, kept")
                 kept.append(stage.name)
             else:
                 self.state[stage.name] = (self._select_stage(stage) if stage.select else
                                           self._compare_stage(stage) if stage.compare else
                                           self._specialists_stage(stage) if stage.specialists else
-                                          self._train_stage(stage, self._init_for(stage, previous)))
+                                          self._train_stage(stage, init, inputs))
                 self._save_state()
             if stage.trains:
                 previous = Path(self.state[stage.name]["hf"])
