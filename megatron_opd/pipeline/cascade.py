@@ -74,7 +74,7 @@ class CascadeRunner:
         return Path(stage.init)
 
     def _inputs(self, config: dict[str, Any], skip: Path | None = None) -> dict[str, Any]:
-        return stage_inputs({"stage": config, "cascade_eval": self.cfg.eval.model_dump(mode="json")}, skip)
+        return stage_inputs({**config, "cascade_eval": self.cfg.eval.model_dump(mode="json")}, skip)
 
     def _check_kept(self, name: str, now: dict[str, Any]) -> None:
         changed = input_changes(self.state[name].get("inputs"), now)
