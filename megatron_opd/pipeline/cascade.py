@@ -95,9 +95,9 @@ class CascadeRunner:
             extra.append("eval.world_dir=null")  # the cascade evaluates every stage's output itself
         return stage_cfg, extra
 
-    def _train_stage(self, stage: CascadeStage, init: Path, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _train_stage(self, stage: CascadeStage, init: Path, stage_cfg: Any, extra: list[str],
+                     inputs: dict[str, Any]) -> dict[str, Any]:
         stage_dir = self.out / stage.name
-        stage_cfg, extra = self._stage_args(stage, init)
         stage_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "megatron_opd.cli", "run", str(stage_recipe_path(self.recipe_path, stage)),
                *stage.overrides, *extra]
@@ -220,8 +220,8 @@ class CascadeRunner:
             if spec and self.state.get(stage.name, {}).get("spec") != spec.model_dump(mode="json"):
                 self.state.pop(stage.name, None)  # a measuring stage is re-measured when its spec changed
             init = self._init_for(stage, previous) if stage.trains else None
-            inputs = (self._inputs(self._stage_args(stage, init)[0].model_dump(mode="json"), self.out / stage.name)
-                      if init is not None else None)
+            stage_cfg, extra = self._stage_args(stage, init) if init is not None else (None, [])
+            inputs = self._inputs(stage_cfg.model_dump(mode="json"), self.out / stage.name) if stage_cfg else None
             if stage.name in self.state:
                 if inputs is not None:
                     self._check_kept(stage.name, inputs)
@@ -231,7 +231,7 @@ class CascadeRunner:
                 self.state[stage.name] = (self._select_stage(stage) if stage.select else
                                           self._compare_stage(stage) if stage.compare else
                                           self._specialists_stage(stage) if stage.specialists else
-                                          self._train_stage(stage, init, inputs))
+                                          self._train_stage(stage, init, stage_cfg, extra, inputs))
                 self._save_state()
             if stage.trains:
                 previous = Path(self.state[stage.name]["hf"])
