@@ -148,3 +148,23 @@ def test_stage_inputs_name_what_changed(tmp_path, monkeypatch):
         f"file {tmp_path / 'model' / 'extra.json'}: new",
     ]
     assert input_changes(None, before) == ["no record of its inputs (written by an older version)"]
+
+
+@pytest.mark.parametrize("expect_rises", [True, False])
+def test_rises_verdict_only_where_the_cascade_expects_it(tmp_path, expect_rises):
+    from megatron_opd.pipeline.report import write_cascade_report
+
+    def scores(acc):
+        return {"arithmetic": {"accuracy": acc, "format_score": acc, "n": 10, "sampled_accuracy": acc, "sampled_format_score": acc}}
+
+    # a regression built to fall (recovery's mid-training), then its recovery
+    stages = [{"name": "midtrain", "kind": "sft", "dir": str(tmp_path / "m"), "hf": "m/hf", "init": "start", "wall_s": 1.0, "eval": scores(0.2)},
+              {"name": "recover", "kind": "sft", "dir": str(tmp_path / "r"), "hf": "r/hf", "init": "m/hf", "wall_s": 1.0, "eval": scores(0.9)}]
+    results = {"name": "t", "recipe": "t.yaml", "eval_samples": 10, "start_eval": scores(0.8), "stages": stages,
+               "rises": {"midtrain": {"arithmetic": -0.6}, "recover": {"arithmetic": 0.7}},
+               "expect_rises": expect_rises, "wall_time_s": 2.0}
+    report = write_cascade_report(tmp_path, results).read_text()
+    assert "midtrain: arithmetic -0.600; recover: arithmetic +0.700" in report  # the deltas are always shown
+    verdict = "Every domain rises at every stage: **no** — not rising: arithmetic in midtrain (-0.600)."
+    assert (verdict in report) is expect_rises
+    assert ("Every domain rises" in report) is expect_rises

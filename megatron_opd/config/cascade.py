@@ -116,6 +116,9 @@ class CascadeConfig(Strict):
     start: Path = Field(description="HF directory of the first student")
     eval: EvalConfig
     stages: list[CascadeStage] = Field(min_length=1)
+    expect_rises: bool = Field(False, description="goal: every domain's greedy accuracy rises at every training "
+                               "stage; the run prints and reports whether it did (leave off for cascades with a "
+                               "stage built to fall, such as recovery's regression, or side-by-side comparisons)")
 
     @model_validator(mode="after")
     def _references(self) -> "CascadeConfig":

@@ -239,10 +239,11 @@ class CascadeRunner:
         results = {"name": self.cfg.run.name, "recipe": str(self.recipe_path), "eval_samples": self.cfg.eval.samples,
                    "start_eval": self.state["start"]["eval"], "stages": stages,
                    "rises": _rises(str(Path(self.cfg.start)), self.state["start"]["eval"], stages),
+                   "expect_rises": self.cfg.expect_rises,
                    "wall_time_s": time.perf_counter() - began, "kept_from_earlier_run": kept}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         report = write_cascade_report(self.out, results)
-        if results["rises"]:
+        if results["rises"] and self.cfg.expect_rises:
             self.log("[cascade] " + rises_verdict(results["rises"]))
         self.log(f"[cascade] results: {self.out / 'results.json'}; report: {report}")
         return results

@@ -168,7 +168,8 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     if rises:
         lines += ["Per-domain greedy accuracy vs the checkpoint each stage started from: " + "; ".join(
             f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
-        lines += [rises_verdict(rises, mark="**"), ""]
+        if results.get("expect_rises"):
+            lines += [rises_verdict(rises, mark="**"), ""]
     lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
     for s in results["stages"]:
         lines.append(f"| {s['name']} | {s['kind']} | {s['wall_s']:.0f} | `{s.get('init', '')}` |")
