@@ -14,7 +14,7 @@ FORBIDDEN = {
     "algo": {"platform", "config", "data", "model", "rollout", "teachers", "serve", "train", "eval", "cli", "pipeline", "launch"},
     "eval": {"train", "cli", "pipeline", "launch"},
     "train": {"cli", "eval", "pipeline", "launch"},
-    "config": {"model", "train", "cli", "platform", "data", "pipeline", "launch"},
+    "config": {"model", "train", "cli", "platform", "data", "rollout", "serve", "teachers", "algo", "eval", "pipeline", "launch"},
     "pipeline": {"cli", "launch"},
     "launch": {"cli", "train", "pipeline", "model"},
 }

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from megatron_opd.config.base import Strict
 from megatron_opd.config.launch import LaunchConfig
-from megatron_opd.teachers.router import RoutingSpec
+from megatron_opd.config.teachers import RoutingSpec
 
 
 class ModelConfig(Strict):

@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from megatron_opd.config.teachers import RoutingSpec, TeacherSpec
 from megatron_opd.serve.process import ServerProcess, start_server
 from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
 from megatron_opd.teachers.parity import check_parity
 from megatron_opd.teachers.pool import TeacherPool
-from megatron_opd.teachers.router import Router, RoutingSpec, TeacherSpec
+from megatron_opd.teachers.router import Router
 from megatron_opd.teachers.types import TeacherError, TokenScores
 
 

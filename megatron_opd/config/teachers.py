@@ -1,0 +1,85 @@
+"""Teacher recipes: endpoints or checkpoints, and which teachers score which domain tag, with what
+weight (``megatron_opd.teachers.router`` turns a ``RoutingSpec`` into per-sample / per-token weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from megatron_opd.config.base import Strict
+
+
+class TeacherSpec(Strict):
+    """One teacher: running endpoints (``urls``) or a checkpoint served by embedded teacher servers."""
+
+    urls: list[str] = Field(default_factory=list, description="running SGLang / embedded / OpenAI-compatible servers")
+    model: Path | None = Field(None, description="HF checkpoint: launched as `opd serve --role teacher` when urls is empty")
+    backend: Literal["sglang", "openai"] = "sglang"
+    served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
+    tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
+    replicas: int = Field(1, ge=1, description="embedded servers to launch (model only)")
+    api_key_env: str | None = Field(None, description="environment variable holding the API key")
+    batch_size: int = Field(32, ge=1, description="sequences per scoring request")
+    max_concurrency: int = Field(4, ge=1, description="requests in flight per teacher")
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(3, ge=0)
+    binary: bool = Field(True, description="accept the embedded server's binary score payload")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "TeacherSpec":
+        if not self.urls and self.model is None:
+            raise ValueError("give `urls` (running servers) or `model` (a checkpoint to serve)")
+        if self.backend == "openai" and not self.urls:
+            raise ValueError("backend 'openai' needs `urls` (this project launches only embedded teacher servers)")
+        if self.backend == "openai" and not self.served_model_name:
+            raise ValueError("backend 'openai' needs `served_model_name` (the OpenAI `model` field)")
+        return self
+
+    def endpoint_key(self) -> tuple[str, ...]:
+        """Teachers with equal keys are one scoring unit (same servers, or same checkpoint)."""
+        if self.urls:
+            return (self.backend, self.served_model_name or "", *sorted(u.rstrip("/").lower() for u in self.urls))
+        return ("model", str(Path(self.model).resolve()))
+
+
+class RouteTarget(Strict):
+    teacher: str
+    weight: float = Field(1.0, gt=0)
+
+
+Route = Annotated[list[RouteTarget], Field(min_length=1)]
+
+
+class RoutingSpec(Strict):
+    teachers: dict[str, TeacherSpec]
+    routes: dict[str, Route] = Field(default_factory=dict, description="domain tag -> teachers with weights")
+    default: Route | None = Field(None, description="teachers for samples whose tag has no route")
+    weighting: Literal["fixed", "confidence"] = "fixed"
+    confidence_temperature: float = Field(1.0, gt=0)
+    allow_tokenizer_mismatch: bool = False
+
+    @field_validator("routes", "default", mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        """``math: arithmetic`` is short for ``math: [{teacher: arithmetic, weight: 1}]``."""
+        def expand(route):
+            if isinstance(route, str):
+                return [{"teacher": route}]
+            return route
+        if isinstance(value, dict):
+            return {tag: expand(route) for tag, route in value.items()}
+        return expand(value)
+
+    @model_validator(mode="after")
+    def _known_teachers(self) -> "RoutingSpec":
+        if not self.teachers:
+            raise ValueError("teachers: at least one teacher is needed")
+        named = [("default", r) for r in self.default or []] + [(f"routes.{tag}", r) for tag, rs in self.routes.items() for r in rs]
+        for where, target in named:
+            if target.teacher not in self.teachers:
+                raise ValueError(f"{where}: unknown teacher {target.teacher!r}; defined: {sorted(self.teachers)}")
+        if not self.routes and not self.default:
+            raise ValueError("give `routes` (domain tag -> teachers) and/or a `default`")
+        return self
