@@ -5,6 +5,7 @@ import http.server
 import os
 import re
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -81,6 +82,43 @@ def test_single_group_job_for_sft_uses_the_head_node(tmp_path):
     assert "export OPD_TRAINER_HEAD=$head_node_ip" in sbatch
     assert "--nnodes=2 --nproc-per-node=8" in trainer and "wait-servers" not in trainer
     assert trainer.rstrip().endswith("train.steps=10")  # the command line's overrides reach the job
+
+
+SLURM_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "slurm:" in p.read_text())
+
+
+@pytest.mark.parametrize("recipe", SLURM_RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in SLURM_RECIPES])
+def test_every_slurm_recipe_dry_runs_with_its_own_placement(tmp_path, recipe):
+    slurm = load_recipe(recipe).launch.slurm
+    groups = [slurm.trainer] + ([slurm.rollout] if slurm.rollout else []) + list(slurm.teachers.values())
+    sbatch, scripts = _dry_run(tmp_path, recipe)
+    assert re.findall(r"#SBATCH --nodes=(\d+)", sbatch) == [str(g.nodes) for g in groups]
+    assert sbatch.count("#SBATCH hetjob") == len(groups) - 1 and len(scripts) == len(groups)
+    assert f"--nnodes={slurm.trainer.nodes} --nproc-per-node={slurm.trainer.gpus_per_node}" in scripts[0]
+    assert "-m megatron_opd.cli run " + str(recipe) in scripts[0]
+
+
+def test_slurm_launch_submits_the_written_script_with_sbatch(tmp_path):
+    """Without --dry-run the script is written, then handed to `sbatch` (a stand-in on PATH that
+    records its arguments: Slurm itself is out of reach here)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/sbatch_args\necho "Submitted batch job 4242"\n')
+    (fake / "sbatch").chmod(0o755)
+    args = ("launch", str(QWEN3_OPD), "--executor", "slurm", "--job-dir", str(tmp_path / "jobs"))
+    run = opd(*args, env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    written = re.search(r"wrote (\S+)", run.stdout).group(1)
+    assert (tmp_path / "sbatch_args").read_text().split() == [written]
+    assert "Submitted batch job 4242" in run.stdout
+    # sbatch refusing the job is an error naming the script and sbatch's own message
+    (fake / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid account" >&2\nexit 1\n')
+    refused = opd(*args, env={"PATH": f"{fake}:{os.environ['PATH']}"}, check=False)
+    assert refused.returncode != 0 and "failed (exit 1): sbatch: error: invalid account" in refused.stderr
+    # no sbatch at all (not a login node): stopped before anything is written
+    bare = opd("launch", str(QWEN3_OPD), "--executor", "slurm", "--job-dir", str(tmp_path / "none"),
+               env={"PATH": os.path.dirname(sys.executable)}, check=False)
+    assert bare.returncode == 2 and "`sbatch`, which is not on PATH" in bare.stderr
+    assert not (tmp_path / "none").exists()
 
 
 def test_placement_is_validated_before_anything_is_written(tmp_path):
