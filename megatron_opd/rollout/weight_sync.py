@@ -7,8 +7,8 @@ it, so rollout code never imports Megatron. Modes:
   ``/update_weights_from_disk`` on every server;
 * ``distributed``: ``/init_weights_update_group`` once, then per bucket
   ``/update_weights_from_distributed`` while trainer rank 0 broadcasts over a standalone group that
-  includes the servers (gloo on CPU, NCCL on GPU): by default the bucket's bytes as one buffer
-  (SGLang's ``load_format="flattened_bucket"``), else one broadcast per tensor;
+  includes the servers (gloo on CPU, NCCL on GPU): by default one broadcast per tensor, or with
+  ``flattened=True`` the bucket's bytes as one buffer (SGLang's ``load_format="flattened_bucket"``);
 * ``in_process``: copy straight into an in-process engine.
 
 Sequence for servers: pause -> update -> new weight version -> continue.
