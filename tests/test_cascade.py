@@ -98,6 +98,7 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     assert picks["arithmetic"]["path"] in stage_cfg and picks["format"]["path"] in stage_cfg
     report = (out / "report.md").read_text()
     assert "| start |" in report and "| consolidate |" in report and "Selection `pick`" in report
+    assert "`opd/step-000001`" in report and "`mopd/step-000002`" in report  # snapshots named by their stage
     # the verdict on "every domain rises at every stage" follows the measured tables
     greedy = {s["name"]: {d: r["accuracy"] for d, r in s["eval"].items()} for s in results["stages"] if s.get("eval")}
     order = ["sft", "opd", "mopd", "consolidate"]

@@ -145,6 +145,12 @@ def write_stage_report(run_dir: str | Path) -> Path:
     return path
 
 
+def _candidate_label(path: str) -> str:
+    """``<stage>/hf`` or ``<stage>/step-N`` for a select candidate (its snapshots sit in ``<stage>/snapshots/``)."""
+    p = Path(path)
+    return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "snapshots" else f"{p.parent.name}/{p.name}"
+
+
 def rises_verdict(rises: dict[str, dict[str, float]], mark: str = "") -> str:
     """One line on the cascade goal "per-domain accuracy rises at each stage", naming what did not;
     ``mark`` wraps the yes/no (``**`` in markdown)."""
@@ -179,7 +185,7 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
             lines += [f"## Selection `{s['name']}` ({s['metric']} on held-out rows {s['rows']})", "",
                       "| domain | picked | score | candidates |", "|---|---|---|---|"]
             for domain, pick in s["picks"].items():
-                cands = ", ".join(f"`{Path(p).parent.name}/{Path(p).name}` {v:.3f}" for p, v in pick["scores"].items())
+                cands = ", ".join(f"`{_candidate_label(p)}` {v:.3f}" for p, v in pick["scores"].items())
                 lines.append(f"| {domain} | `{pick['path']}` | {pick['score']:.3f} | {cands} |")
             lines.append("")
     plots = [("Accuracy per domain per stage", plot_accuracy_by_stage(tables, plots_dir / "accuracy_by_stage.png", "held-out greedy accuracy"))]
