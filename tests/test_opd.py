@@ -3,6 +3,7 @@ SIGKILL + resume reproducing the unbroken run exactly."""
 import json
 
 import pytest
+import torch
 
 from conftest import REPO, opd
 from megatron_opd.config import ConfigError, load_recipe
@@ -104,3 +105,26 @@ def test_domain_normalisation_gives_each_domain_an_equal_share():
     assert collate(record, [2, 3], 0, 0)["loss_w"].tolist() == pytest.approx(weights[2:])
     record.loss_weights = []  # loss.normalize=token
     assert collate(record, [2, 3], 0, 0)["loss_w"].tolist() == [1.0, 1.0]
+
+
+def test_sequence_normalisation_gives_each_sample_an_equal_share():
+    """loss.normalize=sequence: w_i = T / (N * T_i), so every sample's tokens carry T / N of the token
+    mean. With group advantages summing to 0, what every sample holds in proportion to its length
+    (c tokens per token of response) gets no net push; with token-mean the long samples dominate it.
+    The price: a token held once by every sample is pushed toward the short samples' advantages."""
+    from megatron_opd.algo.advantages import grpo_advantages
+    from megatron_opd.train.opd_batch import domain_loss_weights
+
+    lengths = [12, 40, 40, 96]  # one short correct answer, three longer wrong ones
+    weights = domain_loss_weights(list(range(len(lengths))), lengths)
+    assert weights == pytest.approx([188 / (4 * n) for n in lengths])
+    assert [w * n for w, n in zip(weights, lengths)] == pytest.approx([188 / 4] * 4)
+    adv = grpo_advantages(torch.tensor([[1.5, 0.2, 0.3, 0.0]]))[0].tolist()
+    # net push (up to the 1/T of the mean) on tokens held c * T_i times by sample i: sum_i A_i w_i c T_i
+    assert sum(a * w * n for a, w, n in zip(adv, weights, lengths)) == pytest.approx(0.0, abs=1e-6)
+    assert sum(a * n for a, n in zip(adv, lengths)) < -10  # token mean: the long wrong answers dominate
+    # on a token held once by every sample: sum_i A_i w_i (token mean: sum_i A_i = 0)
+    assert sum(a * w for a, w in zip(adv, weights)) > 1 and sum(adv) == pytest.approx(0.0, abs=1e-6)
+    assert load_recipe(RECIPE, ["loss.normalize=sequence"]).loss.normalize == "sequence"
+    with pytest.raises(ConfigError, match="loss.normalize"):
+        load_recipe(RECIPE, ["loss.normalize=sample"])

@@ -146,9 +146,11 @@ class LossConfig(Strict):
     logratio_clamp: float | None = Field(20.0, gt=0)
     jsd_beta: float = Field(0.5, gt=0, lt=1)
     epochs: int = Field(1, ge=1, description="optimizer steps on each rollout batch")
-    normalize: Literal["token", "domain"] = Field(
-        "token", description="token: every completion token of the step weighs the same; domain: each domain's tokens "
-        "share an equal part of the loss (MOPD: short-answer domains are not drowned by long ones)")
+    normalize: Literal["token", "domain", "sequence"] = Field(
+        "token", description="token: every completion token of the step weighs the same (DAPO's token mean); domain: "
+        "each domain's tokens share an equal part of the loss (MOPD: short-answer domains are not drowned by long "
+        "ones); sequence: each sample's tokens share an equal part (GRPO's original per-sample mean, verl's "
+        "seq-mean-token-mean: long samples no longer dominate the step; per token they weigh less)")
 
     @model_validator(mode="after")
     def _topk(self) -> "LossConfig":

@@ -98,8 +98,9 @@ def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: 
     teacher_lps = [sc.teacher_logprobs().tolist() for sc in scored] if scored else [list(r.logprobs) for r in rollouts]
     record = StepRecord([s.token_ids for s in samples], [s.start for s in samples], [list(r.logprobs) for r in rollouts],
                         teacher_lps, [s.tag for s in samples])
-    if cfg.loss.normalize == "domain":
-        record.loss_weights = domain_loss_weights(record.domains, [len(r.completion_ids) for r in rollouts])
+    if cfg.loss.normalize != "token":  # equal shares per domain, or per sample (each its own group)
+        groups = record.domains if cfg.loss.normalize == "domain" else list(range(len(rollouts)))
+        record.loss_weights = domain_loss_weights(groups, [len(r.completion_ids) for r in rollouts])
     if scored and cfg.loss.kind != "sampled_token":
         record.tops = [[(sc.weights[u].tolist(), sc.scores[u].top_ids.tolist(), sc.scores[u].top_logprobs.tolist())
                         for u in sc.scores] for sc in scored]

@@ -73,9 +73,10 @@ class StepRecord:
     loss_weights: list[float] = field(default_factory=list)  # per sample; empty: all 1
 
 
-def domain_loss_weights(domains: list[str | None], lengths: list[int]) -> list[float]:
+def domain_loss_weights(domains: list[Any], lengths: list[int]) -> list[float]:
     """Per-sample weights giving each domain an equal share of a token-mean loss: a domain with
-    T_d of the step's T completion tokens gets w_d = T / (D * T_d), so sum_d w_d T_d = T."""
+    T_d of the step's T completion tokens gets w_d = T / (D * T_d), so sum_d w_d T_d = T. With one
+    group per sample (``loss.normalize=sequence``) that is w_i = T / (N * T_i): a per-sample mean."""
     totals: dict[str | None, int] = {}
     for domain, n in zip(domains, lengths):
         totals[domain] = totals.get(domain, 0) + n
