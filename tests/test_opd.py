@@ -92,10 +92,10 @@ def test_grpo_recipe_validation():
 
 def test_domain_normalisation_gives_each_domain_an_equal_share():
     """loss.normalize=domain: a short-answer domain weighs as much as a long one in the token mean."""
-    from megatron_opd.train.opd_batch import StepRecord, collate, domain_loss_weights
+    from megatron_opd.train.opd_batch import StepRecord, collate, equal_share_weights
 
     domains, lengths = ["arith", "arith", "str", None], [30, 50, 4, 16]
-    weights = domain_loss_weights(domains, lengths)
+    weights = equal_share_weights(domains, lengths)
     assert weights == pytest.approx([100 / (3 * 80)] * 2 + [100 / (3 * 4), 100 / (3 * 16)])
     assert sum(w * n for w, n in zip(weights, lengths)) == pytest.approx(sum(lengths))
 
@@ -113,10 +113,10 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
     (c tokens per token of response) gets no net push; with token-mean the long samples dominate it.
     The price: a token held once by every sample is pushed toward the short samples' advantages."""
     from megatron_opd.algo.advantages import grpo_advantages
-    from megatron_opd.train.opd_batch import domain_loss_weights
+    from megatron_opd.train.opd_batch import equal_share_weights
 
     lengths = [12, 40, 40, 96]  # one short correct answer, three longer wrong ones
-    weights = domain_loss_weights(list(range(len(lengths))), lengths)
+    weights = equal_share_weights(list(range(len(lengths))), lengths)
     assert weights == pytest.approx([188 / (4 * n) for n in lengths])
     assert [w * n for w, n in zip(weights, lengths)] == pytest.approx([188 / 4] * 4)
     adv = grpo_advantages(torch.tensor([[1.5, 0.2, 0.3, 0.0]]))[0].tolist()

@@ -29,7 +29,7 @@ from megatron_opd.algo.advantages import grpo_advantages
 from megatron_opd.rollout.types import SamplingParams
 from megatron_opd.teachers.service import Sample, TeacherSet
 from megatron_opd.train.common import sum_from_last_stage
-from megatron_opd.train.opd_batch import (StepRecord, collate, domain_loss_weights, load_prompts, opd_loss,
+from megatron_opd.train.opd_batch import (StepRecord, collate, equal_share_weights, load_prompts, opd_loss,
                                          student_token_logprobs)
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.progress import StepProgress
@@ -100,7 +100,7 @@ def build_record(cfg: OPDStageConfig, prompts, engine: RolloutEngine, teachers: 
                         teacher_lps, [s.tag for s in samples])
     if cfg.loss.normalize != "token":  # equal shares per domain, or per sample (each its own group)
         groups = record.domains if cfg.loss.normalize == "domain" else list(range(len(rollouts)))
-        record.loss_weights = domain_loss_weights(groups, [len(r.completion_ids) for r in rollouts])
+        record.loss_weights = equal_share_weights(groups, [len(r.completion_ids) for r in rollouts])
     if scored and cfg.loss.kind != "sampled_token":
         record.tops = [[(sc.weights[u].tolist(), sc.scores[u].top_ids.tolist(), sc.scores[u].top_logprobs.tolist())
                         for u in sc.scores] for sc in scored]

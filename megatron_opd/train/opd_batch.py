@@ -73,15 +73,16 @@ class StepRecord:
     loss_weights: list[float] = field(default_factory=list)  # per sample; empty: all 1
 
 
-def domain_loss_weights(domains: list[Any], lengths: list[int]) -> list[float]:
-    """Per-sample weights giving each domain an equal share of a token-mean loss: a domain with
-    T_d of the step's T completion tokens gets w_d = T / (D * T_d), so sum_d w_d T_d = T. With one
-    group per sample (``loss.normalize=sequence``) that is w_i = T / (N * T_i): a per-sample mean."""
-    totals: dict[str | None, int] = {}
-    for domain, n in zip(domains, lengths):
-        totals[domain] = totals.get(domain, 0) + n
-    total, present = sum(totals.values()), [d for d, n in totals.items() if n > 0]
-    return [total / (len(present) * totals[d]) if totals[d] else 1.0 for d in domains]
+def equal_share_weights(groups: list[Any], lengths: list[int]) -> list[float]:
+    """Per-sample weights giving each group an equal share of a token-mean loss: a group with T_g of
+    the step's T completion tokens gets w_g = T / (G * T_g), so sum_g w_g T_g = T. Groups are the
+    samples' domains (``loss.normalize=domain``) or the samples themselves (``sequence``: w_i =
+    T / (N * T_i), a per-sample mean)."""
+    totals: dict[Any, int] = {}
+    for group, n in zip(groups, lengths):
+        totals[group] = totals.get(group, 0) + n
+    total, present = sum(totals.values()), [g for g, n in totals.items() if n > 0]
+    return [total / (len(present) * totals[g]) if totals[g] else 1.0 for g in groups]
 
 
 def collate(record: StepRecord, indices: list[int], pad_id: int, top_k: int) -> dict[str, torch.Tensor]:
