@@ -326,14 +326,13 @@ def launch(
         if executor == "slurm":
             from megatron_opd.launch.slurm import render_sbatch
 
-            sbatch = None if dry_run else shutil.which("sbatch")
-            if not dry_run and sbatch is None:
+            if not dry_run and shutil.which("sbatch") is None:
                 raise ConfigError("--executor slurm submits with `sbatch`, which is not on PATH (not a Slurm login "
                                   "node?); use --dry-run to write the script only")
             out = render_sbatch(cfg, str(recipe), list(overrides or []), job_dir)
             typer.echo(f"wrote {out['path']} (groups: {', '.join(out['groups'])})")
-            if sbatch is not None:
-                done = subprocess.run([sbatch, str(out["path"])], capture_output=True, text=True)
+            if not dry_run:
+                done = subprocess.run(["sbatch", str(out["path"])], capture_output=True, text=True)
                 if done.returncode != 0:
                     _fail(f"sbatch {out['path']} failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
                 typer.echo(done.stdout.strip())

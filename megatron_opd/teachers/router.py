@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_opd.config.teachers import Route, RouteTarget, RoutingSpec, TeacherSpec
+from megatron_opd.config.teachers import RoutingSpec
 from megatron_opd.teachers.types import TokenScores
-
-__all__ = ["NoRouteError", "Route", "RouteTarget", "Router", "RoutingSpec", "TeacherSpec", "topk_entropy"]
 
 
 class NoRouteError(ValueError):
