@@ -20,6 +20,9 @@ from megatron_opd.config import ConfigError, load_recipe
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation with a megatron-core student.")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between formats.")
 app.add_typer(convert_app, name="convert")
+from megatron_opd.bench.cli import bench_app  # noqa: E402  (a sub-app: `opd bench e2e|step`)
+
+app.add_typer(bench_app, name="bench")
 
 
 def _fail(message: str) -> None:

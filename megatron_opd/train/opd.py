@@ -197,6 +197,7 @@ def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, decode
     progress = StepProgress("opd", tcfg.steps, session.start_step, session.is_rank0)
     quiet = truncated = 0
     times: dict[str, float] = {}
+    step_began = time.perf_counter()
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
         record, metrics = build_record(cfg, prompts, engine, teachers, step, eos_id, decode) if session.is_rank0 else (None, {})
@@ -244,6 +245,7 @@ def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, decode
         truncated = truncated + 1 if metrics.get("rollout/truncation_rate", 0.0) > cfg.guard.max_truncation_rate else 0
         _guards(cfg, session.is_rank0, quiet, truncated, step + 1)
         done = step + 1
+        metrics["time/step_s"] = time.perf_counter() - step_began  # wall clock of the whole step, waits included
         if evaluator and tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps:
             table = _evaluate(evaluator, engine, cfg, session.is_rank0)
             metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in table.items()})
@@ -255,6 +257,7 @@ def _train(cfg, session, prompts, engine, teachers, sync, pad_id, eos_id, decode
                                       f"{p} {metrics.get(f'time/{p}_s', 0.0):.1f}s" for p in ("rollout", "scoring", "train", "sync")))
         if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
             save_step(session, done, done * samples_per_step, tcfg.keep_last, tcfg.hf_snapshots)
+        step_began = time.perf_counter()
     progress.close()
     return {"steps": tcfg.steps, "time_by_phase_s": times}
 

@@ -1,0 +1,1 @@
+"""Benchmarks (``opd bench ...``): whole runs timed in steady state, figures printed last."""

@@ -1,0 +1,46 @@
+"""``opd bench``: the project's benchmarks; each prints its figures last, one per line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures printed last, one per line).")
+DEFAULT_STUDENT = Path("outputs/tiny/sft/hf")
+DEFAULT_TEACHER = Path("assets/tiny/original")
+
+
+def _finish(lines: list[str]) -> None:
+    typer.echo("")
+    for line in lines:
+        typer.echo(line)
+
+
+@bench_app.command("e2e")
+def e2e(
+    vs: Optional[str] = typer.Option(None, "--vs", help="'trl': also run TRL's GKD trainer, side by side"),
+    trl_python: Optional[Path] = typer.Option(None, help="TRL venv's python (default: $OPD_TRL_PYTHON, .venv-trl)"),
+    student: Path = typer.Option(DEFAULT_STUDENT, help="HF student (default: the cold start of recipes/tiny/sft.yaml)"),
+    teacher: Path = typer.Option(DEFAULT_TEACHER),
+    batch: int = typer.Option(64, help="samples per step, one per prompt"),
+    max_new_tokens: int = typer.Option(96),
+    steps: int = typer.Option(12),
+    warmup: int = typer.Option(2, help="steps left out of the timing"),
+    rounds: int = typer.Option(2, help="A B rounds (ratio per round, medians printed)"),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides for the project's run"),
+) -> None:
+    """Trained completion tokens/s of the whole OPD loop (and TRL's, with --vs trl)."""
+    from megatron_opd.bench.e2e import E2ESettings, bench_e2e
+
+    if vs not in (None, "trl"):
+        raise typer.BadParameter(f"--vs {vs!r}: only 'trl' is supported")
+    settings = E2ESettings(student.resolve(), teacher.resolve(), batch=batch, max_new_tokens=max_new_tokens,
+                           steps=steps, warmup=warmup, overrides=tuple(overrides or ()))
+    try:
+        lines = bench_e2e(settings, vs == "trl", rounds, trl_python, log=typer.echo)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _finish(lines)

@@ -1,0 +1,38 @@
+"""`opd bench`: the throughput arithmetic and a real (tiny) run of the benchmark command."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, opd
+from megatron_opd.bench.e2e import E2ESettings, steady_tokens_per_s, write_prompt_pool
+
+
+def test_steady_state_throughput_leaves_out_warmup_steps():
+    # steps 1-2 are warm-up; steps 3-4 trained 300 + 500 tokens in 1.5 + 2.5 s
+    assert steady_tokens_per_s([10, 20, 300, 500], [9.0, 9.0, 1.5, 2.5], warmup=2) == pytest.approx(200.0)
+    with pytest.raises(ValueError, match="more than 2 steps"):
+        steady_tokens_per_s([1, 2], [1.0, 1.0], warmup=2)
+
+
+def test_prompt_pool_takes_steps_times_batch_rows_from_every_domain(tmp_path):
+    settings = E2ESettings(Path("s"), Path("t"), batch=16, steps=5)
+    rows = [json.loads(line) for line in write_prompt_pool(settings, tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 80 and {r["domain"] for r in rows} == {"arithmetic", "strings", "format"}
+    assert len({r["messages"][0]["content"] for r in rows}) == 80  # every prompt once
+
+
+def test_bench_e2e_runs_the_loop_and_prints_its_figure_last(tmp_path):
+    run = opd("bench", "e2e", "--student", "assets/tiny/student_init", "--batch", "8", "--max-new-tokens", "12",
+              "--steps", "3", "--warmup", "1", "--rounds", "1")
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("megatron-opd trained tokens/s: ") and float(last.split(": ")[1]) > 0
+
+
+@pytest.mark.skipif(not os.environ.get("OPD_TRL_PYTHON"), reason="needs a TRL venv (bash tools/setup_trl_venv.sh)")
+def test_bench_e2e_vs_trl_prints_the_ratio():
+    run = opd("bench", "e2e", "--vs", "trl", "--student", "assets/tiny/student_init", "--batch", "8",
+              "--max-new-tokens", "12", "--steps", "3", "--warmup", "1", "--rounds", "1")
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("ratio megatron-opd / trl: ") and float(last.split(": ")[1].split()[0]) > 0
