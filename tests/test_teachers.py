@@ -67,9 +67,10 @@ def teacher_server():
 def test_embedded_teacher_equals_transformers(teacher_server, rollouts):
     seqs, starts = [s.token_ids for s in rollouts], [s.start for s in rollouts]
     reference = _hf_scores(TEACHER, seqs, starts, 5)
-    # within 1e-5 absolute, plus fp32's relative 1e-6 for tail log-probs of magnitude > 10 (the
-    # server shares the prompt's KV cache across samples, so its sums run in a different order)
-    close = dict(rtol=1e-6, atol=1e-5)
+    # within 2e-5 absolute, plus fp32's relative 1e-6 for tail log-probs of magnitude > 10: the server
+    # runs each prompt once and its samples after its KV cache, in batches of other shapes than the
+    # reference's one full forward, so fp32 sums run in another order (measured: up to 1.5e-5)
+    close = dict(rtol=1e-6, atol=2e-5)
     for binary in (False, True):
         scorer = SGLangScorer(teacher_server, binary=binary, top_dtype="float32")
         for got, (lp, values, ids) in zip(scorer.score(seqs, starts, top_k=5), reference):

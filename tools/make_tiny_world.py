@@ -67,7 +67,7 @@ def build_teachers(out: Path, work: Path, domains: list[str]) -> None:
 def build_cold_start(out: Path) -> None:
     """Teacher-written SFT data: sample at T=1 on train prompts, keep verified-correct responses."""
     from megatron_opd.eval.domains import load_hf_for_eval
-    from megatron_opd.rollout.hf_generate import generate
+    from megatron_opd.rollout.generation import generate
 
     for name in DOMAINS:
         model, tok = load_hf_for_eval(out / "teachers" / name)

@@ -12,7 +12,7 @@ import torch
 from megatron_opd.data.chat import DataError, check_tokenizer_fits
 from megatron_opd.data.domains import DOMAINS, get_domain
 from megatron_opd.data.world import read_rows
-from megatron_opd.rollout.hf_generate import generate
+from megatron_opd.rollout.generation import generate
 
 
 @dataclass

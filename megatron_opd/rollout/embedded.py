@@ -12,12 +12,16 @@ from typing import Any, Iterator
 
 import torch
 
-from megatron_opd.rollout.hf_generate import generate
+from megatron_opd.rollout.decoder import Decoder
+from megatron_opd.rollout.generation import MAX_BATCH, generate, score_batch
 from megatron_opd.rollout.types import Rollout, SamplingParams
 
 
+SCORE_ROWS = 16  # sequences per scoring batch: sorted by length, so padding stays small
+
+
 class EmbeddedEngine:
-    def __init__(self, model_dir: str | Path, batch_size: int = 32, weight_version: str = "0") -> None:
+    def __init__(self, model_dir: str | Path, batch_size: int = MAX_BATCH, weight_version: str = "0") -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -26,6 +30,7 @@ class EmbeddedEngine:
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        self.decoder = Decoder(self.model)
         self.batch_size = batch_size
         self.weight_version = weight_version
         self._paused = False
@@ -43,7 +48,7 @@ class EmbeddedEngine:
                 self.model, [p for _, _, p in expanded], sampling.max_new_tokens, self.eos_token_id,
                 self.pad_token_id, temperature=sampling.temperature, seed=seed,
                 batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
-                stop_token_ids=sampling.stop_token_ids,
+                stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
             )
         return [
             Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k)
@@ -55,10 +60,10 @@ class EmbeddedEngine:
         """Log-prob of every token at positions ``>= start[i]`` (and ``>= 1``), plus optional top-k.
 
         Sequences that share their prefix ``seq[:start]`` (the n samples of one prompt) share one
-        prefill of it: the prefix is run once, its KV cache is repeated across the group, and only
-        the continuations are computed. Each record has ``logprobs`` [T] (float32), ``top_logprobs`` /
-        ``top_ids`` [T, top_k], ``cached_tokens`` (prefix tokens reused) and ``computed_tokens``
-        (tokens prefilled for it, SGLang's ``prompt_tokens - cached_tokens``).
+        prefill of it, and all of a chunk's prefixes and continuations run as one batch each. Each
+        record has ``logprobs`` [T] (float32), ``top_logprobs`` / ``top_ids`` [T, top_k],
+        ``cached_tokens`` (prefix tokens reused) and ``computed_tokens`` (tokens prefilled for it,
+        SGLang's ``prompt_tokens - cached_tokens``).
         """
         starts = [max(int(s), 1) for s in start]
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -66,55 +71,20 @@ class EmbeddedEngine:
             groups.setdefault(tuple(seq[:s]), []).append(i)
         out: list[dict[str, Any]] = [{}] * len(sequences)
         with self._lock:
-            for prefix, members in groups.items():
-                for lo in range(0, len(members), self.batch_size):
-                    chunk = members[lo:lo + self.batch_size]
-                    for i, record in zip(chunk, self._score_group(list(prefix), [sequences[i][len(prefix):] for i in chunk], top_k)):
-                        out[i] = record
-                    out[chunk[0]]["cached_tokens"] = 0  # this one paid for the prefix
-                    out[chunk[0]]["computed_tokens"] += len(prefix)
+            # longest first, in chunks of similar lengths: padding stays small (it is most of the cost)
+            ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(sequences[i]) for i in g[1])))
+            for chunk in _chunks(ordered, min(self.batch_size, SCORE_ROWS)):
+                prefixes = [list(prefix) for prefix, _ in chunk]
+                members = [(g, i) for g, (_, rows) in enumerate(chunk) for i in rows]
+                conts = [sequences[i][starts[i]:] for _, i in members]
+                table = score_batch(self.decoder, prefixes, [g for g, _ in members], conts, self.pad_token_id)
+                for (g, i), record in zip(members, _records(table, conts, top_k)):
+                    record["cached_tokens"] = len(prefixes[g])  # SGLang's accounting: reused prefix tokens
+                    out[i] = record
+                for prefix, rows in chunk:  # the first member of each group paid for its prefix
+                    out[rows[0]]["cached_tokens"] = 0
+                    out[rows[0]]["computed_tokens"] += len(prefix)
         return out
-
-    def _score_group(self, prefix: list[int], continuations: list[list[int]], top_k: int) -> list[dict[str, Any]]:
-        vocab = self.config.vocab_size
-        if len(continuations) == 1:  # nothing to share: one plain forward over the whole sequence
-            logits = self.model(torch.tensor([prefix + continuations[0]])).logits[:, len(prefix) - 1: -1, :vocab]
-            return self._records(torch.log_softmax(logits.float(), -1), continuations, len(prefix), top_k)
-        first = self.model(torch.tensor([prefix]), use_cache=True)
-        last = torch.log_softmax(first.logits[0, -1, :vocab].float(), -1)
-        longest = max(len(c) for c in continuations)
-        rows = [last.expand(len(continuations), -1)[:, None]]  # [B, 1, V]: predicts each continuation's 1st token
-        if longest > 1:
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(len(continuations))
-            width = longest - 1
-            ids = torch.full((len(continuations), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros(len(continuations), len(prefix) + width, dtype=torch.long)
-            mask[:, : len(prefix)] = 1
-            for b, cont in enumerate(continuations):
-                if len(cont) > 1:
-                    ids[b, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-                    mask[b, len(prefix): len(prefix) + len(cont) - 1] = 1
-            positions = torch.arange(len(prefix), len(prefix) + width)[None].expand(len(continuations), -1)
-            logits = self.model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
-            rows.append(torch.log_softmax(logits[..., :vocab].float(), -1))
-        return self._records(torch.cat(rows, 1), continuations, len(prefix), top_k)
-
-    @staticmethod
-    def _records(logprobs: torch.Tensor, continuations: list[list[int]], prefix_len: int, top_k: int) -> list[dict[str, Any]]:
-        """Per continuation: its tokens' log-probs from ``logprobs`` [B, longest, V] (+ top-k)."""
-        records = []
-        for b, cont in enumerate(continuations):
-            table = logprobs[b, : len(cont)]
-            ids = torch.tensor(cont, dtype=torch.long)
-            # SGLang's accounting: a sequence's prefilled tokens = its tokens - the cached ones
-            record: dict[str, Any] = {"logprobs": table.gather(-1, ids[:, None])[:, 0].clone(), "cached_tokens": prefix_len,
-                                      "computed_tokens": len(cont)}
-            if top_k:
-                values, indices = torch.topk(table, top_k, dim=-1)
-                record["top_logprobs"], record["top_ids"] = values.clone(), indices.clone()
-            records.append(record)
-        return records
 
     # -- weights ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -223,3 +193,35 @@ class EmbeddedEngine:
 
     def health(self) -> bool:
         return True
+
+
+def _chunks(groups: list, max_rows: int) -> list[list]:
+    """Prefix groups in chunks of at most ``max_rows`` sequences (a larger group is its own chunk)."""
+    chunks, current, rows = [], [], 0
+    for group in groups:
+        if current and rows + len(group[1]) > max_rows:
+            chunks.append(current)
+            current, rows = [], 0
+        current.append(group)
+        rows += len(group[1])
+    return chunks + ([current] if current else [])
+
+
+def _records(table: torch.Tensor, continuations: list[list[int]], top_k: int) -> list[dict[str, Any]]:
+    """Per continuation: its tokens' log-probs from ``table`` [B, longest, V] (+ top-k), gathered for
+    the whole batch at once; each record holds views into the batch's tensors."""
+    lengths = torch.tensor([len(c) for c in continuations])
+    ids = torch.zeros(table.shape[:2], dtype=torch.long)
+    for b, cont in enumerate(continuations):
+        ids[b, : len(cont)] = torch.tensor(cont, dtype=torch.long)
+    token_lp = table.gather(-1, ids[..., None])[..., 0]
+    values = indices = None
+    if top_k:
+        values, indices = torch.topk(table, top_k, dim=-1)
+    records = []
+    for b, n in enumerate(lengths.tolist()):
+        record: dict[str, Any] = {"logprobs": token_lp[b, :n], "cached_tokens": 0, "computed_tokens": n}
+        if top_k:
+            record["top_logprobs"], record["top_ids"] = values[b, :n], indices[b, :n]
+        records.append(record)
+    return records

@@ -1,0 +1,164 @@
+"""Batched generation and scoring on the embedded engine's :class:`~megatron_opd.rollout.decoder.Decoder`.
+
+Generation: the whole batch in one decode loop over a pre-allocated KV cache; sampling, stop
+checks and bookkeeping are tensor ops (no per-token Python over rows). Each sampled token carries
+its log-prob under the model's unmodified distribution (temperature 1, no top-p / top-k), which is
+what the trainer recomputes and compares against. Same inputs + seed -> same outputs.
+
+Scoring: the log-prob of every continuation token of finished sequences, with each distinct prefix
+(a prompt's n samples share one) run once and its KV cache shared by its continuations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from megatron_opd.rollout.decoder import Decoder, prefill_mask
+
+MAX_BATCH = 256  # rows per decode loop (memory bound); a step's batch is one loop up to this
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (hit EOS / a stop token) or "length"
+    logprobs: list[float] = field(default_factory=list)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus) on [b, V] logits; filtered entries -> -inf."""
+    logits = logits / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid[i, width - len(p):] = True
+    return ids, valid
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    batch_size: int = MAX_BATCH,
+    top_k: int = -1,
+    top_p: float = 1.0,
+    stop_token_ids: tuple[int, ...] = (),
+    decoder: Decoder | None = None,
+) -> list[Completion]:
+    """Complete each prompt (an HF model or its ``decoder``); temperature 0 is greedy."""
+    decoder = decoder or Decoder(model)
+    generator = torch.Generator().manual_seed(seed)
+    stops = torch.tensor(sorted({eos_token_id, *stop_token_ids}))
+    out: list[Completion] = []
+    for start in range(0, len(prompts), batch_size):
+        ids, logprobs, lengths, stopped = decode_batch(decoder, prompts[start:start + batch_size], max_new_tokens, stops,
+                                                       pad_token_id, (temperature, top_k, top_p), generator)
+        for row_ids, row_lp, n, hit in zip(ids.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
+            out.append(Completion(row_ids[:n], "stop" if hit else "length", row_lp[:n]))
+    return out
+
+
+def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int, stops: torch.Tensor, pad_id: int,
+                 sampling: tuple[float, int, float], generator: torch.Generator):
+    """One decode loop: returns ids / log-probs [B, max_new] (valid up to ``lengths`` [B]) and
+    ``stopped`` [B] (True: ended on a stop token; False: hit max_new_tokens). Finished rows leave
+    the running batch once they are half of it (their cache rows are dropped), so a long tail of
+    a few long samples runs at the cost of a few rows."""
+    temperature, top_k, top_p = sampling
+    batch = len(prompts)
+    ids, valid_prompt = _left_padded(prompts, pad_id)  # every row's next token goes to the same column
+    width = ids.shape[1]
+    valid = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool)
+    valid[:, :width] = valid_prompt
+    cache = decoder.new_cache(batch, width + max_new_tokens)
+    positions = (valid_prompt.long().cumsum(-1) - 1).clamp(min=0)
+    logits = decoder.logits(decoder.forward(ids, positions, cache, 0, prefill_mask(valid_prompt))[:, -1])
+    position = positions[:, -1:]
+    out_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
+    out_lp = torch.zeros(batch, max_new_tokens)
+    stopped = torch.zeros(batch, dtype=torch.bool)
+    rows = torch.arange(batch)  # original index of each row still in the batch
+    alive = torch.ones(batch, dtype=torch.bool)  # per row in the batch: not stopped yet
+    lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            next_ids = logits.argmax(-1)
+        # stopped rows write past their length here: ignored, outputs are read up to `lengths`
+        out_ids[rows, t] = next_ids
+        out_lp[rows, t] = torch.log_softmax(logits, -1).gather(-1, next_ids[:, None])[:, 0]
+        hit = torch.isin(next_ids, stops) & alive
+        if bool(hit.any()):
+            stopped[rows[hit]] = True
+            lengths[rows[hit]] = t + 1
+            alive &= ~hit
+            if not bool(alive.any()):
+                break
+            if 2 * int(alive.sum()) <= len(rows):  # compact: drop the stopped rows and their cache
+                keep = alive.nonzero()[:, 0]
+                cache, valid, position, rows = cache.take(keep), valid[keep], position[keep], rows[keep]
+                next_ids, alive = next_ids[keep], alive[keep]
+        if t == max_new_tokens - 1:
+            break
+        column = width + t
+        valid[:, column] = True
+        position = position + 1
+        hidden = decoder.forward(next_ids[:, None], position, cache, column, valid[:, None, None, :column + 1])
+        logits = decoder.logits(hidden[:, 0])
+    return out_ids, out_lp, lengths, stopped
+
+
+@torch.no_grad()
+def score_batch(decoder: Decoder, prefixes: list[list[int]], group: list[int], continuations: list[list[int]],
+                pad_id: int) -> torch.Tensor:
+    """Log-softmax tables [B, longest, V] for continuations b = 0..B-1, each after the prefix
+    ``prefixes[group[b]]``: every prefix is run once (left-padded, one batch), its KV cache copied to
+    the continuations that share it, and all continuations run in one batch after it. Row b is
+    valid up to ``len(continuations[b])``: entry t predicts ``continuations[b][t]``."""
+    ids, valid = _left_padded(prefixes, pad_id)
+    width = ids.shape[1]
+    longest = max(len(c) for c in continuations)
+    cache = decoder.new_cache(len(prefixes), width)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = decoder.forward(ids, positions, cache, 0, prefill_mask(valid))
+    rows = torch.tensor(group, dtype=torch.long)
+    first = decoder.logits(hidden[rows, -1:])  # [B, 1, V]: predicts each continuation's first token
+    if longest <= 1:  # nothing after the first token (or no continuation at all)
+        return torch.log_softmax(first[:, :longest], -1)
+    batch, span = len(continuations), longest - 1
+    shared = cache.take(rows, width + span)
+    block_ids = torch.full((batch, span), pad_id, dtype=torch.long)
+    block_valid = torch.zeros(batch, span, dtype=torch.bool)
+    for b, cont in enumerate(continuations):
+        block_ids[b, : len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+        block_valid[b, : len(cont) - 1] = True
+    attend = torch.cat([valid[rows][:, None, None, :].expand(-1, 1, span, -1), prefill_mask(block_valid)], dim=-1)
+    block_positions = positions[rows, -1:] + 1 + torch.arange(span)[None]
+    rest = decoder.logits(decoder.forward(block_ids, block_positions, shared, width, attend))
+    return torch.log_softmax(torch.cat([first, rest], 1), -1)

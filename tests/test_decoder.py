@@ -1,0 +1,83 @@
+"""The embedded engine's lean decoder against transformers, on every architecture it runs."""
+import pytest
+import torch
+
+from megatron_opd.rollout.decoder import Decoder, UnsupportedModelError, prefill_mask
+from megatron_opd.rollout.generation import generate, score_batch
+
+
+def _model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _teacher_forced(model, prompt, completion):
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1].float()
+    return torch.log_softmax(logits, -1)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_greedy_ids_equal_transformers_generate_across_a_ragged_batch(tiny_hf, arch):
+    model = _model(tiny_hf[arch])
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, 131, (n,)).tolist() for n in (3, 11, 7, 20, 1)]
+    eos = 5  # a common-enough id that some rows stop early and the batch is compacted
+    ours = generate(model, prompts, 24, eos, 0, temperature=0.0)
+    for prompt, completion in zip(prompts, ours):
+        expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, eos_token_id=eos,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+        assert completion.token_ids == expected[: len(completion.token_ids)] and len(completion.token_ids) == len(expected)
+        assert completion.finish_reason == ("stop" if expected[-1] == eos else "length")
+        table = _teacher_forced(model, prompt, completion.token_ids)
+        picked = table.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(completion.logprobs), picked, atol=1e-5)
+
+
+def test_sampled_rows_that_stop_early_leave_the_batch_and_the_rest_stay_exact(tiny_hf):
+    """Sampling at T=1 with a frequent stop token: rows finish at many different steps (the batch
+    compacts several times); every row's log-probs are still the model's own, teacher-forced."""
+    model = _model(tiny_hf["qwen3"])
+    torch.manual_seed(2)
+    prompts = [torch.randint(1, 131, (int(n),)).tolist() for n in torch.randint(2, 30, (24,))]
+    stops = tuple(range(10, 30))  # ~15% of the vocabulary ends a row
+    a = generate(model, prompts, 40, 9, 0, temperature=1.0, seed=7, stop_token_ids=stops)
+    b = generate(model, prompts, 40, 9, 0, temperature=1.0, seed=7, stop_token_ids=stops)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]  # seeded
+    lengths = {len(c.token_ids) for c in a}
+    assert len(lengths) > 4  # rows really did stop at different steps
+    for prompt, completion in zip(prompts, a):
+        if completion.finish_reason == "stop":
+            assert completion.token_ids[-1] in stops + (9,) and not set(completion.token_ids[:-1]) & set(stops + (9,))
+        else:
+            assert len(completion.token_ids) == 40
+        table = _teacher_forced(model, prompt, completion.token_ids)
+        picked = table.gather(-1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(completion.logprobs), picked, atol=1e-5)
+
+
+def test_prefix_shared_scoring_equals_a_full_forward(tiny_hf):
+    model = _model(tiny_hf["llama"])
+    torch.manual_seed(3)
+    prefixes = [torch.randint(1, 131, (n,)).tolist() for n in (9, 4, 15)]
+    group = [0, 0, 1, 2, 2, 2]
+    continuations = [torch.randint(1, 131, (n,)).tolist() for n in (6, 1, 12, 3, 8, 2)]
+    table = score_batch(Decoder(model), prefixes, group, continuations, pad_id=0)
+    for b, (g, cont) in enumerate(zip(group, continuations)):
+        reference = _teacher_forced(model, prefixes[g], cont)
+        assert torch.allclose(table[b, : len(cont)], reference, atol=2e-5)
+
+
+def test_prefill_mask_never_leaves_a_row_empty():
+    valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    mask = prefill_mask(valid)[:, 0]
+    assert mask.any(-1).all()
+    assert mask[0, 3].tolist() == [False, False, True, True] and mask[1, 1].tolist() == [True, True, False, False]
+
+
+def test_unsupported_architectures_are_named(tiny_hf):
+    model = _model(tiny_hf["llama"])
+    model.config.model_type = "mixtral"
+    with pytest.raises(UnsupportedModelError, match="mixtral"):
+        Decoder(model)
