@@ -291,7 +291,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
     port: int = typer.Option(30000),
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY'"),
-    batch_size: int = typer.Option(32, help="sequences per generation batch"),
+    batch_size: int = typer.Option(256, help="sequences per decode loop / scoring chunk bound"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core)"),
 ) -> None:
     """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
     if role not in ("rollout", "teacher"):
@@ -300,6 +301,10 @@ def serve(
         _fail(f"--model {model}: not an HF checkpoint directory (no config.json)")
     import uvicorn
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     from megatron_opd.rollout.embedded import EmbeddedEngine
     from megatron_opd.serve.rollout_server import create_app
 

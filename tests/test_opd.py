@@ -92,19 +92,21 @@ def test_grpo_recipe_validation():
 
 def test_domain_normalisation_gives_each_domain_an_equal_share():
     """loss.normalize=domain: a short-answer domain weighs as much as a long one in the token mean."""
-    from megatron_opd.train.opd_batch import StepRecord, collate, equal_share_weights
+    from megatron_opd.records import Prompt, Rollout
+    from megatron_opd.train.step_batch import build_step_batch, equal_share_weights, micro_batches
 
     domains, lengths = ["arith", "arith", "str", None], [30, 50, 4, 16]
     weights = equal_share_weights(domains, lengths)
     assert weights == pytest.approx([100 / (3 * 80)] * 2 + [100 / (3 * 4), 100 / (3 * 16)])
     assert sum(w * n for w, n in zip(weights, lengths)) == pytest.approx(sum(lengths))
 
-    seqs = [[1] * (2 + n) for n in lengths]
-    record = StepRecord(seqs, [2] * 4, [[-1.0] * n for n in lengths], [[-1.0] * n for n in lengths], domains,
-                        loss_weights=weights)
-    assert collate(record, [2, 3], 0, 0)["loss_w"].tolist() == pytest.approx(weights[2:])
-    record.loss_weights = []  # loss.normalize=token
-    assert collate(record, [2, 3], 0, 0)["loss_w"].tolist() == [1.0, 1.0]
+    prompts = [Prompt([1, 2], d, row=i) for i, d in enumerate(domains)]
+    rollouts = [Rollout([1, 2], [3] * n, [-1.0] * n, "stop", "step-0", i) for i, n in enumerate(lengths)]
+    batch = build_step_batch(prompts, rollouts, None, "domain", 0)
+    assert batch.loss_weights.tolist() == pytest.approx(weights)
+    micro = micro_batches(batch, 2, pad_id=0)  # longest first: samples 1, 0 | 3, 2
+    assert [m["loss_w"].tolist() for m in micro] == [pytest.approx([weights[1], weights[0]]), pytest.approx([weights[3], weights[2]])]
+    assert build_step_batch(prompts, rollouts, None, "token", 0).loss_weights.tolist() == [1.0] * 4
 
 
 def test_sequence_normalisation_gives_each_sample_an_equal_share():
@@ -113,7 +115,7 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
     (c tokens per token of response) gets no net push; with token-mean the long samples dominate it.
     The price: a token held once by every sample is pushed toward the short samples' advantages."""
     from megatron_opd.algo.advantages import grpo_advantages
-    from megatron_opd.train.opd_batch import equal_share_weights
+    from megatron_opd.train.step_batch import equal_share_weights
 
     lengths = [12, 40, 40, 96]  # one short correct answer, three longer wrong ones
     weights = equal_share_weights(list(range(len(lengths))), lengths)

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, WORKERS, start_rollout_server, torchrun
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.rollout.http_client import SGLangClient
-from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.records import SamplingParams
 from megatron_opd.serve.contract import ContractError, validate_request
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"

@@ -33,7 +33,7 @@ def test_gpu_smoke_real_sglang_server():  # pragma: no cover - GPU only
     from pathlib import Path
 
     from megatron_opd.rollout.embedded import EmbeddedEngine
-    from megatron_opd.rollout.types import SamplingParams
+    from megatron_opd.records import SamplingParams
 
     world = Path(__file__).resolve().parents[1] / "assets" / "tiny"
     proc, client = launch(SGLangServerConfig(str(world / "teachers" / "arithmetic"), port=31555, dtype="float32"))
@@ -44,12 +44,35 @@ def test_gpu_smoke_real_sglang_server():  # pragma: no cover - GPU only
         client.update_weights_from_disk(str(world / "original"), "1")
         client.resume()
         assert client.model_info()["weight_version"] == "1"
-        reference = EmbeddedEngine(world / "original")
-        name = "model.layers.0.mlp.down_proj.weight"
-        served = torch.tensor(client.get_weights_by_name(name, truncate_size=10**6))
-        assert torch.allclose(served, reference.get_weight(name), atol=1e-6)
-        ours = reference.score([prompt], [1])[0]["token_logprobs"]
-        theirs = client.score([prompt], start=1)[0]
-        assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-3
+        _served_weights_and_logprobs_match(client, EmbeddedEngine(world / "original"), prompt, atol=1e-3)
     finally:
         proc.kill()
+
+
+def _served_weights_and_logprobs_match(client, reference, prompt, atol):
+    """What the GPU smoke test checks of a server that loaded ``reference``'s weights (run on CPU
+    against `opd serve` too, so the engine records it reads are the current ones)."""
+    name = "model.layers.0.mlp.down_proj.weight"
+    served = torch.tensor(client.get_weights_by_name(name, truncate_size=10**6))
+    assert torch.allclose(served, reference.get_weight(name), atol=1e-6)
+    ours = reference.score([prompt], [1])[0]["logprobs"].tolist()
+    theirs = client.score([prompt], start=1)[0]
+    assert len(ours) == len(theirs) == len(prompt) - 1
+    assert max(abs(a - b) for a, b in zip(ours, theirs)) < atol
+
+
+def test_the_gpu_smoke_checks_run_against_the_embedded_server():
+    from pathlib import Path
+
+    from conftest import start_rollout_server
+    from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.rollout.http_client import SGLangClient
+
+    model = Path(__file__).resolve().parents[1] / "assets" / "tiny" / "original"
+    url, proc = start_rollout_server(model)
+    try:
+        prompt = [2, 90, 88, 74, 87, 4, 70, 73, 73, 5, 22, 23, 24, 5, 16, 5, 24, 25, 26, 3, 4, 2]
+        _served_weights_and_logprobs_match(SGLangClient(url), EmbeddedEngine(model), prompt, atol=1e-5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

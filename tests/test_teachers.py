@@ -13,13 +13,13 @@ import torch
 from conftest import REPO, start_rollout_server
 from megatron_opd.config.teachers import RoutingSpec
 from megatron_opd.rollout.embedded import EmbeddedEngine
-from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.records import Sample, SamplingParams, TokenScores
 from megatron_opd.serve.process import ServerProcess
 from megatron_opd.teachers.backends import SGLangScorer, parse_prompt_logprobs
 from megatron_opd.teachers.pool import TeacherPool, prefix_batches
 from megatron_opd.teachers.router import Router, topk_entropy
-from megatron_opd.teachers.service import Sample, TeacherSet
-from megatron_opd.teachers.types import TeacherError, TokenScores
+from megatron_opd.teachers.service import TeacherSet
+from megatron_opd.teachers.types import TeacherError
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
 STUDENT = REPO / "assets" / "tiny" / "student_init"

@@ -44,3 +44,38 @@ def e2e(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     _finish(lines)
+
+
+@bench_app.command("step")
+def step(
+    student: Path = typer.Option(DEFAULT_STUDENT, help="HF student of the batch sweep (default: the cold start)"),
+    random_student: Path = typer.Option(Path("assets/tiny/student_init"), help="student of the length sweep (rarely stops)"),
+    teacher: Path = typer.Option(DEFAULT_TEACHER),
+    batches: str = typer.Option("32,64,128", help="samples per step to sweep (at --max-new-tokens)"),
+    lengths: str = typer.Option("32,64,128", help="completion caps to sweep (at --batch, random student)"),
+    batch: int = typer.Option(64),
+    max_new_tokens: int = typer.Option(96),
+    steps: int = typer.Option(8),
+    warmup: int = typer.Option(2),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides for every run"),
+) -> None:
+    """One step's phases (rollout, scoring, train, sync) and how step time grows with batch and length."""
+    from megatron_opd.bench.step import bench_step
+    from megatron_opd.bench.e2e import E2ESettings
+
+    sweep = [int(b) for b in batches.split(",") if b]
+    if batch not in sweep:
+        sweep.append(batch)
+    settings = E2ESettings(student.resolve(), teacher.resolve(), batch=batch, max_new_tokens=max_new_tokens, steps=steps,
+                           warmup=warmup, overrides=tuple(overrides or ()))
+    for path in (student, random_student, teacher):
+        if not (path / "config.json").is_file():
+            typer.secho(f"error: {path} is not an HF checkpoint (the cold start: `opd run recipes/tiny/sft.yaml`)",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+    try:
+        lines = bench_step(settings, sweep, [int(n) for n in lengths.split(",") if n], random_student.resolve(), log=typer.echo)
+    except RuntimeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _finish(lines)

@@ -66,6 +66,9 @@ class TrainConfig(Strict):
 class RunConfig(Strict):
     name: str = "run"
     output_dir: Path = Path("outputs/run")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads of every trainer process and of every "
+                                    "server the run starts (None: torch's default, one per core); on a small CPU box "
+                                    "with rollout, teachers and trainer in their own processes, 1 each")
 
 
 class StageBase(Strict):
@@ -112,24 +115,32 @@ class PromptDataConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    engine: Literal["embedded", "servers"] = Field("embedded", description="embedded: in-process on trainer rank 0; "
-                                                   "servers: SGLang / `opd serve --role rollout` at `urls`")
+    engine: Literal["embedded", "embedded_server", "servers"] = Field(
+        "embedded", description="embedded: in-process on trainer rank 0; embedded_server: the run starts `replicas` x "
+        "`opd serve --role rollout` on 127.0.0.1 (generation beside the trainer, not in it); servers: SGLang / "
+        "`opd serve --role rollout` already running at `urls`")
     urls: list[str] = Field(default_factory=list)
+    replicas: int = Field(1, ge=1, description="embedded_server: servers to start")
+    max_staleness: int = Field(0, ge=0, description="how many optimizer steps older than the weights being trained the "
+                               "weights that sampled a batch may be: 0 = strictly on-policy (exact reproduction); 1 = "
+                               "batch k+1 is generated and scored while step k trains (one step off-policy, corrected "
+                               "by truncated importance sampling against the sampler's log-probs)")
     sync: Literal["in_process", "disk", "distributed"] = "in_process"
     n: int = Field(4, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
     max_new_tokens: int = Field(96, ge=1)
-    batch_size: int = Field(64, ge=1, description="sequences per generation batch (embedded engine)")
+    batch_size: int = Field(256, ge=1, description="embedded engine: most sequences in one decode loop (a step's "
+                            "batch up to this runs as one)")
     bucket_mb: int = Field(64, ge=1, description="weight-sync bucket size")
 
     @model_validator(mode="after")
     def _engine(self) -> "RolloutConfig":
         if self.engine == "embedded" and self.sync != "in_process":
             raise ValueError("rollout.engine 'embedded' lives in the trainer: use rollout.sync 'in_process'")
-        if self.engine == "servers" and self.sync == "in_process":
-            raise ValueError("rollout.engine 'servers' needs rollout.sync 'disk' or 'distributed'")
+        if self.engine != "embedded" and self.sync == "in_process":
+            raise ValueError(f"rollout.engine {self.engine!r} needs rollout.sync 'disk' or 'distributed'")
         return self
 
 

@@ -59,6 +59,8 @@ class RoutingSpec(Strict):
     weighting: Literal["fixed", "confidence"] = "fixed"
     confidence_temperature: float = Field(1.0, gt=0)
     allow_tokenizer_mismatch: bool = False
+    stream: bool = Field(False, description="score a prompt's samples as soon as all of them are generated, while the "
+                         "rest of the step is still generating (false: score the whole step after it is generated)")
 
     @field_validator("routes", "default", mode="before")
     @classmethod

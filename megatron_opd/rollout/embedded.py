@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from megatron_opd.rollout.decoder import Decoder
 from megatron_opd.rollout.generation import MAX_BATCH, generate, score_batch
-from megatron_opd.rollout.types import Rollout, SamplingParams
+from megatron_opd.records import Rollout, SamplingParams
 
 
 SCORE_ROWS = 16  # sequences per scoring batch: sorted by length, so padding stays small
@@ -37,23 +37,28 @@ class EmbeddedEngine:
         self._lock = threading.Condition()  # one generation or weight update at a time
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
-        """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
+        """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version.
+        ``on_rollout(j, rollout)`` hears of output j as soon as it has ended (streaming)."""
         expanded = [(i, k, p) for i, p in enumerate(prompts) for k in range(sampling.n)]
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         with self._lock:
             self._lock.wait_for(lambda: not self._paused)  # checked under the lock: no half-synced weights
             version = self.weight_version
+
+            def rollout(j: int, c) -> Rollout:
+                i, k, p = expanded[j]
+                return Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k)
+
             completions = generate(
                 self.model, [p for _, _, p in expanded], sampling.max_new_tokens, self.eos_token_id,
                 self.pad_token_id, temperature=sampling.temperature, seed=seed,
                 batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
+                on_complete=(lambda j, c: on_rollout(j, rollout(j, c))) if on_rollout else None,
             )
-        return [
-            Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k)
-            for (i, k, p), c in zip(expanded, completions)
-        ]
+        return [rollout(j, c) for j, c in enumerate(completions)]
 
     @torch.no_grad()
     def score(self, sequences: list[list[int]], start: list[int], top_k: int = 0) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ Scoring: the log-prob of every continuation token of finished sequences, with ea
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,28 +68,47 @@ def generate(
     top_p: float = 1.0,
     stop_token_ids: tuple[int, ...] = (),
     decoder: Decoder | None = None,
+    on_complete: Callable[[int, Completion], None] | None = None,
 ) -> list[Completion]:
-    """Complete each prompt (an HF model or its ``decoder``); temperature 0 is greedy."""
+    """Complete each prompt (an HF model or its ``decoder``); temperature 0 is greedy.
+    ``on_complete(i, completion)`` is called as soon as prompt i's completion has ended (streaming)."""
     decoder = decoder or Decoder(model)
     generator = torch.Generator().manual_seed(seed)
     stops = torch.tensor(sorted({eos_token_id, *stop_token_ids}))
     out: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
-        ids, logprobs, lengths, stopped = decode_batch(decoder, prompts[start:start + batch_size], max_new_tokens, stops,
-                                                       pad_token_id, (temperature, top_k, top_p), generator)
+        chunk = prompts[start:start + batch_size]
+        finished = None
+        if on_complete is not None:
+            def finished(rows, ids, logprobs, lengths, stopped, offset=start):
+                for r in rows:
+                    on_complete(offset + r, _completion(ids[r], logprobs[r], int(lengths[r]), bool(stopped[r])))
+        ids, logprobs, lengths, stopped = decode_batch(decoder, chunk, max_new_tokens, stops, pad_token_id,
+                                                       (temperature, top_k, top_p), generator, finished)
         for row_ids, row_lp, n, hit in zip(ids.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
             out.append(Completion(row_ids[:n], "stop" if hit else "length", row_lp[:n]))
     return out
 
 
+def _completion(ids: torch.Tensor, logprobs: torch.Tensor, length: int, stopped: bool) -> Completion:
+    return Completion(ids[:length].tolist(), "stop" if stopped else "length", logprobs[:length].tolist())
+
+
 def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int, stops: torch.Tensor, pad_id: int,
-                 sampling: tuple[float, int, float], generator: torch.Generator):
+                 sampling: tuple[float, int, float], generator: torch.Generator, finished: Callable | None = None):
     """One decode loop: returns ids / log-probs [B, max_new] (valid up to ``lengths`` [B]) and
     ``stopped`` [B] (True: ended on a stop token; False: hit max_new_tokens). Finished rows leave
     the running batch once they are half of it (their cache rows are dropped), so a long tail of
-    a few long samples runs at the cost of a few rows."""
+    a few long samples runs at the cost of a few rows. ``finished(rows, ids, logprobs, lengths,
+    stopped)`` hears of rows (original indices) as soon as they end."""
     temperature, top_k, top_p = sampling
     batch = len(prompts)
+    if max_new_tokens == 0:
+        empty = (torch.zeros(batch, 0, dtype=torch.long), torch.zeros(batch, 0), torch.zeros(batch, dtype=torch.long),
+                 torch.zeros(batch, dtype=torch.bool))
+        if finished is not None:
+            finished(list(range(batch)), *empty)
+        return empty
     ids, valid_prompt = _left_padded(prompts, pad_id)  # every row's next token goes to the same column
     width = ids.shape[1]
     valid = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool)
@@ -118,6 +137,8 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
             stopped[rows[hit]] = True
             lengths[rows[hit]] = t + 1
             alive &= ~hit
+            if finished is not None:
+                finished(rows[hit].tolist(), out_ids, out_lp, lengths, stopped)
             if not bool(alive.any()):
                 break
             if 2 * int(alive.sum()) <= len(rows):  # compact: drop the stopped rows and their cache
@@ -125,6 +146,8 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
                 cache, valid, position, rows = cache.take(keep), valid[keep], position[keep], rows[keep]
                 next_ids, alive = next_ids[keep], alive[keep]
         if t == max_new_tokens - 1:
+            if finished is not None:  # the rest ran to the length limit
+                finished(rows[alive].tolist(), out_ids, out_lp, lengths, stopped)
             break
         column = width + t
         valid[:, column] = True

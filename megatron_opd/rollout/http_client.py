@@ -6,9 +6,10 @@ a real SGLang server fails here first, with the field named.
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Callable
 
-from megatron_opd.rollout.types import Rollout, SamplingParams
+from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.serve.contract import validate_request
 
 
@@ -27,6 +28,27 @@ class ServerError(RuntimeError):
     def retryable(self) -> bool:
         """Worth another try, possibly elsewhere: unreachable, rate-limited or a server-side error."""
         return self.status is None or self.status == 429 or self.status >= 500
+
+
+def _rollout(out: dict[str, Any], index: int, prompts: list[list[int]], n: int) -> Rollout:
+    meta = out["meta_info"]
+    entries = meta.get("output_token_logprobs") or []
+    return Rollout(prompt_ids=list(prompts[index // n]), completion_ids=list(out["output_ids"]),
+                   logprobs=[float(e[0]) for e in entries],
+                   finish_reason=meta["finish_reason"]["type"] if meta.get("finish_reason") else "abort",
+                   weight_version=str(meta.get("weight_version", "")), prompt_index=index // n, sample_index=index % n)
+
+
+def _merge_stream_event(part: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
+    """Fold one streamed event into an output: ids and log-prob entries either restate the whole
+    output so far (``completion_tokens`` equals their count) or are the new increment."""
+    meta = event.get("meta_info", {})
+    ids = list(event.get("output_ids") or [])
+    entries = list(meta.get("output_token_logprobs") or [])
+    whole = int(meta.get("completion_tokens", -1)) == len(ids)
+    part["output_ids"] = ids if whole else part["output_ids"] + ids
+    part["entries"] = entries if whole else part["entries"] + entries
+    return {"output_ids": part["output_ids"], "meta_info": {**meta, "output_token_logprobs": part["entries"]}}
 
 
 class SGLangClient:
@@ -68,28 +90,57 @@ class SGLangClient:
         return response.json()
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
+        """``sampling.n`` rollouts per prompt. With ``on_rollout`` the request streams (SGLang's
+        ``stream: true``) and ``on_rollout(j, rollout)`` hears of output j as soon as it has ended."""
         body = {"input_ids": prompts, "sampling_params": sampling.to_sglang(), "return_logprob": True,
                 "logprob_start_len": max(len(p) for p in prompts) if prompts else 0}
+        expected = len(prompts) * sampling.n
+        if on_rollout is not None:
+            return self._generate_stream(body, prompts, sampling.n, on_rollout)
         outputs = self._post("/generate", body)
         if isinstance(outputs, dict):
             outputs = [outputs]
-        if len(outputs) != len(prompts) * sampling.n:
-            raise ServerError(f"{self.base_url}/generate: expected {len(prompts) * sampling.n} outputs, got {len(outputs)}")
-        rollouts = []
-        for index, out in enumerate(outputs):
-            meta = out["meta_info"]
-            entries = meta.get("output_token_logprobs") or []
-            rollouts.append(Rollout(
-                prompt_ids=list(prompts[index // sampling.n]),
-                completion_ids=list(out["output_ids"]),
-                logprobs=[float(e[0]) for e in entries],
-                finish_reason=meta["finish_reason"]["type"] if meta.get("finish_reason") else "abort",
-                weight_version=str(meta.get("weight_version", "")),
-                prompt_index=index // sampling.n,
-                sample_index=index % sampling.n,
-            ))
-        return rollouts
+        if len(outputs) != expected:
+            raise ServerError(f"{self.base_url}/generate: expected {expected} outputs, got {len(outputs)}")
+        return [_rollout(out, index, prompts, sampling.n) for index, out in enumerate(outputs)]
+
+    def _generate_stream(self, body: dict[str, Any], prompts: list[list[int]], n: int,
+                         on_rollout: Callable[[int, Rollout], None]) -> list[Rollout]:
+        """Read the server-sent events; an output counts once its ``finish_reason`` is set. A server
+        that sends each output whole (the embedded one) or in increments (SGLang) both work."""
+        import httpx
+
+        body = {**body, "stream": True}
+        validate_request("/generate", body)
+        parts: dict[int, dict[str, Any]] = {}
+        done: dict[int, Rollout] = {}
+        finished = False
+        try:
+            with self._http.stream("POST", "/generate", json=body) as response:
+                if response.status_code != 200:
+                    raise ServerError(f"{self.base_url}/generate: HTTP {response.status_code}: {response.read()[:500]!r}",
+                                      response.status_code)
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        finished = True
+                        break
+                    event = json.loads(data)
+                    index = int(event.get("index", 0))
+                    merged = _merge_stream_event(parts.setdefault(index, {"output_ids": [], "entries": []}), event)
+                    if merged["meta_info"].get("finish_reason") and index not in done:
+                        done[index] = _rollout(merged, index, prompts, n)
+                        on_rollout(index, done[index])
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{self.base_url}/generate (stream): {type(exc).__name__}: {exc}") from exc
+        expected = len(prompts) * n
+        if not finished or len(done) != expected:
+            raise ServerError(f"{self.base_url}/generate (stream): ended after {len(done)} of {expected} outputs")
+        return [done[i] for i in range(expected)]
 
     def score(self, sequences: list[list[int]], start: int) -> list[list[float]]:
         """Log-prob of every token of each sequence at positions >= ``start`` >= 1 (prefill only).

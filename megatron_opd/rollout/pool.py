@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
-from typing import Any
+from typing import Any, Callable
 
 from megatron_opd.rollout.http_client import ServerError
-from megatron_opd.rollout.types import Rollout, SamplingParams
+from megatron_opd.records import Rollout, SamplingParams
 
 
 class RolloutPool:
@@ -25,8 +25,24 @@ class RolloutPool:
     def _alive(self) -> list[int]:
         return [i for i in range(len(self.clients)) if i not in self.dead]
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
-        """``sampling.n`` rollouts per prompt, each prompt's samples exactly once, in prompt order."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
+        """``sampling.n`` rollouts per prompt, each prompt's samples exactly once, in prompt order.
+        ``on_rollout(j, rollout)`` (streaming, from the servers' threads) hears of each output once,
+        a retried share's outputs included (a share keeps its seed, so a retry repeats them)."""
+        reported: set[int] = set()
+
+        def relay(indices: list[int]):
+            def hear(local: int, rollout: Rollout) -> None:
+                prompt = indices[local // sampling.n]
+                index = prompt * sampling.n + local % sampling.n
+                with self._lock:
+                    if index in reported:
+                        return
+                    reported.add(index)
+                on_rollout(index, replace(rollout, prompt_index=prompt))
+            return hear if on_rollout else None
+
         alive = self._alive()
         if not alive:
             raise ServerError("no rollout server is alive")
@@ -36,7 +52,7 @@ class RolloutPool:
             futures = {}
             for chunk_id, (server, indices) in enumerate(zip(alive, shares)):
                 if indices:
-                    futures[self._submit(executor, server, indices, prompts, sampling, chunk_id)] = (server, indices, chunk_id, 0)
+                    futures[self._submit(executor, server, indices, prompts, sampling, chunk_id, relay(indices))] = (server, indices, chunk_id, 0)
             while futures:
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -53,7 +69,7 @@ class RolloutPool:
                         if not survivors or attempt + 1 > self.max_retries:
                             raise
                         target = survivors[chunk_id % len(survivors)]
-                        futures[self._submit(executor, target, indices, prompts, sampling, chunk_id)] = (target, indices, chunk_id, attempt + 1)
+                        futures[self._submit(executor, target, indices, prompts, sampling, chunk_id, relay(indices))] = (target, indices, chunk_id, attempt + 1)
                         continue
                     for rollout in rollouts:
                         results.setdefault(indices[rollout.prompt_index], []).append(
@@ -75,6 +91,9 @@ class RolloutPool:
                 self.dead.add(i)
         return bool(self._alive())
 
-    def _submit(self, executor, server, indices, prompts, sampling, chunk_id):
+    def _submit(self, executor, server, indices, prompts, sampling, chunk_id, on_rollout=None):
         seed = None if sampling.seed is None else sampling.seed + chunk_id  # same share -> same seed on retry
-        return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], replace(sampling, seed=seed))
+        shared = replace(sampling, seed=seed)
+        if on_rollout is None:
+            return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], shared)
+        return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], shared, on_rollout)

@@ -7,16 +7,17 @@ real SGLang server the same way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from megatron_opd.rollout.embedded import EmbeddedEngine
-from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.records import SamplingParams
 from megatron_opd.serve import score_codec
 from megatron_opd.serve.contract import ContractError, validate_request
 
@@ -111,6 +112,40 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
     return out[0] if single and sampling.n == 1 else out
 
 
+def parse_stream(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[list[int]], SamplingParams]:
+    prompts, _, sampling, starts, top_k = parse_generate(engine, body)
+    if sampling.max_new_tokens == 0 or top_k or any(len(p) > s + 1 for p, s in zip(prompts, starts)):
+        raise ContractError("/generate: stream: streams generation only (max_new_tokens > 0, no prompt log-probs: "
+                            "set logprob_start_len to the prompt length and top_logprobs_num to 0)")
+    return prompts, sampling
+
+
+async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampling: SamplingParams, with_logprobs: bool):
+    """SGLang's streaming form of a batch ``/generate``: server-sent events ``data: {...}``, one per
+    output as soon as it has ended (its ``index`` says which), then ``data: [DONE]``."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def work() -> None:
+        try:
+            engine.generate(prompts, sampling, on_rollout=lambda j, r: loop.call_soon_threadsafe(queue.put_nowait, (j, r)))
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    task = loop.run_in_executor(None, work)
+    while (item := await queue.get()) is not None:
+        index, rollout = item
+        meta = {"id": secrets.token_hex(8), "finish_reason": _finish_reason(rollout.finish_reason, rollout.completion_ids),
+                "prompt_tokens": len(rollout.prompt_ids), "completion_tokens": len(rollout.completion_ids),
+                "cached_tokens": 0, "weight_version": rollout.weight_version}
+        if with_logprobs:
+            meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = _logprob_entries(rollout.logprobs, rollout.completion_ids)
+        yield f"data: {json.dumps({'text': '', 'output_ids': rollout.completion_ids, 'meta_info': meta, 'index': index})}\n\n"
+    await task  # a failure mid-stream ends the stream without [DONE]: the client sees it short
+    yield "data: [DONE]\n\n"
+
+
 def binary_scores(engine: EmbeddedEngine, body: dict[str, Any], top_dtype: str) -> bytes:
     """A scoring request (``max_new_tokens=0``) answered in the compact binary format: for each
     prompt the same numbers as the JSON ``input_token_logprobs`` minus the leading None."""
@@ -160,6 +195,10 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
         if top_dtype is not None:
             payload = await run_in_threadpool(binary_scores, engine, body, top_dtype)
             return Response(payload, media_type=score_codec.MEDIA_TYPE)
+        if body.get("stream"):
+            prompts, sampling = parse_stream(engine, body)  # a bad body is a 400 before the stream starts
+            return StreamingResponse(stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob"))),
+                                     media_type="text/event-stream")
         return await run_in_threadpool(generate_response, engine, body)
 
     if role == "teacher":  # teachers are read-only: a weight sync aimed at one is a wiring mistake

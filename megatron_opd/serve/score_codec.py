@@ -105,26 +105,35 @@ def decode(payload: bytes) -> list[dict[str, Any]]:
     return records
 
 
-_CHUNK = 1 << 16  # entries per packing step (a multiple of 8: chunks end on byte boundaries)
-
-
 def _pack_bits(values: np.ndarray, width: int) -> bytes:
-    """``width`` low bits of every uint64, little-endian bit order, padded to a whole byte."""
-    shifts = np.arange(width, dtype=np.uint64)
-    out = []
-    for lo in range(0, len(values), _CHUNK):
-        bits = ((values[lo:lo + _CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8)
-        out.append(np.packbits(bits.reshape(-1), bitorder="little").tobytes())
-    return b"".join(out)
+    """``width`` (<= 64) low bits of every uint64 as one little-endian bit stream (entry i at bits
+    ``i*width ..``), padded to a whole byte. 64 entries fill exactly ``width`` 64-bit words, so the
+    stream is built a column of 64-entry groups at a time: 64 vectorised steps, whatever the count."""
+    count = len(values)
+    groups = -(-count // 64)
+    padded = np.zeros(groups * 64, dtype=np.uint64)
+    padded[:count] = values
+    entries = padded.reshape(groups, 64)
+    words = np.zeros((groups, width), dtype=np.uint64)
+    for j in range(64):
+        word, shift = divmod(j * width, 64)
+        words[:, word] |= entries[:, j] << np.uint64(shift)
+        if shift + width > 64:  # the entry runs into the next word
+            words[:, word + 1] |= entries[:, j] >> np.uint64(64 - shift)
+    return words.astype("<u8").tobytes()[: (count * width + 7) // 8]
 
 
 def _unpack_bits(buffer: bytes, count: int, width: int) -> np.ndarray:
-    shifts = np.arange(width, dtype=np.uint64)
-    raw = np.frombuffer(buffer, dtype=np.uint8)
-    out = np.empty(count, dtype=np.uint64)
-    step = _CHUNK * width // 8  # bytes per full chunk
-    for i, lo in enumerate(range(0, count, _CHUNK)):
-        n = min(_CHUNK, count - lo)
-        bits = np.unpackbits(raw[i * step: i * step + (n * width + 7) // 8], bitorder="little")[: n * width]
-        out[lo:lo + n] = (bits.reshape(n, width).astype(np.uint64) << shifts).sum(1, dtype=np.uint64)
-    return out
+    groups = -(-count // 64)
+    raw = np.zeros(groups * width * 8, dtype=np.uint8)
+    raw[: len(buffer)] = np.frombuffer(buffer, dtype=np.uint8)
+    words = raw.view("<u8").reshape(groups, width)
+    mask = np.uint64((1 << width) - 1)
+    out = np.empty((groups, 64), dtype=np.uint64)
+    for j in range(64):
+        word, shift = divmod(j * width, 64)
+        value = words[:, word] >> np.uint64(shift)
+        if shift + width > 64:
+            value |= words[:, word + 1] << np.uint64(64 - shift)
+        out[:, j] = value & mask
+    return out.reshape(-1)[:count]

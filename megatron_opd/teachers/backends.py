@@ -9,7 +9,8 @@ import torch
 
 from megatron_opd.rollout.http_client import ServerError, SGLangClient
 from megatron_opd.serve import score_codec
-from megatron_opd.teachers.types import TeacherError, TokenScores
+from megatron_opd.records import TokenScores
+from megatron_opd.teachers.types import TeacherError
 
 
 def _check_starts(sequences: list[list[int]], starts: list[int]) -> None:

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from megatron_opd.rollout.http_client import ServerError
-from megatron_opd.teachers.types import Scorer, TeacherError, TokenScores
+from megatron_opd.records import TokenScores
+from megatron_opd.teachers.types import Scorer, TeacherError
 
 
 @dataclass

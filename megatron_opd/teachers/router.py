@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from megatron_opd.config.teachers import RoutingSpec
-from megatron_opd.teachers.types import TokenScores
+from megatron_opd.records import TokenScores
 
 
 class NoRouteError(ValueError):

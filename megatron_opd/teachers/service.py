@@ -9,39 +9,19 @@ unit's :class:`TokenScores` and its per-token weights.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_opd.config.teachers import RoutingSpec, TeacherSpec
+from megatron_opd.records import Sample, SampleScores, TokenScores
 from megatron_opd.serve.process import ServerProcess, start_server
 from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
 from megatron_opd.teachers.parity import check_parity
 from megatron_opd.teachers.pool import TeacherPool
 from megatron_opd.teachers.router import Router
-from megatron_opd.teachers.types import TeacherError, TokenScores
-
-
-@dataclass
-class Sample:
-    """A finished rollout as the teachers see it: ids = prompt + completion."""
-
-    token_ids: list[int]
-    start: int  # first completion position (= prompt length)
-    tag: str | None = None
-
-
-@dataclass
-class SampleScores:
-    scores: dict[str, TokenScores]  # unit -> its scores of this sample's completion
-    weights: dict[str, torch.Tensor]  # unit -> per-token weight [T]; they sum to 1 per token
-
-    def teacher_logprobs(self) -> torch.Tensor:
-        """``sum_k w_k,t log p_Tk(y_t)`` [T]: with weights summing to 1, the combined advantage is
-        this minus the student's log-prob."""
-        return sum(self.weights[u] * self.scores[u].logprobs for u in self.scores)
+from megatron_opd.teachers.types import TeacherError
 
 
 class TeacherSet:
@@ -49,10 +29,12 @@ class TeacherSet:
         self.spec = spec
         self.router = Router(spec)
         self.pools = pools
+        self._lock = threading.Lock()  # one score() at a time: a pool's rotation and counters are not shared
         self.servers = servers or []
 
     @classmethod
-    def start(cls, spec: RoutingSpec, student_dir: Path | None = None, log_dir: Path | None = None) -> "TeacherSet":
+    def start(cls, spec: RoutingSpec, student_dir: Path | None = None, log_dir: Path | None = None,
+              threads: int | None = None) -> "TeacherSet":
         router = Router(spec)
         if student_dir is not None:
             check_parity(Path(student_dir), {unit: _tokenizer_of(spec.teachers[unit]) for unit in router.units},
@@ -66,7 +48,8 @@ class TeacherSet:
                 if not urls:
                     for r in range(teacher.replicas):
                         log = Path(log_dir) / f"teacher-{unit}-{r}.log" if log_dir else None
-                        servers.append(start_server(Path(teacher.model), role="teacher", log_path=log))
+                        extra = ["--threads", str(threads)] if threads else []
+                        servers.append(start_server(Path(teacher.model), role="teacher", log_path=log, extra_args=extra))
                         urls.append(servers[-1].url)
                 pools[unit] = TeacherPool(unit, [_scorer(unit, teacher, url) for url in urls], teacher.batch_size,
                                           teacher.max_concurrency, teacher.max_retries)
@@ -78,13 +61,22 @@ class TeacherSet:
         return cls(spec, pools, servers)
 
     def score(self, samples: list[Sample], top_k: int = 0) -> list[SampleScores]:
+        with self._lock:
+            return self._score(samples, top_k)
+
+    def _score(self, samples: list[Sample], top_k: int) -> list[SampleScores]:
         if self.spec.weighting == "confidence" and top_k < 1:
             raise ValueError("weighting 'confidence' needs top_k >= 1 (teacher entropies come from the top-k)")
         routes, work = self.router.plan([s.tag for s in samples])  # a missing route fails here, before any request
-        per_unit: dict[str, dict[int, TokenScores]] = {}
-        for unit, indices in work.items():
+
+        def score_unit(unit: str) -> dict[int, TokenScores]:
+            indices = work[unit]
             scored = self.pools[unit].score([samples[i].token_ids for i in indices], [samples[i].start for i in indices], top_k)
-            per_unit[unit] = dict(zip(indices, scored))
+            return dict(zip(indices, scored))
+
+        # every teacher of the step at once: each is its own server (or pool), waiting on none of the others
+        with ThreadPoolExecutor(max_workers=max(1, len(work))) as executor:
+            per_unit = dict(zip(work, executor.map(score_unit, work)))
         out = []
         for i, weights in enumerate(routes):
             scores = {unit: per_unit[unit][i] for unit in weights}

@@ -1,30 +1,11 @@
-"""What a teacher returns for one finished sample, and the errors a scoring run can stop with."""
+"""A teacher endpoint's protocol and the error a scoring run stops with (the score records live
+in :mod:`megatron_opd.records`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-
-
-@dataclass
-class TokenScores:
-    """A teacher's view of one sample's completion tokens (positions ``start`` .. end).
-
-    ``logprobs[t]`` is log p_T(y_t | y_<t); with top-k, ``top_ids``/``top_logprobs`` [T, k] are the
-    teacher's k most likely tokens at that position (descending). ``computed_tokens`` counts the
-    positions the teacher actually ran (prefix reuse makes it smaller than prompt + completion).
-    """
-
-    logprobs: torch.Tensor
-    top_ids: torch.Tensor | None = None
-    top_logprobs: torch.Tensor | None = None
-    computed_tokens: int = 0
-    cached_tokens: int = 0
-
-    def __len__(self) -> int:
-        return int(self.logprobs.numel())
+from megatron_opd.records import TokenScores
 
 
 class TeacherError(RuntimeError):

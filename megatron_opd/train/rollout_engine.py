@@ -1,66 +1,82 @@
-"""The trainer's handle on its rollout engine (rank 0): the embedded engine in-process, or a pool
-of servers (SGLang or `opd serve --role rollout`), plus the matching weight-sync function."""
+"""The trainer's handle on its rollout engine (rank 0), and where its weights go after each update.
+
+``rollout.engine``: ``embedded`` (in rank 0's own process), ``embedded_server`` (the run starts
+``rollout.replicas`` x ``opd serve --role rollout`` on 127.0.0.1: generation runs in its own
+process, beside the trainer — the shape of a GPU deployment), or ``servers`` (SGLang / ``opd
+serve`` already running at ``rollout.urls``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_opd.model import ModelBundle
-from megatron_opd.rollout.types import Rollout, SamplingParams
+from megatron_opd.config import RolloutConfig
+from megatron_opd.records import Rollout, SamplingParams
+from megatron_opd.train.weight_sync import DiskSink, DistributedSink, InProcessSink, WeightSink
 
 
 class RolloutEngine:
-    def __init__(self, engine: Any, clients: list[Any] | None = None) -> None:
+    def __init__(self, engine: Any, eos_token_id: int, clients: list[Any] | None = None,
+                 servers: list[Any] | None = None) -> None:
         self.engine = engine  # EmbeddedEngine or RolloutPool
+        self.eos_token_id = eos_token_id
         self.clients = clients or []
-        self.pusher = None
+        self.servers = servers or []  # the `opd serve` processes this run started
 
     @classmethod
-    def start(cls, rcfg: Any, model_dir: Path) -> "RolloutEngine":
+    def start(cls, rcfg: RolloutConfig, model_dir: Path, eos_token_id: int, log_dir: Path | None = None,
+              threads: int | None = None) -> "RolloutEngine":
         if rcfg.engine == "embedded":
             from megatron_opd.rollout.embedded import EmbeddedEngine
 
-            return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size))
+            return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size), eos_token_id)
         from megatron_opd.rollout.http_client import SGLangClient
         from megatron_opd.rollout.pool import RolloutPool
 
-        clients = [SGLangClient(url) for url in rcfg.urls]
-        return cls(RolloutPool(clients), clients)
+        servers: list[Any] = []
+        urls = list(rcfg.urls)
+        try:
+            if rcfg.engine == "embedded_server":
+                from megatron_opd.serve.process import start_server
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Rollout]:
-        return self.engine.generate(prompts, sampling)
+                extra = ["--batch-size", str(rcfg.batch_size)] + (["--threads", str(threads)] if threads else [])
+                for r in range(rcfg.replicas):
+                    log = Path(log_dir) / f"rollout-{r}.log" if log_dir else None
+                    servers.append(start_server(Path(model_dir), role="rollout", log_path=log, extra_args=extra))
+                urls = [s.url for s in servers]
+            clients = [SGLangClient(url) for url in urls]
+            return cls(RolloutPool(clients), eos_token_id, clients, servers)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
+        if on_rollout is None:
+            return self.engine.generate(prompts, sampling)
+        return self.engine.generate(prompts, sampling, on_rollout)
 
     def complete(self, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int) -> list[list[int]]:
         """Completion ids for evaluation (greedy at temperature 0)."""
-        eos = getattr(self.engine, "eos_token_id", None)
         sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                  stop_token_ids=(eos,) if eos is not None else ())
+                                  stop_token_ids=(self.eos_token_id,))
         return [r.completion_ids for r in self.generate(prompts, sampling)]
 
     def close(self) -> None:
-        if self.pusher is not None:
-            self.pusher.close()
         for client in self.clients:
             client.close()
+        for server in self.servers:
+            server.stop()
 
-    @staticmethod
-    def syncer(rcfg: Any, bundle: ModelBundle, engine: "RolloutEngine | None", work_dir: Path) -> Callable[[str], Any]:
-        """A collective ``sync(version)``: every rank exports, rank 0 (which holds ``engine``) pushes."""
-        from megatron_opd.train.weight_sync import sync_weights_distributed, sync_weights_in_process, sync_weights_via_disk
 
-        bucket = rcfg.bucket_mb << 20
-
-        def sync(version: str):
-            if rcfg.sync == "in_process":
-                return sync_weights_in_process(bundle, engine.engine if engine else None, version)
-            if rcfg.sync == "disk":
-                return sync_weights_via_disk(bundle, engine.clients if engine else [], version, Path(work_dir) / "sync", bucket)
-            if engine is not None and engine.pusher is None:
-                from megatron_opd.platform.dist import _free_port
-                from megatron_opd.rollout.weight_sync import DistributedPusher
-
-                engine.pusher = DistributedPusher(engine.clients, master_port=_free_port())
-            return sync_weights_distributed(bundle, engine.pusher if engine else None, version, bucket)
-
-        return sync
+def weight_sink(rcfg: RolloutConfig, engine: RolloutEngine | None, work_dir: Path) -> WeightSink:
+    """The sink for ``rollout.sync``; ``engine`` is None on every rank but 0."""
+    bucket = rcfg.bucket_mb << 20
+    clients = engine.clients if engine else []
+    if rcfg.sync == "in_process":
+        return InProcessSink(engine.engine if engine else None)
+    if rcfg.sync == "disk":
+        return DiskSink(clients, Path(work_dir) / "sync", bucket)
+    return DistributedSink(clients, bucket)

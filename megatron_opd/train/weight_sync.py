@@ -7,7 +7,7 @@ talks to servers.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
@@ -42,21 +42,61 @@ def _sync(bundle: ModelBundle, push: Callable[[Iterator[tuple[str, torch.Tensor]
     return report
 
 
-def sync_weights_via_disk(bundle: ModelBundle, clients: list[Any], version: str, work_dir: Path,
-                          bucket_bytes: int = 64 << 20) -> SyncReport | None:
-    """Push the student's current weights to every server through disk; the report on rank 0."""
-    return _sync(bundle, lambda stream: push_to_servers_via_disk(clients, stream, version, work_dir, bucket_bytes))
+class WeightSink(Protocol):
+    """Where the student's weights go after an update. ``push`` is collective (every trainer rank
+    takes part in the export); only global rank 0 talks to the engine."""
+
+    def push(self, bundle: ModelBundle, version: str) -> SyncReport | None: ...
+
+    def close(self) -> None: ...
 
 
-def sync_weights_distributed(bundle: ModelBundle, pusher: DistributedPusher | None, version: str,
-                             bucket_bytes: int = 64 << 20) -> SyncReport | None:
-    """Broadcast the student's weights to the servers in ``pusher``'s group (rank 0 holds it)."""
-    return _sync(bundle, lambda stream: pusher.push(stream, version, bucket_bytes))
+class InProcessSink:
+    """Copy into an engine living in rank 0's own process."""
+
+    def __init__(self, engine: Any | None) -> None:
+        self.engine = engine
+
+    def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
+        return _sync(bundle, lambda stream: push_in_process(self.engine, stream, version))
+
+    def close(self) -> None:
+        pass
 
 
-def sync_weights_in_process(bundle: ModelBundle, engine: Any | None, version: str) -> SyncReport | None:
-    """Copy the student's weights into an engine living in rank 0's process."""
-    return _sync(bundle, lambda stream: push_in_process(engine, stream, version))
+class DiskSink:
+    """Safetensors buckets in ``work_dir`` + ``/update_weights_from_disk`` on every server."""
+
+    def __init__(self, clients: list[Any], work_dir: Path, bucket_bytes: int = 64 << 20) -> None:
+        self.clients, self.work_dir, self.bucket_bytes = clients, Path(work_dir), bucket_bytes
+
+    def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
+        return _sync(bundle, lambda stream: push_to_servers_via_disk(self.clients, stream, version, self.work_dir,
+                                                                     self.bucket_bytes))
+
+    def close(self) -> None:
+        pass
+
+
+class DistributedSink:
+    """Broadcast over a weight-update group that rank 0 forms with every server at the first push."""
+
+    def __init__(self, clients: list[Any], bucket_bytes: int = 64 << 20, flattened: bool = False) -> None:
+        self.clients, self.bucket_bytes, self.flattened = clients, bucket_bytes, flattened
+        self.pusher: DistributedPusher | None = None
+
+    def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0 and self.pusher is None:
+            from megatron_opd.platform.dist import _free_port
+
+            self.pusher = DistributedPusher(self.clients, master_port=_free_port(), flattened=self.flattened)
+        return _sync(bundle, lambda stream: self.pusher.push(stream, version, self.bucket_bytes))
+
+    def close(self) -> None:
+        if self.pusher is not None:
+            self.pusher.close()
+            self.pusher = None
 
 
 def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron_opd.model import build_model, export_hf_weights, load_hf_config, load_hf_weights
 from megatron_opd.platform import init_distributed
 from megatron_opd.rollout.http_client import SGLangClient
-from megatron_opd.train.weight_sync import mismatch_probe, sync_weights_distributed, sync_weights_via_disk
+from megatron_opd.train.weight_sync import DiskSink, DistributedSink, mismatch_probe
 
 tp, pp, hf_dir, url, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5]), sys.argv[6]
 init_distributed(tp, pp)
@@ -21,16 +21,12 @@ with torch.no_grad():  # the "trained" student differs from what the server star
 rank = dist.get_rank()
 client = SGLangClient(url) if rank == 0 else None
 if mode == "disk":
-    report = sync_weights_via_disk(bundle, [client] if client else [], "7", out / "sync", bucket_bytes=1 << 16)
+    report = DiskSink([client] if client else [], out / "sync", bucket_bytes=1 << 16).push(bundle, "7")
 else:
-    from megatron_opd.platform.dist import _free_port
-    from megatron_opd.rollout.weight_sync import DistributedPusher
-
     flattened = mode == "distributed_flat"  # SGLang's load_format="flattened_bucket"
-    pusher = DistributedPusher([client], master_port=_free_port(), flattened=flattened) if rank == 0 else None
-    report = sync_weights_distributed(bundle, pusher, "9" if flattened else "8", bucket_bytes=1 << 16)
-    if pusher:
-        pusher.close()
+    sink = DistributedSink([client] if client else [], bucket_bytes=1 << 16, flattened=flattened)
+    report = sink.push(bundle, "9" if flattened else "8")
+    sink.close()
 
 # mismatch probe on a fixed batch: server log-probs vs the megatron student's recomputed ones
 seqs = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,70 @@
+"""The OPD loop's metric arithmetic: what rank 0 logs about a step's rollouts, and the per-token
+means of the loss's metric sums (every rank gets the same totals)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from megatron_opd.records import Rollout, SampleScores, version_number
+
+
+def repeats_an_ngram(ids: list[int], n: int = 4) -> bool:
+    """A completion that repeats one n-gram 3+ times (a StableOPD-style degeneration signal)."""
+    counts: dict[tuple[int, ...], int] = {}
+    for i in range(len(ids) - n + 1):
+        gram = tuple(ids[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= 3:
+            return True
+    return False
+
+
+def rollout_metrics(rollouts: list[Rollout], step: int, max_staleness: int) -> dict[str, float]:
+    lengths = [len(r.completion_ids) for r in rollouts]
+    out = {"rollout/response_length": sum(lengths) / len(lengths),
+           "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+           "rollout/repetition_rate": sum(repeats_an_ngram(r.completion_ids) for r in rollouts) / len(rollouts)}
+    behind = [step - version_number(r.weight_version) for r in rollouts]
+    out["rollout/staleness_mean"] = sum(behind) / len(behind)
+    for age in range(max_staleness + 1):  # the staleness histogram: share of samples k steps old
+        out[f"rollout/staleness_{age}"] = sum(b == age for b in behind) / len(behind)
+    return out
+
+
+def teacher_reverse_kl(rollouts: list[Rollout], scored: list[SampleScores], units: list[str]) -> dict[str, float]:
+    """Per teacher: mean of log p_S - log p_T over the tokens it scored, the sampler's log-probs as
+    the student's (the trainer's own reverse KL is ``opd/reverse_kl``)."""
+    out = {}
+    for unit in units:
+        pairs = [(r, sc.scores[unit]) for r, sc in zip(rollouts, scored) if unit in sc.scores]
+        tokens = sum(len(s) for _, s in pairs)
+        if tokens:
+            gap = sum((torch.tensor(r.logprobs) - s.logprobs).sum().item() for r, s in pairs)
+            out[f"teacher/{unit}/reverse_kl"] = gap / tokens
+    return out
+
+
+LOSS_SUMS = ("loss_sum", "tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum")
+
+
+def loss_sum_keys(kind: str, with_entropy: bool) -> tuple[str, ...]:
+    """The sums ``opd_loss`` produces for a configuration (known on every rank)."""
+    optional = ("clipped_tokens",) if kind == "sampled_token" else ("topk_overlap_sum",)
+    return LOSS_SUMS + optional + (("entropy_sum",) if with_entropy or kind != "sampled_token" else ())
+
+
+def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict[str, Any]:
+    n = max(totals["tokens"], 1.0)
+    mean_adv = totals["adv_sum"] / n
+    out = {"train/loss": totals["loss_sum"] / n, "train/grad_norm": grad_norm, "train/lr": lr,
+           "train/tokens": totals["tokens"], "opd/advantage_mean": mean_adv,
+           "opd/advantage_abs_mean": totals["adv_abs_sum"] / n,
+           "opd/advantage_std": max(totals["adv_sq_sum"] / n - mean_adv ** 2, 0.0) ** 0.5,
+           "opd/reverse_kl": totals["kl_sum"] / n, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / n}
+    for key, name in (("clipped_tokens", "opd/clip_fraction"), ("entropy_sum", "opd/student_entropy"),
+                      ("topk_overlap_sum", "opd/topk_overlap")):
+        if key in totals:
+            out[name] = totals[key] / n
+    return out

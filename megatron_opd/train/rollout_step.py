@@ -1,0 +1,152 @@
+"""What trainer rank 0 does for each step's batch, in two halves the producer can run apart:
+``generate`` (draw the step's prompts, sample ``rollout.n`` completions each) and ``finish``
+(score every completion token with its routed teachers — or verify it, for GRPO — and tensorize)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from megatron_opd.algo.advantages import grpo_advantages
+from megatron_opd.config import OPDStageConfig
+from megatron_opd.data.chat import global_batch_indices
+from megatron_opd.records import Prompt, Sample, SampleScores, SamplingParams
+from megatron_opd.teachers.service import TeacherSet
+from megatron_opd.train.opd_metrics import rollout_metrics, teacher_reverse_kl
+from megatron_opd.train.producer import Generated, Produced
+from megatron_opd.train.step_batch import build_step_batch
+
+
+def verifier_rewards(format_weight: float, prompts: list[Prompt], completions: list[list[int]],
+                     decode: Callable[[list[int]], str]) -> list[float]:
+    """GRPO's verifiable reward per completion: correct (1/0) + format_weight * format score."""
+    from megatron_opd.data.domains import get_domain
+
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        if prompt.domain is None or prompt.meta is None:
+            raise ValueError("reward 'verifier' needs every prompt row to carry `domain` and `meta`")
+        verdict = get_domain(prompt.domain).verify(prompt.meta, decode(completion))
+        rewards.append(float(verdict.correct) + format_weight * verdict.format_score)
+    return rewards
+
+
+class StreamScorer:
+    """Scores a step's samples while the rest are still being generated: a prompt's n samples go
+    to their teachers as soon as all n have ended, gathered into requests of at least
+    ``min_samples`` (fewer at the end). ``add`` is called from the engine's streaming callback;
+    ``close`` waits for the last request and returns every sample's scores."""
+
+    def __init__(self, teachers: TeacherSet, top_k: int, n: int, min_samples: int = 16) -> None:
+        self.teachers, self.top_k, self.n, self.min_samples = teachers, top_k, n, min_samples
+        self.waiting: dict[int, list[tuple[int, Sample]]] = {}  # prompt -> its samples so far
+        self.pending: list[tuple[int, Sample]] = []
+        self.results: dict[int, SampleScores] = {}
+        self.busy_s = 0.0  # time spent in teacher requests
+        self.ended = False
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="stream-scorer")
+        self.thread.start()
+
+    def add(self, index: int, prompt_index: int, sample: Sample) -> None:
+        with self.cond:
+            group = self.waiting.setdefault(prompt_index, [])
+            group.append((index, sample))
+            if len(group) == self.n:
+                self.pending += self.waiting.pop(prompt_index)
+                self.cond.notify_all()
+
+    def close(self) -> dict[int, SampleScores]:
+        with self.cond:
+            self.ended = True
+            for group in self.waiting.values():  # cannot happen with complete rollouts; never drop one
+                self.pending += group
+            self.waiting.clear()
+            self.cond.notify_all()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.results
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: len(self.pending) >= self.min_samples or self.ended)
+                    batch, self.pending = self.pending, []
+                    if not batch and self.ended:
+                        return
+                if batch:
+                    began = time.perf_counter()
+                    scored = self.teachers.score([s for _, s in batch], self.top_k)
+                    self.busy_s += time.perf_counter() - began
+                    self.results.update(zip((i for i, _ in batch), scored))
+        except BaseException as exc:  # raised by close(), in the producer
+            self.error = exc
+
+
+class StepMaker:
+    def __init__(self, cfg: OPDStageConfig, prompts: list[Prompt], engine: Any, teachers: TeacherSet | None,
+                 eos_id: int, decode: Callable[[list[int]], str]) -> None:
+        self.cfg, self.prompts, self.engine, self.teachers = cfg, prompts, engine, teachers
+        self.eos_id, self.decode = eos_id, decode
+
+    def generate(self, step: int) -> Generated:
+        """Sample the step's prompts; with teachers, their scoring starts while generation runs."""
+        tcfg, rcfg = self.cfg.train, self.cfg.rollout
+        chosen = [self.prompts[i] for i in global_batch_indices(len(self.prompts), tcfg.seed, step, tcfg.prompts_per_step)]
+        sampling = SamplingParams(temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
+                                  max_new_tokens=rcfg.max_new_tokens, stop_token_ids=(self.eos_id,), n=rcfg.n,
+                                  seed=tcfg.seed * 100_003 + step)
+        streaming = self.teachers is not None and self.cfg.teachers.stream
+        scorer = StreamScorer(self.teachers, self.cfg.loss.top_k, rcfg.n) if streaming else None
+
+        def heard(index: int, r) -> None:
+            scorer.add(index, r.prompt_index, Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids),
+                                                     chosen[r.prompt_index].domain))
+
+        began = time.perf_counter()
+        try:
+            rollouts = self.engine.generate([p.ids for p in chosen], sampling, heard if scorer else None)
+        except BaseException:
+            if scorer:
+                scorer.close()
+            raise
+        return Generated(step, chosen, rollouts, time.perf_counter() - began, scorer=scorer)
+
+    def finish(self, generated: Generated) -> Produced:
+        cfg, rollouts, chosen = self.cfg, generated.rollouts, generated.prompts
+        began = time.perf_counter()
+        scored = None
+        if generated.scorer is not None:
+            by_index = generated.scorer.close()
+            scored = [by_index[i] for i in range(len(rollouts))]
+        elif self.teachers is not None:  # teachers.stream=false: the whole step at once, now
+            scored = self.teachers.score([Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids),
+                                                 chosen[r.prompt_index].domain) for r in rollouts], cfg.loss.top_k)
+        t_tail = time.perf_counter() - began  # scoring still running once generation had ended
+        t_score = generated.scorer.busy_s if generated.scorer is not None else t_tail
+        metrics: dict[str, float] = {}
+        task, opd_weight = None, 1.0
+        if cfg.reward is not None:
+            rewards = verifier_rewards(cfg.reward.format_weight, [chosen[r.prompt_index] for r in rollouts],
+                                       [r.completion_ids for r in rollouts], self.decode)
+            grouped = torch.tensor(rewards).view(len(chosen), cfg.rollout.n)
+            task = grpo_advantages(grouped, cfg.reward.normalize_std).view(-1).tolist()
+            opd_weight = cfg.reward.lambda_opd if self.teachers else 0.0
+            metrics = {"rollout/reward_mean": sum(rewards) / len(rewards),
+                       "rollout/groups_without_signal": float((grouped.std(-1) == 0).float().mean())}
+        top_k = cfg.loss.top_k if cfg.loss.kind != "sampled_token" else 0
+        batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight)
+        lengths = sum(len(r.completion_ids) for r in rollouts)
+        metrics.update(rollout_metrics(rollouts, generated.step, cfg.rollout.max_staleness))
+        metrics.update({"time/rollout_s": generated.seconds, "time/scoring_s": t_score, "time/scoring_tail_s": t_tail,
+                        "rollout/resampled_batches": float(generated.resampled),
+                        "throughput/rollout_tokens_per_s": lengths / max(generated.seconds, 1e-9)})
+        if scored:
+            metrics.update(teacher_reverse_kl(rollouts, scored, list(self.teachers.pools)))
+        return Produced(generated.step, batch, metrics)

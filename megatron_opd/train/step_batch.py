@@ -1,0 +1,145 @@
+"""From prompts to trainable micro-batches: prompt loading, the step batch built on rank 0 from the
+rollouts and their scores (packed tensors: :class:`~megatron_opd.records.StepBatch`), and its
+collation into padded micro-batches, sorted by length so padding stays small."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from megatron_opd.data.chat import DataError, load_rows
+from megatron_opd.records import Prompt, Rollout, SampleScores, StepBatch, TeacherTopK, version_number
+
+
+def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain_field: str,
+                 max_prompt_length: int) -> tuple[list[Prompt], dict[str, int], list[str]]:
+    """Chat rows -> prompt ids (the conversation up to, not including, its last assistant turn, with
+    the generation prompt). Bad rows are counted and skipped; returns (prompts, skipped, problems)."""
+    prompts: list[Prompt] = []
+    skipped: dict[str, int] = {}
+    problems: list[str] = []
+    for source in sources:
+        for i, row in enumerate(load_rows(source)):
+            messages = row.get(messages_field)
+            reason = None
+            if not isinstance(messages, list) or not messages:
+                reason = f"no '{messages_field}' list"
+            else:
+                if messages[-1].get("role") == "assistant":
+                    messages = messages[:-1]
+                if not messages or messages[-1].get("role") != "user":
+                    reason = "no user turn to answer"
+            if reason is None:
+                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                if len(ids) > max_prompt_length:
+                    reason = f"prompt longer than {max_prompt_length} tokens"
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                if len(problems) < 5:
+                    problems.append(f"{source} row {i}: {reason}")
+                continue
+            meta = row.get("meta")
+            prompts.append(Prompt(list(ids), row.get(domain_field), json.loads(meta) if isinstance(meta, str) else meta,
+                                  row=len(prompts)))
+    if not prompts:
+        raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
+    return prompts, skipped, problems
+
+
+def equal_share_weights(groups: list[Any], lengths: list[int]) -> list[float]:
+    """Per-sample weights giving each group an equal share of a token-mean loss: a group with T_g of
+    the step's T completion tokens gets w_g = T / (G * T_g), so sum_g w_g T_g = T. Groups are the
+    samples' domains (``loss.normalize=domain``) or the samples themselves (``sequence``: w_i =
+    T / (N * T_i), a per-sample mean)."""
+    totals: dict[Any, int] = {}
+    for group, n in zip(groups, lengths):
+        totals[group] = totals.get(group, 0) + n
+    total, present = sum(totals.values()), [g for g, n in totals.items() if n > 0]
+    return [total / (len(present) * totals[g]) if totals[g] else 1.0 for g in groups]
+
+
+def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: list[SampleScores] | None,
+                     normalize: str, top_k: int, task_advantages: list[float] | None = None,
+                     opd_weight: float = 1.0) -> StepBatch:
+    """Tensorize one step: ``prompts[r.prompt_index]`` is each rollout's prompt; ``scored`` the
+    teachers' scores per rollout (None: no teacher — the sampler's own log-probs stand in, so the
+    teacher advantage is 0); ``top_k`` > 0 keeps the routed teachers' top-k for the top-k losses."""
+    lengths = [len(r.completion_ids) for r in rollouts]
+    tags = [prompts[r.prompt_index].domain for r in rollouts]
+    names = sorted({t for t in tags if t is not None})
+    if normalize == "token":
+        weights = [1.0] * len(rollouts)
+    else:  # equal shares per domain, or per sample (each its own group)
+        weights = equal_share_weights(tags if normalize == "domain" else list(range(len(rollouts))), lengths)
+    sampler = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32)
+    teacher = torch.cat([sc.teacher_logprobs().float() for sc in scored]) if scored else sampler.clone()
+    return StepBatch(
+        tokens=torch.tensor([t for r in rollouts for t in (*r.prompt_ids, *r.completion_ids)], dtype=torch.int32),
+        sample_lens=torch.tensor([len(r.prompt_ids) + n for r, n in zip(rollouts, lengths)], dtype=torch.int32),
+        prompt_lens=torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.int32),
+        sampler_logprobs=sampler, teacher_logprobs=teacher.reshape(-1),
+        task_advantages=torch.tensor(task_advantages if task_advantages else [0.0] * len(rollouts), dtype=torch.float32),
+        loss_weights=torch.tensor(weights, dtype=torch.float32),
+        weight_versions=torch.tensor([version_number(r.weight_version) for r in rollouts], dtype=torch.int64),
+        prompt_rows=torch.tensor([prompts[r.prompt_index].row for r in rollouts], dtype=torch.int64),
+        domains=torch.tensor([names.index(t) if t is not None else -1 for t in tags], dtype=torch.int32),
+        domain_names=names, topk=_topk_slots(scored, lengths, top_k) if scored and top_k else None, opd_weight=opd_weight)
+
+
+def _topk_slots(scored: list[SampleScores], lengths: list[int], top_k: int) -> TeacherTopK:
+    slots = max(len(sc.scores) for sc in scored)
+    ids, lps, weights = [], [], []
+    for sc, n in zip(scored, lengths):
+        units = list(sc.scores)
+        ids.append(torch.zeros(n, slots, top_k, dtype=torch.int32))
+        lps.append(torch.zeros(n, slots, top_k))
+        weights.append(torch.zeros(n, slots))
+        for s, unit in enumerate(units):
+            ids[-1][:, s] = sc.scores[unit].top_ids
+            lps[-1][:, s] = sc.scores[unit].top_logprobs
+            weights[-1][:, s] = sc.weights[unit]
+    return TeacherTopK(torch.cat(ids), torch.cat(lps), torch.cat(weights))
+
+
+def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The share's samples, longest first, in micro-batches of ``micro_batch_size`` rows, each padded
+    to its own longest sample. Per-token values sit at the token's own position (the loss shifts)."""
+    order = torch.argsort(batch.sample_lens, descending=True, stable=True).tolist()
+    seq_start = _offsets(batch.sample_lens)
+    comp_start = _offsets(batch.completion_lens)
+    out = []
+    for lo in range(0, len(order), micro_batch_size):
+        rows = order[lo:lo + micro_batch_size]
+        width = int(batch.sample_lens[rows].max())
+        b = len(rows)
+        input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+        for r, i in enumerate(rows):
+            input_ids[r, : int(batch.sample_lens[i])] = batch.tokens[seq_start[i]: seq_start[i + 1]]
+        positions = torch.arange(width)[None]
+        mask = (positions >= batch.prompt_lens[rows, None]) & (positions < batch.sample_lens[rows, None])
+        # completion values of these rows, in the row-major order of `mask`'s True entries
+        take = torch.cat([torch.arange(comp_start[i], comp_start[i + 1]) for i in rows])
+        micro = {"input_ids": input_ids, "loss_mask": mask.float(),
+                 "sampler_lp": _scatter(mask, batch.sampler_logprobs[take]),
+                 "teacher_lp": _scatter(mask, batch.teacher_logprobs[take]),
+                 "task_adv": batch.task_advantages[rows], "loss_w": batch.loss_weights[rows],
+                 "opd_weight": torch.full((b,), batch.opd_weight)}
+        if batch.topk is not None:
+            micro["top_ids"] = _scatter(mask, batch.topk.ids[take].long())
+            micro["top_lp"] = _scatter(mask, batch.topk.logprobs[take])
+            micro["top_w"] = _scatter(mask, batch.topk.weights[take])
+        out.append(micro)
+    return out
+
+
+def _offsets(lengths: torch.Tensor) -> list[int]:
+    return [0] + lengths.long().cumsum(0).tolist()
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[b, L, ...] zeros with ``values`` [n, ...] written where ``mask`` [b, L] is True."""
+    out = torch.zeros(*mask.shape, *values.shape[1:], dtype=values.dtype)
+    out[mask] = values
+    return out
