@@ -130,3 +130,16 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
     assert load_recipe(RECIPE, ["loss.normalize=sequence"]).loss.normalize == "sequence"
     with pytest.raises(ConfigError, match="loss.normalize"):
         load_recipe(RECIPE, ["loss.normalize=sample"])
+
+
+@pytest.mark.parametrize("kind,expect", [("sampled_token", "opd/clip_fraction"), ("jsd", "opd/topk_overlap")])
+def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect):
+    out = tmp_path / kind
+    opd("run", str(RECIPE), *SMALL, "parallel.tp=1", "parallel.pp=1", f"loss.kind={kind}", "loss.top_k=16",
+        "train.steps=3", "eval.world_dir=null", f"run.output_dir={out}")
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["train/grad_norm"] > 0 and r["opd/advantage_abs_mean"] > 0 and expect in r
+        assert r["teacher/arithmetic/reverse_kl"] == pytest.approx(r["opd/reverse_kl"], abs=1e-4)
+    assert rows[0]["train/loss"] != rows[-1]["train/loss"]

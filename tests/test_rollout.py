@@ -11,7 +11,7 @@ from conftest import REPO, WORKERS, start_rollout_server, torchrun
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.rollout.http_client import SGLangClient
 from megatron_opd.records import SamplingParams
-from megatron_opd.serve.contract import ContractError, validate_request
+from megatron_opd.rollout.contract import ContractError, validate_request
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
 
@@ -150,7 +150,7 @@ def test_every_client_request_matches_sglangs_schema(server, tmp_path):
     vendored SGLang OpenAPI document (independently of the client's own pre-send check)."""
     import jsonschema
 
-    from megatron_opd.serve.contract import CONTRACT
+    from megatron_opd.rollout.contract import CONTRACT
 
     doc = json.loads(CONTRACT.read_text())
     sent = []

@@ -10,7 +10,7 @@ import json
 from typing import Any, Callable
 
 from megatron_opd.records import Rollout, SamplingParams
-from megatron_opd.serve.contract import validate_request
+from megatron_opd.rollout.contract import validate_request
 
 
 class ServerError(RuntimeError):

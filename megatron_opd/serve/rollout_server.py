@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.records import SamplingParams
 from megatron_opd.serve import score_codec
-from megatron_opd.serve.contract import ContractError, validate_request
+from megatron_opd.rollout.contract import ContractError, validate_request
 
 
 def _finish_reason(reason: str, completion: list[int]) -> dict[str, Any]:
