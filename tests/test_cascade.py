@@ -59,8 +59,8 @@ SHRINK = [
     "stages.train.steps=2", "stages.train.save_interval=1", "stages.train.hf_snapshots=true",
     "sft.train.global_batch_size=8", "sft.train.micro_batch_size=8", "sft.data.eval_max_rows=8",
     "stages.parallel.tp=1", "stages.parallel.pp=1",
-    "opd.train.prompts_per_step=4", "opd.train.micro_batch_size=8", "opd.rollout.max_new_tokens=16",
-    "mopd.train.prompts_per_step=4", "mopd.train.micro_batch_size=8", "mopd.rollout.max_new_tokens=16",
+    "opd.train.prompts_per_step=4", "opd.train.micro_batch_size=4", "opd.rollout.max_new_tokens=16",
+    "mopd.train.prompts_per_step=4", "mopd.train.micro_batch_size=4", "mopd.rollout.max_new_tokens=16",
     "eval.samples=3", "eval.max_new_tokens=16",
 ]
 
@@ -110,6 +110,14 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     for png in ("accuracy_by_stage.png", "reverse_kl.png", "response_length.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
     assert "[cascade] after stage mopd" in run.stdout and "[cascade] Every domain rises at every stage: " in run.stdout
+    # the goal against each domain's specialist: the final student's accuracy over the teacher's, measured here
+    goal = results["teacher_goal"]
+    assert goal["student"] == "consolidate" and [r["domain"] for r in goal["rows"]] == ["arithmetic", "strings", "format"]
+    for r in goal["rows"]:
+        assert r["student_accuracy"] == greedy["consolidate"][r["domain"]] and 0 <= r["teacher_accuracy"] <= 1
+        assert r["met"] == (r["student_accuracy"] >= 0.9 * r["teacher_accuracy"])
+    verdict = f"Final student (consolidate) >= 90% of each domain's teacher, held-out greedy: **{'met' if goal['met'] else 'missed'}**"
+    assert verdict in report and verdict.replace("**", "") in run.stdout
     assert (out / "opd" / "report.md").is_file()  # every stage's own run directory has its report too
 
     again = opd("run", str(recipe), *shrink)  # finished stages are kept, not re-run
@@ -118,7 +126,7 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     # a finished stage whose inputs changed is never reported as if it were current
     stale = opd("run", str(recipe), *shrink, "opd.optim.lr=0.0005", check=False)
     assert stale.returncode == 2 and "[cascade] stage sft: done in an earlier run, kept" in stale.stdout
-    assert "stage 'opd' finished in an earlier run" in stale.stderr and "config optim.lr: 0.001 -> 0.0005" in stale.stderr
+    assert "stage 'opd' finished in an earlier run" in stale.stderr and "config optim.lr: 0.003 -> 0.0005" in stale.stderr
 
 
 def test_stage_inputs_name_what_changed(tmp_path, monkeypatch):

@@ -63,7 +63,7 @@ def run_ours(settings: E2ESettings, prompts: Path, work: Path) -> float:
     cmd = [sys.executable, "-m", "megatron_opd.cli", "run", str(REPO / "recipes" / "tiny" / "opd_general.yaml"),
            f"model.hf_path={settings.student}", f"teachers.teachers.original.model={settings.teacher}",
            f"data.train=[{prompts}]", f"train.steps={settings.steps}", f"train.prompts_per_step={settings.batch}",
-           "rollout.n=1", f"train.micro_batch_size={math.gcd(settings.batch, 32)}", f"rollout.max_new_tokens={settings.max_new_tokens}", "loss.kind=topk_forward_kl",
+           "rollout.n=1", f"train.micro_batch_size={math.gcd(settings.batch, 8)}", f"rollout.max_new_tokens={settings.max_new_tokens}", "loss.kind=topk_forward_kl",
            "loss.normalize=token", f"optim.lr={settings.lr}", "train.save_interval=0", "train.log_interval=1",
            "eval.world_dir=null", f"run.output_dir={out}", *settings.overrides]
     _check(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO), "megatron-opd")
@@ -119,8 +119,10 @@ def bench_e2e(settings: E2ESettings, vs_trl: bool, rounds: int, trl_python: Path
                 (work / f"round{r}").mkdir(exist_ok=True)
                 theirs.append(run_trl(settings, prompts, work / f"round{r}", python))
                 log(f"[bench] round {r + 1}/{rounds}: trl {theirs[-1]:.0f} tokens/s (ratio {ours[-1] / theirs[-1]:.2f})")
+    extra = f"; overrides: {' '.join(settings.overrides)}" if settings.overrides else ""
     lines = [f"settings: {settings.batch} samples/step (one per prompt), <= {settings.max_new_tokens} new tokens, "
-             f"full-vocabulary forward KL, fp32, steps {settings.warmup + 1}-{settings.steps} timed, {rounds} rounds",
+             f"full-vocabulary forward KL, fp32, steps {settings.warmup + 1}-{settings.steps} timed, {rounds} rounds; "
+             f"megatron-opd as recipes/tiny/opd_general.yaml{extra}",
              f"megatron-opd trained tokens/s: {statistics.median(ours):.0f}"]
     if theirs:
         ratios = [a / b for a, b in zip(ours, theirs)]

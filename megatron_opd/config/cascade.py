@@ -107,6 +107,14 @@ class CascadeStage(Strict):
         return (spec.candidates if isinstance(spec, SelectSpec) else spec.stages()) if spec else []
 
 
+class TeacherGoal(Strict):
+    """The goal that the cascade's final student reaches ``fraction`` of each domain's teacher in
+    held-out greedy accuracy (each teacher measured on its own domain, on the reported rows)."""
+
+    fraction: float = Field(0.9, gt=0, le=1)
+    teachers: dict[str, Path] = Field(min_length=1, description="domain -> the HF teacher it is held to")
+
+
 class CascadeConfig(Strict):
     """A chain of stages run in order, each starting from the previous one's output (SFT -> OPD ->
     MOPD; GRPO per domain -> pick teachers -> MOPD; mid-train -> regression -> recovery OPD)."""
@@ -119,6 +127,8 @@ class CascadeConfig(Strict):
     expect_rises: bool = Field(False, description="goal: every domain's greedy accuracy rises at every training "
                                "stage; the run prints and reports whether it did (leave off for cascades with a "
                                "stage built to fall, such as recovery's regression, or side-by-side comparisons)")
+    expect_of_teachers: TeacherGoal | None = Field(None, description="goal: the final student reaches a share of each "
+                                                   "domain's teacher; the run prints and reports met / missed")
 
     @model_validator(mode="after")
     def _references(self) -> "CascadeConfig":

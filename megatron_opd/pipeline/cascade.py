@@ -25,7 +25,7 @@ from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_s
 from megatron_opd.pipeline.compare import (as_dict, at_budget, comparison_goals, cumulative_tokens, specialist_rows,
                                            stage_checkpoints)
 from megatron_opd.pipeline.inputs import input_changes, stage_inputs
-from megatron_opd.pipeline.report import read_metrics, rises_verdict, write_cascade_report
+from megatron_opd.pipeline.report import read_metrics, rises_verdict, teacher_goal_verdict, write_cascade_report
 
 
 class StageFailed(RuntimeError):
@@ -239,14 +239,37 @@ class CascadeRunner:
         results = {"name": self.cfg.run.name, "recipe": str(self.recipe_path), "eval_samples": self.cfg.eval.samples,
                    "start_eval": self.state["start"]["eval"], "stages": stages,
                    "rises": _rises(str(Path(self.cfg.start)), self.state["start"]["eval"], stages),
-                   "expect_rises": self.cfg.expect_rises,
+                   "expect_rises": self.cfg.expect_rises, "teacher_goal": self._teacher_goal(stages),
                    "wall_time_s": time.perf_counter() - began, "kept_from_earlier_run": kept}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         report = write_cascade_report(self.out, results)
         if results["rises"] and self.cfg.expect_rises:
             self.log("[cascade] " + rises_verdict(results["rises"]))
+        if results["teacher_goal"]:
+            self.log("[cascade] " + teacher_goal_verdict(results["teacher_goal"]))
         self.log(f"[cascade] results: {self.out / 'results.json'}; report: {report}")
         return results
+
+
+    def _teacher_goal(self, stages: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """The final student's greedy accuracy against each domain's teacher (measured once, kept)."""
+        goal = self.cfg.expect_of_teachers
+        final = next((s for s in reversed(stages) if s.get("eval") and "hf" in s), None)
+        if goal is None or final is None:
+            return None
+        e = self.cfg.eval
+        measured = self.state.setdefault("teachers", {})
+        rows = []
+        for domain, teacher in goal.teachers.items():
+            if str(teacher) not in measured.get(domain, {}):
+                measured.setdefault(domain, {})[str(teacher)] = self.evaluate(Path(teacher), [domain], 0, e.samples, False)[domain]["accuracy"]
+                self._save_state()
+            teacher_acc, student_acc = measured[domain][str(teacher)], final["eval"][domain]["accuracy"]
+            share = student_acc / teacher_acc if teacher_acc else None  # a teacher at 0 sets no bar
+            rows.append({"domain": domain, "teacher": str(teacher), "teacher_accuracy": teacher_acc,
+                         "student_accuracy": student_acc, "share": share,
+                         "met": share is None or share >= goal.fraction})
+        return {"fraction": goal.fraction, "student": final["name"], "rows": rows, "met": all(r["met"] for r in rows)}
 
 
 def _rises(start: str, start_eval: dict[str, Any], stages: list[dict[str, Any]]) -> dict[str, dict[str, float]]:

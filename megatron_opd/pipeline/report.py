@@ -112,6 +112,13 @@ def training_plots(segments: list[tuple[str, list[dict[str, Any]]]], out: Path) 
                      "share of samples", "rate")),
         ("Verifier reward (GRPO)", plot_series(segments, ["rollout/reward_mean"], out / "reward.png", "mean reward", "reward")),
         ("Training loss", plot_series(segments, ["train/loss"], out / "loss.png", "loss", "loss")),
+        ("Off-policy samples (rollout.max_staleness): share of each step's samples k steps old, and the "
+         "train/inference log-prob mismatch it brings",
+         plot_series(segments, ["rollout/staleness_*", "opd/train_inference_mismatch"], out / "staleness.png",
+                     "sample staleness and mismatch", "share / nats per token")),
+        ("Step time by phase (overlapped phases run at once)",
+         plot_series(segments, ["time/rollout_s", "time/scoring_s", "time/train_s", "time/sync_s", "time/step_s"],
+                     out / "phases.png", "seconds per step", "s")),
     ]
     return [(caption, p) for caption, p in plots if p is not None]
 
@@ -151,6 +158,15 @@ def _candidate_label(path: str) -> str:
     return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "snapshots" else f"{p.parent.name}/{p.name}"
 
 
+def teacher_goal_verdict(goal: dict[str, Any], mark: str = "") -> str:
+    """One line on the goal "the final student reaches a share of each domain's teacher"."""
+    parts = [f"{r['domain']} {r['student_accuracy']:.3f} vs {r['teacher_accuracy']:.3f} "
+             f"({'n/a' if r['share'] is None else format(r['share'], '.1%')}, {'met' if r['met'] else 'missed'})"
+             for r in goal["rows"]]
+    return (f"Final student ({goal['student']}) >= {goal['fraction']:.0%} of each domain's teacher, held-out greedy: "
+            f"{mark}{'met' if goal['met'] else 'missed'}{mark} — " + "; ".join(parts) + ".")
+
+
 def rises_verdict(rises: dict[str, dict[str, float]], mark: str = "") -> str:
     """One line on the cascade goal "per-domain accuracy rises at each stage", naming what did not;
     ``mark`` wraps the yes/no (``**`` in markdown)."""
@@ -176,6 +192,8 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
             f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
         if results.get("expect_rises"):
             lines += [rises_verdict(rises, mark="**"), ""]
+    if results.get("teacher_goal"):
+        lines += [teacher_goal_verdict(results["teacher_goal"], mark="**"), ""]
     lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
     for s in results["stages"]:
         lines.append(f"| {s['name']} | {s['kind']} | {s['wall_s']:.0f} | `{s.get('init', '')}` |")

@@ -27,13 +27,11 @@ from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform.faults import maybe_kill
 from megatron_opd.teachers.service import TeacherSet
-from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.distribute import distribute
 from megatron_opd.train.opd_loss import opd_loss, student_token_logprobs
-from megatron_opd.train.opd_metrics import loss_sum_keys, train_metrics
+from megatron_opd.train.opd_metrics import StepLog
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.producer import RolloutProducer
-from megatron_opd.train.progress import StepProgress
 from megatron_opd.train.rollout_engine import RolloutEngine, weight_sink
 from megatron_opd.train.rollout_step import StepMaker
 from megatron_opd.train.session import StudentSession, open_student, save_step
@@ -64,51 +62,30 @@ class Loop:
 def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
     cfg, session = loop.cfg, loop.session
     tcfg, lcfg = cfg.train, cfg.loss
-    vocab = session.bundle.vocab_size
-    with_entropy = vocab <= 32768  # the entropy metric gathers the full vocabulary: small ones only
-    loss_fn = partial(opd_loss, lcfg, vocab, with_entropy)
-    progress = StepProgress("opd", tcfg.steps, session.start_step, session.is_rank0)
-    quiet = truncated = 0
-    times: dict[str, float] = {}
+    with_entropy = session.bundle.vocab_size <= 32768  # the entropy metric gathers the vocabulary: small ones only
+    loss_fn = partial(opd_loss, lcfg, session.bundle.vocab_size, with_entropy)
+    log = StepLog(cfg, session, with_entropy)
     began = time.perf_counter()
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
         produced = loop.producer.get(step) if loop.producer else None                    # sample -> score
         share = distribute(produced.batch if produced else None, cfg.parallel.dp)          # this rank's samples
         micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id)                  # collate
-        t_wait = time.perf_counter() - began
-        metrics = dict(produced.metrics) if produced else {}
+        waited = time.perf_counter() - began
         update = _update(session, micro, loss_fn, lcfg.epochs, step)                      # update
-        t_sync_wait, t_sync = loop.sync(step + 1)                                         # sync
-        totals = sum_from_last_stage(update.results, loss_sum_keys(lcfg.kind, with_entropy))
-        metrics.update(train_metrics(totals, update.grad_norm, update.lr))                 # log
+        sync_wait, sync = loop.sync(step + 1)                                             # sync
         done = step + 1
-        if produced is not None:  # the audit: every sample of the step, trained once
-            b = produced.batch
-            session.metrics.log_samples(done, {"prompt_rows": b.prompt_rows.tolist(), "weight_versions": b.weight_versions.tolist()})
-        metrics.update({"time/train_s": update.seconds, "time/sync_s": t_sync, "time/wait_s": t_wait,
-                        "time/sync_wait_s": t_sync_wait,
-                        "throughput/train_tokens_per_s": totals["tokens"] / max(update.seconds, 1e-9),
-                        "time/step_s": time.perf_counter() - began})  # the whole step, waits included
-        for phase in ("rollout", "scoring", "train", "sync"):
-            times[phase] = times.get(phase, 0.0) + metrics.get(f"time/{phase}_s", 0.0)
-        quiet = quiet + 1 if metrics["opd/advantage_abs_mean"] < cfg.guard.min_abs_advantage else 0
-        truncated = truncated + 1 if metrics.get("rollout/truncation_rate", 0.0) > cfg.guard.max_truncation_rate else 0
-        _guards(cfg, session.is_rank0, quiet, truncated, done)
+        metrics = log.step(done, produced, update, {"wait": waited, "sync_wait": sync_wait, "sync": sync,  # log
+                                                    "step": time.perf_counter() - began})
         if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps:
-            table = loop.evaluate()
-            metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in table.items()})
-            tables[f"step-{done}"] = table
-        if done % tcfg.log_interval == 0 or done == tcfg.steps:
-            session.metrics.log(done, metrics)
-            progress.update(done, f"kl {metrics['opd/reverse_kl']:.4f} |A| {metrics['opd/advantage_abs_mean']:.4f} "
-                                  f"loss {metrics['train/loss']:.4f} " + " ".join(
-                                      f"{p} {metrics.get(f'time/{p}_s', 0.0):.1f}s" for p in ("rollout", "scoring", "train", "sync")))
+            tables[f"step-{done}"] = loop.evaluate()
+            metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in tables[f"step-{done}"].items()})
+        log.write(done, metrics)
         if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
             save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots)
         began = time.perf_counter()
-    progress.close()
-    return {"steps": tcfg.steps, "time_by_phase_s": times}
+    log.close()
+    return {"steps": tcfg.steps, "time_by_phase_s": log.times}
 
 
 @dataclass
@@ -213,20 +190,6 @@ def _evaluate(evaluator: Evaluator, engine: RolloutEngine | None, cfg: OPDStageC
     if dist.is_initialized():
         dist.barrier()
     return table
-
-
-def _guards(cfg: OPDStageConfig, rank0: bool, quiet: int, truncated: int, step: int) -> None:
-    guard = cfg.guard
-    if quiet >= guard.patience and rank0:
-        print(f"[opd] warning: mean |advantage| < {guard.min_abs_advantage} for {quiet} steps at step {step}: "
-              "no learning signal (is the teacher the student? do all samples of a prompt get the same reward?)", flush=True)
-    if truncated >= guard.patience:
-        message = (f"[opd] guard: more than {guard.max_truncation_rate:.0%} of samples hit rollout.max_new_tokens "
-                   f"for {truncated} steps (length inflation / repetition)")
-        if guard.stop_on_guard:
-            raise RuntimeError(message)
-        if rank0:
-            print(message, flush=True)
 
 
 def _print_summary(result: dict[str, Any], out: Path, evaluator: Evaluator | None) -> None:

@@ -8,6 +8,10 @@ from typing import Any
 import torch
 
 from megatron_opd.records import Rollout, SampleScores, version_number
+from megatron_opd.train.common import sum_from_last_stage
+from megatron_opd.train.progress import StepProgress
+
+PHASES = ("rollout", "scoring", "train", "sync")
 
 
 def repeats_an_ngram(ids: list[int], n: int = 4) -> bool:
@@ -68,3 +72,57 @@ def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict
         if key in totals:
             out[name] = totals[key] / n
     return out
+
+
+class StepLog:
+    """Per step: the metric totals (a collective: every rank gets them), the guards, the audit of
+    trained samples, the progress line, metrics.jsonl + TensorBoard (rank 0)."""
+
+    def __init__(self, cfg: Any, session: Any, with_entropy: bool) -> None:
+        self.cfg, self.session = cfg, session
+        self.keys = loss_sum_keys(cfg.loss.kind, with_entropy)
+        self.progress = StepProgress("opd", cfg.train.steps, session.start_step, session.is_rank0)
+        self.times: dict[str, float] = {}
+        self.quiet = self.truncated = 0
+
+    def step(self, done: int, produced: Any, update: Any, seconds: dict[str, float]) -> dict[str, Any]:
+        totals = sum_from_last_stage(update.results, self.keys)
+        metrics = dict(produced.metrics) if produced is not None else {}
+        metrics.update(train_metrics(totals, update.grad_norm, update.lr))
+        metrics.update({f"time/{name}_s": value for name, value in seconds.items()})
+        metrics.update({"time/train_s": update.seconds,
+                        "throughput/train_tokens_per_s": totals["tokens"] / max(update.seconds, 1e-9)})
+        if produced is not None:  # the audit: every sample of the step, trained once
+            batch = produced.batch
+            self.session.metrics.log_samples(done, {"prompt_rows": batch.prompt_rows.tolist(),
+                                                    "weight_versions": batch.weight_versions.tolist()})
+        for phase in PHASES:
+            self.times[phase] = self.times.get(phase, 0.0) + metrics.get(f"time/{phase}_s", 0.0)
+        self._guards(metrics, done)
+        return metrics
+
+    def write(self, done: int, metrics: dict[str, Any]) -> None:
+        if done % self.cfg.train.log_interval == 0 or done == self.cfg.train.steps:
+            self.session.metrics.log(done, metrics)
+            self.progress.update(done, f"kl {metrics['opd/reverse_kl']:.4f} |A| {metrics['opd/advantage_abs_mean']:.4f} "
+                                       f"loss {metrics['train/loss']:.4f} " + " ".join(
+                                           f"{p} {metrics.get(f'time/{p}_s', 0.0):.1f}s" for p in PHASES))
+
+    def close(self) -> None:
+        self.progress.close()
+
+    def _guards(self, metrics: dict[str, Any], step: int) -> None:
+        guard, rank0 = self.cfg.guard, self.session.is_rank0
+        self.quiet = self.quiet + 1 if metrics["opd/advantage_abs_mean"] < guard.min_abs_advantage else 0
+        self.truncated = self.truncated + 1 if metrics.get("rollout/truncation_rate", 0.0) > guard.max_truncation_rate else 0
+        if self.quiet >= guard.patience and rank0:
+            print(f"[opd] warning: mean |advantage| < {guard.min_abs_advantage} for {self.quiet} steps at step {step}: "
+                  "no learning signal (is the teacher the student? do all samples of a prompt get the same reward?)",
+                  flush=True)
+        if self.truncated >= guard.patience:
+            message = (f"[opd] guard: more than {guard.max_truncation_rate:.0%} of samples hit rollout.max_new_tokens "
+                       f"for {self.truncated} steps (length inflation / repetition)")
+            if guard.stop_on_guard:
+                raise RuntimeError(message)
+            if rank0:
+                print(message, flush=True)
