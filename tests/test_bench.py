@@ -30,6 +30,16 @@ def test_bench_e2e_runs_the_loop_and_prints_its_figure_last(tmp_path):
     assert last.startswith("megatron-opd trained tokens/s: ") and float(last.split(": ")[1]) > 0
 
 
+def test_bench_step_sweeps_and_prints_the_phase_ratio_last():
+    run = opd("bench", "step", "--student", "assets/tiny/student_init", "--batches", "4", "--lengths", "8",
+              "--batch", "4", "--max-new-tokens", "8", "--steps", "3", "--warmup", "1")
+    lines = run.stdout.strip().splitlines()
+    assert lines[-1].startswith("step time / longest phase at batch 4, <= 8 new tokens: ")
+    ratio = float(lines[-1].rsplit(": ", 1)[1])
+    assert lines[-3].endswith(f"= {ratio:.2f} x the longest phase")  # the base point's own ratio
+    assert lines[-3].startswith("batch 4, <= 8 new tokens") and lines[-2].startswith("batch 4, <= 8 new tokens (mean 8)")
+
+
 @pytest.mark.skipif(not os.environ.get("OPD_TRL_PYTHON"), reason="needs a TRL venv (bash tools/setup_trl_venv.sh)")
 def test_bench_e2e_vs_trl_prints_the_ratio():
     run = opd("bench", "e2e", "--vs", "trl", "--student", "assets/tiny/student_init", "--batch", "8",

@@ -177,3 +177,15 @@ def test_rises_verdict_only_where_the_cascade_expects_it(tmp_path, expect_rises)
     verdict = "Every domain rises at every stage: **no** — not rising: arithmetic in midtrain (-0.600)."
     assert (verdict in report) is expect_rises
     assert ("Every domain rises" in report) is expect_rises
+
+
+def test_a_domain_held_at_the_ceiling_counts_as_held_not_as_a_fall():
+    from megatron_opd.pipeline.report import rises_verdict
+
+    rises = {"opd": {"strings": 0.4, "format": 0.3}, "mopd": {"strings": 0.0, "format": 0.0}}
+    finals = {"opd": {"strings": 1.0, "format": 0.9}, "mopd": {"strings": 1.0, "format": 0.9}}
+    # strings stayed at 1.000 (nowhere to rise); format stayed at 0.9: that is not a rise
+    assert rises_verdict(rises, finals) == ("Every domain rises at every stage: no — not rising: format in mopd (+0.000)."
+                                            " (Held at 1.000, nowhere to rise: strings in mopd.)")
+    finals["mopd"]["format"] = finals["opd"]["format"] = 1.0
+    assert rises_verdict(rises, finals).startswith("Every domain rises at every stage: yes.")

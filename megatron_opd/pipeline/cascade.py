@@ -244,7 +244,8 @@ class CascadeRunner:
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         report = write_cascade_report(self.out, results)
         if results["rises"] and self.cfg.expect_rises:
-            self.log("[cascade] " + rises_verdict(results["rises"]))
+            finals = {st["name"]: {d: r["accuracy"] for d, r in st["eval"].items()} for st in stages if st.get("eval")}
+            self.log("[cascade] " + rises_verdict(results["rises"], finals))
         if results["teacher_goal"]:
             self.log("[cascade] " + teacher_goal_verdict(results["teacher_goal"]))
         self.log(f"[cascade] results: {self.out / 'results.json'}; report: {report}")

@@ -167,12 +167,19 @@ def teacher_goal_verdict(goal: dict[str, Any], mark: str = "") -> str:
             f"{mark}{'met' if goal['met'] else 'missed'}{mark} — " + "; ".join(parts) + ".")
 
 
-def rises_verdict(rises: dict[str, dict[str, float]], mark: str = "") -> str:
+def rises_verdict(rises: dict[str, dict[str, float]], finals: dict[str, dict[str, float]] | None = None,
+                  mark: str = "") -> str:
     """One line on the cascade goal "per-domain accuracy rises at each stage", naming what did not;
-    ``mark`` wraps the yes/no (``**`` in markdown)."""
-    falls = [f"{d} in {stage} ({delta:+.3f})" for stage, deltas in rises.items() for d, delta in deltas.items() if delta <= 0]
+    a domain that was at 1.000 and stays there has nowhere to rise and counts as held (``finals``:
+    each stage's greedy accuracy per domain). ``mark`` wraps the yes/no (``**`` in markdown)."""
+    finals = finals or {}
+    held = [f"{d} in {stage}" for stage, deltas in rises.items() for d, delta in deltas.items()
+            if delta == 0 and finals.get(stage, {}).get(d) == 1.0]
+    falls = [f"{d} in {stage} ({delta:+.3f})" for stage, deltas in rises.items() for d, delta in deltas.items()
+             if delta <= 0 and f"{d} in {stage}" not in held]
     verdict = f"Every domain rises at every stage: {mark}{'no' if falls else 'yes'}{mark}"
-    return verdict + (f" — not rising: {', '.join(falls)}." if falls else ".")
+    verdict += f" — not rising: {', '.join(falls)}." if falls else "."
+    return verdict + (f" (Held at 1.000, nowhere to rise: {', '.join(held)}.)" if held else "")
 
 
 def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
@@ -191,7 +198,8 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
         lines += ["Per-domain greedy accuracy vs the checkpoint each stage started from: " + "; ".join(
             f"{stage}: " + ", ".join(f"{d} {delta:+.3f}" for d, delta in deltas.items()) for stage, deltas in rises.items()), ""]
         if results.get("expect_rises"):
-            lines += [rises_verdict(rises, mark="**"), ""]
+            finals = {name: {d: r["accuracy"] for d, r in t.items()} for name, t in tables.items()}
+            lines += [rises_verdict(rises, finals, mark="**"), ""]
     if results.get("teacher_goal"):
         lines += [teacher_goal_verdict(results["teacher_goal"], mark="**"), ""]
     lines += ["| stage | kind | wall s | init |", "|---|---|---|---|"]
