@@ -198,14 +198,42 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path) -> None:
 def export_hf_weights(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream full HF-named tensors gathered from every TP/PP shard (a collective: every rank
     of the model-parallel group must consume the whole iterator)."""
+    from megatron.core import parallel_state as ps
+
     with torch.no_grad():
-        stream = bundle.bridge.export_weights(bundle.chunks)
+        local = ps.get_pipeline_model_parallel_world_size() == 1 and ps.get_expert_model_parallel_world_size() == 1
+        stream = _export_without_pipeline(bundle) if local else bundle.bridge.export_weights(bundle.chunks)
         while True:
             with cpu_compat():
                 item = next(stream, None)
             if item is None:
                 return
             yield item
+
+
+def _export_without_pipeline(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
+    """mbridge's export at PP = 1 (no expert parallelism) without its per-parameter pipeline
+    collectives: every parameter is local, so each one's name and metadata need not be gathered
+    over the pipeline group by pickled objects (measured: 50 of the ~75 ms of a tiny student's
+    weight sync). The same mbridge name mapping, TP merge and HF conversion, in the same order."""
+    from mbridge.core.util import unwrap_model
+    from megatron.core import parallel_state as ps
+
+    bridge, tp = bundle.bridge, ps.get_tensor_model_parallel_world_size()
+    for model in [unwrap_model(chunk) for chunk in bundle.chunks]:
+        if any("expert_bias" in key for key in model.state_dict()):
+            raise UnsupportedArchitectureError("MoE router biases: export through mbridge's own path")
+        local_to_global = bridge._weight_name_mapping_mcore_local_to_global(model, consider_ep=False)
+        for local_name, param in model.named_parameters():
+            name = local_to_global[local_name]
+            merged = param
+            if getattr(param, "tensor_model_parallel", False):
+                shards = [param]
+                if tp > 1:
+                    shards = [torch.empty_like(param) for _ in range(tp)]
+                    torch.distributed.all_gather(shards, param, group=ps.get_tensor_model_parallel_group())
+                merged = bridge._weight_merge_across_tp(name, shards, param)
+            yield from zip(*bridge._weight_to_hf_format(name, merged))
 
 
 def save_hf_checkpoint(
