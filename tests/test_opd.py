@@ -11,7 +11,7 @@ from megatron_opd.config import ConfigError, load_recipe
 RECIPE = REPO / "recipes" / "tiny" / "opd_arith.yaml"
 SMALL = ["model.hf_path=assets/tiny/student_init", "train.prompts_per_step=4", "rollout.n=2", "train.micro_batch_size=4",
          "rollout.max_new_tokens=24", "train.steps=4", "train.save_interval=2", "eval.samples=4", "eval.max_new_tokens=24",
-         "optim.lr=3.0e-4"]
+         "optim.lr=3.0e-4", "rollout.engine=embedded", "rollout.sync=in_process", "rollout.max_staleness=0"]
 
 
 def _metrics(out):
@@ -54,8 +54,10 @@ def test_opd_recipe_validation_names_the_field():
     assert cfg.kind == "opd" and cfg.parallel.tp == 2 and cfg.parallel.pp == 2
     with pytest.raises(ConfigError, match="loss.*top_k"):
         load_recipe(RECIPE, ["loss.top_k=0"])
+    with pytest.raises(ConfigError, match="rollout.engine 'embedded_server' needs rollout.sync 'disk' or 'distributed'"):
+        load_recipe(RECIPE, ["rollout.sync=in_process"])
     with pytest.raises(ConfigError, match="rollout.*in_process"):
-        load_recipe(RECIPE, ["rollout.sync=disk"])
+        load_recipe(RECIPE, ["rollout.engine=embedded", "rollout.sync=disk"])
     with pytest.raises(ConfigError, match="teachers: .*routes.arithmetic: unknown teacher 'nope'"):
         load_recipe(RECIPE, ["teachers.routes.arithmetic=nope"])
     with pytest.raises(ConfigError, match="did you mean 'prompts_per_step'"):
