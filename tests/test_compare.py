@@ -110,7 +110,7 @@ def test_compare_recipes_fail_at_load_not_after_training(tmp_path):
     cfg = load_recipe(recipe, ["methods.compare.token_budget=5000"])  # edits the measuring stage's own spec
     assert cfg.stages[-1].compare.token_budget == 5000
     with pytest.raises(ConfigError, match=r"stages.3 \(sft_lr3e-3\): compared by 'methods', so it needs "
-                                          r"train.log_interval=1.*\(has 10, true, 10\)"):
+                                          r"train.log_interval=1.*\(has 10, true, 20\)"):
         load_recipe(recipe, ["sft_lr3e-3.train.log_interval=10"])
     with pytest.raises(ConfigError, match=r"offset 50 overlaps the reported rows 0..99"):
         load_recipe(recipe, ["methods.compare.offset=50"])
