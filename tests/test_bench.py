@@ -46,3 +46,20 @@ def test_bench_e2e_vs_trl_prints_the_ratio():
               "--max-new-tokens", "12", "--steps", "3", "--warmup", "1", "--rounds", "1")
     last = run.stdout.strip().splitlines()[-1]
     assert last.startswith("ratio megatron-opd / trl: ") and float(last.split(": ")[1].split()[0]) > 0
+
+
+def test_bench_scale_measures_the_sharded_loss_below_the_gathered_one():
+    """(Its padding figure is the loop's own ``train/padding_fraction``, checked in test_opd.)"""
+    run = opd("bench", "scale", "--vocabs", "8192", "--tps", "1,2", "--tokens", "512", "--chunk-mib", "0.5",
+              "--padding", "")
+    lines = run.stdout.strip().splitlines()
+    figures = lines[lines.index("") + 1:]
+    assert len(figures) == 5
+    ratios = {}
+    for line in figures[:3]:
+        head, ratio = line.split(" = ")
+        ratios[head.split(", ")[1] + " " + head.split(", ")[3].split(":")[0]] = float(ratio.split("x")[0])
+    assert set(ratios) == {"TP1 sharded", "TP2 sharded", "TP1 gathered"}
+    # the full-vocabulary path holds several copies of the logits; the sharded one about the gradient
+    assert ratios["TP1 gathered"] > ratios["TP1 sharded"] + 1.0 and ratios["TP1 sharded"] < 2.0
+    assert figures[-1].startswith("V 8192: largest extra peak / own shard over TP 1,2: ")

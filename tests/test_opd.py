@@ -111,6 +111,38 @@ def test_domain_normalisation_gives_each_domain_an_equal_share():
     assert build_step_batch(prompts, rollouts, None, "token", 0).loss_weights.tolist() == [1.0] * 4
 
 
+def test_micro_batches_by_token_budget_keep_every_sample_once():
+    from megatron_opd.records import Prompt, Rollout
+    from megatron_opd.train.step_batch import build_step_batch, micro_batches
+
+    completions = [30, 50, 4, 16, 45, 10]  # + 2 prompt tokens: samples of 32, 52, 6, 18, 47, 12 tokens
+    prompts = [Prompt([1, 2], "d", row=i) for i in range(len(completions))]
+    rollouts = [Rollout([1, 2], [3 + i] * n, [-0.5 - i] * n, "stop", "step-0", i) for i, n in enumerate(completions)]
+    batch = build_step_batch(prompts, rollouts, None, "token", 0)
+    by_rows = micro_batches(batch, 2, pad_id=0)
+    by_tokens = micro_batches(batch, 2, pad_id=0, max_tokens=100)  # 52 | 47 + 32 (94) | 18 + 12 + 6 (54)
+    assert [m["seq_len"].tolist() for m in by_tokens] == [[52], [47, 32], [18, 12, 6]]
+    assert [tuple(m["input_ids"].shape) for m in by_tokens] == [(1, 52), (2, 47), (3, 18)]
+    for micros in (by_rows, by_tokens):  # every sample once, its own tokens and log-probs where they belong
+        seen = {}
+        for m in micros:
+            for r in range(m["input_ids"].shape[0]):
+                sample = int(m["input_ids"][r, 2]) - 3
+                n = completions[sample]
+                assert m["input_ids"][r, 2:2 + n].tolist() == [3 + sample] * n and not m["input_ids"][r, 2 + n:].any()
+                assert m["sampler_lp"][r, 2:2 + n].tolist() == [-0.5 - sample] * n and m["loss_mask"][r].sum() == n
+                seen[sample] = seen.get(sample, 0) + 1
+        assert seen == {i: 1 for i in range(len(completions))}
+    padded = lambda micros: 1 - sum(int(m["seq_len"].sum()) for m in micros) / sum(m["input_ids"].numel() for m in micros)
+    assert padded(by_tokens) == pytest.approx(1 - 167 / 200) and padded(by_rows) == pytest.approx(1 - 167 / 192)
+    # a sample longer than the budget trains alone; the rest still fill up to it
+    assert [m["seq_len"].tolist() for m in micro_batches(batch, 2, 0, max_tokens=40)] == [[52], [47], [32], [18, 12], [6]]
+    cfg = load_recipe(RECIPE, ["train.max_tokens_per_micro_batch=512", "train.micro_batch_size=3"])  # rows no longer divide
+    assert cfg.train.max_tokens_per_micro_batch == 512
+    with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size x parallel.dp"):
+        load_recipe(RECIPE, ["train.micro_batch_size=3"])
+
+
 def test_sequence_normalisation_gives_each_sample_an_equal_share():
     """loss.normalize=sequence: w_i = T / (N * T_i), so every sample's tokens carry T / N of the token
     mean. With group advantages summing to 0, what every sample holds in proportion to its length
@@ -134,14 +166,18 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
         load_recipe(RECIPE, ["loss.normalize=sample"])
 
 
-@pytest.mark.parametrize("kind,expect", [("sampled_token", "opd/clip_fraction"), ("jsd", "opd/topk_overlap")])
-def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect):
+@pytest.mark.parametrize("kind,expect,layout", [
+    ("sampled_token", "opd/clip_fraction", ["parallel.pp=1"]),
+    # micro-batches by token budget: their rows and lengths differ, so the two stages exchange shapes
+    ("jsd", "opd/topk_overlap", ["parallel.pp=2", "train.max_tokens_per_micro_batch=100"])])
+def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect, layout):
     out = tmp_path / kind
-    opd("run", str(RECIPE), *SMALL, "parallel.tp=1", "parallel.pp=1", f"loss.kind={kind}", "loss.top_k=16",
+    opd("run", str(RECIPE), *SMALL, "parallel.tp=1", *layout, f"loss.kind={kind}", "loss.top_k=16",
         "train.steps=3", "eval.world_dir=null", f"run.output_dir={out}")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert r["train/grad_norm"] > 0 and r["opd/advantage_abs_mean"] > 0 and expect in r
+        assert 0 <= r["train/padding_fraction"] < 1 and r["opd/student_entropy"] > 0
         assert r["teacher/arithmetic/reverse_kl"] == pytest.approx(r["opd/reverse_kl"], abs=1e-4)
     assert rows[0]["train/loss"] != rows[-1]["train/loss"]

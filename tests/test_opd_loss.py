@@ -1,5 +1,5 @@
 """``opd_loss`` (the glue from a micro-batch to algo/) against plain-torch references, on vocabulary
-shards at TP1 and TP2 (padded vocabulary columns included), values and gradients."""
+shards at TP1, TP2 and TP4 (padded vocabulary columns included), values and gradients."""
 import json
 
 import pytest
@@ -51,10 +51,11 @@ def _reference(kind, logits, batch):
         per = (0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)) * tis
     loss = (per * w).sum()
     loss.backward()
-    return loss.item(), logits.grad, (lp.detach() - batch["teacher_lp"][:, 1:]).mul(mask).sum().item()
+    entropy = (-(s.exp() * s).sum(-1) * mask).sum().item()
+    return loss.item(), logits.grad, (lp.detach() - batch["teacher_lp"][:, 1:]).mul(mask).sum().item(), entropy
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_opd_loss_matches_the_definitions_on_vocab_shards(tmp_path, tp):
     logits, batch = _batch()
     save_file({"logits": logits, **{k: v.contiguous() for k, v in batch.items()}}, str(tmp_path / "inputs.safetensors"))
@@ -65,9 +66,10 @@ def test_opd_loss_matches_the_definitions_on_vocab_shards(tmp_path, tp):
         results = json.loads((tmp_path / f"results-{rank}.json").read_text())
         grads = load_file(str(tmp_path / f"grads-{rank}.safetensors"))
         for kind, got in results.items():
-            loss, grad, kl = _reference(kind, logits, batch)
+            loss, grad, kl, entropy = _reference(kind, logits, batch)
             assert got["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), kind
             assert got["tokens"] == tokens and got["kl_sum"] == pytest.approx(kl, rel=1e-5, abs=1e-6)
+            assert got["entropy_sum"] == pytest.approx(entropy, rel=1e-5), kind
             shard = V_PAD // tp
             assert torch.allclose(grads[kind], grad[..., rank * shard:(rank + 1) * shard], atol=1e-6), kind
             assert not grads[kind][..., V - rank * shard:].abs().sum() if rank * shard + shard > V else True

@@ -39,12 +39,21 @@ def topk_forward_kl_with_tail(student_log: torch.Tensor, top_ids: torch.Tensor, 
     gives the exact forward KL with finite gradients.
     """
     s_top = student_log.gather(-1, top_ids)
-    top_kl = kl(top_teacher_log, s_top)
     if top_ids.shape[-1] >= student_log.shape[-1]:
+        return topk_forward_kl_from_parts(s_top, None, top_teacher_log, min_tail)
+    s_tail_log = torch.logsumexp(student_log.scatter(-1, top_ids, float("-inf")), -1)
+    return topk_forward_kl_from_parts(s_top, s_tail_log, top_teacher_log, min_tail)
+
+
+def topk_forward_kl_from_parts(s_top: torch.Tensor, s_tail_log: torch.Tensor | None, top_teacher_log: torch.Tensor,
+                               min_tail: float = 1e-6) -> torch.Tensor:
+    """``topk_forward_kl_with_tail`` from the student's log-probs at the teacher's top-k ``s_top``
+    [..., k] and the log of its mass outside them ``s_tail_log`` [...] (None: the top-k is the whole
+    vocabulary), as a vocabulary-parallel student provides them."""
+    top_kl = kl(top_teacher_log, s_top)
+    if s_tail_log is None:
         return top_kl
     t_tail = (1.0 - top_teacher_log.exp().sum(-1)).clamp_min(0.0)
-    outside = student_log.scatter(-1, top_ids, float("-inf"))
-    s_tail_log = torch.logsumexp(outside, -1)
     keep = t_tail > min_tail
     safe_t = torch.where(keep, t_tail, torch.ones_like(t_tail))
     safe_s = torch.where(keep, s_tail_log, torch.zeros_like(s_tail_log))

@@ -79,3 +79,42 @@ def step(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     _finish(lines)
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name}: expected comma-separated integers, got {text!r}")
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{name}: expected positive integers, got {text!r}")
+    return values
+
+
+@bench_app.command("scale")
+def scale(
+    vocabs: str = typer.Option("32768,151936", help="vocabulary sizes"),
+    tps: str = typer.Option("1,2,4", help="tensor-parallel sizes (one torchrun of that many ranks each)"),
+    tokens: int = typer.Option(2048, min=1, help="positions in the micro-batch"),
+    top_k: int = typer.Option(32, min=1, help="teacher top-k"),
+    chunk_mib: float = typer.Option(16.0, min=0.001, help="loss.chunk_mib"),
+    gathered: bool = typer.Option(True, help="also measure the full-vocabulary path at TP1 (the loss before)"),
+    padding: str = typer.Option("recipe,512", help="padding of a tiny-world OPD step: 'recipe' (its micro-batches) "
+                                "and/or token budgets; '' to skip"),
+    student: Path = typer.Option(DEFAULT_STUDENT, help="the padding runs' student (default: the cold start)"),
+) -> None:
+    """The loss head's extra peak memory per rank against vocabulary and TP; a tiny-world step's padding."""
+    from megatron_opd.bench.scale import bench_scale
+
+    budgets = [None if b.strip() == "recipe" else _ints(b, "--padding")[0] for b in padding.split(",") if b.strip()]
+    if budgets and not (student / "config.json").is_file():
+        typer.secho(f"error: {student} is missing (the cold start: `opd run recipes/tiny/sft.yaml`), "
+                    "or pass --padding ''", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        lines = bench_scale(_ints(vocabs, "--vocabs"), _ints(tps, "--tps"), tokens, top_k, chunk_mib, gathered,
+                            budgets, student.resolve(), log=typer.echo)
+    except RuntimeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _finish(lines)

@@ -53,6 +53,10 @@ class TrainConfig(Strict):
     steps: int = Field(ge=1)
     global_batch_size: int = Field(ge=1)
     micro_batch_size: int = Field(1, ge=1)
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="micro-batches by token budget: each rank's examples of the step, longest first, fill a "
+        "micro-batch while its rows x its longest row stay within this many tokens (a longer example trains alone); "
+        "None: train.micro_batch_size rows each, in draw order")
     seed: int = 1234
     save_interval: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="complete checkpoints kept on disk")
@@ -98,11 +102,12 @@ class SFTStageConfig(StageBase):
 
     @model_validator(mode="after")
     def _batch_layout(self) -> "SFTStageConfig":
-        per_step = self.train.micro_batch_size * self.parallel.dp
+        by_tokens = self.train.max_tokens_per_micro_batch is not None
+        per_step = self.parallel.dp if by_tokens else self.train.micro_batch_size * self.parallel.dp
         if self.train.global_batch_size % per_step:
             raise ValueError(
                 f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
-                f"train.micro_batch_size x parallel.dp ({per_step})"
+                + ("parallel.dp" if by_tokens else "train.micro_batch_size x parallel.dp") + f" ({per_step})"
             )
         return self
 
@@ -147,7 +152,8 @@ class RolloutConfig(Strict):
 class LossConfig(Strict):
     kind: Literal["sampled_token", "topk_forward_kl", "topk_reverse_kl", "jsd"] = Field(
         "sampled_token", description="sampled_token: policy gradient on A_t = log p_T - log p_S; the others: "
-        "differentiable divergences over the teacher's top-k (jsd: over the full vocabulary of the student vs top-k teacher)")
+        "differentiable divergences over the teacher's top-k (topk_forward_kl with a tail bucket for the rest; "
+        "topk_reverse_kl and jsd with both distributions renormalised over the top-k)")
     top_k: int = Field(0, ge=0, description="teacher top-k to request (needed by top-k losses and confidence weights)")
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)
@@ -156,6 +162,9 @@ class LossConfig(Strict):
     kl_discount: float = Field(0.0, ge=0, le=1)
     logratio_clamp: float | None = Field(20.0, gt=0)
     jsd_beta: float = Field(0.5, gt=0, lt=1)
+    chunk_mib: float = Field(16.0, gt=0, description="the loss head works on as many positions at a time as fit "
+                             "this many MiB of fp32 vocabulary shard (recomputed in the backward): its extra memory "
+                             "is the logits' gradient plus one chunk's temporaries, whatever the response length")
     epochs: int = Field(1, ge=1, description="optimizer steps on each rollout batch")
     normalize: Literal["token", "domain", "sequence"] = Field(
         "token", description="token: every completion token of the step weighs the same (DAPO's token mean); domain: "
@@ -190,6 +199,10 @@ class OPDTrainConfig(Strict):
     steps: int = Field(ge=1)
     prompts_per_step: int = Field(ge=1)
     micro_batch_size: int = Field(4, ge=1)
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1, description="micro-batches by token budget: the samples, longest first, fill a micro-batch while "
+        "its rows x its longest row stay within this many tokens (a longer sample trains alone); None: "
+        "train.micro_batch_size rows each")
     seed: int = 1234
     save_interval: int = Field(0, ge=0)
     keep_last: int = Field(2, ge=1)
@@ -223,10 +236,11 @@ class OPDStageConfig(StageBase):
     @model_validator(mode="after")
     def _layout(self) -> "OPDStageConfig":
         samples = self.train.prompts_per_step * self.rollout.n
-        per_step = self.train.micro_batch_size * self.parallel.dp
+        by_tokens = self.train.max_tokens_per_micro_batch is not None
+        per_step = self.parallel.dp if by_tokens else self.train.micro_batch_size * self.parallel.dp
         if samples % per_step:
             raise ValueError(f"train.prompts_per_step x rollout.n ({samples}) must be a multiple of "
-                             f"train.micro_batch_size x parallel.dp ({per_step})")
+                             + ("parallel.dp" if by_tokens else "train.micro_batch_size x parallel.dp") + f" ({per_step})")
         if self.teachers is not None and self.teachers.weighting == "confidence" and self.loss.top_k < 1:
             raise ValueError("teachers.weighting 'confidence' needs loss.top_k >= 1")
         if self.kind == "opd" and self.teachers is None:

@@ -46,7 +46,7 @@ def run_pipeline(
 ) -> list[dict[str, Any]]:
     """Run ``micro_batches`` through the pipeline; returns the metrics dicts of the last stage
     (an empty list on other stages). Every micro-batch must hold ``input_ids`` [b, s]; all
-    micro-batches must share b (sequence lengths may differ)."""
+    micro-batches may differ in rows and length (the stages then exchange shapes first)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
@@ -54,8 +54,8 @@ def run_pipeline(
     from megatron.core.utils import get_model_config
 
     micro_batch_size, seq_length = micro_batches[0]["input_ids"].shape
-    # pipeline stages exchange activations of a fixed shape unless told lengths vary
-    get_model_config(chunks[0]).variable_seq_lengths = len({b["input_ids"].shape[1] for b in micro_batches}) > 1
+    # pipeline stages exchange activations of a fixed shape unless told shapes vary (rows or lengths)
+    get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b["input_ids"].shape) for b in micro_batches}) > 1
     forward_backward = get_forward_backward_func()
     with cpu_compat():
         return forward_backward(

@@ -62,15 +62,14 @@ class Loop:
 def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
     cfg, session = loop.cfg, loop.session
     tcfg, lcfg = cfg.train, cfg.loss
-    with_entropy = session.bundle.vocab_size <= 32768  # the entropy metric gathers the vocabulary: small ones only
-    loss_fn = partial(opd_loss, lcfg, session.bundle.vocab_size, with_entropy)
-    log = StepLog(cfg, session, with_entropy)
+    loss_fn = partial(opd_loss, lcfg, session.bundle.vocab_size)
+    log = StepLog(cfg, session)
     began = time.perf_counter()
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
         produced = loop.producer.get(step) if loop.producer else None                    # sample -> score
         share = distribute(produced.batch if produced else None, cfg.parallel.dp)          # this rank's samples
-        micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id)                  # collate
+        micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id, tcfg.max_tokens_per_micro_batch)  # collate
         waited = time.perf_counter() - began
         update = _update(session, micro, loss_fn, lcfg.epochs, step)                      # update
         sync_wait, sync = loop.sync(step + 1)                                             # sync

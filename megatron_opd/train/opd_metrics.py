@@ -50,13 +50,13 @@ def teacher_reverse_kl(rollouts: list[Rollout], scored: list[SampleScores], unit
     return out
 
 
-LOSS_SUMS = ("loss_sum", "tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum")
+LOSS_SUMS = ("loss_sum", "tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
+             "positions_sum", "real_positions_sum")
 
 
-def loss_sum_keys(kind: str, with_entropy: bool) -> tuple[str, ...]:
+def loss_sum_keys(kind: str) -> tuple[str, ...]:
     """The sums ``opd_loss`` produces for a configuration (known on every rank)."""
-    optional = ("clipped_tokens",) if kind == "sampled_token" else ("topk_overlap_sum",)
-    return LOSS_SUMS + optional + (("entropy_sum",) if with_entropy or kind != "sampled_token" else ())
+    return LOSS_SUMS + (("clipped_tokens",) if kind == "sampled_token" else ("topk_overlap_sum",))
 
 
 def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict[str, Any]:
@@ -66,7 +66,8 @@ def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict
            "train/tokens": totals["tokens"], "opd/advantage_mean": mean_adv,
            "opd/advantage_abs_mean": totals["adv_abs_sum"] / n,
            "opd/advantage_std": max(totals["adv_sq_sum"] / n - mean_adv ** 2, 0.0) ** 0.5,
-           "opd/reverse_kl": totals["kl_sum"] / n, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / n}
+           "opd/reverse_kl": totals["kl_sum"] / n, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / n,
+           "train/padding_fraction": 1.0 - totals["real_positions_sum"] / max(totals["positions_sum"], 1.0)}
     for key, name in (("clipped_tokens", "opd/clip_fraction"), ("entropy_sum", "opd/student_entropy"),
                       ("topk_overlap_sum", "opd/topk_overlap")):
         if key in totals:
@@ -78,9 +79,9 @@ class StepLog:
     """Per step: the metric totals (a collective: every rank gets them), the guards, the audit of
     trained samples, the progress line, metrics.jsonl + TensorBoard (rank 0)."""
 
-    def __init__(self, cfg: Any, session: Any, with_entropy: bool) -> None:
+    def __init__(self, cfg: Any, session: Any) -> None:
         self.cfg, self.session = cfg, session
-        self.keys = loss_sum_keys(cfg.loss.kind, with_entropy)
+        self.keys = loss_sum_keys(cfg.loss.kind)
         self.progress = StepProgress("opd", cfg.train.steps, session.start_step, session.is_rank0)
         self.times: dict[str, float] = {}
         self.quiet = self.truncated = 0

@@ -26,6 +26,7 @@ from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.progress import StepProgress
 from megatron_opd.train.session import StudentSession, open_student, save_step
+from megatron_opd.train.step_batch import group_rows
 
 
 def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
@@ -38,11 +39,15 @@ def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch
     return nll_sum, tokens, {"nll_sum": nll_sum.detach(), "tokens": tokens.detach()}
 
 
-def micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int, pad_id: int):
-    return [
-        collate([examples[i] for i in indices[s : s + micro_batch_size]], pad_id)
-        for s in range(0, len(indices), micro_batch_size)
-    ]
+def micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int, pad_id: int,
+                  max_tokens: int | None = None):
+    """``micro_batch_size`` examples each in draw order, or, with ``max_tokens``, longest first by
+    token budget (``step_batch.group_rows``); each padded to its own longest example."""
+    if max_tokens is not None:
+        indices = sorted(indices, key=lambda i: -len(examples[i].input_ids))
+    lengths = {i: len(examples[i].input_ids) for i in indices}
+    groups = group_rows(indices, lengths, micro_batch_size, max_tokens)
+    return [collate([examples[i] for i in group], pad_id) for group in groups]
 
 
 def evaluate_loss(chunks, examples, micro_batch_size: int, pad_id: int, vocab_size: int) -> float:
@@ -119,7 +124,8 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
         maybe_kill("step", step + 1, session.info.rank)
         indices = global_batch_indices(len(train), tcfg.seed, step, tcfg.global_batch_size)
         mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        results = run_pipeline(chunks, micro_batches(train, mine, tcfg.micro_batch_size, pad_id), loss_fn, forward_only=False)
+        micro = micro_batches(train, mine, tcfg.micro_batch_size, pad_id, tcfg.max_tokens_per_micro_batch)
+        results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
         result = optimizer_step(session.state)
         totals = sum_from_last_stage(results, ("nll_sum", "tokens"))
         done = step + 1

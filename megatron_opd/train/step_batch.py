@@ -103,15 +103,17 @@ def _topk_slots(scored: list[SampleScores], lengths: list[int], top_k: int) -> T
     return TeacherTopK(torch.cat(ids), torch.cat(lps), torch.cat(weights))
 
 
-def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """The share's samples, longest first, in micro-batches of ``micro_batch_size`` rows, each padded
-    to its own longest sample. Per-token values sit at the token's own position (the loss shifts)."""
+def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
+                  max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The share's samples, longest first, in micro-batches of ``micro_batch_size`` rows — or, with
+    ``max_tokens``, as many rows as fit ``rows x longest row <= max_tokens`` — each padded to its own
+    longest sample. Per-token values sit at the token's own position (the loss shifts); ``seq_len``
+    holds each row's real length (the rest is padding)."""
     order = torch.argsort(batch.sample_lens, descending=True, stable=True).tolist()
     seq_start = _offsets(batch.sample_lens)
     comp_start = _offsets(batch.completion_lens)
     out = []
-    for lo in range(0, len(order), micro_batch_size):
-        rows = order[lo:lo + micro_batch_size]
+    for rows in group_rows(order, batch.sample_lens.tolist(), micro_batch_size, max_tokens):
         width = int(batch.sample_lens[rows].max())
         b = len(rows)
         input_ids = torch.full((b, width), pad_id, dtype=torch.long)
@@ -125,13 +127,27 @@ def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int) -> list[
                  "sampler_lp": _scatter(mask, batch.sampler_logprobs[take]),
                  "teacher_lp": _scatter(mask, batch.teacher_logprobs[take]),
                  "task_adv": batch.task_advantages[rows], "loss_w": batch.loss_weights[rows],
-                 "opd_weight": torch.full((b,), batch.opd_weight)}
+                 "opd_weight": torch.full((b,), batch.opd_weight), "seq_len": batch.sample_lens[rows].long()}
         if batch.topk is not None:
             micro["top_ids"] = _scatter(mask, batch.topk.ids[take].long())
             micro["top_lp"] = _scatter(mask, batch.topk.logprobs[take])
             micro["top_w"] = _scatter(mask, batch.topk.weights[take])
         out.append(micro)
     return out
+
+
+def group_rows(order: list[int], lengths: "list[int] | dict[int, int]", rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Consecutive groups of ``order``: ``rows`` each, or (``order`` longest first) as many as fit
+    ``group size x its first (longest) length <= max_tokens``; ``lengths`` is indexed by the entries."""
+    if max_tokens is None:
+        return [order[lo:lo + rows] for lo in range(0, len(order), rows)]
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def _offsets(lengths: torch.Tensor) -> list[int]:

@@ -25,7 +25,7 @@ for kind in ("sampled_token", "topk_forward_kl", "topk_reverse_kl", "jsd"):
     cfg = LossConfig(kind=kind, top_k=0 if kind == "sampled_token" else data["top_ids"].shape[-1])
     logits = full[..., rank * shard:(rank + 1) * shard].clone().requires_grad_(True)
     with cpu_compat():  # as inside the pipeline schedule, where the loss runs
-        loss, tokens, metrics = opd_loss(cfg, vocab, True, logits, dict(data))
+        loss, tokens, metrics = opd_loss(cfg, vocab, logits, dict(data))
         loss.backward()
     results[kind] = {"loss": loss.item(), "tokens": tokens.item(), **{k: float(v) for k, v in metrics.items()}}
     tensors[kind] = logits.grad.contiguous()
