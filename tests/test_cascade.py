@@ -62,6 +62,8 @@ SHRINK = [
     "opd.train.prompts_per_step=4", "opd.train.micro_batch_size=4", "opd.rollout.max_new_tokens=16",
     "mopd.train.prompts_per_step=4", "mopd.train.micro_batch_size=4", "mopd.rollout.max_new_tokens=16",
     "eval.samples=3", "eval.max_new_tokens=16",
+    # the engine in the trainer (no rollout server to start per stage: what is tested here is the chain)
+    *[f"{stage}.rollout.{key}" for stage in ("opd", "mopd") for key in ("engine=embedded", "sync=in_process")],
 ]
 
 
@@ -74,7 +76,8 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     raw += ("  - name: pick\n    select: {candidates: [opd, mopd], domains: [arithmetic, format], offset: 100, samples: 3}\n"
             f"  - name: consolidate\n    recipe: {REPO}/recipes/tiny/mopd.yaml\n    teachers_from: pick\n")
     recipe.write_text(raw)
-    shrink = SHRINK + ["consolidate.train.prompts_per_step=4", "consolidate.train.micro_batch_size=8",
+    shrink = SHRINK + ["consolidate.rollout.engine=embedded", "consolidate.rollout.sync=in_process",
+                       "consolidate.train.prompts_per_step=4", "consolidate.train.micro_batch_size=8",
                        "consolidate.rollout.max_new_tokens=16", f"run.output_dir={out}"]
     run = opd("run", str(recipe), *shrink)
     results = json.loads((out / "results.json").read_text())

@@ -168,7 +168,8 @@ def test_real_comparison_at_equal_tokens(tmp_path):
               "grpo_a.train.prompts_per_step=1", "grpo_a.train.micro_batch_size=8", "grpo_a.rollout.max_new_tokens=16",
               "sft_a.train.global_batch_size=8", "sft_a.train.micro_batch_size=8", "sft_a.data.eval_max_rows=8",
               "sft_b.train.global_batch_size=4", "sft_b.train.micro_batch_size=4", "sft_b.data.eval_max_rows=8",
-              "sft_b.optim.lr=1e-3"]
+              "sft_b.optim.lr=1e-3",
+              *[f"{stage}.rollout.{key}" for stage in ("opd_a", "grpo_a") for key in ("engine=embedded", "sync=in_process")]]
     run = opd("run", str(recipe), *shrink)
     results = json.loads((out / "results.json").read_text())
     cmp = next(s for s in results["stages"] if s["kind"] == "compare")

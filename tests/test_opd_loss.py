@@ -1,5 +1,5 @@
 """``opd_loss`` (the glue from a micro-batch to algo/) against plain-torch references, on vocabulary
-shards at TP1, TP2 and TP4 (padded vocabulary columns included), values and gradients."""
+shards at TP1 and TP4 (padded vocabulary columns included), values and gradients."""
 import json
 
 import pytest
@@ -55,7 +55,7 @@ def _reference(kind, logits, batch):
     return loss.item(), logits.grad, (lp.detach() - batch["teacher_lp"][:, 1:]).mul(mask).sum().item(), entropy
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 4])  # TP4: a shard of real ids only, one of 1 real + 2 padded
 def test_opd_loss_matches_the_definitions_on_vocab_shards(tmp_path, tp):
     logits, batch = _batch()
     save_file({"logits": logits, **{k: v.contiguous() for k, v in batch.items()}}, str(tmp_path / "inputs.safetensors"))

@@ -140,13 +140,13 @@ def test_streaming_scores_equal_whole_step_scores(tmp_path):
 
 
 def test_data_parallel_ranks_train_their_own_shares(tmp_path):
-    """DP=2: each rank receives half of the step's samples as tensors; the first step's loss (same
-    weights, same samples, a token mean over both shares) equals the DP=1 run's."""
-    losses = {}
-    for dp in (1, 2):
-        out = tmp_path / f"dp{dp}"
-        opd("run", str(RECIPE), *SMALL, f"parallel.dp={dp}", "train.micro_batch_size=2", "train.steps=1",
-            "eval.world_dir=null", f"run.output_dir={out}")
-        losses[dp] = read_metrics(out)[0]
-    for key in ("train/loss", "train/tokens", "opd/reverse_kl"):
-        assert losses[2][key] == pytest.approx(losses[1][key], rel=1e-5), key
+    """DP=2 inside the loop: each rank receives its half of the step's samples as tensors and the
+    step trains every completion token once over both shares (that DP layouts train exactly what
+    one rank trains is ``tests/test_dp.py``)."""
+    out = tmp_path / "dp2"
+    opd("run", str(RECIPE), *SMALL, "parallel.dp=2", "train.micro_batch_size=2", "train.steps=1",
+        "eval.world_dir=null", f"run.output_dir={out}")
+    (record,) = read_metrics(out)
+    samples = 4 * 2  # SMALL: 4 prompts x 2 samples
+    assert record["train/tokens"] == pytest.approx(samples * record["rollout/response_length"])
+    assert record["train/tokens"] > 0 and record["train/grad_norm"] > 0
