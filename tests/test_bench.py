@@ -42,6 +42,7 @@ def test_bench_step_sweeps_and_prints_the_phase_ratio_last():
     assert ratio >= 0.99  # every step holds its phases, so the median step is at least the median phase
 
 
+@pytest.mark.skipif(not os.environ.get("OPD_TRL_PYTHON"), reason="needs a TRL venv (bash tools/setup_trl_venv.sh)")
 def test_bench_e2e_vs_trl_prints_the_ratio():
     run = opd("bench", "e2e", "--vs", "trl", "--student", "assets/tiny/student_init", "--batch", "8",
               "--max-new-tokens", "12", "--steps", "3", "--warmup", "1", "--rounds", "1")
