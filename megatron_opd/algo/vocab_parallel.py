@@ -5,7 +5,7 @@ With tensor parallelism each rank holds the logits of ``V_pad / TP`` vocabulary 
 per-position scalars over the TP group (a max, sums), the way megatron's own vocab-parallel cross
 entropy does (Shoeybi et al. 2019, sec. 3): no rank ever holds the full vocabulary.
 
-Memory is bounded by ``chunk`` positions, not by the response length: ``per_position_features``
+Memory is bounded by ``chunk`` positions, not by the response length: ``chunked_features``
 runs its function over chunks of positions without keeping any chunk's intermediates, and recomputes
 one chunk at a time in the backward pass (what recomputation / gradient checkpointing does for
 layers, here for the loss head). The extra memory is the gradient of the logits shard plus one
