@@ -229,19 +229,25 @@ def hf_to_megatron(
 
 
 @app.command("export-hf")
-def export_hf(src: Path, dst: Path) -> None:
-    """Sharded megatron-opd checkpoint (root or step dir) -> HF safetensors directory."""
+def export_hf(
+    src: Path, dst: Path,
+    tp: int = typer.Option(1, help="tensor parallel size to load at (any: the checkpoint reshards)"),
+    pp: int = typer.Option(1, help="pipeline parallel size to load at"),
+) -> None:
+    """megatron-opd checkpoint (root or step dir) -> HF safetensors directory."""
     from megatron_opd.model.checkpoint import CheckpointError, read_meta, resolve
 
     try:
-        meta = read_meta(resolve(src))
-    except CheckpointError as exc:
+        step_dir = resolve(src)
+        read_meta(step_dir)
+        _preflight_model(step_dir / "hf", tp, pp)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    if _distributed(meta["tp"] * meta["pp"], ["export-hf", str(src), str(dst)]):
+    if _distributed(tp * pp, ["export-hf", str(src), str(dst), "--tp", str(tp), "--pp", str(pp)]):
         from megatron_opd.model.convert import megatron_to_hf
         from megatron_opd.platform import init_distributed
 
-        init_distributed(meta["tp"], meta["pp"])
+        init_distributed(tp, pp)
         _guarded(megatron_to_hf, src, dst)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {dst}")

@@ -63,10 +63,10 @@ def test_missing_and_corrupt_checkpoints(tiny_hf, tmp_path):
     (tmp_path / "empty").mkdir()
     _fails(opd("export-hf", str(tmp_path / "empty"), str(tmp_path / "o"), check=False), "no complete checkpoint")
     opd("convert", "hf-to-megatron", str(tiny_hf["llama"]), str(tmp_path / "ck"))
-    shard = tmp_path / "ck" / "step-00000000" / "model_tp0_pp0.safetensors"
+    shard = max((tmp_path / "ck" / "step-00000000" / "dist").glob("*.distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     _fails(opd("export-hf", str(tmp_path / "ck"), str(tmp_path / "o"), check=False),
-           "model_tp0_pp0.safetensors: missing or corrupt shard")
+           "step-00000000/dist: missing, corrupt or not this model's checkpoint")
     assert not (tmp_path / "o").exists()  # nothing half-written
 
 

@@ -1,6 +1,8 @@
 """The OPD loop end to end: TP2 x PP2 over gloo, embedded engine, an embedded teacher server,
-SIGKILL + resume reproducing the unbroken run exactly."""
+SIGKILL + resume reproducing the unbroken run exactly, and the same checkpoint resumed at
+TP1 x PP2 and TP2 x PP1 (resharded by megatron's dist_checkpointing) giving the same losses."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -39,6 +41,15 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
     killed = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}", env={"OPD_FAULT_INJECT": "step:4"}, check=False)
     assert killed.returncode != 0
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    for tp, pp in [(1, 2), (2, 1)]:  # the same checkpoint, resumed at another layout
+        other = tmp_path / f"resharded-tp{tp}pp{pp}"
+        shutil.copytree(resumed, other)
+        proc = opd("run", str(RECIPE), *SMALL, f"run.output_dir={other}", f"parallel.tp={tp}", f"parallel.pp={pp}")
+        assert "at step 2 (saved at another layout: resharded, RNG fresh)" in proc.stdout
+        for x, y in zip(_metrics(straight)[2:], _metrics(other)[2:], strict=True):  # steps 3 and 4
+            assert x["step"] == y["step"] and x["train/tokens"] == y["train/tokens"]
+            for key in ("train/loss", "opd/reverse_kl", "train/grad_norm"):
+                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (tp, pp, x["step"], key)
     again = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}")
     assert "resumed from" in again.stdout and "at step 2" in again.stdout
     assert set(json.loads((resumed / "results.json").read_text())["eval"]) == {"before", "after"}

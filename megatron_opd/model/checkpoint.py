@@ -1,48 +1,59 @@
-"""Sharded megatron-opd checkpoints, written atomically.
+"""Checkpoints through megatron-core's ``dist_checkpointing`` (torch_dist), written atomically.
 
 Layout of a checkpoint root::
 
-    root/latest                      name of the newest complete step directory
-    root/step-00000010/meta.json     format, step, tp, pp, vocab sizes (written last: marks complete)
-    root/step-00000010/hf/           HF config + tokenizer files of the model
-    root/step-00000010/model_tp{t}_pp{p}.safetensors   this shard's parameters
-    root/step-00000010/train_tp{t}_pp{p}.pt            optimizer/scheduler/RNG/data state (training)
+    root/latest                       name of the newest complete step directory
+    root/step-00000010/meta.json      format, step, layout, vocab sizes (written last: marks complete)
+    root/step-00000010/hf/            HF config + tokenizer files of the model
+    root/step-00000010/dist/          weights (+ optimizer state) as megatron sharded tensors
+    root/step-00000010/train/rank00003.pt   schedule, data position, RNG of each rank (training)
+
+``dist/`` holds every tensor once, by its global shape and offsets, so a checkpoint written at one
+TP x PP x DP layout loads at any other (megatron reshards on load: ``resume at another layout``); the
+optimizer's Adam moments and fp32 main params are sharded the same way. RNG states belong to a rank
+of a layout and are restored only when the layout is unchanged (the trainer's models have no dropout
+and generation draws from explicitly seeded generators, so a layout change loses nothing it uses).
 
 A step is written to ``root/.tmp-step-…`` and renamed into place only once every rank has finished,
-so a crash while saving leaves the previous checkpoint as the latest loadable one.
+so a crash while saving leaves the previous checkpoint as the latest loadable one. Like every
+torch_dist checkpoint, ``dist/.metadata`` is a pickle: load checkpoints you (or your cluster) wrote.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from megatron_opd.model.bridge import ModelBundle, copy_tokenizer_files
+from megatron_opd.platform.cpu_compat import cpu_compat
 from megatron_opd.platform.faults import maybe_kill
 
-FORMAT = "megatron-opd-checkpoint/1"
+FORMAT = "megatron-opd-checkpoint/2"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, corrupt or does not fit the current layout."""
+    """A checkpoint is missing, incomplete, corrupt or does not fit the current model."""
 
 
-def _ranks() -> tuple[int, int, int, int]:
+def _layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
-    return (
-        dist.get_rank(),
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_data_parallel_rank(),
-    )
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -50,37 +61,56 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _shard_tensors(bundle: ModelBundle) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name, value in bundle.model.state_dict().items():
-        if isinstance(value, torch.Tensor) and "_extra_state" not in name:
-            tensors[name] = value.detach().to("cpu").contiguous().clone()
-    return tensors
+def _sharded(bundle: ModelBundle, optimizer: Any | None, is_loading: bool) -> dict[str, Any]:
+    chunks = bundle.chunks
+    models = {("model" if len(chunks) == 1 else f"model{i}"): c.sharded_state_dict() for i, c in enumerate(chunks)}
+    sharded: dict[str, Any] = dict(models)
+    if optimizer is not None:
+        merged: dict[str, Any] = {}
+        for sd in models.values():
+            merged.update(sd)
+        sharded["optimizer"] = optimizer.sharded_state_dict(merged, is_loading=is_loading)
+    return sharded
+
+
+def _synchronous_writes() -> None:
+    # The torch_dist writer hands its results back through a queue that, for *asynchronous* saves,
+    # lives in a spawned manager process (re-importing the entry module: ~10 s per rank on first use).
+    # Saves here are synchronous — the results are put by this very process — so a thread queue does.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def save_checkpoint(
     root: str | Path,
     step: int,
     bundle: ModelBundle,
+    optimizer: Any | None = None,
     train_state: dict[str, Any] | None = None,
     keep_last: int = 2,
     tokenizer_src: str | Path | None = None,
 ) -> Path:
-    """Collective: every rank writes its shard; rank 0 publishes the step and prunes old ones."""
-    from megatron.core import parallel_state as ps
+    """Collective: every rank writes its shards; rank 0 publishes the step and prunes old ones.
+    ``optimizer`` (a megatron optimizer) and ``train_state`` (this rank's schedule / data / RNG, a
+    ``weights_only``-loadable dict) are saved for training checkpoints."""
+    from megatron.core import dist_checkpointing
 
     root = Path(root)
-    rank, tp_rank, pp_rank, dp_rank = _ranks()
+    rank = _rank()
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "hf").mkdir(parents=True)
+        for sub in ("hf", "dist", "train"):
+            (tmp / sub).mkdir(parents=True)
     _barrier()
-    if dp_rank == 0:
-        save_file(_shard_tensors(bundle), str(tmp / f"model_tp{tp_rank}_pp{pp_rank}.safetensors"))
-        if train_state is not None:
-            torch.save(train_state, tmp / f"train_tp{tp_rank}_pp{pp_rank}.pt")
+    _synchronous_writes()
+    with cpu_compat():
+        dist_checkpointing.save(_sharded(bundle, optimizer, is_loading=False), str(tmp / "dist"))
+    if train_state is not None:
+        torch.save(train_state, tmp / "train" / f"rank{rank:05d}.pt")
     _barrier()
     if rank == 0:
         maybe_kill("save", step, rank)  # crash-safety test: shards written, step not published
@@ -89,10 +119,11 @@ def save_checkpoint(
         meta = {
             "format": FORMAT,
             "step": step,
-            "tp": ps.get_tensor_model_parallel_world_size(),
-            "pp": ps.get_pipeline_model_parallel_world_size(),
+            **_layout(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "vocab_size": bundle.vocab_size,
             "padded_vocab_size": bundle.padded_vocab_size,
+            "has_optimizer": optimizer is not None,
             "has_train_state": train_state is not None,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -162,35 +193,45 @@ def resolve(path: str | Path) -> Path:
     return step_dir
 
 
-def load_checkpoint(step_dir: str | Path, bundle: ModelBundle) -> dict[str, Any] | None:
-    """Load this rank's shard into ``bundle``; returns its train state (or None if not saved)."""
-    from megatron.core import parallel_state as ps
+def _last_line(exc: BaseException) -> str:
+    """DCP's exceptions carry every rank's traceback: keep the final line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def load_checkpoint(step_dir: str | Path, bundle: ModelBundle, optimizer: Any | None = None) -> dict[str, Any] | None:
+    """Load the weights (and, given ``optimizer``, its state) into this rank's shards at the current
+    layout, whatever layout saved them. Returns this rank's train state (None if not saved); its
+    ``rng`` entry only when the layout is the saved one."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     step_dir = Path(step_dir)
     meta = read_meta(step_dir)
-    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    if (meta["tp"], meta["pp"]) != (tp, pp):
+    if meta["padded_vocab_size"] != bundle.padded_vocab_size:
         raise CheckpointError(
-            f"{step_dir}: saved with tp={meta['tp']} pp={meta['pp']} but running tp={tp} pp={pp}; "
-            "export it to HF (opd export-hf) and convert to the new layout"
+            f"{step_dir}: saved with a padded vocabulary of {meta['padded_vocab_size']}, the model has "
+            f"{bundle.padded_vocab_size} (set model.vocab_divisible_by to match)"
         )
-    _, tp_rank, pp_rank, _ = _ranks()
-    shard = step_dir / f"model_tp{tp_rank}_pp{pp_rank}.safetensors"
+    with_optimizer = optimizer is not None and meta.get("has_optimizer", False)
     try:
-        tensors = load_file(str(shard))
-    except Exception as exc:  # safetensors raises several types for truncated/garbled files
-        raise CheckpointError(f"{shard}: missing or corrupt shard ({exc})") from None
-    expected = _shard_tensors(bundle)
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise CheckpointError(f"{shard}: tensors do not match the model (different architecture?)")
-    with torch.no_grad():
-        state = bundle.model.state_dict()
-        for name, value in tensors.items():
-            state[name].copy_(value)
-    train_path = step_dir / f"train_tp{tp_rank}_pp{pp_rank}.pt"
+        with cpu_compat():
+            loaded = dist_checkpointing.load(_sharded(bundle, optimizer if with_optimizer else None, is_loading=True),
+                                             str(step_dir / "dist"))
+        for i, chunk in enumerate(bundle.chunks):
+            chunk.load_state_dict(loaded["model" if len(bundle.chunks) == 1 else f"model{i}"])
+        if with_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+    except (Exception, CheckpointException) as exc:  # many types for missing, truncated, mismatched data
+        raise CheckpointError(f"{step_dir / 'dist'}: missing, corrupt or not this model's checkpoint ({_last_line(exc)})") from None
     if not meta.get("has_train_state"):
         return None
+    same_layout = all(meta.get(k) == v for k, v in _layout().items())
+    train_path = step_dir / "train" / f"rank{(_rank() if same_layout else 0):05d}.pt"
     try:
-        return torch.load(train_path, weights_only=True, map_location="cpu")
+        saved = torch.load(train_path, weights_only=True, map_location="cpu")
     except Exception as exc:
         raise CheckpointError(f"{train_path}: missing or corrupt train state ({exc})") from None
+    if not same_layout:
+        saved.pop("rng", None)
+    return saved

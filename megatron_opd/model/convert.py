@@ -1,6 +1,6 @@
-"""HF safetensors directory <-> sharded megatron-opd checkpoint (the ``opd convert``/``export-hf`` work).
+"""HF safetensors directory <-> megatron-opd checkpoint (the ``opd convert``/``export-hf`` work).
 
-Both functions are collective: run them on tp*pp processes.
+Both functions are collective: run them on tp*pp processes (any layout: the checkpoint reshards).
 """
 
 from __future__ import annotations

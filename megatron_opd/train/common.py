@@ -12,11 +12,11 @@ from megatron_opd.train.optim import TrainState
 
 
 def capture_train_state(state: TrainState, step: int, consumed_samples: int) -> dict[str, Any]:
-    """Everything besides the weights needed for an exact resume (weights_only-loadable)."""
+    """This rank's state besides the weights and optimizer (which the checkpoint shards): schedule,
+    RNG and data position (weights_only-loadable)."""
     from megatron.core import tensor_parallel
 
     return {
-        "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),
@@ -28,14 +28,14 @@ def capture_train_state(state: TrainState, step: int, consumed_samples: int) -> 
 
 
 def restore_train_state(state: TrainState, saved: dict[str, Any]) -> int:
-    """Restore optimizer, schedule and RNG; returns the step to continue from."""
+    """Restore the schedule and (when saved at this layout) the RNG; returns the step to continue from."""
     from megatron.core import tensor_parallel
 
-    state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
-    torch.set_rng_state(saved["rng"]["torch"])
-    random.setstate(saved["rng"]["python"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(saved["rng"]["tracker"])
+    if "rng" in saved:
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(saved["rng"]["tracker"])
     return int(saved["data"]["step"])
 
 

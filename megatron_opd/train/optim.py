@@ -35,12 +35,15 @@ class TrainState:
 
 
 def wrap_for_training(bundle: ModelBundle, settings: OptimSettings) -> TrainState:
-    """Wrap the chunks in megatron DDP (contiguous fp32 grad buffers, DP all-reduce, embedding-group
-    grad all-reduce for tied weights at PP>1) and build megatron's optimizer + LR scheduler."""
+    """Wrap the chunks as megatron's own trainer does — Float16Module for a bf16 model (bf16 inputs on
+    the first stage, fp32 outputs on the last), then DDP (contiguous fp32 grad buffers, DP all-reduce,
+    embedding-group grad all-reduce for tied weights at PP>1) — and build megatron's optimizer (for
+    bf16: the mixed-precision one, Adam on fp32 main copies of the params) + LR scheduler."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
 
     config = bundle.bridge.config
     # Token-level averaging over all micro-batches and DP ranks (megatron divides the grads by
@@ -51,10 +54,8 @@ def wrap_for_training(bundle: ModelBundle, settings: OptimSettings) -> TrainStat
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
     )
     with cpu_compat():
-        chunks = [
-            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk)
-            for chunk in bundle.chunks
-        ]
+        modules = [Float16Module(config, c) if config.bf16 else c for c in bundle.chunks]
+        chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=m) for m in modules]
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",

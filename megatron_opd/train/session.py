@@ -60,16 +60,17 @@ def open_student(
     state = wrap_for_training(bundle, optim_settings(optim, optimizer_steps or train.steps))
     ckpt_root = out_dir / "checkpoints"
     latest = find_latest(ckpt_root) if train.resume and ckpt_root.exists() else None
-    start_step = 0
+    start_step, saved = 0, None
     if latest is not None:
-        saved = load_checkpoint(latest, bundle)
+        saved = load_checkpoint(latest, bundle, state.optimizer)
         start_step = restore_train_state(state, saved) if saved else 0
         if info.rank == 0:
-            print(f"[{tag}] resumed from {latest} at step {start_step}", flush=True)
+            note = "" if saved is None or "rng" in saved else " (saved at another layout: resharded, RNG fresh)"
+            print(f"[{tag}] resumed from {latest} at step {start_step}{note}", flush=True)
     else:
         load_hf_weights(bundle, model.hf_path)
-    # mixed-precision optimizers keep fp32 main copies of the params they were built with
-    state.optimizer.reload_model_params()
+    if saved is None:  # fresh weights: bf16 optimizers' fp32 main params start as copies of them
+        state.optimizer.reload_model_params()
     metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step)
     return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path))
 
@@ -79,7 +80,7 @@ def save_step(session: StudentSession, step: int, consumed_samples: int, keep_la
     """Checkpoint weights + optimizer/scheduler/RNG/data position (collective); with ``hf_snapshot``
     also an HF directory ``snapshots/step-N`` that later stages can evaluate and serve."""
     path = save_checkpoint(
-        session.ckpt_root, step, session.bundle,
+        session.ckpt_root, step, session.bundle, session.state.optimizer,
         capture_train_state(session.state, step, consumed_samples),
         keep_last=keep_last, tokenizer_src=session.hf_path,
     )
