@@ -53,10 +53,13 @@ def test_bench_e2e_vs_trl_prints_the_ratio():
 def test_bench_scale_measures_the_sharded_loss_below_the_gathered_one():
     """(Its padding figure is the loop's own ``train/padding_fraction``, checked in test_opd.)"""
     run = opd("bench", "scale", "--vocabs", "8192", "--tps", "1,2", "--tokens", "512", "--chunk-mib", "0.5",
-              "--padding", "")
+              "--padding", "", "--dps", "2", "--dp-samples", "64")
     lines = run.stdout.strip().splitlines()
     figures = lines[lines.index("") + 1:]
-    assert len(figures) == 5
+    assert len(figures) == 6
+    dp_line = figures.pop(0)  # a DP2 rank receives its own half of the step, not the step
+    assert dp_line.startswith("DP2: a step of 64 samples (teacher top-32) is ") and dp_line.endswith("(1/DP: 0.500)")
+    assert 0.35 < float(dp_line.split(" = ")[1].split()[0]) < 0.65
     ratios = {}
     for line in figures[:3]:
         head, ratio = line.split(" = ")

@@ -102,8 +102,11 @@ def scale(
     padding: str = typer.Option("recipe,512", help="padding of a tiny-world OPD step: 'recipe' (its micro-batches) "
                                 "and/or token budgets; '' to skip"),
     student: Path = typer.Option(DEFAULT_STUDENT, help="the padding runs' student (default: the cold start)"),
+    dps: str = typer.Option("2,4", help="data-parallel sizes for the bytes-received points ('' to skip)"),
+    dp_samples: int = typer.Option(256, min=1, help="samples in the step sent to the DP ranks"),
 ) -> None:
-    """The loss head's extra peak memory per rank against vocabulary and TP; a tiny-world step's padding."""
+    """The loss head's extra peak memory per rank against vocabulary and TP; bytes per rank against DP;
+    a tiny-world step's padding."""
     from megatron_opd.bench.scale import bench_scale
 
     budgets = [None if b.strip() == "recipe" else _ints(b, "--padding")[0] for b in padding.split(",") if b.strip()]
@@ -113,7 +116,8 @@ def scale(
         raise typer.Exit(2)
     try:
         lines = bench_scale(_ints(vocabs, "--vocabs"), _ints(tps, "--tps"), tokens, top_k, chunk_mib, gathered,
-                            budgets, student.resolve(), log=typer.echo)
+                            budgets, student.resolve(), _ints(dps, "--dps") if dps.strip() else [], dp_samples,
+                            log=typer.echo)
     except RuntimeError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
