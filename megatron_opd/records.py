@@ -88,6 +88,7 @@ class Sample:
     token_ids: list[int]
     start: int  # first completion position (= prompt length)
     tag: str | None = None
+    score_ids: list[int] | None = None  # ids whose log-probs the teachers also report at every position
 
 
 @dataclass
@@ -104,6 +105,7 @@ class TokenScores:
     top_logprobs: torch.Tensor | None = None
     computed_tokens: int = 0
     cached_tokens: int = 0
+    ids_logprobs: torch.Tensor | None = None  # [T, m]: at the sample's ``score_ids``, every position
 
     def __len__(self) -> int:
         return int(self.logprobs.numel())

@@ -179,8 +179,10 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
 
 @pytest.mark.parametrize("kind,expect,layout", [
     ("sampled_token", "opd/clip_fraction", ["parallel.pp=1"]),
-    # micro-batches by token budget: their rows and lengths differ, so the two stages exchange shapes
-    ("jsd", "opd/topk_overlap", ["parallel.pp=2", "train.max_tokens_per_micro_batch=100"])])
+    # micro-batches by token budget: their rows and lengths differ, so the two stages exchange shapes;
+    # the token set is the union of the teacher's and the student's top-16 (the engine's top-k, scored
+    # by the teacher through token_ids_logprob)
+    ("jsd", "opd/topk_overlap", ["parallel.pp=2", "train.max_tokens_per_micro_batch=100", "loss.token_set=union"])])
 def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect, layout):
     out = tmp_path / kind
     opd("run", str(RECIPE), *SMALL, "parallel.tp=1", *layout, f"loss.kind={kind}", "loss.top_k=16",
@@ -192,3 +194,5 @@ def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect, l
         assert 0 <= r["train/padding_fraction"] < 1 and r["opd/student_entropy"] > 0
         assert r["teacher/arithmetic/reverse_kl"] == pytest.approx(r["opd/reverse_kl"], abs=1e-4)
     assert rows[0]["train/loss"] != rows[-1]["train/loss"]
+    if "loss.token_set=union" in layout:  # the teacher's 16 plus those of the student's 16 it lacks
+        assert all(16 < r["opd/token_set_size"] < 32 for r in rows)

@@ -90,6 +90,37 @@ def test_embedded_teacher_equals_transformers(teacher_server, rollouts):
     assert torch.allclose(torch.tensor([e[0] for e in meta["input_token_logprobs"][1:]]), reference[0][0], atol=1e-5)
 
 
+def test_teacher_reports_log_probs_at_requested_ids(teacher_server, rollouts):
+    """SGLang's token_ids_logprob (the student-side token sets): the log-probs of named ids at every
+    completion position, per sequence its own ids, equal to transformers'; the binary payload refuses it."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_opd.algo.token_sets import ids_to_score, teacher_at
+
+    seqs, starts = [s.token_ids for s in rollouts[:4]], [s.start for s in rollouts[:4]]
+    model = AutoModelForCausalLM.from_pretrained(str(TEACHER), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    wanted = [sorted(set(torch.randint(0, model.config.vocab_size, (7,), generator=g).tolist())) for _ in seqs]
+    got = SGLangScorer(teacher_server).score(seqs, starts, top_k=3, token_ids=wanted)
+    with torch.no_grad():
+        for sc, seq, start, ids in zip(got, seqs, starts, wanted):
+            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)[start - 1:len(seq) - 1]
+            assert sc.ids_logprobs.shape == (len(seq) - start, len(ids))
+            assert torch.allclose(sc.ids_logprobs, lp[:, ids], rtol=1e-6, atol=2e-5)
+            # picking a per-position set out of the answer: the student's top-3 at each position here
+            student_top = torch.topk(lp, 3, -1).indices
+            scored = ids_to_score(student_top)
+            again = SGLangScorer(teacher_server).score([seq], [start], token_ids=[scored])[0]
+            assert torch.allclose(teacher_at(scored, again.ids_logprobs, student_top), lp.gather(-1, student_top),
+                                  rtol=1e-6, atol=2e-5)
+    body = {"input_ids": seqs[0], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+            "logprob_start_len": starts[0] - 1, "token_ids_logprob": [1, 2]}
+    refused = httpx.post(teacher_server + "/generate", json=body, headers={"Accept": "application/x-opd-scores"})
+    assert refused.status_code == 400 and "token_ids_logprob" in refused.json()["error"]
+    bad = httpx.post(teacher_server + "/generate", json={**body, "token_ids_logprob": [10**6]})
+    assert bad.status_code == 400 and "token_ids_logprob" in bad.json()["error"]
+
+
 def test_teacher_server_refuses_weight_updates(teacher_server):
     r = httpx.post(teacher_server + "/update_weights_from_disk", json={"model_path": "/tmp/x"})
     assert r.status_code == 403 and "teacher" in r.json()["error"]

@@ -1,6 +1,7 @@
 """Vocabulary-parallel losses (``algo.vocab_parallel``) against the full-vocabulary definitions of
 ``algo.divergences`` applied to the gathered logits: values, metrics and gradients at TP 1, 2, 4, a
-vocabulary not divisible by TP (padded columns), top-k with and without a tail, chunked positions."""
+vocabulary not divisible by TP (padded columns), top-k with and without a tail, the union of the
+teacher's and the student's top-k (duplicates left out), chunked positions."""
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -8,6 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import WORKERS, torchrun
 from megatron_opd.algo.divergences import (generalized_jsd, topk_forward_kl_with_tail,
                                            topk_reverse_kl_support_matched)
+from megatron_opd.algo.token_sets import token_set
 from megatron_opd.algo.vocab_parallel import VocabShard, chunked_features, log_mass_outside, log_normalizer
 
 V, V_PAD, N, S, K, CHUNK = 37, 40, 23, 2, 6, 5  # 23 positions in chunks of 5: the last one short
@@ -20,9 +22,22 @@ def _inputs():
     logits[:, V:] = 0.0  # megatron's padded output rows give exactly 0
     teacher = torch.log_softmax(torch.randn(N, S, V, generator=g, dtype=torch.float64) * 3, -1)
     all_lp, all_ids = torch.sort(teacher, -1, descending=True)
+    # the union with the student's own top-k (here: of slightly perturbed logits, as an engine's would be)
+    student_ids = torch.topk(logits[:, :V] + 0.3 * torch.randn(N, V, generator=g, dtype=torch.float64), K, -1).indices
+    union = [token_set("union", all_ids[:, s, :K], all_lp[:, s, :K], student_ids, teacher[:, s].gather(-1, student_ids))
+             for s in range(S)]
     return {"logits": logits, "targets": torch.randint(0, V, (N,), generator=g),
             "top_ids": all_ids[..., :K].contiguous(), "top_lp": all_lp[..., :K].contiguous(),
-            "all_ids": all_ids, "all_lp": all_lp, "weights": torch.randn(N, 1 + S, generator=g, dtype=torch.float64)}
+            "all_ids": all_ids, "all_lp": all_lp, "weights": torch.randn(N, 1 + S, generator=g, dtype=torch.float64),
+            "union_ids": torch.stack([u[0] for u in union], 1), "union_lp": torch.stack([u[1] for u in union], 1)}
+
+
+def _divergence(kind, s, i, t):
+    if kind == "topk_forward_kl":
+        return topk_forward_kl_with_tail(s, i, t)
+    if kind == "topk_reverse_kl":
+        return topk_reverse_kl_support_matched(s, i, t)
+    return generalized_jsd(torch.log_softmax(s.gather(-1, i), -1), torch.log_softmax(t, -1))
 
 
 def _reference(data, kind, ids, lps):
@@ -30,14 +45,15 @@ def _reference(data, kind, ids, lps):
     logits = data["logits"][:, :V].clone().requires_grad_(True)
     s = torch.log_softmax(logits, -1)
     columns = [s.gather(-1, data["targets"][:, None])[:, 0]]
+    present = torch.isfinite(lps)
     for slot in range(S if kind != "sampled_token" else 0):
         i, t = ids[:, slot], lps[:, slot]
-        if kind == "topk_forward_kl":
-            columns.append(topk_forward_kl_with_tail(s, i, t))
-        elif kind == "topk_reverse_kl":
-            columns.append(topk_reverse_kl_support_matched(s, i, t))
-        else:
-            columns.append(generalized_jsd(torch.log_softmax(s.gather(-1, i), -1), torch.log_softmax(t, -1)))
+        if present.all():
+            columns.append(_divergence(kind, s, i, t))
+        else:  # position by position over its distinct ids only
+            keep = present[:, slot]
+            columns.append(torch.cat([_divergence(kind, s[n:n + 1], i[n, keep[n]][None], t[n, keep[n]][None])
+                                      for n in range(N)]))
     features = torch.stack(columns, -1)
     (features * data["weights"][:, :features.shape[1]]).sum().backward()
     grad = torch.cat([logits.grad, torch.zeros(N, V_PAD - V, dtype=logits.dtype)], -1)
@@ -46,13 +62,15 @@ def _reference(data, kind, ids, lps):
         overlap = torch.ones(N, dtype=entropy.dtype)
     else:
         mine = torch.topk(s, ids.shape[-1], -1).indices
-        overlap = torch.stack([torch.isin(a, b).to(entropy.dtype).mean() for a, b in zip(ids[:, 0], mine)])
+        overlap = torch.stack([torch.isin(a[p], b).to(entropy.dtype).mean()
+                               for a, p, b in zip(ids[:, 0], present[:, 0], mine)])
     return features.detach(), torch.stack([entropy.detach(), overlap], -1), grad
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_vocab_parallel_losses_equal_the_full_vocabulary_ones(tmp_path, tp):
     data = _inputs()
+    assert torch.isneginf(data["union_lp"]).any() and torch.isfinite(data["union_lp"][..., K:]).any()  # both kinds of slot
     save_file(data, str(tmp_path / "inputs.safetensors"))
     torchrun(tp, [str(WORKERS / "vocab_parallel_worker.py"), str(tp), str(tmp_path), str(V), str(CHUNK)])
     width = V_PAD // tp
@@ -60,7 +78,7 @@ def test_vocab_parallel_losses_equal_the_full_vocabulary_ones(tmp_path, tp):
         got = load_file(str(tmp_path / f"out-{rank}.safetensors"))
         for key in sorted(k[:-len(".grad")] for k in got if k.endswith(".grad")):
             kind, name = key.split(".")
-            ids, lps = (data["top_ids"], data["top_lp"]) if name == "k" else (data["all_ids"], data["all_lp"])
+            ids, lps = data[f"{'top' if name == 'k' else name}_ids"], data[f"{'top' if name == 'k' else name}_lp"]
             features, metrics, grad = _reference(data, kind, ids, lps)
             assert torch.allclose(got[f"{key}.features"], features, atol=1e-6, rtol=0), key
             assert torch.allclose(got[f"{key}.metrics"], metrics, atol=1e-6, rtol=0), key

@@ -120,29 +120,37 @@ def per_position_losses(logits: torch.Tensor, targets: torch.Tensor, top_ids: to
                         top_teacher_log: torch.Tensor | None, kind: str, shard: VocabShard,
                         jsd_beta: float = 0.5, metrics: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """For one chunk of positions: ``logits`` [n, width] (a vocabulary shard), ``targets`` [n],
-    ``top_ids`` / ``top_teacher_log`` [n, S, k] (S teachers' top-k, for the divergence kinds).
+    ``top_ids`` / ``top_teacher_log`` [n, S, k] (S teachers' log-probs on a token set of k ids — their
+    top-k, the student's top-k, or the union, ``algo/token_sets.py`` — for the divergence kinds; a
+    slot with teacher log-prob -inf is left out of the set).
 
     Returns features [n, 1 + S]: column 0 the student's log p(target), column 1 + s the divergence
     ``kind`` to slot s's teacher (``topk_forward_kl``: forward KL with the tail bucket;
     ``topk_reverse_kl``: support-matched reverse KL; ``jsd``: generalised JSD on the top-k support);
-    and, when ``metrics``, [n, 2]: the student's entropy and the share of the first teacher's top-k
-    in the student's own top-k."""
+    and, when ``metrics``, [n, 2]: the student's entropy and the share of the first slot's set (its
+    present ids) in the student's own top-k of the set's width."""
     z = _masked_fp32(logits, shard)
     lse, _ = log_normalizer(z, shard)
     columns = [logits_at(z, targets[:, None], shard)[:, 0] - lse]
     if kind != "sampled_token":
         k = top_ids.shape[-1]
         covers = k >= shard.vocab_size
+        low = torch.finfo(z.dtype).min
         for s in range(top_ids.shape[1]):
             ids, t_log = top_ids[:, s], top_teacher_log[:, s].to(z.dtype)
+            # a slot whose teacher log-prob is -inf is not in the set (a duplicate of another slot's id in
+            # a union of token sets): finite stand-ins keep 0 * (difference) finite in the backward pass
+            absent = torch.isneginf(t_log)
+            t_log = t_log.masked_fill(absent, low)
             raw = logits_at(z, ids, shard)
             if kind == "topk_forward_kl":
-                tail = None if covers else log_mass_outside(z, ids, shard) - lse
+                tail = None if covers and not absent.any() else log_mass_outside(z, ids, shard) - lse
                 columns.append(topk_forward_kl_from_parts(raw - lse[:, None], tail, t_log))
-            elif kind == "topk_reverse_kl":  # renormalised over the top-k: log Z cancels
-                columns.append(kl(torch.log_softmax(raw, -1), torch.log_softmax(t_log, -1)))
+            elif kind == "topk_reverse_kl":  # renormalised over the set: log Z cancels
+                columns.append(kl(torch.log_softmax(raw.masked_fill(absent, low), -1), torch.log_softmax(t_log, -1)))
             elif kind == "jsd":
-                columns.append(generalized_jsd(torch.log_softmax(raw, -1), torch.log_softmax(t_log, -1), jsd_beta))
+                columns.append(generalized_jsd(torch.log_softmax(raw.masked_fill(absent, low), -1),
+                                               torch.log_softmax(t_log, -1), jsd_beta))
             else:
                 raise ValueError(f"unknown loss kind {kind!r}")
     features = torch.stack(columns, -1)
@@ -151,9 +159,10 @@ def per_position_losses(logits: torch.Tensor, targets: torch.Tensor, top_ids: to
     if top_ids is None or top_ids.shape[-1] >= shard.vocab_size:
         overlap = torch.ones_like(lse)
     else:
-        first = top_ids[:, 0]
+        first, present = top_ids[:, 0], ~torch.isneginf(top_teacher_log[:, 0])
         mine = student_top_ids(z, first.shape[-1], shard)
-        overlap = (first[:, :, None] == mine[:, None, :]).any(-1).to(z.dtype).mean(-1)
+        hits = (first[:, :, None] == mine[:, None, :]).any(-1) & present
+        overlap = hits.to(z.dtype).sum(-1) / present.sum(-1).clamp_min(1).to(z.dtype)
     return features, torch.stack([entropy(z, lse, shard).detach(), overlap], -1)
 
 

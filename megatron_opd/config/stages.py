@@ -155,6 +155,10 @@ class LossConfig(Strict):
         "differentiable divergences over the teacher's top-k (topk_forward_kl with a tail bucket for the rest; "
         "topk_reverse_kl and jsd with both distributions renormalised over the top-k)")
     top_k: int = Field(0, ge=0, description="teacher top-k to request (needed by top-k losses and confidence weights)")
+    token_set: Literal["teacher", "student", "union"] = Field(
+        "teacher", description="the ids a top-k loss compares on, per position: the teacher's top-k; the student's "
+        "top-k (from the rollout engine, loss.top_k of them; the teachers report their log-probs at those ids); "
+        "or the union of both (Li et al. 2026, 'Rethinking OPD')")
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.2, ge=0)
     dual_clip: float | None = Field(None, gt=1)
@@ -176,6 +180,8 @@ class LossConfig(Strict):
     def _topk(self) -> "LossConfig":
         if self.kind != "sampled_token" and self.top_k < 1:
             raise ValueError(f"loss.kind {self.kind!r} needs loss.top_k >= 1")
+        if self.token_set != "teacher" and self.kind == "sampled_token":
+            raise ValueError(f"loss.token_set {self.token_set!r} is for the top-k losses, not loss.kind 'sampled_token'")
         return self
 
 
@@ -245,6 +251,14 @@ class OPDStageConfig(StageBase):
             raise ValueError("teachers.weighting 'confidence' needs loss.top_k >= 1")
         if self.kind == "opd" and self.teachers is None:
             raise ValueError("kind 'opd' needs `teachers`")
+        if self.loss.token_set != "teacher" and self.teachers is not None:
+            if self.teachers.stream:
+                raise ValueError(f"loss.token_set {self.loss.token_set!r}: the student's top-k is asked of the engine "
+                                 "once the step is generated; set teachers.stream false")
+            other = sorted(n for n, t in self.teachers.teachers.items() if t.backend != "sglang")
+            if other:
+                raise ValueError(f"loss.token_set {self.loss.token_set!r} needs SGLang-API teachers (token_ids_logprob); "
+                                 f"{other} are not")
         if self.kind == "grpo" and self.reward is None:
             raise ValueError("kind 'grpo' needs `reward`")
         if self.kind == "grpo" and self.loss.kind != "sampled_token":

@@ -61,8 +61,11 @@ class EmbeddedEngine:
         return [rollout(j, c) for j, c in enumerate(completions)]
 
     @torch.no_grad()
-    def score(self, sequences: list[list[int]], start: list[int], top_k: int = 0) -> list[dict[str, Any]]:
-        """Log-prob of every token at positions ``>= start[i]`` (and ``>= 1``), plus optional top-k.
+    def score(self, sequences: list[list[int]], start: list[int], top_k: int = 0,
+              token_ids: list[list[int]] | None = None) -> list[dict[str, Any]]:
+        """Log-prob of every token at positions ``>= start[i]`` (and ``>= 1``), plus optional top-k
+        and, with ``token_ids`` (one id list per sequence: SGLang's ``token_ids_logprob``), the
+        log-probs of those ids at every position (``ids_logprobs`` [T, len(ids)]).
 
         Sequences that share their prefix ``seq[:start]`` (the n samples of one prompt) share one
         prefill of it, and all of a chunk's prefixes and continuations run as one batch each. Each
@@ -83,7 +86,8 @@ class EmbeddedEngine:
                 members = [(g, i) for g, (_, rows) in enumerate(chunk) for i in rows]
                 conts = [sequences[i][starts[i]:] for _, i in members]
                 table = score_batch(self.decoder, prefixes, [g for g, _ in members], conts, self.pad_token_id)
-                for (g, i), record in zip(members, _records(table, conts, top_k)):
+                ids = [token_ids[i] for _, i in members] if token_ids is not None else None
+                for (g, i), record in zip(members, _records(table, conts, top_k, ids)):
                     record["cached_tokens"] = len(prefixes[g])  # SGLang's accounting: reused prefix tokens
                     out[i] = record
                 for prefix, rows in chunk:  # the first member of each group paid for its prefix
@@ -212,7 +216,8 @@ def _chunks(groups: list, max_rows: int) -> list[list]:
     return chunks + ([current] if current else [])
 
 
-def _records(table: torch.Tensor, continuations: list[list[int]], top_k: int) -> list[dict[str, Any]]:
+def _records(table: torch.Tensor, continuations: list[list[int]], top_k: int,
+             token_ids: list[list[int]] | None = None) -> list[dict[str, Any]]:
     """Per continuation: its tokens' log-probs from ``table`` [B, longest, V] (+ top-k), gathered for
     the whole batch at once; each record holds views into the batch's tensors."""
     lengths = torch.tensor([len(c) for c in continuations])
@@ -228,5 +233,8 @@ def _records(table: torch.Tensor, continuations: list[list[int]], top_k: int) ->
         record: dict[str, Any] = {"logprobs": token_lp[b, :n], "cached_tokens": 0, "computed_tokens": n}
         if top_k:
             record["top_logprobs"], record["top_ids"] = values[b, :n], indices[b, :n]
+        if token_ids is not None:
+            wanted = torch.tensor(token_ids[b], dtype=torch.long)
+            record["ids_logprobs"] = table[b, :n].index_select(-1, wanted)
         records.append(record)
     return records

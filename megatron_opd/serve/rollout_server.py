@@ -73,20 +73,36 @@ def parse_generate(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[l
     return prompts, single, sampling, starts, top_k
 
 
-def score_prompts(engine: EmbeddedEngine, prompts: list[list[int]], starts: list[int], top_k: int) -> list[dict[str, Any]]:
+def parse_token_ids(engine: EmbeddedEngine, body: dict[str, Any], count: int) -> list[list[int]] | None:
+    """SGLang's ``token_ids_logprob``: ids whose log-probs every scored position reports — one list
+    for all prompts or one per prompt."""
+    value = body.get("token_ids_logprob")
+    if value is None:
+        return None
+    lists = value if value and isinstance(value[0], list) else [value] * count
+    vocab = engine.config.vocab_size
+    if len(lists) != count or any(not ids or any(not 0 <= t < vocab for t in ids) for ids in lists):
+        raise ContractError(f"/generate: token_ids_logprob: expected one non-empty list of ids in [0, {vocab}) "
+                            f"for all {count} prompts or one per prompt")
+    return [list(ids) for ids in lists]
+
+
+def score_prompts(engine: EmbeddedEngine, prompts: list[list[int]], starts: list[int], top_k: int,
+                  token_ids: list[list[int]] | None = None) -> list[dict[str, Any]]:
     """SGLang's input log-probs: for ``logprob_start_len = L`` the entries are the tokens
     ``prompt[L:]``, the first one's value is None, the rest are log p(token | before) — so
     ``L = prompt_len - 1`` scores exactly the completion of a finished sequence."""
-    return engine.score(prompts, [min(s + 1, len(p)) for p, s in zip(prompts, starts)], top_k)
+    return engine.score(prompts, [min(s + 1, len(p)) for p, s in zip(prompts, starts)], top_k, token_ids)
 
 
 def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
     """Answer a ``/generate`` body (already schema-valid) with SGLang-shaped output."""
     prompts, single, sampling, starts, top_k = parse_generate(engine, body)
+    token_ids = parse_token_ids(engine, body, len(prompts))
     want_logprobs = bool(body.get("return_logprob"))
     rollouts = [None] * (len(prompts) * sampling.n) if sampling.max_new_tokens == 0 else engine.generate(prompts, sampling)
     needs_scores = want_logprobs and any(len(p) > s + 1 for p, s in zip(prompts, starts))
-    scores = score_prompts(engine, prompts, starts, top_k) if needs_scores else None
+    scores = score_prompts(engine, prompts, starts, top_k, token_ids) if needs_scores else None
     out = []
     for index, rollout in enumerate(rollouts):
         prompt_index = index // sampling.n
@@ -108,13 +124,18 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
             if top_k:
                 rows = zip(record["top_logprobs"].tolist(), record["top_ids"].tolist()) if record else []
                 meta["input_top_logprobs"] = ([None] + [[[v, t, None] for v, t in zip(vs, ts)] for vs, ts in rows])[: len(prompt[start:])]
+            if token_ids is not None:
+                ids = token_ids[prompt_index]
+                rows = record["ids_logprobs"].tolist() if record else []
+                meta["input_token_ids_logprobs"] = ([None] + [[[v, t, None] for v, t in zip(vs, ids)] for vs in rows])[: len(prompt[start:])]
         out.append({"text": "", "output_ids": completion, "meta_info": meta})
     return out[0] if single and sampling.n == 1 else out
 
 
 def parse_stream(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[list[int]], SamplingParams]:
     prompts, _, sampling, starts, top_k = parse_generate(engine, body)
-    if sampling.max_new_tokens == 0 or top_k or any(len(p) > s + 1 for p, s in zip(prompts, starts)):
+    if (sampling.max_new_tokens == 0 or top_k or body.get("token_ids_logprob") is not None
+            or any(len(p) > s + 1 for p, s in zip(prompts, starts))):
         raise ContractError("/generate: stream: streams generation only (max_new_tokens > 0, no prompt log-probs: "
                             "set logprob_start_len to the prompt length and top_logprobs_num to 0)")
     return prompts, sampling
@@ -153,6 +174,8 @@ def binary_scores(engine: EmbeddedEngine, body: dict[str, Any], top_dtype: str) 
     if sampling.max_new_tokens != 0 or sampling.n != 1 or not body.get("return_logprob"):
         raise ContractError(f"{score_codec.MEDIA_TYPE} answers scoring requests only "
                             "(max_new_tokens=0, n=1, return_logprob=true)")
+    if body.get("token_ids_logprob") is not None:
+        raise ContractError(f"{score_codec.MEDIA_TYPE} carries top-k only: ask for token_ids_logprob as JSON")
     return score_codec.encode(score_prompts(engine, prompts, starts, top_k), top_k, engine.config.vocab_size, top_dtype)
 
 

@@ -34,12 +34,17 @@ class SGLangScorer:
         self.headers = {"Accept": score_codec.accept_header(top_dtype)} if binary else {}
         self.last_response_bytes = 0
 
-    def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0) -> list[TokenScores]:
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0,
+              token_ids: list[list[int]] | None = None) -> list[TokenScores]:
+        """``token_ids`` (one id list per sequence): also the log-probs of those ids at every scored
+        position (SGLang's ``token_ids_logprob``; answered as JSON), in ``TokenScores.ids_logprobs``."""
         _check_starts(sequences, starts)
         body: dict[str, Any] = {"input_ids": sequences, "return_logprob": True,
                                 "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
                                 "logprob_start_len": [s - 1 for s in starts], "top_logprobs_num": top_k}
-        response = self.client.post_raw("/generate", body, self.headers)
+        if token_ids is not None:
+            body["token_ids_logprob"] = [list(ids) for ids in token_ids]
+        response = self.client.post_raw("/generate", body, self.headers if token_ids is None else {})
         self.last_response_bytes = len(response.content)
         if response.headers.get("content-type", "").startswith(score_codec.MEDIA_TYPE):
             records = score_codec.decode(response.content)
@@ -49,7 +54,22 @@ class SGLangScorer:
             outputs = response.json()
             outputs = [outputs] if isinstance(outputs, dict) else outputs
             scores = [self._from_json(out, top_k) for out in outputs]
+            if token_ids is not None:
+                for i, (sc, out, ids) in enumerate(zip(scores, outputs, token_ids)):
+                    sc.ids_logprobs = self._ids_logprobs(out, ids, len(sc), i)
         return self._checked(scores, sequences, starts, top_k)
+
+    def _ids_logprobs(self, out: dict[str, Any], ids: list[int], length: int, i: int) -> torch.Tensor:
+        rows = (out["meta_info"].get("input_token_ids_logprobs") or [None])[1:]
+        if len(rows) != length:
+            raise TeacherError(f"teacher {self.name}: sequence {i}: {len(rows)} token_ids_logprob rows for {length} tokens")
+        table = torch.empty(length, len(ids), dtype=torch.float32)
+        for t, row in enumerate(rows):
+            by_id = {int(e[1]): float(e[0]) for e in row}
+            if any(token not in by_id for token in ids):
+                raise TeacherError(f"teacher {self.name}: sequence {i}: position {t} lacks requested token ids")
+            table[t] = torch.tensor([by_id[token] for token in ids])
+        return table
 
     def _from_json(self, out: dict[str, Any], top_k: int) -> TokenScores:
         meta = out["meta_info"]
@@ -99,9 +119,13 @@ class OpenAIScorer:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self.last_response_bytes = 0
 
-    def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0) -> list[TokenScores]:
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0,
+              token_ids: list[list[int]] | None = None) -> list[TokenScores]:
         import httpx
 
+        if token_ids is not None:
+            raise TeacherError(f"teacher {self.name}: an OpenAI-compatible endpoint returns only its own top-k "
+                               "(prompt_logprobs); loss.token_set 'student' / 'union' needs an SGLang teacher")
         _check_starts(sequences, starts)
         body = {"model": self.model, "prompt": sequences, "max_tokens": 1, "temperature": 0.0,
                 "prompt_logprobs": top_k}

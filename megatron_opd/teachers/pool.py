@@ -99,14 +99,15 @@ class TeacherPool:
         self._next += 1
         return alive[self._next % len(alive)]
 
-    def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0) -> list[TokenScores]:
-        """Every sequence scored exactly once, in order."""
+    def score(self, sequences: list[list[int]], starts: list[int], top_k: int = 0,
+              token_ids: list[list[int]] | None = None) -> list[TokenScores]:
+        """Every sequence scored exactly once, in order (``token_ids``: see ``SGLangScorer.score``)."""
         began = time.perf_counter()
         results: list[TokenScores | None] = [None] * len(sequences)
         batches = prefix_batches(sequences, starts, self.batch_size)
         executor = ThreadPoolExecutor(max_workers=self.max_concurrency)
         try:
-            futures = {self._submit(executor, batch, sequences, starts, top_k): (batch, 0) for batch in batches}
+            futures = {self._submit(executor, batch, sequences, starts, top_k, token_ids): (batch, 0) for batch in batches}
             while futures:
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -124,7 +125,7 @@ class TeacherPool:
                         raise TeacherError(f"teacher {self.name!r}: a batch failed {attempt + 1} times; last error: {error}") from error
                     time.sleep(self.backoff_s * 2 ** attempt)
                     self.counters.retries += 1
-                    futures[self._submit(executor, batch, sequences, starts, top_k)] = (batch, attempt + 1)
+                    futures[self._submit(executor, batch, sequences, starts, top_k, token_ids)] = (batch, attempt + 1)
         finally:  # on an error, do not wait for the queued batches
             executor.shutdown(wait=False, cancel_futures=True)
         missing = [i for i, r in enumerate(results) if r is None]
@@ -136,10 +137,13 @@ class TeacherPool:
         self.counters.wait_s += time.perf_counter() - began
         return results  # type: ignore[return-value]
 
-    def _submit(self, executor, batch, sequences, starts, top_k):
+    def _submit(self, executor, batch, sequences, starts, top_k, token_ids=None):
         """Only the calling (main) thread touches the rotation and the counters."""
         replica = self._pick()
         self.counters.requests += 1
-        future = executor.submit(self.replicas[replica].score, [sequences[i] for i in batch], [starts[i] for i in batch], top_k)
+        args = [[sequences[i] for i in batch], [starts[i] for i in batch], top_k]
+        if token_ids is not None:
+            args.append([token_ids[i] for i in batch])
+        future = executor.submit(self.replicas[replica].score, *args)
         future.replica = replica
         return future

@@ -71,7 +71,9 @@ class TeacherSet:
 
         def score_unit(unit: str) -> dict[int, TokenScores]:
             indices = work[unit]
-            scored = self.pools[unit].score([samples[i].token_ids for i in indices], [samples[i].start for i in indices], top_k)
+            ids = [samples[i].score_ids for i in indices]
+            scored = self.pools[unit].score([samples[i].token_ids for i in indices], [samples[i].start for i in indices],
+                                            top_k, ids if any(x is not None for x in ids) else None)
             return dict(zip(indices, scored))
 
         # every teacher of the step at once: each is its own server (or pool), waiting on none of the others

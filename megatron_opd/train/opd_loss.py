@@ -85,6 +85,8 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
         if cfg.tis_cap is not None:  # samples from older weights (rollout.max_staleness > 0): truncated IS
             per_token = per_token * torch.exp(old - sampler).clamp(max=cfg.tis_cap).detach()
         metrics["topk_overlap_sum"] = (overlap * mask).sum()
+        present = (~torch.isneginf(batch["top_lp"][:, 1:, 0])).sum(-1)  # ids in the first slot's token set
+        metrics["token_set_size_sum"] = (present * mask).sum()
     metrics["entropy_sum"] = (entropy * mask).sum()
     per_token = per_token * batch["loss_w"][:, None]
     metrics.update({

@@ -56,7 +56,7 @@ LOSS_SUMS = ("loss_sum", "tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_s
 
 def loss_sum_keys(kind: str) -> tuple[str, ...]:
     """The sums ``opd_loss`` produces for a configuration (known on every rank)."""
-    return LOSS_SUMS + (("clipped_tokens",) if kind == "sampled_token" else ("topk_overlap_sum",))
+    return LOSS_SUMS + (("clipped_tokens",) if kind == "sampled_token" else ("topk_overlap_sum", "token_set_size_sum"))
 
 
 def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict
            "opd/reverse_kl": totals["kl_sum"] / n, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / n,
            "train/padding_fraction": 1.0 - totals["real_positions_sum"] / max(totals["positions_sum"], 1.0)}
     for key, name in (("clipped_tokens", "opd/clip_fraction"), ("entropy_sum", "opd/student_entropy"),
-                      ("topk_overlap_sum", "opd/topk_overlap")):
+                      ("topk_overlap_sum", "opd/topk_overlap"), ("token_set_size_sum", "opd/token_set_size")):
         if key in totals:
             out[name] = totals[key] / n
     return out

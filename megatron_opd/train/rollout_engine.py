@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from megatron_opd.config import RolloutConfig
 from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.train.weight_sync import DiskSink, DistributedSink, InProcessSink, WeightSink
@@ -57,6 +59,23 @@ class RolloutEngine:
         if on_rollout is None:
             return self.engine.generate(prompts, sampling)
         return self.engine.generate(prompts, sampling, on_rollout)
+
+    def student_top_ids(self, sequences: list[list[int]], starts: list[int], k: int) -> list[torch.Tensor]:
+        """The student's k most likely ids [T, k] at every completion position of each finished sequence,
+        under the engine's current weights: a scoring prefill on the engine (prefix-cached on SGLang)."""
+        if self.clients:
+            from megatron_opd.teachers.backends import SGLangScorer
+
+            per_server = -(-len(sequences) // len(self.clients))
+            out: list[torch.Tensor] = []
+            for j, client in enumerate(self.clients):  # each server takes an equal slice
+                lo, hi = j * per_server, min(len(sequences), (j + 1) * per_server)
+                if lo < hi:
+                    scorer = SGLangScorer(client.base_url, name=f"rollout {client.base_url}", binary=True)
+                    out += [sc.top_ids for sc in scorer.score(sequences[lo:hi], starts[lo:hi], k)]
+            return out
+        # the embedded engine takes the first position to score (SGLang's logprob_start_len + 1)
+        return [r["top_ids"] for r in self.engine.score(sequences, starts, k)]
 
     def complete(self, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int) -> list[list[int]]:
         """Completion ids for evaluation (greedy at temperature 0)."""

@@ -11,6 +11,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_opd.algo.advantages import grpo_advantages
+from megatron_opd.algo.token_sets import ids_to_score, teacher_at, token_set
 from megatron_opd.config import OPDStageConfig
 from megatron_opd.data.chat import global_batch_indices
 from megatron_opd.records import Prompt, Sample, SampleScores, SamplingParams
@@ -126,8 +127,21 @@ class StepMaker:
             by_index = generated.scorer.close()
             scored = [by_index[i] for i in range(len(rollouts))]
         elif self.teachers is not None:  # teachers.stream=false: the whole step at once, now
-            scored = self.teachers.score([Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids),
-                                                 chosen[r.prompt_index].domain) for r in rollouts], cfg.loss.top_k)
+            samples = [Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), chosen[r.prompt_index].domain)
+                       for r in rollouts]
+            student_top = None
+            if cfg.loss.token_set != "teacher":  # the teachers also score the student's own top-k ids
+                student_top = self.engine.student_top_ids([s.token_ids for s in samples], [s.start for s in samples],
+                                                          cfg.loss.top_k)
+                for sample, top in zip(samples, student_top):
+                    sample.score_ids = ids_to_score(top)
+            scored = self.teachers.score(samples, cfg.loss.top_k)
+            if student_top is not None:
+                for sample, top, sample_scores in zip(samples, student_top, scored):
+                    for sc in sample_scores.scores.values():
+                        at_student = teacher_at(sample.score_ids, sc.ids_logprobs, top)
+                        sc.top_ids, sc.top_logprobs = token_set(cfg.loss.token_set, sc.top_ids, sc.top_logprobs,
+                                                                top, at_student)
         t_tail = time.perf_counter() - began  # scoring still running once generation had ended
         t_score = generated.scorer.busy_s if generated.scorer is not None else t_tail
         metrics: dict[str, float] = {}
@@ -141,6 +155,7 @@ class StepMaker:
             metrics = {"rollout/reward_mean": sum(rewards) / len(rewards),
                        "rollout/groups_without_signal": float((grouped.std(-1) == 0).float().mean())}
         top_k = cfg.loss.top_k if cfg.loss.kind != "sampled_token" else 0
+        top_k *= 2 if cfg.loss.token_set == "union" else 1  # the set's width
         batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight)
         lengths = sum(len(r.completion_ids) for r in rollouts)
         metrics.update(rollout_metrics(rollouts, generated.step, cfg.rollout.max_staleness))

@@ -18,8 +18,9 @@ width = data["logits"].shape[-1] // tp
 rank = info.rank
 out = {}
 for kind in ("sampled_token", "topk_forward_kl", "topk_reverse_kl", "jsd"):
-    for name, ids, lps in (("k", data["top_ids"], data["top_lp"]), ("all", data["all_ids"], data["all_lp"])):
-        if kind == "sampled_token" and name == "all":
+    for name, ids, lps in (("k", data["top_ids"], data["top_lp"]), ("all", data["all_ids"], data["all_lp"]),
+                           ("union", data["union_ids"], data["union_lp"])):
+        if kind == "sampled_token" and name != "k":
             continue
         shard = data["logits"][:, rank * width:(rank + 1) * width].clone().requires_grad_(True)
         top = (None, None) if kind == "sampled_token" else (ids, lps)
