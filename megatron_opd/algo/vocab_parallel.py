@@ -67,10 +67,10 @@ def _masked_fp32(logits: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     return z
 
 
-def log_normalizer(z: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log sum_v exp z_v over the whole vocabulary [n], the global max [n] it was shifted by)."""
+def log_normalizer(z: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """log sum_v exp z_v over the whole vocabulary [n] (shifted by the global max)."""
     top = shard.all_reduce_max(z.detach().amax(-1))
-    return top + shard.all_reduce_sum((z - top[:, None]).exp().sum(-1)).log(), top
+    return top + shard.all_reduce_sum((z - top[:, None]).exp().sum(-1)).log()
 
 
 def logits_at(z: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
@@ -130,7 +130,7 @@ def per_position_losses(logits: torch.Tensor, targets: torch.Tensor, top_ids: to
     and, when ``metrics``, [n, 2]: the student's entropy and the share of the first slot's set (its
     present ids) in the student's own top-k of the set's width."""
     z = _masked_fp32(logits, shard)
-    lse, _ = log_normalizer(z, shard)
+    lse = log_normalizer(z, shard)
     columns = [logits_at(z, targets[:, None], shard)[:, 0] - lse]
     if kind != "sampled_token":
         k = top_ids.shape[-1]
