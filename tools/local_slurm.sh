@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A real Slurm cluster of N nodes on this one machine, for launch tests and trying `opd launch`:
-# slurmctld + N x `slurmd -N nodeK` on 127.0.0.1 (distinct ports), munge for auth. Needs root.
+# slurmctld + N x `slurmd -N nodeK` on 127.0.0.1 (distinct ports), munge for auth, and job accounting
+# (slurmdbd over a MariaDB bound to 127.0.0.1) so that `sacct` - and nemo-run's job status - work. Needs root.
 #
 #   tools/local_slurm.sh up      # install slurm-wlm + munge if missing, write the config, start, wait for idle nodes
 #   tools/local_slurm.sh status  # sinfo / squeue
@@ -19,20 +20,25 @@ CPUS="${OPD_SLURM_CPUS:-2}"
 MEM_MB="${OPD_SLURM_MEM_MB:-8000}"
 CTLD_PORT="${OPD_SLURM_PORT:-16817}"
 NODE_PORT0=$((CTLD_PORT + 200))
+DBD_PORT=$((CTLD_PORT + 2))
+DB_PORT=$((CTLD_PORT - 511))  # 16306 by default
 export SLURM_CONF="$DIR/slurm.conf"
 
 die() { echo "local_slurm: $*" >&2; exit 1; }
 
 install_if_missing() {
-  if command -v slurmctld >/dev/null && command -v munged >/dev/null; then return; fi
-  [ "$(id -u)" = 0 ] || die "slurm-wlm / munge are missing and installing them needs root"
-  echo "local_slurm: installing slurm-wlm and munge (apt-get)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge >/dev/null \
-    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge >/dev/null; }
+  local pkgs="slurm-wlm munge slurmdbd mariadb-server"
+  if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v slurmdbd >/dev/null \
+     && command -v mariadbd >/dev/null; then return; fi
+  [ "$(id -u)" = 0 ] || die "$pkgs are missing and installing them needs root"
+  echo "local_slurm: installing $pkgs (apt-get)"
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs >/dev/null \
+    || { apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $pkgs >/dev/null; }
 }
 
 write_config() {
-  mkdir -p "$DIR"/{state,log,run} && for k in $(seq 1 "$NODES"); do mkdir -p "$DIR/spool/node$k"; done
+  mkdir -p "$DIR"/{state,log,run,db} && for k in $(seq 1 "$NODES"); do mkdir -p "$DIR/spool/node$k"; done
   cat > "$SLURM_CONF" <<EOF
 ClusterName=opd-local
 SlurmctldHost=localhost(127.0.0.1)
@@ -55,9 +61,30 @@ SchedulerParameters=bf_interval=2
 ReturnToService=2
 SlurmdTimeout=60
 KillWait=10
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+JobAcctGatherType=jobacct_gather/none
 NodeName=node[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM_MB Port=[$NODE_PORT0-$((NODE_PORT0 + NODES - 1))]
 PartitionName=debug Nodes=node[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
+  # slurmdbd reads slurmdbd.conf next to slurm.conf; it must be private to SlurmUser
+  cat > "$DIR/slurmdbd.conf" <<EOF
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$DIR/run/slurmdbd.pid
+LogFile=$DIR/log/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=opd-local
+StorageLoc=slurm_acct_db
+EOF
+  chmod 600 "$DIR/slurmdbd.conf"
   local names; names="$(seq -f 'node%g' -s ' ' 1 "$NODES")"
   grep -q "# opd-local-slurm" /etc/hosts 2>/dev/null || echo "127.0.0.1 $names # opd-local-slurm" >> /etc/hosts
 }
@@ -72,10 +99,30 @@ start_munge() {
   if id munge >/dev/null 2>&1; then su -s /bin/sh munge -c "munged --force" 2>/dev/null || munged --force; else munged --force; fi
 }
 
+start_accounting() {  # MariaDB on 127.0.0.1:$DB_PORT (its files under $DIR/db), then slurmdbd
+  local sock="$DIR/run/mysqld.sock" sql
+  if ! running "$DIR/run/mysqld.pid"; then
+    [ -d "$DIR/db/mysql" ] || mariadb-install-db --user=root --datadir="$DIR/db" >"$DIR/log/mariadb-install.log" 2>&1 \
+      || die "mariadb-install-db failed: see $DIR/log/mariadb-install.log"
+    mariadbd --user=root --datadir="$DIR/db" --socket="$sock" --bind-address=127.0.0.1 --port="$DB_PORT" \
+      --pid-file="$DIR/run/mysqld.pid" --log-error="$DIR/log/mariadb.log" >/dev/null 2>&1 &
+    for _ in $(seq 1 60); do [ -S "$sock" ] && break; sleep 0.5; done
+    [ -S "$sock" ] || die "MariaDB did not start: see $DIR/log/mariadb.log"
+  fi
+  sql="CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'opd-local';
+       GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
+  mariadb --socket="$sock" -u root -e "$sql" || die "could not create the accounting database user"
+  running "$DIR/run/slurmdbd.pid" || slurmdbd
+  for _ in $(seq 1 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
+  sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw opd-local \
+    || sacctmgr -i add cluster opd-local >/dev/null || die "slurmdbd did not answer: see $DIR/log/slurmdbd.log"
+}
+
 up() {
   install_if_missing
   write_config
   start_munge
+  start_accounting
   running "$DIR/run/slurmctld.pid" || slurmctld
   for k in $(seq 1 "$NODES"); do running "$DIR/run/slurmd-node$k.pid" || slurmd -N "node$k"; done
   for _ in $(seq 1 60); do  # the nodes register within seconds
@@ -91,7 +138,7 @@ up() {
 
 down() {
   [ -f "$SLURM_CONF" ] && scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
-  for pidfile in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid"; do
+  for pidfile in "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid" "$DIR/run/slurmdbd.pid" "$DIR/run/mysqld.pid"; do
     if running "$pidfile"; then kill "$(cat "$pidfile")"; fi
   done
   for _ in $(seq 1 20); do
