@@ -76,7 +76,9 @@ def _preflight_model(hf_path: Path, tp: int, pp: int) -> None:
 
 
 @app.command()
-def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value")) -> None:
+def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value"),
+        through: Optional[str] = typer.Option(None, "--through", help="cascade: stop after this stage (earlier "
+                                              "stages run or are kept); a Slurm chain runs one stage per job")) -> None:
     """Run a recipe: one stage (``opd run recipes/tiny/sft.yaml train.steps=50``) or a cascade of them."""
     from megatron_opd.config import CascadeConfig
 
@@ -84,10 +86,14 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         cfg = load_recipe(recipe, overrides or [])
         if isinstance(cfg, CascadeConfig):
             _preflight_cascade(cfg)
+            if through is not None and through not in [s.name for s in cfg.stages]:
+                raise ValueError(f"--through {through!r}: not a stage of this cascade (stages: {[s.name for s in cfg.stages]})")
+        elif through is not None:
+            raise ValueError("--through names a cascade stage; this recipe is a single stage")
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     if isinstance(cfg, CascadeConfig):
-        _run_cascade(cfg, recipe)
+        _run_cascade(cfg, recipe, through)
         return
     try:
         _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
@@ -149,7 +155,7 @@ def _preflight_cascade(cfg) -> None:
             raise ValueError(f"{where}: compare.teacher {stage.compare.teacher} is not an HF checkpoint (no config.json)")
 
 
-def _run_cascade(cfg, recipe: Path) -> None:
+def _run_cascade(cfg, recipe: Path, through: str | None = None) -> None:
     from megatron_opd.eval.domains import evaluate, format_table
     from megatron_opd.pipeline.cascade import CascadeRunner, StageFailed
 
@@ -159,9 +165,11 @@ def _run_cascade(cfg, recipe: Path) -> None:
         return evaluate(model_dir, e.world_dir, domains, samples, 0, 1.0, e.max_new_tokens, offset, sampled)
 
     try:
-        results = CascadeRunner(cfg, recipe, evaluate_dir, log=lambda m: typer.echo(m)).run()
+        results = CascadeRunner(cfg, recipe, evaluate_dir, log=lambda m: typer.echo(m)).run(through)
     except StageFailed as exc:
         _fail(str(exc))
+    if results is None:  # stopped after --through
+        return
     typer.echo(format_table(results["start_eval"], "[cascade] held-out accuracy at the start:"))
     for stage in results["stages"]:
         if stage.get("eval"):
@@ -321,35 +329,55 @@ def serve(
 
 @app.command()
 def launch(
-    recipe: Path,
+    recipe: Optional[Path] = typer.Argument(None, help="a stage recipe or a cascade"),
     overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value"),
     executor: str = typer.Option("local", help="local (nemo-run LocalExecutor on this machine) or slurm"),
     dry_run: bool = typer.Option(False, "--dry-run", help="write the job script(s), submit nothing"),
-    job_dir: Path = typer.Option(Path("slurm_jobs"), help="where nemo-run writes the job script(s) and logs"),
+    job_dir: Path = typer.Option(Path("slurm_jobs"), help="where nemo-run writes the job script(s), logs and records"),
+    status: Optional[Path] = typer.Option(None, "--status", help="JOB_DIR: the state of each job of its latest experiment"),
+    cancel: Optional[Path] = typer.Option(None, "--cancel", help="JOB_DIR: cancel the unfinished jobs of its latest experiment"),
 ) -> None:
-    """Run a stage recipe through nemo-run: locally, or as one heterogeneous Slurm job (trainer nodes,
-    SGLang rollout servers, teacher servers) placed by the recipe's ``launch.slurm`` section."""
-    from megatron_opd.config import CascadeConfig
+    """Run a recipe through nemo-run: locally, or on Slurm - a stage as one heterogeneous job (trainer
+    nodes, rollout servers, teacher servers placed by its ``launch.slurm``), a cascade as a chain of
+    one job per stage, each ``--dependency=afterok`` on the one before."""
+    if status is not None or cancel is not None:
+        from megatron_opd.launch.slurm import cancel as cancel_jobs, status as job_status
 
+        try:
+            rows = cancel_jobs(cancel) if cancel is not None else job_status(status)
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+        for row in rows:
+            typer.echo(f"{row['name']}: Slurm job {row['job_id'] or '?'} {row['state']}"
+                       + (" -> cancelled" if cancel is not None and row["state"] in ("PENDING", "SUBMITTED", "RUNNING", "UNKNOWN") else ""))
+        return
+    if recipe is None:
+        _fail("opd launch: give a RECIPE (or --status / --cancel JOB_DIR)")
     if executor not in ("local", "slurm"):
         _fail(f"--executor {executor!r}: expected 'local' or 'slurm'")
     try:
         cfg = load_recipe(recipe, overrides or [])
-        if isinstance(cfg, CascadeConfig):
-            raise ConfigError("opd launch takes a stage recipe; run a cascade with `opd run` (each stage is its own job)")
         if executor == "slurm":
-            from megatron_opd.launch.slurm import render_sbatch
+            from megatron_opd.launch.slurm import SubmitFailed, render_sbatch, submit
 
             if not dry_run and shutil.which("sbatch") is None:
                 raise ConfigError("--executor slurm submits with `sbatch`, which is not on PATH (not a Slurm login "
                                   "node?); use --dry-run to write the script only")
-            out = render_sbatch(cfg, str(recipe), list(overrides or []), job_dir)
-            typer.echo(f"wrote {out['path']} (groups: {', '.join(out['groups'])})")
-            if not dry_run:
-                done = subprocess.run(["sbatch", str(out["path"])], capture_output=True, text=True)
-                if done.returncode != 0:
-                    _fail(f"sbatch {out['path']} failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
-                typer.echo(done.stdout.strip())
+            if dry_run:
+                out = render_sbatch(cfg, str(recipe), list(overrides or []), job_dir)
+                for path in out["paths"]:
+                    typer.echo(f"wrote {path}" + (f" (groups: {', '.join(out['groups'])})" if len(out["paths"]) == 1 else ""))
+                return
+            try:
+                jobs = submit(cfg, str(recipe), list(overrides or []), job_dir)
+            except SubmitFailed as exc:
+                _fail(str(exc))
+            previous = None
+            for job in jobs:
+                after = f" (afterok:{previous})" if previous else ""
+                typer.echo(f"{job['name']}: Submitted batch job {job['job_id']}{after}")
+                previous = job["job_id"]
+            typer.echo(f"nemo-run experiment {jobs[0]['experiment']}; `opd launch --status {job_dir}` for its state")
             return
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))

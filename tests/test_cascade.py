@@ -79,7 +79,14 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     shrink = SHRINK + ["consolidate.rollout.engine=embedded", "consolidate.rollout.sync=in_process",
                        "consolidate.train.prompts_per_step=4", "consolidate.train.micro_batch_size=8",
                        "consolidate.rollout.max_new_tokens=16", f"run.output_dir={out}"]
+    # the first part as one job of a Slurm chain would run it: through the opd stage, no results yet
+    bad = opd("run", str(recipe), *shrink, "--through", "nope", check=False)
+    assert bad.returncode == 2 and "--through 'nope': not a stage of this cascade" in bad.stderr
+    part = opd("run", str(recipe), *shrink, "--through", "opd")
+    assert "[cascade] stopped after stage opd (--through)" in part.stdout and not (out / "results.json").exists()
+    assert set(json.loads((out / "cascade_state.json").read_text())) == {"start", "sft", "opd"}
     run = opd("run", str(recipe), *shrink)
+    assert run.stdout.count("done in an earlier run, kept") == 2  # sft and opd, from the first part
     results = json.loads((out / "results.json").read_text())
     names = [s["name"] for s in results["stages"]]
     assert names == ["sft", "opd", "mopd", "pick", "consolidate"]

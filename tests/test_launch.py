@@ -84,7 +84,10 @@ def test_single_group_job_for_sft_uses_the_head_node(tmp_path):
     assert trainer.rstrip().endswith("train.steps=10")  # the command line's overrides reach the job
 
 
-SLURM_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "slurm:" in p.read_text())
+SLURM_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
+                       if "slurm:" in p.read_text() and "kind: cascade" not in p.read_text())
+CASCADE_CHAINS = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
+                        if "slurm:" in p.read_text() and "kind: cascade" in p.read_text())
 
 
 @pytest.mark.parametrize("recipe", SLURM_RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in SLURM_RECIPES])
@@ -94,27 +97,32 @@ def test_every_slurm_recipe_dry_runs_with_its_own_placement(tmp_path, recipe):
     sbatch, scripts = _dry_run(tmp_path, recipe)
     assert re.findall(r"#SBATCH --nodes=(\d+)", sbatch) == [str(g.nodes) for g in groups]
     assert sbatch.count("#SBATCH hetjob") == len(groups) - 1 and len(scripts) == len(groups)
-    assert f"--nnodes={slurm.trainer.nodes} --nproc-per-node={slurm.trainer.gpus_per_node}" in scripts[0]
+    assert f"--nnodes={slurm.trainer.nodes} --nproc-per-node={slurm.trainer.procs}" in scripts[0]
     assert "-m megatron_opd.cli run " + str(recipe) in scripts[0]
 
 
-def test_slurm_launch_submits_the_written_script_with_sbatch(tmp_path):
-    """Without --dry-run the script is written, then handed to `sbatch` (a stand-in on PATH that
-    records its arguments: Slurm itself is out of reach here)."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "sbatch").write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/sbatch_args\necho "Submitted batch job 4242"\n')
-    (fake / "sbatch").chmod(0o755)
-    args = ("launch", str(QWEN3_OPD), "--executor", "slurm", "--job-dir", str(tmp_path / "jobs"))
-    run = opd(*args, env={"PATH": f"{fake}:{os.environ['PATH']}"})
-    written = re.search(r"wrote (\S+)", run.stdout).group(1)
-    assert (tmp_path / "sbatch_args").read_text().split() == [written]
-    assert "Submitted batch job 4242" in run.stdout
-    # sbatch refusing the job is an error naming the script and sbatch's own message
-    (fake / "sbatch").write_text('#!/bin/bash\necho "sbatch: error: invalid account" >&2\nexit 1\n')
-    refused = opd(*args, env={"PATH": f"{fake}:{os.environ['PATH']}"}, check=False)
-    assert refused.returncode != 0 and "failed (exit 1): sbatch: error: invalid account" in refused.stderr
-    # no sbatch at all (not a login node): stopped before anything is written
+@pytest.mark.parametrize("recipe", CASCADE_CHAINS, ids=[str(p.relative_to(REPO / "recipes")) for p in CASCADE_CHAINS])
+def test_a_cascade_dry_runs_to_one_job_per_stage(tmp_path, recipe):
+    cascade = load_recipe(recipe, ["stages.train.steps=3"])
+    run = opd("launch", str(recipe), "stages.train.steps=3", "--executor", "slurm", "--dry-run", "--job-dir", str(tmp_path))
+    written = [Path(p) for p in re.findall(r"wrote (\S+)", run.stdout)]
+    assert [p.name for p in written] == [f"{s.name}_sbatch.sh" for s in cascade.stages]
+    for stage, path in zip(cascade.stages, written):
+        sbatch = path.read_text()
+        assert "hetjob" not in sbatch and "#SBATCH --nodes=1" in sbatch and "--dependency" not in sbatch
+        (script,) = path.parent.glob(f"{stage.name}/scripts/*.sh")
+        # every job runs the cascade with the command line's overrides, through its own stage
+        assert script.read_text().rstrip().endswith(f"run {recipe} stages.train.steps=3 --through {stage.name}")
+    # a chain places no server groups of its own (each stage starts its servers in its allocation)
+    with pytest.raises(ConfigError, match="launch.slurm.rollout / launch.slurm.teachers"):
+        load_recipe(recipe, ["launch.slurm.teachers.x.nodes=1"])
+    with pytest.raises(ConfigError, match="launch.slurm.trainer.nodes: 2"):
+        load_recipe(recipe, ["launch.slurm.trainer.nodes=2"])
+
+
+def test_slurm_launch_without_sbatch_stops_before_writing(tmp_path):
+    """Not a Slurm login node (no `sbatch`): stopped before anything is written. Submission itself is
+    tested against the real local cluster (tests/test_slurm.py)."""
     bare = opd("launch", str(QWEN3_OPD), "--executor", "slurm", "--job-dir", str(tmp_path / "none"),
                env={"PATH": os.path.dirname(sys.executable)}, check=False)
     assert bare.returncode == 2 and "`sbatch`, which is not on PATH" in bare.stderr
@@ -173,3 +181,32 @@ def test_local_executor_runs_the_stage_and_reports_failure(tmp_path):
     bad = opd("launch", str(REPO / "recipes" / "tiny" / "sft.yaml"), "data.train=[missing.jsonl]",
               f"run.output_dir={tmp_path / 'bad'}", "--executor", "local", "--job-dir", str(tmp_path / "jobs2"), check=False)
     assert bad.returncode == 1 and "nemo-run job sft: FAILED" in bad.stdout and "missing.jsonl" in bad.stdout
+
+
+GOLDEN = Path(__file__).parent / "golden" / "slurm"
+GPU_RECIPES = ["qwen3/sft", "qwen3/opd_math", "qwen3/mopd", "llama3/opd"]
+
+
+def _normalized(text: str, job_dir: Path) -> str:
+    """A rendered script without what differs run to run: the job dir and nemo-run's experiment id."""
+    return re.sub(r"_\d{16,}", "_<ID>", text.replace(str(job_dir.resolve()), "<JOB_DIR>"))
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_recipes_render_the_recorded_scripts(tmp_path, name):
+    """The GPU recipes' sbatch script and group scripts, byte for byte as recorded under tests/golden/slurm
+    (recorded from the launcher before the CPU / embedded-server groups were added; regenerate on purpose
+    with OPD_UPDATE_GOLDEN=1)."""
+    jobs = tmp_path / "jobs"
+    run = opd("launch", f"recipes/{name}.yaml", "--executor", "slurm", "--dry-run", "--job-dir", str(jobs))  # from the repo
+    sbatch = Path(re.search(r"wrote (\S+)", run.stdout).group(1))
+    rendered = {"sbatch.sh": sbatch, **{f"scripts/{p.name.rsplit('-', 1)[-1] if p.stem[-1].isdigit() else 'trainer.sh'}": p
+                                       for p in sorted(sbatch.parent.glob("*/scripts/*.sh"))}}
+    golden = GOLDEN / name.replace("/", "_")
+    for rel, path in rendered.items():
+        text = _normalized(path.read_text(), jobs)
+        if os.environ.get("OPD_UPDATE_GOLDEN"):
+            (golden / rel).parent.mkdir(parents=True, exist_ok=True)
+            (golden / rel).write_text(text)
+        assert text == (golden / rel).read_text(), f"{name}: {rel} differs from {golden / rel}"
+    assert sorted(str(p.relative_to(golden)) for p in golden.rglob("*.sh")) == sorted(rendered)

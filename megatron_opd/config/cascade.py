@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from megatron_opd.config.base import Strict
+from megatron_opd.config.launch import LaunchConfig
 from megatron_opd.config.stages import EvalConfig, RunConfig
 
 
@@ -129,6 +130,21 @@ class CascadeConfig(Strict):
                                "stage built to fall, such as recovery's regression, or side-by-side comparisons)")
     expect_of_teachers: TeacherGoal | None = Field(None, description="goal: the final student reaches a share of each "
                                                    "domain's teacher; the run prints and reports met / missed")
+    launch: LaunchConfig = Field(LaunchConfig(), description="launch.slurm: each stage's job in the chain that "
+                                 "`opd launch --executor slurm` submits (one allocation per stage)")
+
+    @model_validator(mode="after")
+    def _chain(self) -> "CascadeConfig":
+        slurm = self.launch.slurm
+        if slurm is not None:
+            if slurm.rollout is not None or slurm.teachers:
+                raise ValueError("launch.slurm.rollout / launch.slurm.teachers: a cascade on Slurm is a chain of one "
+                                 "job per stage, each stage starting its own servers inside its allocation; "
+                                 "server groups are placed by a stage recipe launched on its own")
+            if slurm.trainer.nodes != 1:
+                raise ValueError(f"launch.slurm.trainer.nodes: {slurm.trainer.nodes}; a cascade stage's job runs on one "
+                                 "node (launch a multi-node stage recipe on its own with `opd launch`)")
+        return self
 
     @model_validator(mode="after")
     def _references(self) -> "CascadeConfig":

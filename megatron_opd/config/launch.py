@@ -2,31 +2,53 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from megatron_opd.config.base import Strict
 
 
 class ServerGroup(Strict):
-    """SGLang servers on their own nodes of a Slurm job (rollout engines or one teacher)."""
+    """Servers on their own nodes of a Slurm job (rollout engines or one teacher): SGLang on GPUs, or
+    the embedded engine (``opd serve``) on CPU nodes."""
 
     nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=1)
-    servers_per_node: int = Field(1, ge=1, description="SGLang servers per node, each on gpus_per_node / servers_per_node GPUs")
+    gpus_per_node: int = Field(8, ge=0)
+    servers_per_node: int = Field(1, ge=1, description="servers per node (SGLang: each on gpus_per_node / servers_per_node GPUs)")
     port: int = Field(30000, ge=1024, le=65535, description="first port; server i on a node listens on port + i")
     model: str | None = Field(None, description="checkpoint to serve (default: the student / the teacher's `model`)")
-    extra_args: list[str] = Field(default_factory=list, description="more `sglang.launch_server` arguments")
+    engine: Literal["sglang", "embedded"] = Field("sglang", description="sglang: `sglang.launch_server` on the node's "
+                                                  "GPUs; embedded: `opd serve` (CPU)")
+    host: str = Field("0.0.0.0", description="bind address: the trainer reaches the servers from other nodes; "
+                      "127.0.0.1 where every node is this machine")
+    extra_args: list[str] = Field(default_factory=list, description="more server arguments")
 
     @model_validator(mode="after")
     def _split(self) -> "ServerGroup":
-        if self.gpus_per_node % self.servers_per_node:
-            raise ValueError(f"gpus_per_node ({self.gpus_per_node}) must be a multiple of servers_per_node ({self.servers_per_node})")
+        if self.engine == "sglang":
+            if self.gpus_per_node < 1:
+                raise ValueError("engine 'sglang' needs gpus_per_node >= 1 (engine 'embedded' serves on CPU)")
+            if self.gpus_per_node % self.servers_per_node:
+                raise ValueError(f"gpus_per_node ({self.gpus_per_node}) must be a multiple of servers_per_node ({self.servers_per_node})")
         return self
 
 
 class TrainerGroup(Strict):
     nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=1)
+    gpus_per_node: int = Field(8, ge=0)
+    procs_per_node: int | None = Field(None, ge=1, description="trainer processes per node (default: one per GPU; "
+                                       "CPU nodes: set it, with gpus_per_node 0)")
+
+    @property
+    def procs(self) -> int:
+        return self.procs_per_node or self.gpus_per_node
+
+    @model_validator(mode="after")
+    def _procs(self) -> "TrainerGroup":
+        if self.procs < 1:
+            raise ValueError("launch.slurm.trainer: gpus_per_node 0 needs procs_per_node (processes per CPU node)")
+        return self
 
 
 class SlurmConfig(Strict):

@@ -88,9 +88,10 @@ class StageBase(Strict):
     def _placement(self) -> "StageBase":
         slurm = self.launch.slurm
         if slurm is not None:
-            gpus = slurm.trainer.nodes * slurm.trainer.gpus_per_node
-            if gpus != self.parallel.world_size:
-                raise ValueError(f"launch.slurm.trainer: {slurm.trainer.nodes} nodes x {slurm.trainer.gpus_per_node} GPUs = {gpus} "
+            procs = slurm.trainer.nodes * slurm.trainer.procs
+            if procs != self.parallel.world_size:
+                unit = "processes" if slurm.trainer.procs_per_node else "GPUs"
+                raise ValueError(f"launch.slurm.trainer: {slurm.trainer.nodes} nodes x {slurm.trainer.procs} {unit} = {procs} "
                                  f"processes, but parallel tp x pp x dp = {self.parallel.world_size}")
         return self
 

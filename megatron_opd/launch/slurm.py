@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_opd.config import OPDStageConfig, ServerGroup, SFTStageConfig
+from megatron_opd.config import CascadeConfig, OPDStageConfig, ServerGroup, SFTStageConfig, SlurmConfig
 from megatron_opd.rollout.sglang import SGLangServerConfig
 
 RDZV_PORT = 29500
@@ -38,18 +38,33 @@ def _env_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
-def _server_script(group: ServerGroup, model: str, dtype: str) -> str:
-    """Start ``servers_per_node`` SGLang servers on this node, each on its own GPU slice and port."""
+def _server_script(group: ServerGroup, model: str, dtype: str, role: str, workdir: str) -> str:
+    """Start ``servers_per_node`` servers on this node, each on its own port (SGLang: and GPU slice)."""
+    lines = ["set -u", *([f"cd {shlex.quote(workdir)}"] if group.engine == "embedded" else []), "pids=()"]
     tp = group.gpus_per_node // group.servers_per_node
-    lines = ["set -u", "pids=()"]
     for i in range(group.servers_per_node):
+        if group.engine == "embedded":
+            cmd = ["python", "-m", "megatron_opd.cli", "serve", "--role", role, "--model", model, "--host", group.host,
+                   "--port", str(group.port + i), *group.extra_args]
+            lines.append(f"{shlex.join(cmd)} & pids+=($!)")
+            continue
         gpus = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
-        server = SGLangServerConfig(model_path=model, host="0.0.0.0", port=group.port + i, tp_size=tp, dtype=dtype,
+        server = SGLangServerConfig(model_path=model, host=group.host, port=group.port + i, tp_size=tp, dtype=dtype,
                                     extra_args=tuple(group.extra_args))
         cmd = ["python", *server.command()[1:]]
         lines.append(f"CUDA_VISIBLE_DEVICES={gpus} {shlex.join(cmd)} & pids+=($!)")
-    lines.append('wait -n "${pids[@]}"; echo "an SGLang server exited; stopping this node" >&2; kill "${pids[@]}" 2>/dev/null; exit 1')
+    if group.engine == "sglang":
+        lines.append('wait -n "${pids[@]}"; echo "an SGLang server exited; stopping this node" >&2; kill "${pids[@]}" 2>/dev/null; exit 1')
+    else:  # the replicas are independent: the clients' pools fail over, so a node serves while any is up
+        lines.append(f'left=${{#pids[@]}}; while [ "$left" -gt 0 ]; do wait -n; left=$((left - 1)); '
+                     f'echo "a {role} server on $(hostname) exited; $left still serving" >&2; done; exit 1')
     return "\n".join(lines) + "\n"
+
+
+def _workdir(slurm: SlurmConfig) -> str:
+    """The repository on the nodes: an absolute ``workdir`` as given; a relative one taken from where
+    ``opd launch`` runs (a shared filesystem, as on this machine's local cluster)."""
+    return slurm.workdir if Path(slurm.workdir).is_absolute() else str(Path(slurm.workdir).resolve())
 
 
 def _urls_expr(het_index: int, group: ServerGroup) -> str:
@@ -81,10 +96,10 @@ def plan(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str]
     trainer = slurm.trainer
     head = "$het_group_host_0" if servers else "$head_node_ip"
     env["OPD_TRAINER_HEAD"] = head
-    run_cmd = ["python", "-m", "torch.distributed.run", f"--nnodes={trainer.nodes}", f"--nproc-per-node={trainer.gpus_per_node}",
+    run_cmd = ["python", "-m", "torch.distributed.run", f"--nnodes={trainer.nodes}", f"--nproc-per-node={trainer.procs}",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=$OPD_TRAINER_HEAD:{RDZV_PORT}", "--rdzv-id=$SLURM_JOB_ID",
                "-m", "megatron_opd.cli", "run", recipe]
-    lines = ["set -euo pipefail", f"cd {shlex.quote(slurm.workdir)}"]
+    lines = ["set -euo pipefail", f"cd {shlex.quote(_workdir(slurm))}"]
     if url_vars:
         lines.append(f"python -m megatron_opd.cli wait-servers --timeout {slurm.server_timeout_s} "
                      + " ".join(f'"{v}"' for v in url_vars))
@@ -93,36 +108,149 @@ def plan(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str]
     groups = [Group("trainer", trainer.nodes, trainer.gpus_per_node, "\n".join(lines) + "\n", env)]
     dtype = cfg.model.dtype
     for name, group, model, _ in servers:
-        groups.append(Group(name, group.nodes, group.gpus_per_node, _server_script(group, model, dtype), {}))
+        role = "rollout" if name == "rollout" else "teacher"
+        groups.append(Group(name, group.nodes, group.gpus_per_node, _server_script(group, model, dtype, role, _workdir(slurm)), {}))
     return groups
 
 
-def render_sbatch(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str], job_dir: str | Path) -> dict[str, Any]:
-    """Build the nemo-run experiment and dry-run it: returns ``{"sbatch": text, "path": file}``."""
+def chain(cascade: CascadeConfig, recipe: str, overrides: list[str]) -> list[tuple[str, list[Group]]]:
+    """A cascade as one single-group job per stage, in order: job k runs the cascade ``--through``
+    stage k (the stages before it are kept from the jobs before; its select picks and outputs are
+    read from the run directory), each job ``afterok`` on the one before."""
+    slurm = cascade.launch.slurm
+    if slurm is None:
+        raise ValueError("launch.slurm: this cascade has no Slurm placement (add a `launch: {slurm: ...}` section: "
+                         "the allocation every stage's job gets)")
+    jobs = []
+    for stage in cascade.stages:
+        cmd = ["python", "-m", "megatron_opd.cli", "run", recipe, *overrides, "--through", stage.name]
+        script = "\n".join(["set -euo pipefail", f"cd {shlex.quote(_workdir(slurm))}", shlex.join(cmd)]) + "\n"
+        jobs.append((stage.name, [Group(stage.name, 1, slurm.trainer.gpus_per_node, script, dict(slurm.env))]))
+    return jobs
+
+
+def _experiment(title: str, slurm: SlurmConfig, jobs: list[tuple[str, list[Group]]],
+                job_dir: str | Path) -> tuple[Any, list[tuple[str, Any, Any]]]:
+    """The nemo-run experiment (not entered) and its ``(name, task(s), executor(s))`` for ``jobs``,
+    each a het job when it has several groups."""
     import nemo_run as run
+    from nemo_run.config import set_nemorun_home
     from nemo_run.core.frontend.console.api import CONSOLE
 
     CONSOLE.quiet = True
-    groups = plan(cfg, recipe, overrides)  # raises (naming launch.slurm) before anything is written
-    slurm = cfg.launch.slurm
     base = Path(job_dir).resolve()
-    hetero = len(groups) > 1
+    set_nemorun_home(str(base))  # the experiment's records (and `opd launch --status`) live under job_dir
 
-    def executor(group: Group) -> Any:
+    def executor(group: Group, hetero: bool) -> Any:
         return run.SlurmExecutor(
             account=slurm.account, partition=slurm.partition, time=slurm.time, nodes=group.nodes, ntasks_per_node=1,
-            gpus_per_node=group.gpus_per_node, container_image=slurm.container_image,
+            gpus_per_node=group.gpus_per_node or None, container_image=slurm.container_image,
             container_mounts=list(slurm.container_mounts), env_vars=group.env or dict(slurm.env), heterogeneous=hetero,
-            job_name_prefix=f"{cfg.run.name}-", wait_time_for_group_job=0 if hetero else 30,
+            job_name_prefix=f"{title}-", wait_time_for_group_job=0 if hetero else 30,
             tunnel=run.LocalTunnel(job_dir=str(base / "experiments")), packager=run.Packager())
 
-    tasks = [run.Script(inline=g.script) for g in groups]
-    executors = [executor(g) for g in groups]
-    with run.Experiment(cfg.run.name, base_dir=str(base), clean_mode=True) as exp:
-        exp.add(tasks if hetero else tasks[0], executor=executors if hetero else executors[0], name=cfg.run.name)
+    exp = run.Experiment(title, base_dir=str(base), clean_mode=True, skip_status_at_exit=True)
+    added = []
+    for name, groups in jobs:
+        hetero = len(groups) > 1
+        tasks = [run.Script(inline=g.script) for g in groups]
+        executors = [executor(g, hetero) for g in groups]
+        added.append((name, tasks if hetero else tasks[0], executors if hetero else executors[0]))
+    return exp, added
+
+
+def _jobs_for(cfg: Any, recipe: str, overrides: list[str]) -> tuple[SlurmConfig, list[tuple[str, list[Group]]]]:
+    if isinstance(cfg, CascadeConfig):
+        return cfg.launch.slurm, chain(cfg, recipe, overrides)  # type: ignore[return-value]
+    groups = plan(cfg, recipe, overrides)  # raises (naming launch.slurm) before anything is written
+    return cfg.launch.slurm, [(cfg.run.name, groups)]
+
+
+def render_sbatch(cfg: SFTStageConfig | OPDStageConfig | CascadeConfig, recipe: str, overrides: list[str],
+                  job_dir: str | Path) -> dict[str, Any]:
+    """Write the job script(s) without submitting (nemo-run's dry run): ``{"sbatch": text of the
+    first, "path": its file, "paths": every job's file, "groups": the first job's groups}``."""
+    slurm, jobs = _jobs_for(cfg, recipe, overrides)
+    exp, added = _experiment(cfg.run.name, slurm, jobs, job_dir)
+    with exp:
+        for name, task, executor in added:
+            exp.add(task, executor=executor, name=name)
         exp.dryrun(log=False, delete_exp_dir=False)
-        job = exp.jobs[0]
-        info = job._dryrun_infos[0] if hasattr(job, "_dryrun_infos") else job._dryrun_info
-        text = info.request.materialize()
-        path = Path(exp._exp_dir) / f"{info.request.executor.job_name}_sbatch.sh"
-    return {"sbatch": text, "path": path, "groups": [g.name for g in groups]}
+        texts, paths = [], []
+        for job in exp.jobs:
+            info = job._dryrun_infos[0] if hasattr(job, "_dryrun_infos") else job._dryrun_info
+            texts.append(info.request.materialize())
+            paths.append(Path(exp._exp_dir) / f"{info.request.executor.job_name}_sbatch.sh")
+    return {"sbatch": texts[0], "path": paths[0], "paths": paths, "groups": [g.name for g in jobs[0][1]]}
+
+
+def submit(cfg: SFTStageConfig | OPDStageConfig | CascadeConfig, recipe: str, overrides: list[str],
+           job_dir: str | Path) -> list[dict[str, str]]:
+    """Submit through nemo-run (``sbatch --parsable``; a chain's jobs each ``--dependency=afterok`` on
+    the one before); returns ``[{"name", "job_id", "experiment"}]`` in order."""
+    slurm, jobs = _jobs_for(cfg, recipe, overrides)
+    exp, added = _experiment(cfg.run.name, slurm, jobs, job_dir)
+    with exp:
+        for name, task, executor in added:
+            exp.add(task, executor=executor, name=name)
+        try:
+            exp.run(sequential=True, detach=True)
+        except Exception as exc:  # noqa: BLE001  (sbatch's refusal reaches us as the tunnel's exception)
+            result = getattr(exc, "result", None)
+            said = (getattr(result, "stderr", "") or getattr(result, "stdout", "") or str(exc)).strip()
+            raise SubmitFailed(f"sbatch refused the job (experiment {exp._exp_dir}): {said}") from None
+        submitted = [{"name": job.id, "job_id": _slurm_id(job), "experiment": str(exp._exp_dir)} for job in exp.jobs]
+    return submitted
+
+
+class SubmitFailed(RuntimeError):
+    """sbatch refused a job; its own message is in the text."""
+
+
+def _slurm_id(job: Any) -> str:
+    handle = job.handle if hasattr(job, "handle") and job.handle else (job.handles or [""])[0]
+    return handle.partition("://")[2].split("/")[1] if "://" in handle else ""
+
+
+def _latest_experiment(job_dir: str | Path) -> Path:
+    found = sorted(Path(job_dir).resolve().glob("experiments/*/*/_CONFIG"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ValueError(f"{job_dir}: no nemo-run experiment here (the --job-dir of an `opd launch --executor slurm`)")
+    return found[-1].parent
+
+
+def status(job_dir: str | Path) -> list[dict[str, str]]:
+    """The latest experiment under ``job_dir``: each job's name, Slurm id and state (nemo-run's
+    experiment status, which asks Slurm's accounting, ``sacct``)."""
+    import nemo_run as run
+    from nemo_run.config import set_nemorun_home
+    from nemo_run.core.frontend.console.api import CONSOLE
+
+    CONSOLE.quiet = True
+    exp_dir = _latest_experiment(job_dir)
+    set_nemorun_home(str(Path(job_dir).resolve()))
+    exp = run.Experiment.from_id(exp_dir.name)
+    with exp:
+        states = exp.status(return_dict=True) or {}
+        order = [job.id for job in exp.jobs]
+    return [{"name": name, "job_id": states[name].get("job_id", ""), "state": _state(states[name]),
+             "experiment": str(exp_dir)} for name in order if name in states]
+
+
+def cancel(job_dir: str | Path) -> list[dict[str, str]]:
+    """Cancel every job of the latest experiment under ``job_dir`` that has not finished."""
+    import nemo_run as run
+
+    before = status(job_dir)
+    exp = run.Experiment.from_id(Path(before[0]["experiment"]).name) if before else None
+    if exp is not None:
+        with exp:
+            for job in before:
+                if job["state"] in ("PENDING", "SUBMITTED", "RUNNING", "UNKNOWN"):
+                    exp.cancel(job["name"])
+    return before
+
+
+def _state(info: dict[str, Any]) -> str:
+    value = info.get("status")
+    return getattr(value, "name", str(value))

@@ -204,7 +204,13 @@ class CascadeRunner:
                 "margin": spec.margin, "rows": rows, "goals": goals, "wall_s": 0.0}
 
     # -- the run -----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, through: str | None = None) -> dict[str, Any] | None:
+        """Run (or keep) every stage in order; with ``through``, stop after that stage (a job of a
+        Slurm chain: the stages before it were done by the jobs before) and write the results only
+        when it is the last stage."""
+        names = [s.name for s in self.cfg.stages]
+        if through is not None and through not in names:
+            raise ValueError(f"--through {through!r}: not a stage of this cascade (stages: {names})")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(self.cfg))
         began = time.perf_counter()
@@ -235,6 +241,9 @@ class CascadeRunner:
                 self._save_state()
             if stage.trains:
                 previous = Path(self.state[stage.name]["hf"])
+            if stage.name == through and through != names[-1]:
+                self.log(f"[cascade] stopped after stage {through} (--through); state {self.state_path}")
+                return None
         stages = [self.state[s.name] for s in self.cfg.stages]
         results = {"name": self.cfg.run.name, "recipe": str(self.recipe_path), "eval_samples": self.cfg.eval.samples,
                    "start_eval": self.state["start"]["eval"], "stages": stages,

@@ -90,13 +90,30 @@ class DistributedSink:
         if rank == 0 and self.pusher is None:
             from megatron_opd.platform.dist import _free_port
 
-            self.pusher = DistributedPusher(self.clients, master_port=_free_port(), flattened=self.flattened)
+            self.pusher = DistributedPusher(self.clients, master_port=_free_port(), flattened=self.flattened,
+                                            master_address=_address_for(self.clients))
         return _sync(bundle, lambda stream: self.pusher.push(stream, version, self.bucket_bytes))
 
     def close(self) -> None:
         if self.pusher is not None:
             self.pusher.close()
             self.pusher = None
+
+
+def _address_for(clients: list[Any]) -> str:
+    """Where the servers reach this process's weight-update store: loopback when every server is on
+    this machine, else this host's name (Slurm nodes resolve each other's names)."""
+    import ipaddress
+    import socket
+    from urllib.parse import urlparse
+
+    def loopback(url: str) -> bool:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(urlparse(url).hostname or "")).is_loopback
+        except (OSError, ValueError):
+            return False
+
+    return "127.0.0.1" if all(loopback(getattr(c, "base_url", "")) for c in clients) else socket.gethostname()
 
 
 def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
