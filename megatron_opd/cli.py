@@ -96,6 +96,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         _run_cascade(cfg, recipe, through)
         return
     try:
+        _preflight_resume(cfg)
         _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
         sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
         if cfg.kind == "sft":
@@ -125,6 +126,42 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
             from megatron_opd.pipeline.report import write_stage_report
 
             typer.echo(f"[{cfg.kind}] run directory {cfg.run.output_dir}; report {write_stage_report(cfg.run.output_dir)}")
+
+
+# what may change between a run and its resumption: where it runs and for how long, how often it
+# saves / logs / evaluates, and the layout (checkpoints reshard on load)
+RESUMABLE_CHANGES = ("run.", "parallel.", "launch.", "eval.", "train.steps", "train.save_interval", "train.keep_last",
+                     "train.log_interval", "train.eval_interval", "train.resume", "rollout.urls", "teachers.teachers.*.urls")
+
+
+def _preflight_resume(cfg) -> None:
+    """Stop before anything starts when the run directory holds a checkpoint of a different config."""
+    import fnmatch
+
+    import yaml
+
+    out = Path(cfg.run.output_dir)
+    if not cfg.train.resume or cfg.train.resume_changed_config or not (out / "checkpoints" / "latest").is_file():
+        return
+    try:
+        before = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no record of the earlier config (a run from before config.yaml was kept)
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    old, new = flat(before), flat(cfg.model_dump(mode="json"))
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+               and not any(key.startswith(p) if p.endswith(".") else fnmatch.fnmatch(key, p) for p in RESUMABLE_CHANGES)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        raise ValueError(f"{out} holds a checkpoint of a run with a different config ({shown}"
+                         f"{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}): resuming it would train "
+                         "the old run under the new settings. Use a new run.output_dir, or train.resume_changed_config=true "
+                         "to resume it anyway")
 
 
 def _preflight_cascade(cfg) -> None:
@@ -298,21 +335,46 @@ def eval_cmd(
         json_out.write_text(json.dumps(results, indent=1))
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+    import socket
+
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
 @app.command()
 def serve(
     role: str = typer.Option("rollout", help="rollout (generation + weight updates) or teacher (scoring; read-only weights)"),
     model: Path = typer.Option(..., help="HF checkpoint directory"),
     host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
     port: int = typer.Option(30000),
-    api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY'"),
+    api_key: Optional[str] = typer.Option(None, envvar="OPD_API_KEY", help="require 'Authorization: Bearer KEY' "
+                                          "(or set OPD_API_KEY: a flag shows in the process list)"),
+    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback --host without an API key"),
     batch_size: int = typer.Option(256, help="sequences per decode loop / scoring chunk bound"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core)"),
+    weights_root: Optional[List[Path]] = typer.Option(None, help="a directory /update_weights_from_disk may read "
+                                                      "from (repeatable; default: the working dir and --model)"),
+    allow_nonfinite_weights: bool = typer.Option(False, help="accept weight updates holding NaN / Inf"),
+    max_request_tokens: int = typer.Option(131_072, min=1, help="per-request budget: prompt tokens x n + outputs x max_new_tokens"),
+    max_body_mb: float = typer.Option(16.0, min=0.001, help="largest request body accepted (HTTP 413 above)"),
+    pause_wait_s: float = typer.Option(120.0, min=0.0, help="a /generate waits this long on a paused server, then 503"),
+    group_timeout_s: float = typer.Option(60.0, min=0.1, help="joining a weight-update group gives up after this"),
 ) -> None:
     """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
     if role not in ("rollout", "teacher"):
         _fail(f"--role {role!r}: expected 'rollout' or 'teacher'")
     if not (model / "config.json").is_file():
         _fail(f"--model {model}: not an HF checkpoint directory (no config.json)")
+    if not api_key and not insecure and not _loopback(host):
+        _fail(f"--host {host}: a server reachable from other machines needs an API key (--api-key or OPD_API_KEY); "
+              "--insecure runs it without one")
+    missing = [str(p) for p in weights_root or [] if not p.is_dir()]
+    if missing:
+        _fail(f"--weights-root: {missing} are not directories")
     import uvicorn
 
     if threads:
@@ -320,11 +382,18 @@ def serve(
 
         torch.set_num_threads(threads)
     from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.serve.requests import Limits
     from megatron_opd.serve.rollout_server import create_app
 
-    app = create_app(EmbeddedEngine(model, batch_size=batch_size), api_key, role=role)
+    engine = EmbeddedEngine(model, batch_size=batch_size, allow_nonfinite_weights=allow_nonfinite_weights,
+                            weights_roots=[Path.cwd(), model, *(weights_root or [])])
+    limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
+                    max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
+                    pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s)
+    app = create_app(engine, api_key, role=role, limits=limits)
     typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # SIGTERM: in-flight generations stop at their next token (the app's shutdown hook), then exit
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 
 
 @app.command()
@@ -390,19 +459,24 @@ def launch(
 def wait_servers(
     urls: List[str] = typer.Argument(..., help="server URLs (comma-separated lists allowed)"),
     timeout: float = typer.Option(1800.0, help="seconds to wait for all of them"),
+    api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the servers' API key"),
 ) -> None:
     """Block until every server answers GET /health with 200 (used by the Slurm trainer group)."""
     import time
 
     import httpx
 
+    key = os.environ.get(api_key_env, "") if api_key_env else ""
+    if api_key_env and not key:
+        _fail(f"--api-key-env {api_key_env}: not set")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     pending = [u.strip().rstrip("/") for item in urls for u in item.split(",") if u.strip()]
     deadline = time.monotonic() + timeout
     while pending:
         still = []
         for url in pending:
             try:
-                ok = httpx.get(f"{url}/health", timeout=5.0).status_code == 200
+                ok = httpx.get(f"{url}/health", timeout=5.0, headers=headers).status_code == 200
             except httpx.HTTPError:
                 ok = False
             if not ok:

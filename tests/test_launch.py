@@ -210,3 +210,18 @@ def test_gpu_recipes_render_the_recorded_scripts(tmp_path, name):
             (golden / rel).write_text(text)
         assert text == (golden / rel).read_text(), f"{name}: {rel} differs from {golden / rel}"
     assert sorted(str(p.relative_to(golden)) for p in golden.rglob("*.sh")) == sorted(rendered)
+
+
+def test_the_job_makes_one_api_key_and_every_server_requires_it(tmp_path):
+    sbatch, (trainer, rollout, teacher) = _dry_run(tmp_path, QWEN3_OPD)
+    exports = [line for line in sbatch.splitlines() if line.startswith("export OPD_SERVER_KEY=")]
+    assert exports and len(set(exports)) == 1  # an expression the batch script evaluates: no key in any file
+    for script in (rollout, teacher):
+        servers = [line for line in script.splitlines() if "sglang.launch_server" in line]
+        assert servers and all('--api-key "$OPD_SERVER_KEY"' in line for line in servers)
+    assert "wait-servers --timeout 1800 --api-key-env OPD_SERVER_KEY" in trainer
+    assert '"rollout.api_key_env=OPD_SERVER_KEY"' in trainer and '"teachers.teachers.math.api_key_env=OPD_SERVER_KEY"' in trainer
+    # the exports run once per group in the batch script: the key made by the first one is kept
+    twice = subprocess.run(["bash", "-c", f"{exports[0]}; a=$OPD_SERVER_KEY; {exports[0]}; echo $a $OPD_SERVER_KEY"],
+                           capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=True).stdout.split()
+    assert twice[0] == twice[1] and re.fullmatch(r"[0-9a-f]{48}", twice[0])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO, WORKERS, start_rollout_server, torchrun
-from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.rollout.embedded import EmbeddedEngine, WeightUpdateError
 from megatron_opd.rollout.http_client import SGLangClient
 from megatron_opd.records import SamplingParams
 from megatron_opd.rollout.contract import ContractError, validate_request
@@ -48,8 +48,9 @@ def test_greedy_equals_transformers_generate_and_sampling_is_seeded():
 
 
 @pytest.fixture(scope="module")
-def server():
-    url, proc = start_rollout_server(TEACHER)
+def server(tmp_path_factory):
+    # the disk syncs below write under pytest's temporary directory: the server may load from there
+    url, proc = start_rollout_server(TEACHER, extra_args=["--weights-root", str(tmp_path_factory.getbasetemp())])
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -164,7 +165,7 @@ def test_every_client_request_matches_sglangs_schema(server, tmp_path):
     client.get_weights_by_name("model.norm.weight")
     from safetensors.torch import save_file
 
-    save_file({"model.norm.weight": EmbeddedEngine(TEACHER).get_weight("model.norm.weight")}, str(tmp_path / "w.safetensors"))
+    save_file({k: v.clone() for k, v in EmbeddedEngine(TEACHER).model.state_dict().items()}, str(tmp_path / "w.safetensors"))  # a full update
     client.update_weights_from_disk(str(tmp_path), "v-disk")
     posted = [(path, json.loads(body)) for path, body in sent if body]
     assert {p for p, _ in posted} >= {"/generate", "/pause_generation", "/continue_generation",
@@ -185,7 +186,7 @@ def test_in_process_push_and_api_key(tmp_path):
     for name, tensor in donor.model.state_dict().items():
         assert torch.equal(engine.get_weight(name), tensor), name
     norm = "model.norm.weight"
-    with pytest.raises(KeyError, match="does not exist"):  # checked before anything is copied
+    with pytest.raises(WeightUpdateError, match="does not exist"):  # checked before anything is copied
         engine.update_weights(iter([(norm, torch.zeros_like(engine.get_weight(norm))), ("model.nope.weight", torch.zeros(1))]), "4")
     assert torch.equal(engine.get_weight(norm), donor.get_weight(norm)) and engine.weight_version == "3"
 

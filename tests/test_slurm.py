@@ -109,8 +109,11 @@ def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_
     counters = results["teacher_counters"]["arithmetic"]
     assert counters["failures"] >= 1 and counters["retries"] >= 1  # the dead replica's batches, retried
     assert counters["samples"] == (6 - latest) * 8 * 2  # this process's steps: every sample scored once
+    # the retries are in the trainer's log and its metrics as they happen, not only in results.json
+    assert "[teachers] arithmetic: replica" in _trainer_log(jobs, second)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["teachers/arithmetic/retries"] == counters["retries"] >= 1
     for r in rows:  # every step sampled by the weights of the step before, synced across the groups
         assert r["rollout/staleness_0"] == 1.0
         assert r["opd/train_inference_mismatch"] <= 1e-5  # the rollout server holds exactly the trainer's weights

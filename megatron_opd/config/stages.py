@@ -63,6 +63,8 @@ class TrainConfig(Strict):
     eval_interval: int = Field(0, ge=0, description="eval every N steps (0: only before and after)")
     log_interval: int = Field(1, ge=1)
     resume: bool = True
+    resume_changed_config: bool = Field(False, description="resume even though the run directory's config differs "
+                                        "from this one (by default the run stops, naming the keys)")
     hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N), "
                                "kept for a later stage to evaluate and pick from")
 
@@ -126,6 +128,7 @@ class RolloutConfig(Strict):
         "`opd serve --role rollout` on 127.0.0.1 (generation beside the trainer, not in it); servers: SGLang / "
         "`opd serve --role rollout` already running at `urls`")
     urls: list[str] = Field(default_factory=list)
+    api_key_env: str | None = Field(None, description="servers: environment variable holding their API key")
     replicas: int = Field(1, ge=1, description="embedded_server: servers to start")
     max_staleness: int = Field(0, ge=0, description="how many optimizer steps older than the weights being trained the "
                                "weights that sampled a batch may be: 0 = strictly on-policy (exact reproduction); 1 = "
@@ -216,6 +219,8 @@ class OPDTrainConfig(Strict):
     eval_interval: int = Field(0, ge=0, description="eval every N steps (0: before and after only)")
     log_interval: int = Field(1, ge=1)
     resume: bool = True
+    resume_changed_config: bool = Field(False, description="resume even though the run directory's config differs "
+                                        "from this one (by default the run stops, naming the keys)")
     hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N)")
 
 

@@ -38,21 +38,29 @@ def _env_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
 
 
+KEY_VAR = "OPD_SERVER_KEY"
+# one random key per job, made by the batch script with coreutils (the host may have no python); the
+# default keeps a re-export of the group's environment from making a second one
+KEY_EXPR = f"${{{KEY_VAR}:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')}}"
+
+
 def _server_script(group: ServerGroup, model: str, dtype: str, role: str, workdir: str) -> str:
-    """Start ``servers_per_node`` servers on this node, each on its own port (SGLang: and GPU slice)."""
+    """Start ``servers_per_node`` servers on this node, each on its own port (SGLang: and GPU slice),
+    each requiring the job's API key (SGLang: ``--api-key``; ``opd serve``: from ``OPD_API_KEY``, so
+    the key is not on its command line)."""
     lines = ["set -u", *([f"cd {shlex.quote(workdir)}"] if group.engine == "embedded" else []), "pids=()"]
     tp = group.gpus_per_node // group.servers_per_node
     for i in range(group.servers_per_node):
         if group.engine == "embedded":
             cmd = ["python", "-m", "megatron_opd.cli", "serve", "--role", role, "--model", model, "--host", group.host,
                    "--port", str(group.port + i), *group.extra_args]
-            lines.append(f"{shlex.join(cmd)} & pids+=($!)")
+            lines.append(f'OPD_API_KEY="${KEY_VAR}" {shlex.join(cmd)} & pids+=($!)')
             continue
         gpus = ",".join(str(g) for g in range(i * tp, (i + 1) * tp))
         server = SGLangServerConfig(model_path=model, host=group.host, port=group.port + i, tp_size=tp, dtype=dtype,
                                     extra_args=tuple(group.extra_args))
         cmd = ["python", *server.command()[1:]]
-        lines.append(f"CUDA_VISIBLE_DEVICES={gpus} {shlex.join(cmd)} & pids+=($!)")
+        lines.append(f'CUDA_VISIBLE_DEVICES={gpus} {shlex.join(cmd)} --api-key "${KEY_VAR}" & pids+=($!)')
     if group.engine == "sglang":
         lines.append('wait -n "${pids[@]}"; echo "an SGLang server exited; stopping this node" >&2; kill "${pids[@]}" 2>/dev/null; exit 1')
     else:  # the replicas are independent: the clients' pools fail over, so a node serves while any is up
@@ -92,7 +100,10 @@ def plan(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str]
         var = f"OPD_{_env_name(name)}_URLS"
         env[var] = _urls_expr(index, group)
         url_overrides.append(f"{key}=[${var}]")
+        url_overrides.append(key.replace(".urls", ".api_key_env") + f"={KEY_VAR}")
         url_vars.append(f"${var}")
+    if servers:
+        env[KEY_VAR] = KEY_EXPR
     trainer = slurm.trainer
     head = "$het_group_host_0" if servers else "$head_node_ip"
     env["OPD_TRAINER_HEAD"] = head
@@ -101,7 +112,7 @@ def plan(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str]
                "-m", "megatron_opd.cli", "run", recipe]
     lines = ["set -euo pipefail", f"cd {shlex.quote(_workdir(slurm))}"]
     if url_vars:
-        lines.append(f"python -m megatron_opd.cli wait-servers --timeout {slurm.server_timeout_s} "
+        lines.append(f"python -m megatron_opd.cli wait-servers --timeout {slurm.server_timeout_s} --api-key-env {KEY_VAR} "
                      + " ".join(f'"{v}"' for v in url_vars))
     lines.append(" ".join(run_cmd) + " " + " ".join(shlex.quote(o) for o in overrides)
                  + " " + " ".join(f'"{o}"' for o in url_overrides))

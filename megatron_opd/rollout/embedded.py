@@ -20,8 +20,19 @@ from megatron_opd.records import Rollout, SamplingParams
 SCORE_ROWS = 16  # sequences per scoring batch: sorted by length, so padding stays small
 
 
+class EngineBusy(RuntimeError):
+    """The engine stayed paused (a weight update) longer than the caller would wait."""
+
+
+class WeightUpdateError(ValueError):
+    """A weight update that would leave the model wrong; nothing of it was applied."""
+
+
 class EmbeddedEngine:
-    def __init__(self, model_dir: str | Path, batch_size: int = MAX_BATCH, weight_version: str = "0") -> None:
+    def __init__(self, model_dir: str | Path, batch_size: int = MAX_BATCH, weight_version: str = "0",
+                 weights_roots: list[Path] | None = None, allow_nonfinite_weights: bool = False) -> None:
+        """``weights_roots``: the directories ``update_weights_from_disk`` may read from (default: the
+        working directory and the model's own directory)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -35,16 +46,28 @@ class EmbeddedEngine:
         self.weight_version = weight_version
         self._paused = False
         self._lock = threading.Condition()  # one generation or weight update at a time
+        self._closing = threading.Event()
+        self.weights_roots = [Path(p).resolve() for p in (weights_roots or [Path.cwd(), self.model_dir])]
+        self.allow_nonfinite_weights = allow_nonfinite_weights
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
-                 on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
+                 on_rollout: Callable[[int, Rollout], None] | None = None, cancel: threading.Event | None = None,
+                 pause_wait_s: float | None = None) -> list[Rollout]:
         """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version.
-        ``on_rollout(j, rollout)`` hears of output j as soon as it has ended (streaming)."""
+        ``on_rollout(j, rollout)`` hears of output j as soon as it has ended (streaming). ``cancel``
+        set (or :meth:`shutdown`) stops it at the next token; a pause longer than ``pause_wait_s``
+        raises :class:`EngineBusy`."""
         expanded = [(i, k, p) for i, p in enumerate(prompts) for k in range(sampling.n)]
         seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+
+        def cancelled() -> bool:
+            return self._closing.is_set() or (cancel is not None and cancel.is_set())
+
         with self._lock:
-            self._lock.wait_for(lambda: not self._paused)  # checked under the lock: no half-synced weights
+            # checked under the lock: no half-synced weights
+            if not self._lock.wait_for(lambda: not self._paused or cancelled(), timeout=pause_wait_s):
+                raise EngineBusy(f"the server has been paused (weight update) for over {pause_wait_s:.0f} s; retry later")
             version = self.weight_version
 
             def rollout(j: int, c) -> Rollout:
@@ -57,6 +80,7 @@ class EmbeddedEngine:
                 batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
                 on_complete=(lambda j, c: on_rollout(j, rollout(j, c))) if on_rollout else None,
+                cancelled=cancelled,
             )
         return [rollout(j, c) for j, c in enumerate(completions)]
 
@@ -99,17 +123,42 @@ class EmbeddedEngine:
     def _tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.model.state_dict(keep_vars=True))
 
+    def _required(self) -> set[str]:
+        """The names a full update must cover: every parameter, counting tied ones once (an HF save
+        leaves out ``lm_head.weight`` when it is the embedding)."""
+        seen, names = set(), set()
+        for name, param in self.model.named_parameters():  # tied parameters are listed once
+            if id(param) not in seen:
+                seen.add(id(param))
+                names.add(name)
+        return names
+
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str) -> int:
-        """Copy HF-named tensors into the model. Every name and shape is checked before anything is
-        copied, so a bad update leaves the model as it was. Returns the count."""
+    def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str, full: bool = False) -> int:
+        """Copy HF-named tensors into the model, all or nothing: every name, shape and dtype (only
+        lossless float widening, e.g. bf16 -> fp32) and every value (finite, unless the engine
+        allows otherwise) is checked before anything is copied; ``full`` also requires every
+        parameter to be present. Raises :class:`WeightUpdateError` with the model unchanged."""
         params = self._tensors()
         items = list(named_tensors)
         for name, tensor in items:
             if name not in params:
-                raise KeyError(f"weight {name!r} does not exist in the rollout model")
+                raise WeightUpdateError(f"weight {name!r} does not exist in the rollout model")
             if tuple(params[name].shape) != tuple(tensor.shape):
-                raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+                raise WeightUpdateError(f"weight {name!r}: shape {tuple(tensor.shape)} != model {tuple(params[name].shape)}")
+            target = params[name].dtype
+            if tensor.dtype != target and not (tensor.dtype.is_floating_point and target.is_floating_point
+                                               and torch.promote_types(tensor.dtype, target) == target):
+                raise WeightUpdateError(f"weight {name!r}: dtype {tensor.dtype} cannot be loaded into the model's {target} "
+                                        "without a lossy cast")
+            if not self.allow_nonfinite_weights and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise WeightUpdateError(f"weight {name!r}: holds NaN or Inf values")
+        if full:
+            names = {name for name, _ in items}
+            missing = sorted(self._required() - names)
+            if missing:
+                raise WeightUpdateError(f"the update has {len(names)} of the model's {len(self._required())} weights: "
+                                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
         with self._lock:
             for name, tensor in items:
                 params[name].data.copy_(tensor.to(params[name].dtype))
@@ -117,18 +166,29 @@ class EmbeddedEngine:
         return len(items)
 
     def update_weights_from_disk(self, model_dir: str | Path, version: str) -> int:
+        """Every weight from ``*.safetensors`` in ``model_dir``, which must lie inside one of
+        ``weights_roots`` (symlinks resolved); a directory that holds only part of the model is refused."""
         from safetensors.torch import load_file
 
-        files = sorted(Path(model_dir).glob("*.safetensors"))
+        where = Path(model_dir).resolve()
+        if not any(where == root or where.is_relative_to(root) for root in self.weights_roots):
+            raise WeightUpdateError(f"{model_dir}: outside the directories this server loads weights from "
+                                    f"({', '.join(map(str, self.weights_roots))}; `opd serve --weights-root` adds one)")
+        if not where.is_dir():
+            raise WeightUpdateError(f"{model_dir}: not a directory")
+        files = sorted(where.glob("*.safetensors"))
+        outside = [f for f in files if not f.resolve().is_relative_to(where) or not f.resolve().is_file()]
+        if outside:
+            raise WeightUpdateError(f"{outside[0]}: not a regular file inside {where}")
         if not files:
-            raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
-        return self.update_weights((kv for f in files for kv in load_file(str(f)).items()), version)
+            raise WeightUpdateError(f"{model_dir}: no *.safetensors files")
+        return self.update_weights((kv for f in files for kv in load_file(str(f)).items()), version, full=True)
 
     def init_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
-                          backend: str = "gloo") -> None:
+                          backend: str = "gloo", timeout_s: float = 300.0) -> None:
         from megatron_opd.rollout.update_group import WeightUpdateGroup
 
-        self._group = WeightUpdateGroup(master_address, master_port, rank_offset, world_size, backend)
+        self._group = WeightUpdateGroup(master_address, master_port, rank_offset, world_size, backend, timeout_s)
 
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                 version: str | None, load_format: str | None = None) -> int:
@@ -201,7 +261,13 @@ class EmbeddedEngine:
         return self._paused
 
     def health(self) -> bool:
-        return True
+        return not self._closing.is_set()
+
+    def shutdown(self) -> None:
+        """Stop every generation at its next token and refuse new ones (the server is exiting)."""
+        self._closing.set()
+        with self._lock:
+            self._lock.notify_all()
 
 
 def _chunks(groups: list, max_rows: int) -> list[list]:

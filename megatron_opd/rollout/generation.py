@@ -54,6 +54,10 @@ def _left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, t
     return ids, valid
 
 
+class GenerationCancelled(RuntimeError):
+    """The caller stopped a generation (its client went away, or the server is shutting down)."""
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -69,9 +73,11 @@ def generate(
     stop_token_ids: tuple[int, ...] = (),
     decoder: Decoder | None = None,
     on_complete: Callable[[int, Completion], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[Completion]:
     """Complete each prompt (an HF model or its ``decoder``); temperature 0 is greedy.
-    ``on_complete(i, completion)`` is called as soon as prompt i's completion has ended (streaming)."""
+    ``on_complete(i, completion)`` is called as soon as prompt i's completion has ended (streaming);
+    ``cancelled()`` is asked before every token: True raises :class:`GenerationCancelled`."""
     decoder = decoder or Decoder(model)
     generator = torch.Generator().manual_seed(seed)
     stops = torch.tensor(sorted({eos_token_id, *stop_token_ids}))
@@ -84,7 +90,7 @@ def generate(
                 for r in rows:
                     on_complete(offset + r, _completion(ids[r], logprobs[r], int(lengths[r]), bool(stopped[r])))
         ids, logprobs, lengths, stopped = decode_batch(decoder, chunk, max_new_tokens, stops, pad_token_id,
-                                                       (temperature, top_k, top_p), generator, finished)
+                                                       (temperature, top_k, top_p), generator, finished, cancelled)
         for row_ids, row_lp, n, hit in zip(ids.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
             out.append(Completion(row_ids[:n], "stop" if hit else "length", row_lp[:n]))
     return out
@@ -95,7 +101,8 @@ def _completion(ids: torch.Tensor, logprobs: torch.Tensor, length: int, stopped:
 
 
 def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int, stops: torch.Tensor, pad_id: int,
-                 sampling: tuple[float, int, float], generator: torch.Generator, finished: Callable | None = None):
+                 sampling: tuple[float, int, float], generator: torch.Generator, finished: Callable | None = None,
+                 cancelled: Callable[[], bool] | None = None):
     """One decode loop: returns ids / log-probs [B, max_new] (valid up to ``lengths`` [B]) and
     ``stopped`` [B] (True: ended on a stop token; False: hit max_new_tokens). Finished rows leave
     the running batch once they are half of it (their cache rows are dropped), so a long tail of
@@ -124,6 +131,8 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
     alive = torch.ones(batch, dtype=torch.bool)  # per row in the batch: not stopped yet
     lengths = torch.full((batch,), max_new_tokens, dtype=torch.long)
     for t in range(max_new_tokens):
+        if cancelled is not None and cancelled():
+            raise GenerationCancelled(f"generation cancelled after {t} of {max_new_tokens} tokens")
         if temperature > 0:
             probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator)[:, 0]

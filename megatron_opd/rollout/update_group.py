@@ -47,17 +47,17 @@ def parse_dtype(name: str) -> torch.dtype:
 class WeightUpdateGroup:
     def __init__(self, master_address: str, master_port: int, rank: int, world_size: int,
                  backend: str = "gloo", timeout_s: float = 300.0) -> None:
+        if backend not in ("gloo", "nccl"):  # before the store: a bad backend fails at once, not after a wait
+            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise RuntimeError("backend 'nccl' needs CUDA; use backend 'gloo' on CPU")
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size = rank, world_size
         self._store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
         if backend == "gloo":
             self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
-        elif backend == "nccl":
-            if not torch.cuda.is_available():
-                raise RuntimeError("backend 'nccl' needs CUDA; use backend 'gloo' on CPU")
-            self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size)
         else:
-            raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+            self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size)
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         opts = dist.BroadcastOptions()

@@ -1,25 +1,33 @@
 """``opd serve --role rollout|teacher``: the embedded engine behind SGLang's HTTP API (FastAPI/uvicorn).
 
-Request bodies are validated against SGLang's own schema (HTTP 400 with the offending field);
-responses have SGLang's shapes, so :mod:`megatron_opd.rollout.http_client` drives this server and a
-real SGLang server the same way.
+Request bodies are validated against SGLang's own schema, then by :mod:`megatron_opd.serve.requests`
+(strict types, finite numbers, the context window, size and token budgets): HTTP 400 naming the
+field, 413 for a body over the limit. Responses have SGLang's shapes, so
+:mod:`megatron_opd.rollout.http_client` drives this server and a real SGLang server the same way. A
+generation whose client has gone is cancelled; a request waiting on a paused server gives up with
+503 after ``Limits.pause_wait_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import sys
+import threading
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.rollout.embedded import EmbeddedEngine, EngineBusy
+from megatron_opd.rollout.generation import GenerationCancelled
 from megatron_opd.records import SamplingParams
 from megatron_opd.serve import score_codec
-from megatron_opd.rollout.contract import ContractError, validate_request
+from megatron_opd.serve.requests import BodyTooLarge, Limits, check_cost, parse_body, token_ids
+from megatron_opd.rollout.contract import ContractError
 
 
 def _finish_reason(reason: str, completion: list[int]) -> dict[str, Any]:
@@ -40,19 +48,14 @@ def _per_prompt(value: Any, count: int, name: str) -> list[Any]:
     return [value] * count
 
 
-def parse_generate(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[list[int]], bool, SamplingParams, list[int], int]:
-    """Check a schema-valid ``/generate`` body against what this server does; returns
-    (prompts, single, sampling, logprob_start_len per prompt, top_logprobs_num)."""
+def parse_generate(engine: EmbeddedEngine, body: dict[str, Any], limits: Limits) -> tuple[list[list[int]], bool, SamplingParams, list[int], int]:
+    """Check a type-checked ``/generate`` body (:func:`parse_body`) against what this server does and
+    what it costs; returns (prompts, single, sampling, logprob_start_len per prompt, top_logprobs_num)."""
     input_ids = body.get("input_ids")
     if input_ids is None:
         raise ContractError("/generate: input_ids: this server takes token ids (text prompts are not supported)")
-    single = bool(input_ids) and isinstance(input_ids[0], int)
-    prompts = [input_ids] if single else list(input_ids)
-    if not prompts or any(not p or not all(isinstance(t, int) for t in p) for p in prompts):
-        raise ContractError("/generate: input_ids: expected a non-empty list of token ids (or a list of them)")
     vocab = engine.config.vocab_size
-    if any(t < 0 or t >= vocab for p in prompts for t in p):
-        raise ContractError(f"/generate: input_ids: token ids must be in [0, {vocab})")
+    prompts, single = token_ids(input_ids, "input_ids", vocab)
     params = body.get("sampling_params") or {}
     if isinstance(params, list):
         raise ContractError("/generate: sampling_params: per-prompt lists are not supported here; send one dict")
@@ -60,11 +63,19 @@ def parse_generate(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[l
         sampling = SamplingParams.from_sglang(params)
     except (TypeError, ValueError) as exc:
         raise ContractError(f"/generate: sampling_params: {exc}") from None
+    bad_stop = [t for t in sampling.stop_token_ids if not 0 <= t < vocab]
+    if bad_stop:
+        raise ContractError(f"/generate: sampling_params.stop_token_ids: {bad_stop} outside the vocabulary [0, {vocab})")
+    check_cost(prompts, sampling.n, sampling.max_new_tokens, limits)
     starts = []
     for prompt, start in zip(prompts, _per_prompt(body.get("logprob_start_len"), len(prompts), "logprob_start_len")):
-        start = 0 if start is None else int(start)
-        starts.append(len(prompt) if start < 0 else start)  # SGLang's -1: no input log-probs
-    tops = {int(k or 0) for k in _per_prompt(body.get("top_logprobs_num"), len(prompts), "top_logprobs_num")}
+        start = 0 if start is None else start
+        if type(start) is not int:
+            raise ContractError(f"/generate: logprob_start_len: expected integers, got {start!r}")
+        starts.append(len(prompt) if start < 0 else min(start, len(prompt)))  # SGLang's -1: no input log-probs
+    tops = {k or 0 for k in _per_prompt(body.get("top_logprobs_num"), len(prompts), "top_logprobs_num")}
+    if any(type(k) is not int for k in tops):
+        raise ContractError(f"/generate: top_logprobs_num: expected integers, got {sorted(map(repr, tops))}")
     if len(tops) > 1:
         raise ContractError("/generate: top_logprobs_num: one value for all prompts is supported here")
     top_k = tops.pop()
@@ -79,11 +90,12 @@ def parse_token_ids(engine: EmbeddedEngine, body: dict[str, Any], count: int) ->
     value = body.get("token_ids_logprob")
     if value is None:
         return None
-    lists = value if value and isinstance(value[0], list) else [value] * count
-    vocab = engine.config.vocab_size
-    if len(lists) != count or any(not ids or any(not 0 <= t < vocab for t in ids) for ids in lists):
-        raise ContractError(f"/generate: token_ids_logprob: expected one non-empty list of ids in [0, {vocab}) "
-                            f"for all {count} prompts or one per prompt")
+    lists, single = token_ids(value, "token_ids_logprob", engine.config.vocab_size)
+    if single:
+        lists = lists * count
+    if len(lists) != count:
+        raise ContractError(f"/generate: token_ids_logprob: {len(lists)} lists for {count} prompts "
+                            "(one list for all prompts, or one per prompt)")
     return [list(ids) for ids in lists]
 
 
@@ -95,12 +107,14 @@ def score_prompts(engine: EmbeddedEngine, prompts: list[list[int]], starts: list
     return engine.score(prompts, [min(s + 1, len(p)) for p, s in zip(prompts, starts)], top_k, token_ids)
 
 
-def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
-    """Answer a ``/generate`` body (already schema-valid) with SGLang-shaped output."""
-    prompts, single, sampling, starts, top_k = parse_generate(engine, body)
+def generate_response(engine: EmbeddedEngine, body: dict[str, Any], limits: Limits,
+                      cancel: threading.Event | None = None) -> Any:
+    """Answer a ``/generate`` body (already type-checked) with SGLang-shaped output."""
+    prompts, single, sampling, starts, top_k = parse_generate(engine, body, limits)
     token_ids = parse_token_ids(engine, body, len(prompts))
     want_logprobs = bool(body.get("return_logprob"))
-    rollouts = [None] * (len(prompts) * sampling.n) if sampling.max_new_tokens == 0 else engine.generate(prompts, sampling)
+    rollouts = ([None] * (len(prompts) * sampling.n) if sampling.max_new_tokens == 0 else
+                engine.generate(prompts, sampling, cancel=cancel, pause_wait_s=limits.pause_wait_s))
     needs_scores = want_logprobs and any(len(p) > s + 1 for p, s in zip(prompts, starts))
     scores = score_prompts(engine, prompts, starts, top_k, token_ids) if needs_scores else None
     out = []
@@ -132,8 +146,8 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any]) -> Any:
     return out[0] if single and sampling.n == 1 else out
 
 
-def parse_stream(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[list[int]], SamplingParams]:
-    prompts, _, sampling, starts, top_k = parse_generate(engine, body)
+def parse_stream(engine: EmbeddedEngine, body: dict[str, Any], limits: Limits) -> tuple[list[list[int]], SamplingParams]:
+    prompts, _, sampling, starts, top_k = parse_generate(engine, body, limits)
     if (sampling.max_new_tokens == 0 or top_k or body.get("token_ids_logprob") is not None
             or any(len(p) > s + 1 for p, s in zip(prompts, starts))):
         raise ContractError("/generate: stream: streams generation only (max_new_tokens > 0, no prompt log-probs: "
@@ -141,19 +155,36 @@ def parse_stream(engine: EmbeddedEngine, body: dict[str, Any]) -> tuple[list[lis
     return prompts, sampling
 
 
-async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampling: SamplingParams, with_logprobs: bool):
+async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampling: SamplingParams, with_logprobs: bool,
+                         limits: Limits):
     """SGLang's streaming form of a batch ``/generate``: server-sent events ``data: {...}``, one per
-    output as soon as it has ended (its ``index`` says which), then ``data: [DONE]``."""
+    output as soon as it has ended (its ``index`` says which), then ``data: [DONE]``. A client that
+    leaves mid-stream cancels the rest of the generation."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
 
     def work() -> None:
         try:
-            engine.generate(prompts, sampling, on_rollout=lambda j, r: loop.call_soon_threadsafe(queue.put_nowait, (j, r)))
+            engine.generate(prompts, sampling, on_rollout=lambda j, r: loop.call_soon_threadsafe(queue.put_nowait, (j, r)),
+                            cancel=cancel, pause_wait_s=limits.pause_wait_s)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
     task = loop.run_in_executor(None, work)
+    try:
+        async for chunk in _stream_events(queue, with_logprobs):
+            yield chunk
+    finally:  # the client went away (or the stream ended): stop generating for it
+        cancel.set()
+    try:
+        await task  # a failure mid-stream ends the stream without [DONE]: the client sees it short
+    except (GenerationCancelled, EngineBusy):
+        return
+    yield "data: [DONE]\n\n"
+
+
+async def _stream_events(queue: asyncio.Queue, with_logprobs: bool):
     while (item := await queue.get()) is not None:
         index, rollout = item
         meta = {"id": secrets.token_hex(8), "finish_reason": _finish_reason(rollout.finish_reason, rollout.completion_ids),
@@ -163,14 +194,12 @@ async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampl
             meta["input_token_logprobs"] = []
             meta["output_token_logprobs"] = _logprob_entries(rollout.logprobs, rollout.completion_ids)
         yield f"data: {json.dumps({'text': '', 'output_ids': rollout.completion_ids, 'meta_info': meta, 'index': index})}\n\n"
-    await task  # a failure mid-stream ends the stream without [DONE]: the client sees it short
-    yield "data: [DONE]\n\n"
 
 
-def binary_scores(engine: EmbeddedEngine, body: dict[str, Any], top_dtype: str) -> bytes:
+def binary_scores(engine: EmbeddedEngine, body: dict[str, Any], top_dtype: str, limits: Limits) -> bytes:
     """A scoring request (``max_new_tokens=0``) answered in the compact binary format: for each
     prompt the same numbers as the JSON ``input_token_logprobs`` minus the leading None."""
-    prompts, _, sampling, starts, top_k = parse_generate(engine, body)
+    prompts, _, sampling, starts, top_k = parse_generate(engine, body, limits)
     if sampling.max_new_tokens != 0 or sampling.n != 1 or not body.get("return_logprob"):
         raise ContractError(f"{score_codec.MEDIA_TYPE} answers scoring requests only "
                             "(max_new_tokens=0, n=1, return_logprob=true)")
@@ -183,11 +212,34 @@ WEIGHT_UPDATE_PATHS = {"/update_weights_from_disk", "/init_weights_update_group"
                        "/destroy_weights_update_group", "/update_weight_version"}
 
 
-def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "rollout") -> Any:
-    """The SGLang-compatible app. ``role="teacher"`` refuses weight updates (HTTP 403)."""
+async def _watching_client(request: Request, work, *args) -> Any:
+    """Run ``work(*args, cancel=event)`` in a worker thread; set the event when the client goes."""
+    cancel = threading.Event()
+    task = asyncio.ensure_future(run_in_threadpool(work, *args, cancel=cancel))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                cancel.set()
+        return task.result()
+    finally:
+        cancel.set()  # also when this handler itself is cancelled (server shutdown)
+
+
+def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "rollout",
+               limits: Limits | None = None) -> Any:
+    """The SGLang-compatible app. ``role="teacher"`` refuses weight updates (HTTP 403). ``limits``
+    default to the model's context window and :class:`Limits`' budgets."""
     if role not in ("rollout", "teacher"):
         raise ValueError(f"role must be 'rollout' or 'teacher', got {role!r}")
-    app = FastAPI(title=f"megatron-opd embedded {role} server (SGLang wire format)")
+    limits = limits or Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30))
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        engine.shutdown()  # SIGTERM: whatever still generates ends at its next token
+
+    app = FastAPI(title=f"megatron-opd embedded {role} server (SGLang wire format)", lifespan=lifespan)
+    app.state.limits = limits
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -196,17 +248,29 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
         return await call_next(request)
 
     async def body_of(request: Request, path: str) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else {}
-        except json.JSONDecodeError as exc:
-            raise ContractError(f"{path}: body is not JSON ({exc})") from None
-        validate_request(path, body)
-        return body
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise BodyTooLarge(f"{path}: body of {declared} bytes is over this server's limit of {limits.max_body_bytes}")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # never more than the limit in memory
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise BodyTooLarge(f"{path}: body is over this server's limit of {limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+        return parse_body(path, b"".join(chunks), limits)
 
     @app.exception_handler(ContractError)
     async def contract_error(_request: Request, exc: ContractError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, BodyTooLarge) else 400)
+
+    @app.exception_handler(EngineBusy)
+    async def busy(_request: Request, exc: EngineBusy):
+        return JSONResponse({"error": str(exc)}, status_code=503)
+
+    @app.exception_handler(GenerationCancelled)
+    async def cancelled(request: Request, exc: GenerationCancelled):
+        print(f"{request.url.path}: {exc} (its client left, or the server is stopping)", file=sys.stderr, flush=True)
+        return JSONResponse({"error": str(exc)}, status_code=499)  # nginx's "client closed request"
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
@@ -216,13 +280,13 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
         except ValueError as exc:
             raise ContractError(str(exc)) from None
         if top_dtype is not None:
-            payload = await run_in_threadpool(binary_scores, engine, body, top_dtype)
+            payload = await run_in_threadpool(binary_scores, engine, body, top_dtype, limits)
             return Response(payload, media_type=score_codec.MEDIA_TYPE)
         if body.get("stream"):
-            prompts, sampling = parse_stream(engine, body)  # a bad body is a 400 before the stream starts
-            return StreamingResponse(stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob"))),
+            prompts, sampling = parse_stream(engine, body, limits)  # a bad body is a 400 before the stream starts
+            return StreamingResponse(stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob")), limits),
                                      media_type="text/event-stream")
-        return await run_in_threadpool(generate_response, engine, body)
+        return await _watching_client(request, generate_response, engine, body, limits)
 
     if role == "teacher":  # teachers are read-only: a weight sync aimed at one is a wiring mistake
         @app.middleware("http")
@@ -247,7 +311,8 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
         body = await body_of(request, "/init_weights_update_group")
         try:
             await run_in_threadpool(engine.init_update_group, body["master_address"], body["master_port"],
-                                    body["rank_offset"], body["world_size"], body.get("backend", "nccl"))
+                                    body["rank_offset"], body["world_size"], body.get("backend", "nccl"),
+                                    limits.group_timeout_s)
         except (RuntimeError, ValueError) as exc:
             return {"success": False, "message": str(exc)}
         return {"success": True, "message": "joined weight update group"}

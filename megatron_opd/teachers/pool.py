@@ -123,6 +123,8 @@ class TeacherPool:
                     self.dead_until[replica] = time.monotonic() + self.cooldown_s
                     if attempt >= self.max_retries:
                         raise TeacherError(f"teacher {self.name!r}: a batch failed {attempt + 1} times; last error: {error}") from error
+                    print(f"[teachers] {self.name}: replica {replica} ({getattr(self.replicas[replica], 'url', '?')}) failed ({error}); retrying its batch of {len(batch)} "
+                          f"(attempt {attempt + 2} of {self.max_retries + 1})", flush=True)
                     time.sleep(self.backoff_s * 2 ** attempt)
                     self.counters.retries += 1
                     futures[self._submit(executor, batch, sequences, starts, top_k, token_ids)] = (batch, attempt + 1)

@@ -8,6 +8,8 @@ serve`` already running at ``rollout.urls``).
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,11 +45,19 @@ class RolloutEngine:
                 from megatron_opd.serve.process import start_server
 
                 extra = ["--batch-size", str(rcfg.batch_size)] + (["--threads", str(threads)] if threads else [])
+                if log_dir:  # the disk sync writes the new weights under the run directory
+                    extra += ["--weights-root", str(Path(log_dir).resolve())]
                 for r in range(rcfg.replicas):
                     log = Path(log_dir) / f"rollout-{r}.log" if log_dir else None
                     servers.append(start_server(Path(model_dir), role="rollout", log_path=log, extra_args=extra))
                 urls = [s.url for s in servers]
-            clients = [SGLangClient(url) for url in urls]
+            api_key = None
+            if rcfg.api_key_env:
+                api_key = os.environ.get(rcfg.api_key_env)
+                if not api_key:
+                    raise RuntimeError(f"rollout.api_key_env: environment variable {rcfg.api_key_env} (the rollout "
+                                       "servers' API key) is not set")
+            clients = [SGLangClient(url, api_key=api_key) for url in urls]
             return cls(RolloutPool(clients), eos_token_id, clients, servers)
         except BaseException:
             for server in servers:

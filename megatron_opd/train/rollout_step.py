@@ -164,4 +164,7 @@ class StepMaker:
                         "throughput/rollout_tokens_per_s": lengths / max(generated.seconds, 1e-9)})
         if scored:
             metrics.update(teacher_reverse_kl(rollouts, scored, list(self.teachers.pools)))
+        if self.teachers is not None:  # cumulative over this process: an outage shows in the metrics, not only at the end
+            for unit, counters in self.teachers.counters().items():
+                metrics.update({f"teachers/{unit}/{key}": float(counters[key]) for key in ("requests", "retries", "failures")})
         return Produced(generated.step, batch, metrics)

@@ -1,0 +1,263 @@
+"""The embedded server on a shared network (issue 18): malformed bodies are 400s naming the field
+(never a 500), cost is bounded (context window, body size, per-request token budget), a paused or
+busy server answers 503 in bounded time, a generation whose client left is cancelled, SIGTERM
+exits in bounded time, and weight updates are all or nothing. Real `opd serve` processes on 127.0.0.1."""
+import json
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import REPO
+from megatron_opd.records import SamplingParams
+from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.rollout.generation import GenerationCancelled
+
+TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"  # vocabulary 100, context 512
+RANDOM = REPO / "assets" / "tiny" / "student_init"  # untrained: rarely samples EOS, so generations run long
+PROMPT = [2, 90, 88, 74, 87, 4, 70, 73, 73, 5, 22, 23, 24, 5, 16, 5, 24, 25, 26, 3, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("hardening") / "server.log"
+    from megatron_opd.serve.process import start_server
+
+    proc = start_server(TEACHER, role="rollout", log_path=log, extra_args=[
+        "--max-body-mb", "1", "--max-request-tokens", "20000", "--pause-wait-s", "2", "--group-timeout-s", "2",
+        "--weights-root", str(tmp_path_factory.getbasetemp())])
+    yield proc.url, log
+    proc.stop()
+
+
+def _gen(**sampling):
+    return {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 4, **sampling}}
+
+
+MALFORMED = [  # (raw body, a piece of the error that names the field)
+    ('{"input_ids": true}', "input_ids"),
+    ('{"input_ids": [1.5]}', "input_ids"),
+    ('{"input_ids": [true, false]}', "input_ids"),
+    ('{"input_ids": []}', "input_ids"),
+    ('{"input_ids": [1, 100]}', "token ids must be in [0, 100)"),
+    (json.dumps(_gen(max_new_tokens=1.5)), "max_new_tokens"),
+    (json.dumps(_gen(n=1.5)), "sampling_params.n"),
+    (json.dumps(_gen(n=True)), "sampling_params.n"),
+    (json.dumps(_gen(top_k=1.5)), "top_k"),
+    (json.dumps(_gen(top_p=0)), "top_p"),
+    (json.dumps(_gen(temperature=-1)), "temperature"),
+    (json.dumps(_gen(stop_token_ids="abc")), "stop_token_ids"),
+    (json.dumps(_gen(stop_token_ids=[1000])), "stop_token_ids"),
+    (json.dumps(_gen(sampling_seed="x")), "sampling_seed"),
+    (json.dumps(_gen(sampling_seed=2**70)), "sampling_seed"),
+    (json.dumps(_gen()).replace('"max_new_tokens": 4', '"temperature": NaN'), "NaN"),
+    (json.dumps(_gen()).replace('"max_new_tokens": 4', '"temperature": Infinity'), "Infinity"),
+    ('[1, 2]', "expected a JSON object"),
+    ('{"input_ids": [1, 2', "not JSON"),
+    (json.dumps({**_gen(), "return_logprob": "yes"}), "return_logprob"),
+    (json.dumps({**_gen(), "return_logprob": True, "logprob_start_len": 1.5}), "logprob_start_len"),
+    (json.dumps({**_gen(), "return_logprob": True, "top_logprobs_num": True}), "top_logprobs_num"),
+    (json.dumps({**_gen(), "token_ids_logprob": [True]}), "token_ids_logprob"),
+    # cost: the context window (512) and the budget (20,000 tokens per request on this server)
+    (json.dumps({"input_ids": [5] * 600, "sampling_params": {"max_new_tokens": 1}}), "context window of 512"),
+    (json.dumps(_gen(max_new_tokens=10**9)), "context window of 512"),
+    (json.dumps({"input_ids": [PROMPT] * 2000, "sampling_params": {"max_new_tokens": 128}}), "split the request"),
+    # weight-update and other endpoints: strict types too
+    ('{"model_path": 7}', "model_path"),
+    ('{"master_address": "127.0.0.1", "master_port": 1.5, "rank_offset": 1, "world_size": 2}', "master_port"),
+    ('{"master_address": "127.0.0.1", "master_port": 29999, "rank_offset": 1, "world_size": 2, "backend": "mpi"}', "backend"),
+    ('{"name": "model.norm.weight", "truncate_size": true}', "truncate_size"),
+    ('{"new_version": ""}', "new_version"),
+]
+PATHS = {"model_path": "/update_weights_from_disk", "master_address": "/init_weights_update_group",
+         "truncate_size": "/get_weights_by_name", "new_version": "/update_weight_version"}
+
+
+def _path(raw: str) -> str:
+    return next((p for key, p in PATHS.items() if f'"{key}"' in raw), "/generate")
+
+
+@pytest.mark.parametrize("raw,field", MALFORMED, ids=[f"{i}-{f}" for i, (_, f) in enumerate(MALFORMED)])
+def test_malformed_bodies_are_400s_naming_the_field(server, raw, field):
+    url, _ = server
+    started = time.monotonic()
+    r = httpx.post(url + _path(raw), content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400, (r.status_code, r.text)
+    assert field in r.json()["error"], r.json()["error"]
+    assert time.monotonic() - started < 5  # refused before any work
+
+
+def test_no_tracebacks_and_the_server_still_serves(server):
+    url, log = server
+    ok = httpx.post(url + "/generate", json=_gen(temperature=0.0), timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["output_ids"]) == 4
+    assert "Traceback" not in log.read_text()
+
+
+def test_body_over_the_limit_is_413(server):
+    url, _ = server
+    big = json.dumps({"input_ids": [5] * 400_000})  # ~1.2 MB against a 1 MB limit
+    r = httpx.post(url + "/generate", content=big, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_a_paused_server_answers_503_in_bounded_time(server):
+    url, _ = server
+    assert httpx.post(url + "/pause_generation", json={"mode": "in_place"}).status_code == 200
+    try:
+        started = time.monotonic()
+        r = httpx.post(url + "/generate", json=_gen(), timeout=30)
+        assert r.status_code == 503 and "paused" in r.json()["error"]
+        assert 1.5 < time.monotonic() - started < 10  # --pause-wait-s 2
+    finally:
+        httpx.post(url + "/continue_generation", json={})
+    assert httpx.post(url + "/generate", json=_gen(), timeout=30).status_code == 200
+
+
+def test_weight_update_group_fails_fast(server):
+    url, _ = server
+    from megatron_opd.platform.dist import _free_port
+
+    started = time.monotonic()  # nothing listens on the master port: gives up after --group-timeout-s 2
+    r = httpx.post(url + "/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": _free_port(),
+                                                            "rank_offset": 1, "world_size": 2, "backend": "gloo"},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["success"] is False
+    assert time.monotonic() - started < 20
+
+
+def _weights(url: str, name: str) -> torch.Tensor:
+    return torch.tensor(httpx.post(url + "/get_weights_by_name", json={"name": name, "truncate_size": 10**6}).json())
+
+
+def _greedy(url: str) -> list[int]:
+    return httpx.post(url + "/generate", json=_gen(temperature=0.0, max_new_tokens=12), timeout=30).json()["output_ids"]
+
+
+def test_weight_updates_are_all_or_nothing(server, tmp_path):
+    from safetensors.torch import save_file
+
+    url, _ = server
+    full = {k: v.clone() for k, v in EmbeddedEngine(TEACHER).model.state_dict().items()}
+    norm = "model.norm.weight"
+    before, greedy, version = _weights(url, norm), _greedy(url), httpx.get(url + "/model_info").json()["weight_version"]
+
+    def update(path) -> dict:
+        r = httpx.post(url + "/update_weights_from_disk", json={"model_path": str(path), "weight_version": "bad"}, timeout=60)
+        assert r.status_code == 200
+        return r.json()
+
+    def refused(path, why: str) -> None:
+        answer = update(path)
+        assert answer["success"] is False and why in answer["message"], answer
+        assert torch.equal(_weights(url, norm), before) and _greedy(url) == greedy
+        assert httpx.get(url + "/model_info").json()["weight_version"] == version
+
+    refused("/etc", "outside the directories")
+    refused(REPO / ".." / "..", "outside the directories")
+    (tmp_path / "to_dev").symlink_to("/dev")
+    refused(tmp_path / "to_dev", "outside the directories")  # a link inside the root, pointing out of it
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    (zero / "model.safetensors").symlink_to("/dev/zero")
+    refused(zero, "not a regular file")
+    part = tmp_path / "part"
+    part.mkdir()
+    save_file({norm: torch.zeros_like(full[norm])}, str(part / "model.safetensors"))
+    refused(part, f"missing")  # 1 of the model's weights: would leave a half-updated model
+    ints = tmp_path / "ints"
+    ints.mkdir()
+    save_file({**full, norm: torch.ones_like(full[norm], dtype=torch.int64)}, str(ints / "model.safetensors"))
+    refused(ints, "lossy cast")
+    nans = tmp_path / "nans"
+    nans.mkdir()
+    save_file({**full, norm: torch.full_like(full[norm], float("nan"))}, str(nans / "model.safetensors"))
+    refused(nans, "NaN or Inf")
+    # a full, finite update in bf16 (a lossless widening into the fp32 engine) is taken as sent
+    good = tmp_path / "good"
+    good.mkdir()
+    halves = {k: (v * 0.5).to(torch.bfloat16) for k, v in full.items()}
+    save_file(halves, str(good / "model.safetensors"))
+    answer = update(good)
+    assert answer["success"] is True, answer
+    assert torch.equal(_weights(url, norm), halves[norm].float())
+    assert httpx.get(url + "/model_info").json()["weight_version"] == "bad"
+
+
+def test_engine_generation_stops_when_cancelled():
+    engine = EmbeddedEngine(RANDOM)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    started = time.monotonic()
+    with pytest.raises(GenerationCancelled):
+        engine.generate([PROMPT] * 64, SamplingParams(temperature=1.0, max_new_tokens=480, seed=1), cancel=cancel)
+    assert time.monotonic() - started < 5
+    # the engine is free again at once
+    assert len(engine.generate([PROMPT], SamplingParams(temperature=0.0, max_new_tokens=3))[0].completion_ids) == 3
+
+
+@pytest.fixture(scope="module")
+def random_server(tmp_path_factory):
+    from megatron_opd.serve.process import start_server
+
+    log = tmp_path_factory.mktemp("random_server") / "server.log"
+    server = start_server(RANDOM, role="rollout", log_path=log)
+    yield server.url, server.proc, log
+    server.stop()
+
+
+LONG = {"input_ids": [PROMPT] * 128, "sampling_params": {"max_new_tokens": 480, "temperature": 1.0, "sampling_seed": 3}}
+
+
+def test_a_generation_whose_client_left_is_cancelled(random_server):
+    url, _, log = random_server
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):  # the client gives up after 1 s
+        httpx.post(url + "/generate", json=LONG, timeout=1.0)
+    # the next request is served at once, not after the abandoned generation has run to its end
+    r = httpx.post(url + "/generate", json=_gen(temperature=0.0), timeout=60)
+    assert r.status_code == 200
+    assert time.monotonic() - started < 8, "the abandoned generation kept the server busy"
+    _poll_log = time.monotonic() + 10
+    while "generation cancelled after" not in log.read_text() and time.monotonic() < _poll_log:
+        time.sleep(0.2)
+    assert "/generate: generation cancelled after" in log.read_text()
+
+
+def test_sigterm_stops_a_busy_server_in_bounded_time(random_server):
+    url, proc, _ = random_server
+    threading.Thread(target=lambda: httpx.post(url + "/generate", json=LONG, timeout=120), daemon=True).start()
+    time.sleep(1.0)  # generating
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert time.monotonic() - started < 20
+
+
+def test_a_non_loopback_server_needs_a_key():
+    from conftest import opd
+
+    refused = opd("serve", "--model", str(TEACHER), "--host", "0.0.0.0", "--port", "1", check=False, timeout=120)
+    assert refused.returncode == 2 and "needs an API key" in refused.stderr
+
+
+def test_a_run_does_not_resume_a_checkpoint_of_another_config(tmp_path, tiny_world):
+    """Re-running into a directory whose checkpoint came from different settings stops before anything
+    starts, naming the keys; the layout, the step count and the run's place may change."""
+    from conftest import opd, sft_recipe
+
+    out = tmp_path / "run"
+    recipe = sft_recipe(tiny_world, out, steps=2)
+    opd("run", str(recipe))
+    stamp = (out / "checkpoints" / "latest").read_text()
+    changed = opd("run", str(recipe), "optim.lr=0.01", "train.seed=3", check=False)
+    assert changed.returncode == 2, changed.stderr
+    assert "different config (optim.lr: 0.003 -> 0.01; train.seed: 7 -> 3)" in changed.stderr
+    assert (out / "checkpoints" / "latest").read_text() == stamp  # nothing ran
+    more = opd("run", str(recipe), "train.steps=3")  # a longer run of the same config resumes
+    assert "resumed from" in more.stdout and "at step 2" in more.stdout
+    forced = opd("run", str(recipe), "optim.lr=0.01", "train.steps=4", "train.resume_changed_config=true")
+    assert "at step 3" in forced.stdout
