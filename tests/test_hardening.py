@@ -204,12 +204,13 @@ def random_server(tmp_path_factory):
     from megatron_opd.serve.process import start_server
 
     log = tmp_path_factory.mktemp("random_server") / "server.log"
-    server = start_server(RANDOM, role="rollout", log_path=log)
+    server = start_server(RANDOM, role="rollout", log_path=log, extra_args=["--max-request-tokens", "1000000"])
     yield server.url, server.proc, log
     server.stop()
 
 
-LONG = {"input_ids": [PROMPT] * 128, "sampling_params": {"max_new_tokens": 480, "temperature": 1.0, "sampling_seed": 3}}
+# greedy from the untrained model runs every row to max_new_tokens: ~20 s of decoding on 2 cores
+LONG = {"input_ids": [PROMPT] * 1024, "sampling_params": {"max_new_tokens": 480, "temperature": 0.0}}
 
 
 def test_a_generation_whose_client_left_is_cancelled(random_server):

@@ -37,7 +37,7 @@ def test_slurm_dry_run_places_trainer_rollout_and_teacher_groups(tmp_path):
     assert "export NCCL_DEBUG=WARN" in sbatch and "export OPD_TRAINER_HEAD=$het_group_host_0" in sbatch
     # trainer: waits for every server, then torchrun over c10d on group 0's first node
     assert "cd /lustre/code/megatron-opd" in trainer
-    assert 'wait-servers --timeout 1800 "$OPD_ROLLOUT_URLS" "$OPD_TEACHER_MATH_URLS"' in trainer
+    assert 'wait-servers --timeout 1800 --api-key-env OPD_SERVER_KEY "$OPD_ROLLOUT_URLS" "$OPD_TEACHER_MATH_URLS"' in trainer
     assert ("python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
             "--rdzv-endpoint=$OPD_TRAINER_HEAD:29500") in trainer
     assert "-m megatron_opd.cli run " + str(QWEN3_OPD) in trainer
@@ -195,8 +195,9 @@ def _normalized(text: str, job_dir: Path) -> str:
 @pytest.mark.parametrize("name", GPU_RECIPES)
 def test_gpu_recipes_render_the_recorded_scripts(tmp_path, name):
     """The GPU recipes' sbatch script and group scripts, byte for byte as recorded under tests/golden/slurm
-    (recorded from the launcher before the CPU / embedded-server groups were added; regenerate on purpose
-    with OPD_UPDATE_GOLDEN=1)."""
+    (recorded from the launcher before the CPU / embedded-server groups of issue 17 were added, which
+    left them unchanged; re-recorded once for issue 18's per-job API key. Regenerate on purpose with
+    OPD_UPDATE_GOLDEN=1 and read the diff.)"""
     jobs = tmp_path / "jobs"
     run = opd("launch", f"recipes/{name}.yaml", "--executor", "slurm", "--dry-run", "--job-dir", str(jobs))  # from the repo
     sbatch = Path(re.search(r"wrote (\S+)", run.stdout).group(1))

@@ -212,6 +212,30 @@ WEIGHT_UPDATE_PATHS = {"/update_weights_from_disk", "/init_weights_update_group"
                        "/destroy_weights_update_group", "/update_weight_version"}
 
 
+class _Gate:
+    """The API key (401) and, on a teacher, read-only weights (403: a weight sync aimed at a teacher
+    is a wiring mistake). A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would hide a
+    client's disconnect from the handlers, and a generation whose client left must be cancelled."""
+
+    def __init__(self, app: Any, api_key: str | None, read_only: bool) -> None:
+        self.app, self.api_key, self.read_only = app, api_key, read_only
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            refusal = None
+            if self.api_key:
+                given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+                if not secrets.compare_digest(given, f"Bearer {self.api_key}"):
+                    refusal = JSONResponse({"error": "invalid or missing API key"}, status_code=401)
+            if refusal is None and self.read_only and scope["path"] in WEIGHT_UPDATE_PATHS:
+                refusal = JSONResponse({"error": f"{scope['path']}: this is a teacher server (read-only weights)"},
+                                       status_code=403)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def _watching_client(request: Request, work, *args) -> Any:
     """Run ``work(*args, cancel=event)`` in a worker thread; set the event when the client goes."""
     cancel = threading.Event()
@@ -241,11 +265,7 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
     app = FastAPI(title=f"megatron-opd embedded {role} server (SGLang wire format)", lifespan=lifespan)
     app.state.limits = limits
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
-            return JSONResponse({"error": "invalid or missing API key"}, status_code=401)
-        return await call_next(request)
+    app.add_middleware(_Gate, api_key=api_key, read_only=role == "teacher")
 
     async def body_of(request: Request, path: str) -> dict[str, Any]:
         declared = request.headers.get("content-length", "")
@@ -287,14 +307,6 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
             return StreamingResponse(stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob")), limits),
                                      media_type="text/event-stream")
         return await _watching_client(request, generate_response, engine, body, limits)
-
-    if role == "teacher":  # teachers are read-only: a weight sync aimed at one is a wiring mistake
-        @app.middleware("http")
-        async def read_only(request: Request, call_next):
-            if request.url.path in WEIGHT_UPDATE_PATHS:
-                return JSONResponse({"error": f"{request.url.path}: this is a teacher server (read-only weights)"},
-                                    status_code=403)
-            return await call_next(request)
 
     @app.post("/update_weights_from_disk")
     async def update_from_disk(request: Request):

@@ -81,6 +81,7 @@ export OPD_ROLLOUT_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST
 export OPD_TEACHER_MATH_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_2); do for p in 31000 31001; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
 export OPD_TEACHER_CODE_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_3); do for p in 31000 31001; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
 export OPD_TEACHER_IF_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_4); do for p in 31000 31001 31002 31003; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
+export OPD_SERVER_KEY=${OPD_SERVER_KEY:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 export OPD_TRAINER_HEAD=$het_group_host_0
 
 
@@ -93,6 +94,8 @@ export OPD_TEACHER_MATH_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NOD
 export OPD_TEACHER_CODE_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_3); do for p in 31000 31001; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
 
 export OPD_TEACHER_IF_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_4); do for p in 31000 31001 31002 31003; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
+
+export OPD_SERVER_KEY=${OPD_SERVER_KEY:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 
 export OPD_TRAINER_HEAD=$het_group_host_0
 

@@ -58,6 +58,7 @@ het_group_host_2=$(scontrol show hostnames=$SLURM_JOB_NODELIST_HET_GROUP_2 | hea
 export NCCL_DEBUG=WARN
 export OPD_ROLLOUT_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_1); do for p in 30000 30001 30002 30003; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
 export OPD_TEACHER_MATH_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_2); do for p in 31000 31001; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
+export OPD_SERVER_KEY=${OPD_SERVER_KEY:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 export OPD_TRAINER_HEAD=$het_group_host_0
 
 
@@ -68,6 +69,8 @@ export NCCL_DEBUG=WARN
 export OPD_ROLLOUT_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_1); do for p in 30000 30001 30002 30003; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
 
 export OPD_TEACHER_MATH_URLS=$(for h in $(scontrol show hostnames $SLURM_JOB_NODELIST_HET_GROUP_2); do for p in 31000 31001; do printf 'http://%s:%s,' $h $p; done; done | sed 's/,$//')
+
+export OPD_SERVER_KEY=${OPD_SERVER_KEY:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 
 export OPD_TRAINER_HEAD=$het_group_host_0
 

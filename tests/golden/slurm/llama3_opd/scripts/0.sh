@@ -1,5 +1,5 @@
 #!/usr/bin/bash
 set -euo pipefail
 cd /lustre/code/megatron-opd
-python -m megatron_opd.cli wait-servers --timeout 1800 "$OPD_ROLLOUT_URLS" "$OPD_TEACHER_MATH_URLS"
-python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$OPD_TRAINER_HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m megatron_opd.cli run recipes/llama3/opd.yaml  "rollout.urls=[$OPD_ROLLOUT_URLS]" "teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]"
+python -m megatron_opd.cli wait-servers --timeout 1800 --api-key-env OPD_SERVER_KEY "$OPD_ROLLOUT_URLS" "$OPD_TEACHER_MATH_URLS"
+python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$OPD_TRAINER_HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m megatron_opd.cli run recipes/llama3/opd.yaml  "rollout.urls=[$OPD_ROLLOUT_URLS]" "rollout.api_key_env=OPD_SERVER_KEY" "teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]" "teachers.teachers.math.api_key_env=OPD_SERVER_KEY"

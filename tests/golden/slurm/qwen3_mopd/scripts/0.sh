@@ -1,5 +1,5 @@
 #!/usr/bin/bash
 set -euo pipefail
 cd /lustre/code/megatron-opd
-python -m megatron_opd.cli wait-servers --timeout 1800 "$OPD_ROLLOUT_URLS" "$OPD_TEACHER_MATH_URLS" "$OPD_TEACHER_CODE_URLS" "$OPD_TEACHER_IF_URLS"
-python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$OPD_TRAINER_HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m megatron_opd.cli run recipes/qwen3/mopd.yaml  "rollout.urls=[$OPD_ROLLOUT_URLS]" "teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]" "teachers.teachers.code.urls=[$OPD_TEACHER_CODE_URLS]" "teachers.teachers.if.urls=[$OPD_TEACHER_IF_URLS]"
+python -m megatron_opd.cli wait-servers --timeout 1800 --api-key-env OPD_SERVER_KEY "$OPD_ROLLOUT_URLS" "$OPD_TEACHER_MATH_URLS" "$OPD_TEACHER_CODE_URLS" "$OPD_TEACHER_IF_URLS"
+python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$OPD_TRAINER_HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m megatron_opd.cli run recipes/qwen3/mopd.yaml  "rollout.urls=[$OPD_ROLLOUT_URLS]" "rollout.api_key_env=OPD_SERVER_KEY" "teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]" "teachers.teachers.math.api_key_env=OPD_SERVER_KEY" "teachers.teachers.code.urls=[$OPD_TEACHER_CODE_URLS]" "teachers.teachers.code.api_key_env=OPD_SERVER_KEY" "teachers.teachers.if.urls=[$OPD_TEACHER_IF_URLS]" "teachers.teachers.if.api_key_env=OPD_SERVER_KEY"
