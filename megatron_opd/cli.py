@@ -69,10 +69,24 @@ def _distributed(nproc: int, argv: list[str]) -> bool:
 
 
 def _preflight_model(hf_path: Path, tp: int, pp: int) -> None:
-    """Checks that need only config.json, done before any process starts."""
+    """Checks that need only config.json and the weight files' headers, done before any process starts."""
     from megatron_opd.model.bridge import check_parallel_fit, load_hf_config
 
     check_parallel_fit(load_hf_config(hf_path), tp, pp, where=str(hf_path))
+    _readable_weights(Path(hf_path))
+
+
+def _readable_weights(hf_dir: Path) -> None:
+    """Every ``*.safetensors`` of an HF directory opens (header and size agree): a truncated or
+    corrupt file is an error naming it, not a traceback from a worker."""
+    from safetensors import safe_open
+
+    for path in sorted(hf_dir.glob("*.safetensors")):  # none: a checkpoint's config-only hf/ (its weights are in dist/)
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{path}: not a readable safetensors file ({exc}); truncated or corrupt?") from None
 
 
 @app.command()
@@ -252,11 +266,13 @@ def _preflight_opd(cfg) -> None:
 @convert_app.command("hf-to-megatron")
 def hf_to_megatron(
     src: Path, dst: Path,
-    tp: int = typer.Option(1, help="tensor parallel size"),
-    pp: int = typer.Option(1, help="pipeline parallel size"),
-    vocab_divisible_by: int = typer.Option(128, help="pad the vocabulary to a multiple of this"),
+    tp: int = typer.Option(1, min=1, help="tensor parallel size"),
+    pp: int = typer.Option(1, min=1, help="pipeline parallel size"),
+    vocab_divisible_by: int = typer.Option(128, min=1, help="pad the vocabulary to a multiple of this"),
 ) -> None:
     """HF safetensors directory -> sharded megatron-opd checkpoint for TP x PP."""
+    if dst.exists() and not dst.is_dir():
+        _fail(f"{dst}: exists and is not a directory")
     try:
         _preflight_model(src, tp, pp)
     except (ValueError, FileNotFoundError) as exc:
@@ -302,19 +318,31 @@ def export_hf(
 def eval_cmd(
     ckpt: Path,
     domains: Optional[str] = typer.Option(None, help="comma-separated domains (default: all in the world)"),
-    samples: Optional[int] = typer.Option(None, help="first N test problems per domain"),
+    samples: Optional[int] = typer.Option(None, min=1, help="first N test problems per domain"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="write the results as JSON here"),
     world: Path = typer.Option(Path("assets/tiny"), help="tiny-world directory (data/<domain>/test.jsonl)"),
     seed: int = typer.Option(0, help="sampling seed"),
-    max_new_tokens: int = typer.Option(96),
+    max_new_tokens: int = typer.Option(96, min=1),
 ) -> None:
     """Per-domain accuracy of an HF directory or megatron-opd checkpoint (greedy and sampled)."""
     import json
     import tempfile
 
-    from megatron_opd.eval.domains import evaluate, format_table
+    from megatron_opd.eval.domains import available_domains, evaluate, format_table
     from megatron_opd.model.checkpoint import CheckpointError, find_latest
 
+    have = available_domains(world) if world.is_dir() else []
+    if not have:
+        _fail(f"--world {world}: no domains there (expected data/<domain>/test.jsonl)")
+    unknown = [d.strip() for d in (domains or "").split(",") if d.strip() and d.strip() not in have]
+    if unknown:
+        _fail(f"--domains: {unknown} not in {world} (has {have})")
+
+    if (ckpt / "config.json").is_file():
+        try:
+            _readable_weights(ckpt)
+        except ValueError as exc:
+            _fail(str(exc))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = ckpt
         if not (ckpt / "config.json").is_file():

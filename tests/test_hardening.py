@@ -262,3 +262,112 @@ def test_a_run_does_not_resume_a_checkpoint_of_another_config(tmp_path, tiny_wor
     assert "resumed from" in more.stdout and "at step 2" in more.stdout
     forced = opd("run", str(recipe), "optim.lr=0.01", "train.steps=4", "train.resume_changed_config=true")
     assert "at step 3" in forced.stdout
+
+
+WEIRD = [None, True, False, 0, 1, -1, 4, 1.5, 2**70, float("nan"), float("inf"), "", "x", "/etc", [], [True], [1.5],
+         [1, 2, 3], [[1, 2], [3]], [[]], {}, {"a": 1}, "model.norm.weight"]
+TEMPLATES = {
+    "/generate": {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2, "temperature": 0.0, "n": 1, "top_k": -1,
+                                                           "top_p": 1.0, "stop_token_ids": [3], "sampling_seed": 1},
+                  "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 2, "stream": False},
+    "/update_weights_from_disk": {"model_path": "/tmp", "weight_version": "x"},
+    "/update_weights_from_distributed": {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[64]],
+                                         "weight_version": "x", "load_format": None},
+    "/get_weights_by_name": {"name": "model.norm.weight", "truncate_size": 3},
+    "/update_weight_version": {"new_version": "fuzz"},
+    "/destroy_weights_update_group": {},
+    "/continue_generation": {},
+}
+
+
+def _mutate(body: dict, rng) -> dict:
+    out = {}
+    for key, value in body.items():
+        roll = rng.random()
+        if roll < 0.15:
+            continue  # dropped
+        if isinstance(value, dict) and roll < 0.6:
+            out[key] = _mutate(value, rng)
+        elif roll < 0.55:
+            out[key] = rng.choice(WEIRD)
+        else:
+            out[key] = value
+    if rng.random() < 0.1:
+        out[rng.choice(["extra", "input_ids", "text"])] = rng.choice(WEIRD)
+    return out
+
+
+def test_fuzzed_bodies_never_get_a_500(server):
+    """400 bodies drawn from valid templates with fields dropped or swapped for odd values: every
+    answer is a 2xx (a valid draw) or a 4xx, never a 5xx, and the server still serves after."""
+    import random
+
+    url, log = server
+    rng = random.Random(18)
+    statuses = {}
+    with httpx.Client(timeout=60) as http:
+        for i in range(400):
+            path = rng.choice(list(TEMPLATES))
+            body = _mutate(TEMPLATES[path], rng)
+            r = http.post(url + path, content=json.dumps(body), headers={"content-type": "application/json"})
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (path, body, r.status_code, r.text)
+        assert http.post(url + "/continue_generation", json={}).status_code == 200
+    assert sum(v for k, v in statuses.items() if 400 <= k < 500) > 100  # most draws are refused, each as a 4xx
+    assert "Traceback" not in log.read_text()
+    assert httpx.post(url + "/generate", json=_gen(temperature=0.0), timeout=30).status_code == 200
+
+
+def test_cli_and_config_refuse_nonsense_before_starting(tmp_path, tiny_world):
+    from conftest import opd, sft_recipe
+
+    from megatron_opd.config import ConfigError, load_recipe
+
+    import shutil
+
+    recipe = sft_recipe(tiny_world, tmp_path / "run")
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_world["student"], truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConfigError, match="train.steps.*expected a number, got the boolean true"):
+        load_recipe(recipe, ["train.steps=true"])
+    with pytest.raises(ConfigError, match="optim.lr.*expected a number, got the boolean false"):
+        load_recipe(recipe, ["optim.lr=false"])
+    assert load_recipe(recipe, ["train.resume=false"]).train.resume is False  # a real boolean still is one
+    for args, message in [
+        (["eval", str(TEACHER), "--samples", "0"], "Invalid value for '--samples'"),
+        (["eval", str(TEACHER), "--world", str(tmp_path / "nowhere")], "no domains there"),
+        (["eval", str(TEACHER), "--domains", "poetry"], "['poetry'] not in"),
+        (["convert", "hf-to-megatron", str(TEACHER), str(tmp_path / "x"), "--tp", "0"], "Invalid value for '--tp'"),
+        (["convert", "hf-to-megatron", str(TEACHER), str(tmp_path / "x"), "--vocab-divisible-by", "0"],
+         "Invalid value for '--vocab-divisible-by'"),
+        (["convert", "hf-to-megatron", str(TEACHER), str(recipe)], "exists and is not a directory"),
+        (["eval", str(truncated)], "not a readable safetensors file"),
+        (["run", str(recipe), f"model.hf_path={truncated}"], "not a readable safetensors file"),
+    ]:
+        run = opd(*args, check=False, timeout=300)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr[-2000:])
+
+
+def test_bad_opd_rows_are_counted_and_skipped(tmp_path):
+    """OPD prompt rows the SFT loader would skip are skipped here too (they were tracebacks)."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.train.step_batch import load_prompts
+
+    good = {"messages": [{"role": "user", "content": "add 1 + 2"}], "domain": "arithmetic", "meta": '{"answer": 3}'}
+    rows = [good,
+            {"messages": ["add 1 + 2"]},  # strings, not turns
+            {"messages": [{"role": "user", "content": 7}]},
+            {**good, "meta": "{not json"},
+            {**good, "meta": [1, 2]},
+            {**good, "meta": {"answer": 3}}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prompts, skipped, problems = load_prompts([str(path)], AutoTokenizer.from_pretrained(str(TEACHER)), "messages",
+                                              "domain", 64)
+    assert [p.meta for p in prompts] == [{"answer": 3}, {"answer": 3}]
+    assert skipped == {"'messages' entries must be {role, content} objects with string values": 2,
+                       "'meta' is a string that is not JSON": 1, "'meta' must be an object (or its JSON text)": 1}
+    assert problems[0].endswith("row 1: 'messages' entries must be {role, content} objects with string values")

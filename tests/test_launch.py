@@ -41,7 +41,8 @@ def test_slurm_dry_run_places_trainer_rollout_and_teacher_groups(tmp_path):
     assert ("python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
             "--rdzv-endpoint=$OPD_TRAINER_HEAD:29500") in trainer
     assert "-m megatron_opd.cli run " + str(QWEN3_OPD) in trainer
-    assert '"rollout.urls=[$OPD_ROLLOUT_URLS]" "teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]"' in trainer
+    assert ('"rollout.urls=[$OPD_ROLLOUT_URLS]" "rollout.api_key_env=OPD_SERVER_KEY" '
+            '"teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]"') in trainer
     # rollout node: 4 SGLang servers of TP2 on their own GPUs and ports, serving the student
     servers = [l for l in rollout.splitlines() if "sglang.launch_server" in l]
     assert [re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", l).group(1) for l in servers] == ["0,1", "2,3", "4,5", "6,7"]

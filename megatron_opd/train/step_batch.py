@@ -24,13 +24,24 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
         for i, row in enumerate(load_rows(source)):
             messages = row.get(messages_field)
             reason = None
+            meta = row.get("meta")
             if not isinstance(messages, list) or not messages:
                 reason = f"no '{messages_field}' list"
+            elif not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                         for m in messages):
+                reason = f"'{messages_field}' entries must be {{role, content}} objects with string values"
             else:
                 if messages[-1].get("role") == "assistant":
                     messages = messages[:-1]
                 if not messages or messages[-1].get("role") != "user":
                     reason = "no user turn to answer"
+            if reason is None and isinstance(meta, str):
+                try:
+                    meta = json.loads(meta)
+                except json.JSONDecodeError:
+                    reason = "'meta' is a string that is not JSON"
+            if reason is None and meta is not None and not isinstance(meta, dict):
+                reason = "'meta' must be an object (or its JSON text)"
             if reason is None:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
                 if len(ids) > max_prompt_length:
@@ -40,9 +51,7 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                 if len(problems) < 5:
                     problems.append(f"{source} row {i}: {reason}")
                 continue
-            meta = row.get("meta")
-            prompts.append(Prompt(list(ids), row.get(domain_field), json.loads(meta) if isinstance(meta, str) else meta,
-                                  row=len(prompts)))
+            prompts.append(Prompt(list(ids), row.get(domain_field), meta, row=len(prompts)))
     if not prompts:
         raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
     return prompts, skipped, problems
