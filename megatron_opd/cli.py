@@ -336,7 +336,7 @@ def eval_cmd(
         _fail(f"--world {world}: no domains there (expected data/<domain>/test.jsonl)")
     unknown = [d.strip() for d in (domains or "").split(",") if d.strip() and d.strip() not in have]
     if unknown:
-        _fail(f"--domains: {unknown} not in {world} (has {have})")
+        _fail(f"--domains: unknown domain(s) {unknown} in {world} (has {have})")
 
     if (ckpt / "config.json").is_file():
         try:

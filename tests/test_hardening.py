@@ -338,7 +338,7 @@ def test_cli_and_config_refuse_nonsense_before_starting(tmp_path, tiny_world):
     for args, message in [
         (["eval", str(TEACHER), "--samples", "0"], "Invalid value for '--samples'"),
         (["eval", str(TEACHER), "--world", str(tmp_path / "nowhere")], "no domains there"),
-        (["eval", str(TEACHER), "--domains", "poetry"], "['poetry'] not in"),
+        (["eval", str(TEACHER), "--domains", "poetry"], "unknown domain(s) ['poetry']"),
         (["convert", "hf-to-megatron", str(TEACHER), str(tmp_path / "x"), "--tp", "0"], "Invalid value for '--tp'"),
         (["convert", "hf-to-megatron", str(TEACHER), str(tmp_path / "x"), "--vocab-divisible-by", "0"],
          "Invalid value for '--vocab-divisible-by'"),

@@ -90,7 +90,9 @@ def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_
     assert latest in (2, 4)
     audit_a = {json.loads(line)["step"]: json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()}
 
-    second = _submit(out, jobs, slurm)
+    # job B runs a longer schedule (a resumable change): several steps still to score after the kill,
+    # however late the kill lands on a loaded machine
+    second = _submit(out, jobs, slurm, "train.steps=10")
     # a tiny step takes about a second: kill as soon as the trainer has resumed, before it scores
     _poll(lambda: "resumed from" in _trainer_log(jobs, second), 900, "job B's trainer to resume", every=0.05)
     _kill_listener(31101)  # one teacher replica dies; the other one serves on
@@ -108,19 +110,19 @@ def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_
     assert set(results["eval"]) == {"before", "after"} and "arithmetic" in results["eval"]["after"]
     counters = results["teacher_counters"]["arithmetic"]
     assert counters["failures"] >= 1 and counters["retries"] >= 1  # the dead replica's batches, retried
-    assert counters["samples"] == (6 - latest) * 8 * 2  # this process's steps: every sample scored once
+    assert counters["samples"] == (10 - latest) * 8 * 2  # this process's steps: every sample scored once
     # the retries are in the trainer's log and its metrics as they happen, not only in results.json
     assert "[teachers] arithmetic: replica" in _trainer_log(jobs, second)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["step"] for r in rows] == list(range(1, 11))
     assert rows[-1]["teachers/arithmetic/retries"] == counters["retries"] >= 1
     for r in rows:  # every step sampled by the weights of the step before, synced across the groups
         assert r["rollout/staleness_0"] == 1.0
         assert r["opd/train_inference_mismatch"] <= 1e-5  # the rollout server holds exactly the trainer's weights
-    # no prompt repeated or lost: steps 1..6 once each, 16 samples each, and the steps job A had
+    # no prompt repeated or lost: steps 1..10 once each, 16 samples each, and the steps job A had
     # trained past its checkpoint were redone on the same prompts
     audit = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [a["step"] for a in audit] == list(range(1, 7))
+    assert [a["step"] for a in audit] == list(range(1, 11))
     assert all(len(a["prompt_rows"]) == 16 for a in audit)
     for a in audit:
         if a["step"] in audit_a:
