@@ -120,7 +120,7 @@ def test_pool_retries_a_killed_servers_share_exactly_once():
     servers = [start_rollout_server(TEACHER) for _ in range(2)]
     try:
         pool = RolloutPool([SGLangClient(url) for url, _ in servers])
-        prompts = _prompts(tok, [f"add {1000 + 37 * i} + {2000 + 91 * i}" for i in range(8)])
+        prompts = _prompts(tok, [f"add {1000 + 37 * i} + {2000 + 91 * i}" for i in range(48)])  # each server busy for well over the 0.5 s before the kill
         sampling = SamplingParams(temperature=1.0, max_new_tokens=64, n=2, seed=5)
         victim = servers[1][1]
         killer = threading.Timer(0.5, victim.kill)  # mid-batch: the server is busy generating
@@ -130,7 +130,7 @@ def test_pool_retries_a_killed_servers_share_exactly_once():
         killer.join()
         assert time.time() - started > 0.5, "the batch finished before the kill; it did not test a retry"
         assert pool.retries == 1 and pool.dead == {1}
-        assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(8) for k in range(2)]
+        assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(48) for k in range(2)]
         assert all(r.prompt_ids == prompts[r.prompt_index] and r.completion_ids for r in rollouts)
         assert pool.health() and pool.dead == {1}
         from megatron_opd.rollout.http_client import ServerError
