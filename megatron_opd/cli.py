@@ -16,6 +16,9 @@ from typing import List, Optional
 import typer
 
 from megatron_opd.config import ConfigError, load_recipe
+from megatron_opd.pipeline.preflight import (preflight_cascade, preflight_model, preflight_opd, preflight_resume,
+                                             readable_weights)
+from megatron_opd.platform.dist import is_loopback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation with a megatron-core student.")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between formats.")
@@ -68,27 +71,6 @@ def _distributed(nproc: int, argv: list[str]) -> bool:
     raise typer.Exit(relaunch_with_torchrun(nproc, argv))
 
 
-def _preflight_model(hf_path: Path, tp: int, pp: int) -> None:
-    """Checks that need only config.json and the weight files' headers, done before any process starts."""
-    from megatron_opd.model.bridge import check_parallel_fit, load_hf_config
-
-    check_parallel_fit(load_hf_config(hf_path), tp, pp, where=str(hf_path))
-    _readable_weights(Path(hf_path))
-
-
-def _readable_weights(hf_dir: Path) -> None:
-    """Every ``*.safetensors`` of an HF directory opens (header and size agree): a truncated or
-    corrupt file is an error naming it, not a traceback from a worker."""
-    from safetensors import safe_open
-
-    for path in sorted(hf_dir.glob("*.safetensors")):  # none: a checkpoint's config-only hf/ (its weights are in dist/)
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
-            raise ValueError(f"{path}: not a readable safetensors file ({exc}); truncated or corrupt?") from None
-
-
 @app.command()
 def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value"),
         through: Optional[str] = typer.Option(None, "--through", help="cascade: stop after this stage (earlier "
@@ -99,7 +81,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     try:
         cfg = load_recipe(recipe, overrides or [])
         if isinstance(cfg, CascadeConfig):
-            _preflight_cascade(cfg)
+            preflight_cascade(cfg)
             if through is not None and through not in [s.name for s in cfg.stages]:
                 raise ValueError(f"--through {through!r}: not a stage of this cascade (stages: {[s.name for s in cfg.stages]})")
         elif through is not None:
@@ -110,8 +92,8 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         _run_cascade(cfg, recipe, through)
         return
     try:
-        _preflight_resume(cfg)
-        _preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
+        preflight_resume(cfg)
+        preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
         sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
         if cfg.kind == "sft":
             sources.append(("eval", cfg.data.eval))
@@ -119,7 +101,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
             if source and source.endswith((".jsonl", ".json", ".parquet")) and not Path(source).is_file():
                 raise ValueError(f"data.{name}: file {source} not found")
         if cfg.kind in ("opd", "grpo"):
-            _preflight_opd(cfg)
+            preflight_opd(cfg)
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
@@ -140,70 +122,6 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
             from megatron_opd.pipeline.report import write_stage_report
 
             typer.echo(f"[{cfg.kind}] run directory {cfg.run.output_dir}; report {write_stage_report(cfg.run.output_dir)}")
-
-
-# what may change between a run and its resumption: where it runs and for how long, how often it
-# saves / logs / evaluates, and the layout (checkpoints reshard on load)
-RESUMABLE_CHANGES = ("run.", "parallel.", "launch.", "eval.", "train.steps", "train.save_interval", "train.keep_last",
-                     "train.log_interval", "train.eval_interval", "train.resume", "rollout.urls", "teachers.teachers.*.urls")
-
-
-def _preflight_resume(cfg) -> None:
-    """Stop before anything starts when the run directory holds a checkpoint of a different config."""
-    import fnmatch
-
-    import yaml
-
-    out = Path(cfg.run.output_dir)
-    if not cfg.train.resume or cfg.train.resume_changed_config or not (out / "checkpoints" / "latest").is_file():
-        return
-    try:
-        before = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return  # no record of the earlier config (a run from before config.yaml was kept)
-
-    def flat(value, prefix=""):
-        if isinstance(value, dict):
-            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: value}
-
-    old, new = flat(before), flat(cfg.model_dump(mode="json"))
-    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
-               and not any(key.startswith(p) if p.endswith(".") else fnmatch.fnmatch(key, p) for p in RESUMABLE_CHANGES)]
-    if changed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
-        raise ValueError(f"{out} holds a checkpoint of a run with a different config ({shown}"
-                         f"{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}): resuming it would train "
-                         "the old run under the new settings. Use a new run.output_dir, or train.resume_changed_config=true "
-                         "to resume it anyway")
-
-
-def _preflight_cascade(cfg) -> None:
-    from megatron_opd.eval.domains import available_domains
-
-    if not (Path(cfg.start) / "config.json").is_file():
-        raise ValueError(f"start: {cfg.start} is not an HF checkpoint (no config.json)")
-    have = available_domains(cfg.eval.world_dir)
-    unknown = [d for d in cfg.eval.domains if d not in have]
-    if unknown or not have:
-        raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
-    rows = {d: sum(1 for line in (Path(cfg.eval.world_dir) / "data" / d / "test.jsonl").open() if line.strip()) for d in have}
-    short = [d for d in (cfg.eval.domains or have) if rows[d] < cfg.eval.samples]
-    if short:
-        raise ValueError(f"eval.samples: {cfg.eval.samples} rows asked, but {short} have only {[rows[d] for d in short]}")
-    for i, stage in enumerate(cfg.stages):
-        where = f"stages.{i} ({stage.name})"
-        domains = (stage.select.domains if stage.select else [stage.compare.domain] if stage.compare
-                   else list(stage.specialists.specialists) if stage.specialists else [])
-        unknown = [d for d in domains if d not in have]
-        if unknown:
-            raise ValueError(f"{where}: domains {unknown} not in {cfg.eval.world_dir} (has {have})")
-        spec = stage.select or stage.compare
-        if spec and any(rows[d] < spec.offset + spec.samples for d in domains):
-            raise ValueError(f"{where}: choice rows {spec.offset}..{spec.offset + spec.samples - 1} run past the "
-                             f"held-out split ({min(rows[d] for d in domains)} rows)")
-        if stage.compare and stage.compare.teacher and not (Path(stage.compare.teacher) / "config.json").is_file():
-            raise ValueError(f"{where}: compare.teacher {stage.compare.teacher} is not an HF checkpoint (no config.json)")
 
 
 def _run_cascade(cfg, recipe: Path, through: str | None = None) -> None:
@@ -246,23 +164,6 @@ def report(run_dir: Path) -> None:
     typer.echo(f"wrote {path}")
 
 
-def _preflight_opd(cfg) -> None:
-    """Everything an OPD run needs that can be checked before any process starts."""
-    if cfg.rollout.engine == "servers" and not cfg.rollout.urls:
-        raise ValueError("rollout.urls: empty — give the rollout servers' URLs, or start the job with "
-                         "`opd launch RECIPE --executor slurm`, which places the servers and fills them in")
-    for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
-        if not teacher.urls and teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
-            raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
-    if cfg.eval.world_dir is not None:
-        from megatron_opd.eval.domains import available_domains
-
-        have = available_domains(cfg.eval.world_dir)
-        unknown = [d for d in cfg.eval.domains if d not in have]
-        if unknown or not have:
-            raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
-
-
 @convert_app.command("hf-to-megatron")
 def hf_to_megatron(
     src: Path, dst: Path,
@@ -274,7 +175,7 @@ def hf_to_megatron(
     if dst.exists() and not dst.is_dir():
         _fail(f"{dst}: exists and is not a directory")
     try:
-        _preflight_model(src, tp, pp)
+        preflight_model(src, tp, pp)
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     argv = ["convert", "hf-to-megatron", str(src), str(dst), "--tp", str(tp), "--pp", str(pp),
@@ -301,7 +202,7 @@ def export_hf(
     try:
         step_dir = resolve(src)
         read_meta(step_dir)
-        _preflight_model(step_dir / "hf", tp, pp)
+        preflight_model(step_dir / "hf", tp, pp)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     if _distributed(tp * pp, ["export-hf", str(src), str(dst), "--tp", str(tp), "--pp", str(pp)]):
@@ -340,7 +241,7 @@ def eval_cmd(
 
     if (ckpt / "config.json").is_file():
         try:
-            _readable_weights(ckpt)
+            readable_weights(ckpt)
         except ValueError as exc:
             _fail(str(exc))
     with tempfile.TemporaryDirectory() as tmp:
@@ -361,16 +262,6 @@ def eval_cmd(
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=1))
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-    import socket
-
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False
 
 
 @app.command()
@@ -397,7 +288,7 @@ def serve(
         _fail(f"--role {role!r}: expected 'rollout' or 'teacher'")
     if not (model / "config.json").is_file():
         _fail(f"--model {model}: not an HF checkpoint directory (no config.json)")
-    if not api_key and not insecure and not _loopback(host):
+    if not api_key and not insecure and not is_loopback(host):
         _fail(f"--host {host}: a server reachable from other machines needs an API key (--api-key or OPD_API_KEY); "
               "--insecure runs it without one")
     missing = [str(p) for p in weights_root or [] if not p.is_dir()]

@@ -103,17 +103,13 @@ class DistributedSink:
 def _address_for(clients: list[Any]) -> str:
     """Where the servers reach this process's weight-update store: loopback when every server is on
     this machine, else this host's name (Slurm nodes resolve each other's names)."""
-    import ipaddress
     import socket
     from urllib.parse import urlparse
 
-    def loopback(url: str) -> bool:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(urlparse(url).hostname or "")).is_loopback
-        except (OSError, ValueError):
-            return False
+    from megatron_opd.platform.dist import is_loopback
 
-    return "127.0.0.1" if all(loopback(getattr(c, "base_url", "")) for c in clients) else socket.gethostname()
+    on_this_machine = all(is_loopback(urlparse(getattr(c, "base_url", "")).hostname or "") for c in clients)
+    return "127.0.0.1" if on_this_machine else socket.gethostname()
 
 
 def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Checks of a recipe, its model and its run directory that need no process: done by the CLI before
+torchrun or any server starts, so a bad input stops the run with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def preflight_model(hf_path: Path, tp: int, pp: int) -> None:
+    """Checks that need only config.json and the weight files' headers, done before any process starts."""
+    from megatron_opd.model.bridge import check_parallel_fit, load_hf_config
+
+    check_parallel_fit(load_hf_config(hf_path), tp, pp, where=str(hf_path))
+    readable_weights(Path(hf_path))
+
+
+def readable_weights(hf_dir: Path) -> None:
+    """Every ``*.safetensors`` of an HF directory opens (header and size agree): a truncated or
+    corrupt file is an error naming it, not a traceback from a worker."""
+    from safetensors import safe_open
+
+    for path in sorted(hf_dir.glob("*.safetensors")):  # none: a checkpoint's config-only hf/ (its weights are in dist/)
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{path}: not a readable safetensors file ({exc}); truncated or corrupt?") from None
+
+
+# what may change between a run and its resumption: where it runs and for how long, how often it
+# saves / logs / evaluates, and the layout (checkpoints reshard on load)
+RESUMABLE_CHANGES = ("run.", "parallel.", "launch.", "eval.", "train.steps", "train.save_interval", "train.keep_last",
+                     "train.log_interval", "train.eval_interval", "train.resume", "rollout.urls", "teachers.teachers.*.urls")
+
+
+def preflight_resume(cfg) -> None:
+    """Stop before anything starts when the run directory holds a checkpoint of a different config."""
+    import fnmatch
+
+    import yaml
+
+    out = Path(cfg.run.output_dir)
+    if not cfg.train.resume or cfg.train.resume_changed_config or not (out / "checkpoints" / "latest").is_file():
+        return
+    try:
+        before = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # no record of the earlier config (a run from before config.yaml was kept)
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    old, new = flat(before), flat(cfg.model_dump(mode="json"))
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)
+               and not any(key.startswith(p) if p.endswith(".") else fnmatch.fnmatch(key, p) for p in RESUMABLE_CHANGES)]
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:8])
+        raise ValueError(f"{out} holds a checkpoint of a run with a different config ({shown}"
+                         f"{f'; and {len(changed) - 8} more' if len(changed) > 8 else ''}): resuming it would train "
+                         "the old run under the new settings. Use a new run.output_dir, or train.resume_changed_config=true "
+                         "to resume it anyway")
+
+
+def preflight_cascade(cfg) -> None:
+    from megatron_opd.eval.domains import available_domains
+
+    if not (Path(cfg.start) / "config.json").is_file():
+        raise ValueError(f"start: {cfg.start} is not an HF checkpoint (no config.json)")
+    have = available_domains(cfg.eval.world_dir)
+    unknown = [d for d in cfg.eval.domains if d not in have]
+    if unknown or not have:
+        raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
+    rows = {d: sum(1 for line in (Path(cfg.eval.world_dir) / "data" / d / "test.jsonl").open() if line.strip()) for d in have}
+    short = [d for d in (cfg.eval.domains or have) if rows[d] < cfg.eval.samples]
+    if short:
+        raise ValueError(f"eval.samples: {cfg.eval.samples} rows asked, but {short} have only {[rows[d] for d in short]}")
+    for i, stage in enumerate(cfg.stages):
+        where = f"stages.{i} ({stage.name})"
+        domains = (stage.select.domains if stage.select else [stage.compare.domain] if stage.compare
+                   else list(stage.specialists.specialists) if stage.specialists else [])
+        unknown = [d for d in domains if d not in have]
+        if unknown:
+            raise ValueError(f"{where}: domains {unknown} not in {cfg.eval.world_dir} (has {have})")
+        spec = stage.select or stage.compare
+        if spec and any(rows[d] < spec.offset + spec.samples for d in domains):
+            raise ValueError(f"{where}: choice rows {spec.offset}..{spec.offset + spec.samples - 1} run past the "
+                             f"held-out split ({min(rows[d] for d in domains)} rows)")
+        if stage.compare and stage.compare.teacher and not (Path(stage.compare.teacher) / "config.json").is_file():
+            raise ValueError(f"{where}: compare.teacher {stage.compare.teacher} is not an HF checkpoint (no config.json)")
+
+
+def preflight_opd(cfg) -> None:
+    """Everything an OPD run needs that can be checked before any process starts."""
+    if cfg.rollout.engine == "servers" and not cfg.rollout.urls:
+        raise ValueError("rollout.urls: empty — give the rollout servers' URLs, or start the job with "
+                         "`opd launch RECIPE --executor slurm`, which places the servers and fills them in")
+    for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
+        if not teacher.urls and teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
+            raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
+    if cfg.eval.world_dir is not None:
+        from megatron_opd.eval.domains import available_domains
+
+        have = available_domains(cfg.eval.world_dir)
+        unknown = [d for d in cfg.eval.domains if d not in have]
+        if unknown or not have:
+            raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
