@@ -20,7 +20,8 @@ class ServerGroup(Strict):
     model: str | None = Field(None, description="checkpoint to serve (default: the student / the teacher's `model`)")
     engine: Literal["sglang", "embedded"] = Field("sglang", description="sglang: `sglang.launch_server` on the node's "
                                                   "GPUs; embedded: `opd serve` (CPU)")
-    host: str = Field("0.0.0.0", description="bind address: the trainer reaches the servers from other nodes; "
+    host: str = Field("0.0.0.0", description="bind address (every server requires the job's API key): the "
+                      "trainer reaches the servers from other nodes; "
                       "127.0.0.1 where every node is this machine")
     extra_args: list[str] = Field(default_factory=list, description="more server arguments")
 

@@ -4,7 +4,8 @@ servers and each teacher's SGLang servers on their own nodes, as heterogeneous j
 The batch script computes every server URL from the groups' node lists and hands them to the
 trainer as recipe overrides (``rollout.urls=[...]``, ``teachers.teachers.<name>.urls=[...]``);
 the trainer waits for every server's ``/health`` before torchrun starts (Slurm starts the groups
-in order, trainer first). Servers bind 0.0.0.0 here: the trainer reaches them from other nodes.
+in order, trainer first). Servers bind 0.0.0.0 here (the trainer reaches them from other nodes),
+each requiring the API key the batch script makes for the job.
 
 ``dry_run`` writes the sbatch script without submitting anything (nemo-run's ``Experiment.dryrun``).
 """
