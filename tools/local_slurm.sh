@@ -104,14 +104,23 @@ start_accounting() {  # MariaDB on 127.0.0.1:$DB_PORT (its files under $DIR/db),
   if ! running "$DIR/run/mysqld.pid"; then
     [ -d "$DIR/db/mysql" ] || mariadb-install-db --user=root --datadir="$DIR/db" >"$DIR/log/mariadb-install.log" 2>&1 \
       || die "mariadb-install-db failed: see $DIR/log/mariadb-install.log"
+    rm -f "$sock"  # a stale socket from a killed server would look ready and refuse connections
+    # native AIO off: io_uring / libaio may be refused inside containers, and this database is tiny
     mariadbd --user=root --datadir="$DIR/db" --socket="$sock" --bind-address=127.0.0.1 --port="$DB_PORT" \
-      --pid-file="$DIR/run/mysqld.pid" --log-error="$DIR/log/mariadb.log" >/dev/null 2>&1 &
-    for _ in $(seq 1 60); do [ -S "$sock" ] && break; sleep 0.5; done
-    [ -S "$sock" ] || die "MariaDB did not start: see $DIR/log/mariadb.log"
+      --innodb-use-native-aio=0 --pid-file="$DIR/run/mysqld.pid" --log-error="$DIR/log/mariadb.log" \
+      >/dev/null 2>&1 &
+    db_pid=$!
+    # ready = answers a query (the socket file appears before the server accepts connections)
+    for _ in $(seq 1 120); do
+      mariadb --socket="$sock" -u root -e "SELECT 1" >/dev/null 2>&1 && break
+      kill -0 "$db_pid" 2>/dev/null || { tail -n 20 "$DIR/log/mariadb.log" >&2; die "MariaDB exited: see $DIR/log/mariadb.log"; }
+      sleep 0.5
+    done
   fi
   sql="CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'opd-local';
        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; FLUSH PRIVILEGES;"
-  mariadb --socket="$sock" -u root -e "$sql" || die "could not create the accounting database user"
+  mariadb --socket="$sock" -u root -e "$sql" \
+    || { tail -n 20 "$DIR/log/mariadb.log" >&2; die "could not create the accounting database user (MariaDB not answering on $sock)"; }
   running "$DIR/run/slurmdbd.pid" || slurmdbd
   for _ in $(seq 1 60); do sacctmgr -n list cluster >/dev/null 2>&1 && break; sleep 0.5; done
   sacctmgr -n list cluster format=cluster 2>/dev/null | grep -qw opd-local \
