@@ -61,14 +61,14 @@ def _guarded(work, *args):
 
 
 def _distributed(nproc: int, argv: list[str]) -> bool:
-    """True if this process should do the work; otherwise relaunches and exits with torchrun's code."""
-    from megatron_opd.platform.launch import relaunch_with_torchrun, under_launcher
+    """True if this process should do the work; otherwise relaunches on ``nproc`` local ranks and exits with their code."""
+    from megatron_opd.platform.launch import relaunch_local, under_launcher
 
     if under_launcher() or nproc == 1:
         if under_launcher() and int(os.environ["WORLD_SIZE"]) != nproc:
             _fail(f"this job needs {nproc} processes but {os.environ['WORLD_SIZE']} were started")
         return True
-    raise typer.Exit(relaunch_with_torchrun(nproc, argv))
+    raise typer.Exit(relaunch_local(nproc, argv))
 
 
 @app.command()
@@ -282,6 +282,8 @@ def serve(
     max_body_mb: float = typer.Option(16.0, min=0.001, help="largest request body accepted (HTTP 413 above)"),
     pause_wait_s: float = typer.Option(120.0, min=0.0, help="a /generate waits this long on a paused server, then 503"),
     group_timeout_s: float = typer.Option(60.0, min=0.1, help="joining a weight-update group gives up after this"),
+    max_waiting: int = typer.Option(256, min=1, help="/generate requests in progress before new ones get a 503 "
+                                    "(and /health says overloaded)"),
 ) -> None:
     """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
     if role not in ("rollout", "teacher"):
@@ -308,7 +310,7 @@ def serve(
                             weights_roots=[Path.cwd(), model, *(weights_root or [])])
     limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
                     max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
-                    pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s)
+                    pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting)
     app = create_app(engine, api_key, role=role, limits=limits)
     typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
     # SIGTERM: in-flight generations stop at their next token (the app's shutdown hook), then exit

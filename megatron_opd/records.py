@@ -106,6 +106,7 @@ class TokenScores:
     computed_tokens: int = 0
     cached_tokens: int = 0
     ids_logprobs: torch.Tensor | None = None  # [T, m]: at the sample's ``score_ids``, every position
+    valid: torch.Tensor | None = None  # [T] bool: False where the teacher's log-prob was NaN/Inf (None: all valid)
 
     def __len__(self) -> int:
         return int(self.logprobs.numel())
@@ -120,6 +121,15 @@ class SampleScores:
         """``sum_k w_k,t log p_Tk(y_t)`` [T]: with weights summing to 1, the combined advantage is
         this minus the student's log-prob."""
         return sum(self.weights[u] * self.scores[u].logprobs for u in self.scores)
+
+    def valid_tokens(self) -> torch.Tensor:
+        """[T] bool: positions every teacher with weight there scored finitely (the others are not trained)."""
+        any_scores = next(iter(self.scores.values()))
+        ok = torch.ones(len(any_scores), dtype=torch.bool)
+        for u, sc in self.scores.items():
+            if sc.valid is not None:
+                ok &= sc.valid | (self.weights[u] == 0)
+        return ok
 
 
 @dataclass
@@ -152,6 +162,7 @@ class StepBatch:
     weight_versions: torch.Tensor  # [B] int64: the weight version that sampled each
     prompt_rows: torch.Tensor  # [B] int64: each sample's prompt row
     domains: torch.Tensor  # [B] int32: index into ``domain_names`` (-1: untagged)
+    token_mask: torch.Tensor  # [T] float32: 1, or 0 where a routed teacher's score was non-finite (not trained)
     domain_names: list[str] = field(default_factory=list)
     topk: TeacherTopK | None = None
     opd_weight: float = 1.0  # lambda on the teacher advantage (0: no teacher term)
@@ -175,7 +186,7 @@ class StepBatch:
         return StepBatch(self.tokens[t0:t1], self.sample_lens[lo:hi], self.prompt_lens[lo:hi],
                          self.sampler_logprobs[c0:c1], self.teacher_logprobs[c0:c1], self.task_advantages[lo:hi],
                          self.loss_weights[lo:hi], self.weight_versions[lo:hi], self.prompt_rows[lo:hi],
-                         self.domains[lo:hi], list(self.domain_names), topk, self.opd_weight)
+                         self.domains[lo:hi], self.token_mask[c0:c1], list(self.domain_names), topk, self.opd_weight)
 
     # -- wire form: named tensors + a JSON header (nothing pickled) ----------------------------
     def to_wire(self) -> tuple[dict[str, Any], list[torch.Tensor]]:

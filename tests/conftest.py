@@ -122,7 +122,7 @@ def read_metrics(out: Path) -> list[dict]:
 def start_rollout_server(model: Path, timeout: float = 180.0, role: str = "rollout",
                          extra_args: list[str] | None = None) -> tuple[str, subprocess.Popen]:
     """`opd serve --role ROLE` on a free loopback port; returns (url, process) once healthy."""
-    from megatron_opd.serve.process import start_server
+    from megatron_opd.wire.process import start_server
 
     server = start_server(model, role=role, timeout=timeout, extra_args=extra_args)
     return server.url, server.proc

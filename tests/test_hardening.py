@@ -24,11 +24,11 @@ PROMPT = [2, 90, 88, 74, 87, 4, 70, 73, 73, 5, 22, 23, 24, 5, 16, 5, 24, 25, 26,
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("hardening") / "server.log"
-    from megatron_opd.serve.process import start_server
+    from megatron_opd.wire.process import start_server
 
     proc = start_server(TEACHER, role="rollout", log_path=log, extra_args=[
         "--max-body-mb", "1", "--max-request-tokens", "20000", "--pause-wait-s", "2", "--group-timeout-s", "2",
-        "--weights-root", str(tmp_path_factory.getbasetemp())])
+        "--weights-root", str(tmp_path_factory.getbasetemp()), "--max-waiting", "1"])
     yield proc.url, log
     proc.stop()
 
@@ -104,16 +104,27 @@ def test_body_over_the_limit_is_413(server):
     assert r.status_code == 413 and "limit" in r.json()["error"]
 
 
-def test_a_paused_server_answers_503_in_bounded_time(server):
+def test_a_paused_or_overloaded_server_says_so_and_answers_503_in_bounded_time(server):
     url, _ = server
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
     assert httpx.post(url + "/pause_generation", json={"mode": "in_place"}).status_code == 200
     try:
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "paused"  # not ready: routers send work elsewhere
+        waiting = {}
+        held = threading.Thread(target=lambda: waiting.update(r=httpx.post(url + "/generate", json=_gen(), timeout=30)))
         started = time.monotonic()
-        r = httpx.post(url + "/generate", json=_gen(), timeout=30)
-        assert r.status_code == 503 and "paused" in r.json()["error"]
+        held.start()
+        time.sleep(0.5)  # that request now waits on the pause and fills --max-waiting 1
+        refused = httpx.post(url + "/generate", json=_gen(), timeout=30)
+        assert refused.status_code == 503 and "overloaded: 1 requests in progress" in refused.json()["error"]
+        assert time.monotonic() - started < 1.5  # refused at once, not queued
+        held.join()
+        assert waiting["r"].status_code == 503 and "paused" in waiting["r"].json()["error"]
         assert 1.5 < time.monotonic() - started < 10  # --pause-wait-s 2
     finally:
         httpx.post(url + "/continue_generation", json={})
+    assert httpx.get(url + "/health").status_code == 200
     assert httpx.post(url + "/generate", json=_gen(), timeout=30).status_code == 200
 
 
@@ -201,7 +212,7 @@ def test_engine_generation_stops_when_cancelled():
 
 @pytest.fixture(scope="module")
 def random_server(tmp_path_factory):
-    from megatron_opd.serve.process import start_server
+    from megatron_opd.wire.process import start_server
 
     log = tmp_path_factory.mktemp("random_server") / "server.log"
     server = start_server(RANDOM, role="rollout", log_path=log, extra_args=["--max-request-tokens", "1000000"])
@@ -371,3 +382,81 @@ def test_bad_opd_rows_are_counted_and_skipped(tmp_path):
     assert skipped == {"'messages' entries must be {role, content} objects with string values": 2,
                        "'meta' is a string that is not JSON": 1, "'meta' must be an object (or its JSON text)": 1}
     assert problems[0].endswith("row 1: 'messages' entries must be {role, content} objects with string values")
+
+
+_DIES_HALF_WAY = """
+import os, signal, sys, threading, time
+import torch
+from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.rollout.update_group import WeightUpdateGroup, dtype_name
+from megatron_opd.wire.client import SGLangClient
+url, port, model = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+params = EmbeddedEngine(model).model.state_dict()
+names = sorted(params)
+first, second = names[: len(names) // 2], names[len(names) // 2:]
+client = SGLangClient(url)
+joining = threading.Thread(target=client.init_weights_update_group, args=("127.0.0.1", port, 1, 2, "gloo"))
+joining.start()
+group = WeightUpdateGroup("127.0.0.1", port, 0, 2, "gloo", timeout_s=30)
+joining.join()
+client.pause()
+def announce(bucket):
+    return threading.Thread(target=client.update_weights_from_distributed, daemon=True, args=(
+        bucket, [dtype_name(params[n].dtype) for n in bucket], [list(params[n].shape) for n in bucket], "step-99"))
+call = announce(first)
+call.start()
+for n in first:  # bucket 1 of 2, whole: zeros where the weights were
+    group.broadcast(torch.zeros_like(params[n]), root=0)
+call.join()
+announce(second).start()
+group.broadcast(torch.zeros_like(params[second[0]]), root=0)  # bucket 2: one tensor of many, then the trainer dies
+print("half-way", flush=True)
+time.sleep(0.5)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_weight_sync_that_fails_half_way_leaves_the_old_weights_serving(server):
+    import subprocess
+    import sys
+
+    from megatron_opd.platform.dist import _free_port
+
+    url, log = server
+    norm = "model.norm.weight"
+    before, greedy = _weights(url, norm), _greedy(url)
+    version = httpx.get(url + "/model_info").json()["weight_version"]
+    trainer = subprocess.run([sys.executable, "-c", _DIES_HALF_WAY, url, str(_free_port()), str(TEACHER)],
+                             capture_output=True, text=True, timeout=120)
+    assert trainer.returncode == -signal.SIGKILL and "half-way" in trainer.stdout, trainer.stderr[-2000:]
+    # the server is still paused (nobody continued it); a restarted trainer, or an operator, continues it
+    assert httpx.get(url + "/health").json()["status"] == "paused"
+    assert httpx.post(url + "/continue_generation", json={}).status_code == 200
+    assert httpx.get(url + "/model_info").json()["weight_version"] == version  # not "step-99"
+    assert torch.equal(_weights(url, norm), before) and _greedy(url) == greedy  # bucket 1 was never applied
+    httpx.post(url + "/destroy_weights_update_group", json={"group_name": "weight_update_group"})
+
+    # a trainer that gives up half-way and continues the server: the half it sent is not applied either
+    from megatron_opd.rollout.update_group import WeightUpdateGroup, dtype_name
+    from megatron_opd.wire.client import SGLangClient
+
+    client, port = SGLangClient(url), _free_port()
+    joining = threading.Thread(target=client.init_weights_update_group, args=("127.0.0.1", port, 1, 2, "gloo"))
+    joining.start()
+    group = WeightUpdateGroup("127.0.0.1", port, 0, 2, "gloo", timeout_s=30)
+    joining.join()
+    try:
+        client.pause()
+        zero = torch.zeros_like(before)
+        call = threading.Thread(target=client.update_weights_from_distributed,
+                                args=([norm], [dtype_name(zero.dtype)], [list(zero.shape)], "step-100"))
+        call.start()
+        group.broadcast(zero, root=0)
+        call.join()
+        client.resume()
+        assert httpx.get(url + "/model_info").json()["weight_version"] == version
+        assert torch.equal(_weights(url, norm), before) and _greedy(url) == greedy
+        assert "weight sync not applied" in log.read_text() and "missing" in log.read_text()
+    finally:
+        client.destroy_weights_update_group()
+        group.close()

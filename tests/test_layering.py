@@ -6,8 +6,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "megatron_opd"
 # lowest first: records (the shared dataclasses), then data -> rollout -> teachers -> algo -> train ->
-# pipeline, with the pieces they stand on (platform, config, model) below them
-LAYERS = ["records", "platform", "config", "data", "model", "rollout", "serve", "teachers", "algo", "eval", "train",
+# pipeline, with the pieces they stand on (platform, wire: the SGLang wire, config, model) below them
+LAYERS = ["records", "platform", "wire", "config", "data", "model", "rollout", "serve", "teachers", "algo", "eval", "train",
           "pipeline", "launch", "bench", "cli"]
 MEGATRON_LAYERS = {"model", "platform", "train"}
 

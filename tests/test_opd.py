@@ -52,7 +52,12 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
                 assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (tp, pp, x["step"], key)
     again = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}")
     assert "resumed from" in again.stdout and "at step 2" in again.stdout
-    assert set(json.loads((resumed / "results.json").read_text())["eval"]) == {"before", "after"}
+    resumed_results = json.loads((resumed / "results.json").read_text())
+    assert set(resumed_results["eval"]) == {"before", "after"}
+    # the teacher's counters went into the step-2 checkpoint and went on from there: the resumed run's
+    # totals are the unbroken run's (steps 1-2 counted before the kill, 3-4 after the resume)
+    for key in ("samples", "tokens", "requests"):
+        assert resumed_results["teacher_counters"]["arithmetic"][key] == results["teacher_counters"]["arithmetic"][key], key
     keys = ("train/loss", "opd/reverse_kl", "rollout/response_length", "train/grad_norm", "opd/advantage_mean")
     a, b = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in b] == [1, 2, 3, 4]

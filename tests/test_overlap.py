@@ -126,7 +126,9 @@ def test_streaming_scores_equal_whole_step_scores(tmp_path):
     cfg = load_recipe(RECIPE, SMALL + ["train.prompts_per_step=6", "rollout.n=3", "train.micro_batch_size=6"])
     tok = AutoTokenizer.from_pretrained(str(STUDENT))
     prompts = load_prompts(cfg.data.train, tok, "messages", "domain", 64)[0]
-    engine = EmbeddedEngine(STUDENT, weight_version="step-0")
+    from megatron_opd.train.rollout_engine import RolloutEngine
+
+    engine = RolloutEngine(EmbeddedEngine(STUDENT, weight_version="step-0"), tok.eos_token_id)
     with TeacherSet.start(cfg.teachers) as teachers:
         batches = []
         for stream in (True, False):

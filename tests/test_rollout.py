@@ -9,9 +9,9 @@ import torch
 
 from conftest import REPO, WORKERS, start_rollout_server, torchrun
 from megatron_opd.rollout.embedded import EmbeddedEngine, WeightUpdateError
-from megatron_opd.rollout.http_client import SGLangClient
+from megatron_opd.wire.client import SGLangClient
 from megatron_opd.records import SamplingParams
-from megatron_opd.rollout.contract import ContractError, validate_request
+from megatron_opd.wire.contract import ContractError, validate_request
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
 
@@ -133,9 +133,9 @@ def test_pool_retries_a_killed_servers_share_exactly_once():
         assert [(r.prompt_index, r.sample_index) for r in rollouts] == [(i, k) for i in range(48) for k in range(2)]
         assert all(r.prompt_ids == prompts[r.prompt_index] and r.completion_ids for r in rollouts)
         assert pool.health() and pool.dead == {1}
-        from megatron_opd.rollout.http_client import ServerError
+        from megatron_opd.wire.failover import PoolError
 
-        with pytest.raises(ServerError, match="token ids must be in"):  # a bad request is not a dead server
+        with pytest.raises(PoolError, match="token ids must be in"):  # a bad request is not a dead server
             pool.generate([[1, 10**6]], SamplingParams(max_new_tokens=2))
         assert pool.dead == {1} and pool.retries == 1
         again = pool.generate(prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=8))
@@ -151,7 +151,7 @@ def test_every_client_request_matches_sglangs_schema(server, tmp_path):
     vendored SGLang OpenAPI document (independently of the client's own pre-send check)."""
     import jsonschema
 
-    from megatron_opd.rollout.contract import CONTRACT
+    from megatron_opd.wire.contract import CONTRACT
 
     doc = json.loads(CONTRACT.read_text())
     sent = []

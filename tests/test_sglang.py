@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from megatron_opd.rollout.sglang import SGLANG_FLAGS, SGLangServerConfig, SGLangUnavailable, check_available, launch
+from megatron_opd.wire.sglang import SGLANG_FLAGS, SGLangServerConfig, SGLangUnavailable, check_available, launch
 
 HAVE_SGLANG = importlib.util.find_spec("sglang") is not None and torch.cuda.is_available()
 
@@ -66,7 +66,7 @@ def test_the_gpu_smoke_checks_run_against_the_embedded_server():
 
     from conftest import start_rollout_server
     from megatron_opd.rollout.embedded import EmbeddedEngine
-    from megatron_opd.rollout.http_client import SGLangClient
+    from megatron_opd.wire.client import SGLangClient
 
     model = Path(__file__).resolve().parents[1] / "assets" / "tiny" / "original"
     url, proc = start_rollout_server(model)

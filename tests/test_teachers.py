@@ -14,7 +14,7 @@ from conftest import REPO, start_rollout_server
 from megatron_opd.config.teachers import RoutingSpec
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.records import Sample, SamplingParams, TokenScores
-from megatron_opd.serve.process import ServerProcess
+from megatron_opd.wire.process import ServerProcess
 from megatron_opd.teachers.backends import SGLangScorer, parse_prompt_logprobs
 from megatron_opd.teachers.pool import TeacherPool, prefix_batches
 from megatron_opd.teachers.router import Router, topk_entropy
@@ -179,7 +179,7 @@ class _KillsItsServer:
 
 
 def test_killed_replica_fails_over_and_all_dead_stops(rollouts):
-    from megatron_opd.serve.process import start_server
+    from megatron_opd.wire.process import start_server
 
     servers = [start_server(TEACHER, role="teacher") for _ in range(2)]
     try:
@@ -211,7 +211,7 @@ class _FailsOnce:
     def score(self, *args, **kwargs):
         self.calls += 1
         if self.calls == 1:
-            from megatron_opd.rollout.http_client import ServerError
+            from megatron_opd.wire.client import ServerError
 
             raise ServerError("HTTP 503: overloaded", 503)
         return self.scorer.score(*args, **kwargs)
@@ -369,7 +369,7 @@ def test_vllm_openai_teacher_matches_embedded(tmp_path):
 
 
 def test_score_codec_round_trip_and_corruption():
-    from megatron_opd.serve import score_codec
+    from megatron_opd.wire import score_codec
 
     torch.manual_seed(0)
     records = []
@@ -400,7 +400,7 @@ def test_a_killed_run_leaves_no_server_behind(tmp_path):
     import sys
     import time
 
-    code = ("import os, sys, time\nfrom pathlib import Path\nfrom megatron_opd.serve.process import start_server\n"
+    code = ("import os, sys, time\nfrom pathlib import Path\nfrom megatron_opd.wire.process import start_server\n"
             f"s = start_server(Path({str(TEACHER)!r}), role='teacher')\n"
             "print(s.proc.pid, flush=True)\ntime.sleep(600)\n")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
@@ -424,3 +424,97 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+class _Poisoned:
+    """A real replica whose answers come back with NaN / +Inf / -Inf at chosen completion positions
+    (what a teacher with broken weights or kernels returns), the rest untouched."""
+
+    def __init__(self, url: str, bad: dict[int, list[int]]) -> None:
+        self.scorer, self.url, self.bad, self.name = SGLangScorer(url), url, bad, "poisoned"
+
+    def score(self, sequences, starts, top_k=0, token_ids=None):
+        out = self.scorer.score(sequences, starts, top_k)
+        values = [float("nan"), float("inf"), float("-inf")]
+        for i, positions in self.bad.items():
+            for j, t in enumerate(positions):
+                out[i].logprobs[t] = values[j % 3]
+        return out
+
+    def health(self):
+        return self.scorer.health()
+
+
+def test_nonfinite_teacher_scores_are_masked_counted_and_stop_the_run_past_a_threshold(teacher_server, rollouts):
+    from megatron_opd.records import Prompt, Rollout
+    from megatron_opd.train.step_batch import build_step_batch, micro_batches
+
+    samples = rollouts[:4]
+    seqs, starts = [s.token_ids for s in samples], [s.start for s in samples]
+    clean = SGLangScorer(teacher_server).score(seqs, starts)
+    bad = {0: [0, 2, 3], 2: [1]}
+    pool = TeacherPool("arithmetic", [_Poisoned(teacher_server, bad)], batch_size=8)
+    got = pool.score(seqs, starts)
+    assert pool.counters.nonfinite_tokens == 4
+    for i, (g, ref) in enumerate(zip(got, clean)):
+        positions = bad.get(i, [])
+        if positions:
+            assert g.valid.tolist() == [t not in positions for t in range(len(g))]
+        else:
+            assert g.valid is None
+        assert torch.isfinite(g.logprobs).all()  # nothing downstream sees a NaN ...
+        keep = torch.tensor([t not in positions for t in range(len(g))])
+        assert torch.equal(g.logprobs[keep], ref.logprobs[keep])  # ... and the finite scores are the server's own
+
+    spec = RoutingSpec.model_validate({"teachers": {"arithmetic": {"urls": [teacher_server]}},
+                                       "routes": {"arithmetic": "arithmetic"}, "max_nonfinite_fraction": 0.05})
+    teachers = TeacherSet(spec, {"arithmetic": pool})
+    scored = [_routed(g) for g in got]
+    total = sum(len(g) for g in got)
+    assert 4 <= 0.05 * total  # below the threshold: counted in the step's metrics, not fatal
+    assert teachers.check_finite(scored, step=1) == {"teachers/arithmetic/nonfinite_tokens_step": 4.0}
+    teachers.spec = spec.model_copy(update={"max_nonfinite_fraction": 3 / total})
+    with pytest.raises(TeacherError, match=r"teacher 'arithmetic': step 1: 4 of its \d+ scored tokens were NaN/Inf"):
+        teachers.check_finite(scored, step=1)
+
+    # the masked positions are not trained: loss mask 0 there, 1 at every other completion position
+    prompts = [Prompt(ids=s.token_ids[:s.start], domain="arithmetic", row=i) for i, s in enumerate(samples)]
+    rolls = [Rollout(prompt_ids=s.token_ids[:s.start], completion_ids=s.token_ids[s.start:], logprobs=[0.0] * len(g),
+                     finish_reason="stop", weight_version="step-0", prompt_index=i, sample_index=0)
+             for i, (s, g) in enumerate(zip(samples, got))]
+    batch = build_step_batch(prompts, rolls, scored, "token", 0)
+    assert batch.token_mask.sum() == total - 4
+    micro = micro_batches(batch, 8, pad_id=0)
+    assert sum(float(m["loss_mask"].sum()) for m in micro) == total - 4
+
+
+def _routed(scores: TokenScores):
+    from megatron_opd.records import SampleScores
+
+    return SampleScores({"arithmetic": scores}, {"arithmetic": torch.ones(len(scores))})
+
+
+def test_a_teacher_url_is_checked_for_its_model_and_key_before_scoring(teacher_server, monkeypatch):
+    from megatron_opd.wire.process import start_server
+
+    def spec(**teacher):
+        return RoutingSpec.model_validate({"teachers": {"arithmetic": teacher}, "routes": {"arithmetic": "arithmetic"}})
+
+    with TeacherSet.start(spec(urls=[teacher_server], model=str(TEACHER))) as teachers:  # the right model: accepted
+        assert teachers.pools["arithmetic"].replicas[0].served_models() == [str(TEACHER)]
+    wrong = REPO / "assets" / "tiny" / "original"
+    with pytest.raises(TeacherError, match=rf"teacher 'arithmetic': {teacher_server} serves \['{TEACHER}'\], the "
+                                           rf"recipe expects '{wrong}' \(teachers.arithmetic.model\)"):
+        TeacherSet.start(spec(urls=[teacher_server], model=str(wrong)))
+
+    keyed = start_server(TEACHER, role="teacher", api_key="the-right-key")
+    try:
+        monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "a-wrong-key")
+        with pytest.raises(TeacherError, match=r"refused the API key \(HTTP 401\): check teachers.arithmetic.api_key_env "
+                                               r"\(OPD_TEST_TEACHER_KEY\)"):
+            TeacherSet.start(spec(urls=[keyed.url], model=str(TEACHER), api_key_env="OPD_TEST_TEACHER_KEY"))
+        monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "the-right-key")
+        with TeacherSet.start(spec(urls=[keyed.url], model=str(TEACHER), api_key_env="OPD_TEST_TEACHER_KEY")) as teachers:
+            assert len(teachers.pools["arithmetic"].replicas) == 1
+    finally:
+        keyed.stop()

@@ -17,7 +17,7 @@ import torch
 
 from megatron_opd.data.tokenizer import build_char_tokenizer
 from megatron_opd.model.tiny import make_tiny_qwen3
-from megatron_opd.serve.process import start_server
+from megatron_opd.wire.process import start_server
 from megatron_opd.teachers.backends import SGLangScorer
 
 

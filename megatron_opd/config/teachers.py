@@ -15,7 +15,8 @@ class TeacherSpec(Strict):
     """One teacher: running endpoints (``urls``) or a checkpoint served by embedded teacher servers."""
 
     urls: list[str] = Field(default_factory=list, description="running SGLang / embedded / OpenAI-compatible servers")
-    model: Path | None = Field(None, description="HF checkpoint: launched as `opd serve --role teacher` when urls is empty")
+    model: Path | None = Field(None, description="HF checkpoint: launched as `opd serve --role teacher` when urls is "
+                                "empty; with urls, the model they must serve (checked against /model_info first)")
     backend: Literal["sglang", "openai"] = "sglang"
     served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
     tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
@@ -59,6 +60,9 @@ class RoutingSpec(Strict):
     weighting: Literal["fixed", "confidence"] = "fixed"
     confidence_temperature: float = Field(1.0, gt=0)
     allow_tokenizer_mismatch: bool = False
+    max_nonfinite_fraction: float = Field(0.01, ge=0, le=1, description="a step whose teacher scored more than this "
+                                          "fraction of its tokens as NaN/Inf stops the run (below it, those tokens are "
+                                          "masked out of the loss and counted)")
     stream: bool = Field(False, description="score a prompt's samples as soon as all of them are generated, while the "
                          "rest of the step is still generating (false: score the whole step after it is generated)")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_opd.config import CascadeConfig, OPDStageConfig, ServerGroup, SFTStageConfig, SlurmConfig
-from megatron_opd.rollout.sglang import SGLangServerConfig
+from megatron_opd.wire.sglang import SGLangServerConfig
 
 RDZV_PORT = 29500
 

@@ -34,6 +34,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def bound_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta) -> "dist.TCPStore":
+    """A TCPStore whose server listens on ``host`` only: torch's own binds every interface, so the
+    master binds the socket itself and hands it over (``master_listen_fd``)."""
+    if not is_master:
+        return dist.TCPStore(host, port, world_size, False, timeout=timeout)
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port} for the rendezvous store: {exc}") from None
+    return dist.TCPStore(host, port, world_size, True, timeout=timeout, use_libuv=True,
+                         master_listen_fd=sock.detach())  # the store owns the socket from here
+
+
+def gloo_device_for(host: str):
+    """A gloo device on loopback when every peer is on this machine (``host`` is loopback); None (the
+    default device: the interface of this host's name, or GLOO_SOCKET_IFNAME) otherwise."""
+    return dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if is_loopback(host) else None
+
+
 def check_layout(world_size: int, tp: int, pp: int, dp: int = 1) -> None:
     if tp < 1 or pp < 1 or dp < 1:
         raise ParallelLayoutError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} dp={dp}")
@@ -47,8 +71,9 @@ def check_layout(world_size: int, tp: int, pp: int, dp: int = 1) -> None:
 def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) -> DistInfo:
     """Join (or create, for a lone process) the process group and build megatron's groups.
 
-    Under torchrun the usual RANK/WORLD_SIZE/MASTER_* variables are read; a plain single process
-    gets a private rendezvous on 127.0.0.1.
+    RANK/WORLD_SIZE/MASTER_* come from the launcher; a plain single process gets a private
+    rendezvous on 127.0.0.1. Rank 0 serves the rendezvous store on MASTER_ADDR only — except under
+    torchrun (Slurm), whose agent already serves it on every interface of the node.
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -62,7 +87,12 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(minutes=10))
+        timeout = timedelta(minutes=10)
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun: its agent's store, env:// rendezvous
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:
+            store = bound_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, rank == 0, timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     if not cuda_available():
         install_cpu_patches()
     if not parallel_state.model_parallel_is_initialized():

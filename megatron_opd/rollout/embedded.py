@@ -6,6 +6,7 @@ rollout`` puts the same object behind SGLang's HTTP API.
 
 from __future__ import annotations
 
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,6 +46,8 @@ class EmbeddedEngine:
         self.batch_size = batch_size
         self.weight_version = weight_version
         self._paused = False
+        self._staged: dict[str, torch.Tensor] = {}  # a distributed sync's weights, received while paused
+        self._staged_version: str | None = None
         self._lock = threading.Condition()  # one generation or weight update at a time
         self._closing = threading.Event()
         self.weights_roots = [Path(p).resolve() for p in (weights_roots or [Path.cwd(), self.model_dir])]
@@ -139,8 +142,17 @@ class EmbeddedEngine:
         lossless float widening, e.g. bf16 -> fp32) and every value (finite, unless the engine
         allows otherwise) is checked before anything is copied; ``full`` also requires every
         parameter to be present. Raises :class:`WeightUpdateError` with the model unchanged."""
-        params = self._tensors()
         items = list(named_tensors)
+        self._check(items, full)
+        params = self._tensors()
+        with self._lock:
+            for name, tensor in items:
+                params[name].data.copy_(tensor.to(params[name].dtype))
+            self.weight_version = version
+        return len(items)
+
+    def _check(self, items: list[tuple[str, torch.Tensor]], full: bool = False) -> None:
+        params = self._tensors()
         for name, tensor in items:
             if name not in params:
                 raise WeightUpdateError(f"weight {name!r} does not exist in the rollout model")
@@ -159,11 +171,6 @@ class EmbeddedEngine:
             if missing:
                 raise WeightUpdateError(f"the update has {len(names)} of the model's {len(self._required())} weights: "
                                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        with self._lock:
-            for name, tensor in items:
-                params[name].data.copy_(tensor.to(params[name].dtype))
-            self.weight_version = version
-        return len(items)
 
     def update_weights_from_disk(self, model_dir: str | Path, version: str) -> int:
         """Every weight from ``*.safetensors`` in ``model_dir``, which must lie inside one of
@@ -204,36 +211,33 @@ class EmbeddedEngine:
         if load_format not in (None, FLATTENED_BUCKET):
             raise ValueError(f"load_format must be null or {FLATTENED_BUCKET!r}, got {load_format!r}")
 
-        params = self._tensors()
-        fits = all(n in params and list(params[n].shape) == list(sh) and params[n].dtype == parse_dtype(dt)
-                   for n, dt, sh in zip(names, dtypes, shapes))
-        if load_format == FLATTENED_BUCKET:
-            sizes = bucket_nbytes(dtypes, shapes)
-            flat = torch.empty(sum(sizes), dtype=torch.uint8)
-            group.broadcast(flat, root=0)  # always drain the broadcast, so a bad name cannot hang the trainer
-            pieces, offset = [], 0
-            for dtype, shape, size in zip(dtypes, shapes, sizes):
-                pieces.append(flat[offset:offset + size].view(parse_dtype(dtype)).view(shape))
-                offset += size
-            if fits:
-                with self._lock, torch.no_grad():
-                    for name, piece in zip(names, pieces):
-                        params[name].data.copy_(piece)
-                    if version:
-                        self.weight_version = version
-                return len(names)
-            return self.update_weights(zip(names, pieces), version or self.weight_version)
-        if fits:  # receive straight into the parameters: no staging copy
-            with self._lock, torch.no_grad():
-                for name in names:
-                    group.broadcast(params[name].data, root=0)
-                if version:
-                    self.weight_version = version
-            return len(names)
-        incoming = [torch.empty(shape, dtype=parse_dtype(dtype)) for dtype, shape in zip(dtypes, shapes)]
-        for tensor in incoming:  # always drain the broadcasts, so a bad name cannot hang the trainer
-            group.broadcast(tensor, root=0)
-        return self.update_weights(zip(names, incoming), version or self.weight_version)
+        try:  # always drain the broadcasts (a bad name must not hang the trainer), into fresh tensors
+            if load_format == FLATTENED_BUCKET:
+                flat = torch.empty(sum(bucket_nbytes(dtypes, shapes)), dtype=torch.uint8)
+                group.broadcast(flat, root=0)
+                incoming, offset = [], 0
+                for dtype, shape, size in zip(dtypes, shapes, bucket_nbytes(dtypes, shapes)):
+                    incoming.append(flat[offset:offset + size].view(parse_dtype(dtype)).view(shape))
+                    offset += size
+            else:
+                incoming = [torch.empty(shape, dtype=parse_dtype(dtype)) for dtype, shape in zip(dtypes, shapes)]
+                for tensor in incoming:
+                    group.broadcast(tensor, root=0)
+        except BaseException:  # the sync broke half-way (the trainer or the link died): nothing of it is kept
+            self._staged.clear()
+            raise
+        items = list(zip(names, incoming))
+        if not self._paused:  # a lone update: applied at once, all or nothing
+            return self.update_weights(iter(items), version or self.weight_version)
+        try:
+            self._check(items)
+        except WeightUpdateError:
+            self._staged.clear()
+            raise
+        with self._lock:  # staged: the model changes only when the whole sync has arrived (see resume)
+            self._staged.update(items)
+            self._staged_version = version or self._staged_version
+        return len(items)
 
     def destroy_update_group(self) -> None:
         group, self._group = getattr(self, "_group", None), None
@@ -250,11 +254,24 @@ class EmbeddedEngine:
     def pause(self) -> None:
         with self._lock:
             self._paused = True
+            self._staged.clear()  # whatever an earlier, unfinished sync left
 
     def resume(self) -> None:
+        """Commit a distributed sync received while paused — only a complete one: a sync that stopped
+        half-way (trainer gone, a bucket refused) leaves the old weights and version serving."""
         with self._lock:
-            self._paused = False
-            self._lock.notify_all()
+            try:
+                if self._staged:
+                    staged, version = list(self._staged.items()), self._staged_version or self.weight_version
+                    self._staged.clear()
+                    try:
+                        self.update_weights(iter(staged), version, full=True)
+                    except WeightUpdateError as exc:
+                        print(f"weight sync not applied, still serving {self.weight_version}: {exc}",
+                              file=sys.stderr, flush=True)
+            finally:
+                self._paused = False
+                self._lock.notify_all()
 
     @property
     def paused(self) -> bool:

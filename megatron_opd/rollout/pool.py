@@ -1,29 +1,34 @@
-"""Several rollout servers as one engine: a batch is split across them, and the share of a server
-that fails (connection lost, HTTP error) is retried on the servers still alive."""
+"""Several rollout servers as one engine: a batch is split into one share per server in rotation,
+and a share whose server fails is retried elsewhere (the failover policy of :mod:`megatron_opd.wire.failover`)."""
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
 from typing import Any, Callable
 
-from megatron_opd.rollout.http_client import ServerError
 from megatron_opd.records import Rollout, SamplingParams
+from megatron_opd.wire.failover import Failover, PoolError
 
 
 class RolloutPool:
-    def __init__(self, clients: list[Any], max_retries: int = 3) -> None:
+    def __init__(self, clients: list[Any], max_retries: int = 3, backoff_s: float = 0.5, cooldown_s: float = 30.0) -> None:
         if not clients:
             raise ValueError("a rollout pool needs at least one server")
         self.clients = clients
-        self.max_retries = max_retries
-        self.retries = 0
-        self.dead: set[int] = set()
+        self.failover = Failover("rollout", clients, max_retries=max_retries, backoff_s=backoff_s,
+                                 cooldown_s=cooldown_s, error=PoolError)
+        self.counters = self.failover.counters
         self._lock = threading.Lock()
 
-    def _alive(self) -> list[int]:
-        return [i for i in range(len(self.clients)) if i not in self.dead]
+    @property
+    def retries(self) -> int:
+        return self.counters.retries
+
+    @property
+    def dead(self) -> set[int]:
+        """Servers out of rotation (cooling down after a failure)."""
+        return self.failover.cooling_down
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
@@ -41,59 +46,39 @@ class RolloutPool:
                         return
                     reported.add(index)
                 on_rollout(index, replace(rollout, prompt_index=prompt))
-            return hear if on_rollout else None
+            return hear
 
-        alive = self._alive()
-        if not alive:
-            raise ServerError("no rollout server is alive")
-        shares = [list(range(len(prompts)))[k :: len(alive)] for k in range(len(alive))]
+        servers = len(self.failover.in_rotation())
+        shares = [s for s in (list(range(len(prompts)))[k::servers] for k in range(servers)) if s]
+
+        def run_share(server: int, share_id: int) -> list[Rollout]:
+            indices = shares[share_id]
+            seed = None if sampling.seed is None else sampling.seed + share_id  # same share -> same seed on retry
+            args: list[Any] = [[prompts[i] for i in indices], replace(sampling, seed=seed)]
+            if on_rollout is not None:
+                args.append(relay(indices))
+            return self.clients[server].generate(*args)
+
         results: dict[int, list[Rollout]] = {}
-        with ThreadPoolExecutor(max_workers=len(self.clients)) as executor:
-            futures = {}
-            for chunk_id, (server, indices) in enumerate(zip(alive, shares)):
-                if indices:
-                    futures[self._submit(executor, server, indices, prompts, sampling, chunk_id, relay(indices))] = (server, indices, chunk_id, 0)
-            while futures:
-                done, _ = wait(futures, return_when=FIRST_COMPLETED)
-                for future in done:
-                    server, indices, chunk_id, attempt = futures.pop(future)
-                    try:
-                        rollouts = future.result()
-                    except ServerError as exc:
-                        if not exc.unavailable:  # a bad request fails the same everywhere
-                            raise
-                        with self._lock:
-                            self.dead.add(server)
-                            self.retries += 1
-                        survivors = self._alive()
-                        if not survivors or attempt + 1 > self.max_retries:
-                            raise
-                        target = survivors[chunk_id % len(survivors)]
-                        futures[self._submit(executor, target, indices, prompts, sampling, chunk_id, relay(indices))] = (target, indices, chunk_id, attempt + 1)
-                        continue
-                    for rollout in rollouts:
-                        results.setdefault(indices[rollout.prompt_index], []).append(
-                            replace(rollout, prompt_index=indices[rollout.prompt_index]))
+        for share_id, rollouts in enumerate(self.failover.run(list(range(len(shares))), run_share)):
+            indices = shares[share_id]
+            for rollout in rollouts:
+                results.setdefault(indices[rollout.prompt_index], []).append(
+                    replace(rollout, prompt_index=indices[rollout.prompt_index]))
         return [r for i in range(len(prompts)) for r in sorted(results[i], key=lambda r: r.sample_index)]
 
     def pause(self) -> None:
-        for i in self._alive():
+        for i in self.failover.in_rotation():
             self.clients[i].pause()
 
     def resume(self) -> None:
-        for i in self._alive():
+        for i in self.failover.in_rotation():
             self.clients[i].resume()
 
     def health(self) -> bool:
-        """True while at least one server answers; servers that stop answering are marked dead."""
-        for i in self._alive():
-            if not self.clients[i].health():
-                self.dead.add(i)
-        return bool(self._alive())
-
-    def _submit(self, executor, server, indices, prompts, sampling, chunk_id, on_rollout=None):
-        seed = None if sampling.seed is None else sampling.seed + chunk_id  # same share -> same seed on retry
-        shared = replace(sampling, seed=seed)
-        if on_rollout is None:
-            return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], shared)
-        return executor.submit(self.clients[server].generate, [prompts[i] for i in indices], shared, on_rollout)
+        """True while at least one server answers; the others leave the rotation."""
+        try:
+            self.failover.check_health()
+        except PoolError:
+            return False
+        return True

@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megatron_opd.platform.dist import bound_store, gloo_device_for
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -53,9 +55,16 @@ class WeightUpdateGroup:
             raise RuntimeError("backend 'nccl' needs CUDA; use backend 'gloo' on CPU")
         timeout = timedelta(seconds=timeout_s)
         self.rank, self.world_size = rank, world_size
-        self._store = dist.TCPStore(master_address, master_port, world_size, rank == 0, timeout=timeout)
+        # the store and gloo's pairs listen on the address given (loopback for a local job), never on all
+        self._store = bound_store(master_address, master_port, world_size, rank == 0, timeout)
         if backend == "gloo":
-            self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+            device = gloo_device_for(master_address)
+            if device is None:
+                self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+            else:
+                options = dist.ProcessGroupGloo._Options()
+                options._devices, options._timeout = [device], timeout
+                self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, options)
         else:
             self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size)
 

@@ -1,6 +1,6 @@
 """What the embedded server accepts, checked before any work is done.
 
-SGLang's own schema (:mod:`megatron_opd.rollout.contract`) comes first; this layer adds what a
+SGLang's own schema (:mod:`megatron_opd.wire.contract`) comes first; this layer adds what a
 server on a shared network must not take on trust: strict JSON types (``true`` is not the id 1 and
 ``1.5`` is not a count), finite numbers (no ``NaN`` / ``Infinity``), ids inside the vocabulary,
 every prompt plus ``max_new_tokens`` inside the model's context window (SGLang refuses the same), a
@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from megatron_opd.rollout.contract import ContractError, validate_request
+from megatron_opd.wire.contract import ContractError, validate_request
 
 
 class BodyTooLarge(ContractError):
@@ -31,6 +31,7 @@ class Limits:
     max_request_tokens: int = 131_072  # sum over outputs of prompt tokens + max_new_tokens
     pause_wait_s: float = 120.0  # a /generate waits this long for a paused server, then 503
     group_timeout_s: float = 60.0  # joining a weight-update group: give up (and say so) after this
+    max_waiting: int = 256  # /generate requests in progress (queued or running); more get a 503 at once
 
 
 class _Strict(BaseModel):

@@ -3,7 +3,7 @@
 Request bodies are validated against SGLang's own schema, then by :mod:`megatron_opd.serve.requests`
 (strict types, finite numbers, the context window, size and token budgets): HTTP 400 naming the
 field, 413 for a body over the limit. Responses have SGLang's shapes, so
-:mod:`megatron_opd.rollout.http_client` drives this server and a real SGLang server the same way. A
+:mod:`megatron_opd.wire.client` drives this server and a real SGLang server the same way. A
 generation whose client has gone is cancelled; a request waiting on a paused server gives up with
 503 after ``Limits.pause_wait_s``.
 """
@@ -25,9 +25,9 @@ from starlette.concurrency import run_in_threadpool
 from megatron_opd.rollout.embedded import EmbeddedEngine, EngineBusy
 from megatron_opd.rollout.generation import GenerationCancelled
 from megatron_opd.records import SamplingParams
-from megatron_opd.serve import score_codec
+from megatron_opd.wire import score_codec
 from megatron_opd.serve.requests import BodyTooLarge, Limits, check_cost, parse_body, token_ids
-from megatron_opd.rollout.contract import ContractError
+from megatron_opd.wire.contract import ContractError
 
 
 def _finish_reason(reason: str, completion: list[int]) -> dict[str, Any]:
@@ -264,6 +264,19 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
 
     app = FastAPI(title=f"megatron-opd embedded {role} server (SGLang wire format)", lifespan=lifespan)
     app.state.limits = limits
+    load = {"waiting": 0}  # /generate requests in progress; the event loop is one thread, so no lock
+
+    def admit() -> None:
+        if load["waiting"] >= limits.max_waiting:
+            raise EngineBusy(f"overloaded: {load['waiting']} requests in progress (the server's --max-waiting); retry later")
+
+    async def counted(events):
+        load["waiting"] += 1
+        try:
+            async for event in events:
+                yield event
+        finally:
+            load["waiting"] -= 1
 
     app.add_middleware(_Gate, api_key=api_key, read_only=role == "teacher")
 
@@ -294,6 +307,14 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
 
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate(request: Request):
+        admit()
+        load["waiting"] += 1
+        try:
+            return await _generate(request)
+        finally:
+            load["waiting"] -= 1
+
+    async def _generate(request: Request):
         body = await body_of(request, "/generate")
         try:
             top_dtype = score_codec.negotiated_top_dtype(request.headers.get("accept"))
@@ -304,7 +325,7 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
             return Response(payload, media_type=score_codec.MEDIA_TYPE)
         if body.get("stream"):
             prompts, sampling = parse_stream(engine, body, limits)  # a bad body is a 400 before the stream starts
-            return StreamingResponse(stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob")), limits),
+            return StreamingResponse(counted(stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob")), limits)),
                                      media_type="text/event-stream")
         return await _watching_client(request, generate_response, engine, body, limits)
 
@@ -363,13 +384,13 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
     @app.post("/pause_generation")
     async def pause(request: Request):
         await body_of(request, "/pause_generation")
-        engine.pause()
+        await run_in_threadpool(engine.pause)  # waits for the running generation's lock: off the event loop
         return {"success": True}
 
     @app.post("/continue_generation")
     async def resume(request: Request):
         await body_of(request, "/continue_generation")
-        engine.resume()
+        await run_in_threadpool(engine.resume)  # commits a distributed sync received while paused
         return {"success": True}
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
@@ -378,7 +399,15 @@ def create_app(engine: EmbeddedEngine, api_key: str | None = None, role: str = "
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"} if engine.health() else JSONResponse({"status": "unhealthy"}, status_code=503)
+        """Ready for work: 503 while stopping, paused (a weight update) or over ``max_waiting`` requests,
+        so a router or the trainer's pool sends work elsewhere."""
+        if not engine.health():
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        if engine.paused:
+            return JSONResponse({"status": "paused", "weight_version": engine.weight_version}, status_code=503)
+        if load["waiting"] >= limits.max_waiting:
+            return JSONResponse({"status": "overloaded", "waiting": load["waiting"]}, status_code=503)
+        return {"status": "ok"}
 
     @app.get("/model_info")
     @app.get("/get_model_info")

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from megatron_opd.rollout.http_client import ServerError, SGLangClient
-from megatron_opd.serve import score_codec
+from megatron_opd.wire.client import ServerError, SGLangClient
+from megatron_opd.wire import score_codec
 from megatron_opd.records import TokenScores
 from megatron_opd.teachers.types import TeacherError
 
@@ -93,14 +93,16 @@ class SGLangScorer:
             ids = getattr(sc, "token_ids", None)
             if ids is not None and list(ids) != list(seq[start:]):
                 raise TeacherError(f"teacher {self.name}: sequence {i}: the server scored different token ids")
-            if not torch.isfinite(sc.logprobs).all():
-                raise TeacherError(f"teacher {self.name}: sequence {i}: non-finite log-probs")
             if top_k and (sc.top_ids is None or tuple(sc.top_ids.shape) != (len(sc), top_k)):
                 raise TeacherError(f"teacher {self.name}: sequence {i}: top-k missing or of the wrong shape")
         return scores
 
     def health(self) -> bool:
         return self.client.health()
+
+    def served_models(self) -> list[str]:
+        """What the endpoint says it serves: ``/model_info``'s ``model_path`` (SGLang and embedded)."""
+        return [str(self.client.model_info().get("model_path", ""))]
 
 
 class OpenAIScorer:
@@ -149,6 +151,18 @@ class OpenAIScorer:
             return self._http.get("/health", timeout=5).status_code == 200
         except httpx.HTTPError:
             return False
+
+    def served_models(self) -> list[str]:
+        """The model ids of ``/v1/models`` (OpenAI's list endpoint, served by vLLM)."""
+        import httpx
+
+        try:
+            response = self._http.get("/v1/models", timeout=30)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{self.url}/v1/models: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise ServerError(f"{self.url}/v1/models: HTTP {response.status_code}: {response.text[:300]}", response.status_code)
+        return [str(m.get("id")) for m in response.json().get("data", [])]
 
 
 def parse_prompt_logprobs(rows: list[dict[str, Any] | None], seq: list[int], start: int, top_k: int,

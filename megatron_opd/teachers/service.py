@@ -16,12 +16,13 @@ from typing import Any
 
 from megatron_opd.config.teachers import RoutingSpec, TeacherSpec
 from megatron_opd.records import Sample, SampleScores, TokenScores
-from megatron_opd.serve.process import ServerProcess, start_server
+from megatron_opd.wire.process import ServerProcess, start_server
 from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
 from megatron_opd.teachers.parity import check_parity
 from megatron_opd.teachers.pool import TeacherPool
 from megatron_opd.teachers.router import Router
 from megatron_opd.teachers.types import TeacherError
+from megatron_opd.wire.client import ServerError
 
 
 class TeacherSet:
@@ -53,6 +54,9 @@ class TeacherSet:
                         urls.append(servers[-1].url)
                 pools[unit] = TeacherPool(unit, [_scorer(unit, teacher, url) for url in urls], teacher.batch_size,
                                           teacher.max_concurrency, teacher.max_retries)
+                if teacher.urls:  # a running endpoint: is it the model the recipe names?
+                    for scorer in pools[unit].replicas:
+                        check_endpoint(unit, teacher, scorer)
                 pools[unit].check_health()
         except BaseException:
             for server in servers:
@@ -89,8 +93,29 @@ class TeacherSet:
             out.append(SampleScores(scores, self.router.token_weights(weights, scores)))
         return out
 
+    def check_finite(self, scored: list[SampleScores], step: int) -> dict[str, float]:
+        """Per teacher, the step's tokens scored NaN/Inf (already masked out of the loss by the pool);
+        past ``max_nonfinite_fraction`` of a teacher's tokens the run stops naming the teacher."""
+        bad: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for sample in scored:
+            for unit, sc in sample.scores.items():
+                total[unit] = total.get(unit, 0) + len(sc)
+                bad[unit] = bad.get(unit, 0) + (int((~sc.valid).sum()) if sc.valid is not None else 0)
+        for unit, n in bad.items():
+            if n > self.spec.max_nonfinite_fraction * total[unit]:
+                raise TeacherError(f"teacher {unit!r}: step {step}: {n} of its {total[unit]} scored tokens were NaN/Inf "
+                                   f"(more than teachers.max_nonfinite_fraction={self.spec.max_nonfinite_fraction}); "
+                                   "is its checkpoint or server broken?")
+        return {f"teachers/{unit}/nonfinite_tokens_step": float(n) for unit, n in bad.items()}
+
     def counters(self) -> dict[str, dict[str, Any]]:
         return {unit: pool.counters.as_dict() for unit, pool in self.pools.items()}
+
+    def restore_counters(self, saved: dict[str, dict[str, Any]]) -> None:
+        for unit, values in saved.items():
+            if unit in self.pools:
+                self.pools[unit].counters.restore(values)
 
     def close(self) -> None:
         for server in self.servers:
@@ -102,6 +127,34 @@ class TeacherSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_endpoint(name: str, teacher: TeacherSpec, scorer: Any) -> None:
+    """Before anything is scored: the endpoint takes the key and serves the recipe's model —
+    ``served_model_name`` among vLLM's ``/v1/models``, or SGLang's ``/model_info`` ``model_path``
+    naming ``model`` (the same path, or the same final directory name: hosts mount checkpoints at
+    different places). Without ``model`` / ``served_model_name`` there is nothing to compare."""
+    try:
+        served = scorer.served_models()
+    except ServerError as exc:
+        if exc.status in (401, 403):
+            raise TeacherError(f"teacher {name!r}: {scorer.url} refused the API key (HTTP {exc.status}): check "
+                               f"teachers.{name}.api_key_env ({teacher.api_key_env or 'not set'})") from None
+        raise TeacherError(f"teacher {name!r}: {scorer.url} does not say which model it serves ({exc})") from None
+    if teacher.backend == "openai":
+        expected = teacher.served_model_name
+        ok = expected in served
+    elif teacher.model is not None:
+        expected = str(teacher.model)
+        given = [s.rstrip("/") for s in served]
+        ok = any(s == expected.rstrip("/") or Path(s).name == Path(expected).name
+                 or Path(s).resolve() == Path(expected).resolve() for s in given)
+    else:
+        return
+    if not ok:
+        raise TeacherError(f"teacher {name!r}: {scorer.url} serves {served}, the recipe expects {expected!r} "
+                           f"(teachers.{name}.{'served_model_name' if teacher.backend == 'openai' else 'model'}); "
+                           "is the URL the right teacher's?")
 
 
 def _tokenizer_of(teacher: TeacherSpec) -> Path | None:

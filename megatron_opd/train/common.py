@@ -11,12 +11,13 @@ import torch.distributed as dist
 from megatron_opd.train.optim import TrainState
 
 
-def capture_train_state(state: TrainState, step: int, consumed_samples: int) -> dict[str, Any]:
+def capture_train_state(state: TrainState, step: int, consumed_samples: int,
+                        counters: dict[str, Any] | None = None) -> dict[str, Any]:
     """This rank's state besides the weights and optimizer (which the checkpoint shards): schedule,
-    RNG and data position (weights_only-loadable)."""
+    RNG, data position and (rank 0) the server pools' counters (weights_only-loadable)."""
     from megatron.core import tensor_parallel
 
-    return {
+    return {"counters": counters or {},
         "scheduler": state.scheduler.state_dict(),
         "rng": {
             "torch": torch.get_rng_state(),

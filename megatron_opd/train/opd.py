@@ -57,6 +57,7 @@ class Loop:
     sync: Callable[[int], tuple[float, float]]  # collective: push step N's weights; (seconds waited, seconds pushing)
     pad_id: int
     evaluate: Callable[[], dict[str, Any]]  # collective; {} without an evaluator
+    counters: Callable[[], dict[str, Any]]  # the server pools' counters (rank 0; {} elsewhere), checkpointed
 
 
 def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +82,8 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
             metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in tables[f"step-{done}"].items()})
         log.write(done, metrics)
         if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
-            save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots)
+            save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots,
+                      loop.counters())
         began = time.perf_counter()
     log.close()
     return {"steps": tcfg.steps, "time_by_phase_s": log.times}
@@ -140,6 +142,7 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
             if cfg.teachers is not None:
                 teachers = TeacherSet.start(cfg.teachers, student_dir=cfg.model.hf_path, log_dir=out, threads=cfg.run.cpu_threads)
             engine = RolloutEngine.start(cfg.rollout, cfg.model.hf_path, tokenizer.eos_token_id, out, cfg.run.cpu_threads)
+            restore_counters(session.resumed_counters, teachers, engine)  # an outage before a resume stays counted
         sink = weight_sink(cfg.rollout, engine, out)
         sink.push(session.bundle, f"step-{session.start_step}")  # the engine serves exactly the trainer's weights
         evaluate = partial(_evaluate, evaluator, engine, cfg, rank0) if evaluator else dict
@@ -156,14 +159,16 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
                               partial(tokenizer.decode, skip_special_tokens=True))
             producer = RolloutProducer(maker.generate, maker.finish, session.start_step, cfg.train.steps,
                                        cfg.rollout.max_staleness)
-        loop = Loop(cfg, session, producer, partial(_sync, sink, session, producer), pad_id, evaluate)
+        loop = Loop(cfg, session, producer, partial(_sync, sink, session, producer), pad_id, evaluate,
+                    partial(pool_counters, teachers, engine))
         result = _train(loop, tables)
         if evaluator:
             tables["after"] = evaluate()
         save_hf_checkpoint(session.bundle, out / "hf", tokenizer_src=cfg.model.hf_path)
         if rank0:
             result.update({"wall_time_s": time.perf_counter() - wall, "eval": tables, "skipped_prompts": skipped,
-                           "teacher_counters": teachers.counters() if teachers else {}})
+                           "teacher_counters": teachers.counters() if teachers else {},
+                           "rollout_counters": engine.counters() if engine else {}})
             (out / "results.json").write_text(json.dumps(result, indent=1))
             _print_summary(result, out, evaluator)
         return result
@@ -172,6 +177,17 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
             if closeable is not None:
                 closeable.close()
         session.metrics.close()
+
+
+def pool_counters(teachers: TeacherSet | None, engine: RolloutEngine | None) -> dict[str, Any]:
+    return {"teachers": teachers.counters() if teachers else {}, "rollout": engine.counters() if engine else {}}
+
+
+def restore_counters(saved: dict[str, Any], teachers: TeacherSet | None, engine: RolloutEngine | None) -> None:
+    if teachers is not None:
+        teachers.restore_counters(saved.get("teachers", {}))
+    if engine is not None:
+        engine.restore_counters(saved.get("rollout", {}))
 
 
 def _sync(sink, session: StudentSession, producer: RolloutProducer | None, version: int) -> tuple[float, float]:

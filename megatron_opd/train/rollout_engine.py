@@ -22,11 +22,13 @@ from megatron_opd.train.weight_sync import DiskSink, DistributedSink, InProcessS
 
 class RolloutEngine:
     def __init__(self, engine: Any, eos_token_id: int, clients: list[Any] | None = None,
-                 servers: list[Any] | None = None) -> None:
+                 servers: list[Any] | None = None, api_key: str | None = None) -> None:
         self.engine = engine  # EmbeddedEngine or RolloutPool
         self.eos_token_id = eos_token_id
         self.clients = clients or []
         self.servers = servers or []  # the `opd serve` processes this run started
+        self.api_key = api_key
+        self._scorers: list[Any] = []
 
     @classmethod
     def start(cls, rcfg: RolloutConfig, model_dir: Path, eos_token_id: int, log_dir: Path | None = None,
@@ -35,14 +37,14 @@ class RolloutEngine:
             from megatron_opd.rollout.embedded import EmbeddedEngine
 
             return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size), eos_token_id)
-        from megatron_opd.rollout.http_client import SGLangClient
+        from megatron_opd.wire.client import SGLangClient
         from megatron_opd.rollout.pool import RolloutPool
 
         servers: list[Any] = []
         urls = list(rcfg.urls)
         try:
             if rcfg.engine == "embedded_server":
-                from megatron_opd.serve.process import start_server
+                from megatron_opd.wire.process import start_server
 
                 extra = ["--batch-size", str(rcfg.batch_size)] + (["--threads", str(threads)] if threads else [])
                 if log_dir:  # the disk sync writes the new weights under the run directory
@@ -58,7 +60,7 @@ class RolloutEngine:
                     raise RuntimeError(f"rollout.api_key_env: environment variable {rcfg.api_key_env} (the rollout "
                                        "servers' API key) is not set")
             clients = [SGLangClient(url, api_key=api_key) for url in urls]
-            return cls(RolloutPool(clients), eos_token_id, clients, servers)
+            return cls(RolloutPool(clients), eos_token_id, clients, servers, api_key)
         except BaseException:
             for server in servers:
                 server.stop()
@@ -76,14 +78,18 @@ class RolloutEngine:
         if self.clients:
             from megatron_opd.teachers.backends import SGLangScorer
 
-            per_server = -(-len(sequences) // len(self.clients))
-            out: list[torch.Tensor] = []
-            for j, client in enumerate(self.clients):  # each server takes an equal slice
-                lo, hi = j * per_server, min(len(sequences), (j + 1) * per_server)
-                if lo < hi:
-                    scorer = SGLangScorer(client.base_url, name=f"rollout {client.base_url}", binary=True)
-                    out += [sc.top_ids for sc in scorer.score(sequences[lo:hi], starts[lo:hi], k)]
-            return out
+            if not self._scorers:
+                self._scorers = [SGLangScorer(c.base_url, name=f"rollout {c.base_url}", api_key=self.api_key, binary=True)
+                                 for c in self.clients]
+            per_server = -(-len(sequences) // len(self.engine.failover.in_rotation()))
+            slices = [list(range(lo, min(len(sequences), lo + per_server))) for lo in range(0, len(sequences), per_server)]
+
+            def score_slice(server: int, indices: list[int]) -> list[torch.Tensor]:
+                scores = self._scorers[server].score([sequences[i] for i in indices], [starts[i] for i in indices], k)
+                return [sc.top_ids for sc in scores]
+
+            # each server in rotation takes an equal slice; the pool's failover retries a failed one elsewhere
+            return [ids for part in self.engine.failover.run(slices, score_slice) for ids in part]
         # the embedded engine takes the first position to score (SGLang's logprob_start_len + 1)
         return [r["top_ids"] for r in self.engine.score(sequences, starts, k)]
 
@@ -92,6 +98,14 @@ class RolloutEngine:
         sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                                   stop_token_ids=(self.eos_token_id,))
         return [r.completion_ids for r in self.generate(prompts, sampling)]
+
+    def counters(self) -> dict[str, Any]:
+        """The server pool's requests / retries / failures / wait ({} for the in-process engine)."""
+        return self.engine.counters.as_dict() if self.clients else {}
+
+    def restore_counters(self, saved: dict[str, Any]) -> None:
+        if self.clients and saved:
+            self.engine.counters.restore(saved)
 
     def close(self) -> None:
         for client in self.clients:

@@ -154,17 +154,21 @@ class StepMaker:
             opd_weight = cfg.reward.lambda_opd if self.teachers else 0.0
             metrics = {"rollout/reward_mean": sum(rewards) / len(rewards),
                        "rollout/groups_without_signal": float((grouped.std(-1) == 0).float().mean())}
+        if scored:  # NaN/Inf teacher scores: masked (the pool did) and counted; too many stop the run
+            metrics.update(self.teachers.check_finite(scored, generated.step))
         top_k = cfg.loss.top_k if cfg.loss.kind != "sampled_token" else 0
         top_k *= 2 if cfg.loss.token_set == "union" else 1  # the set's width
         batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight)
         lengths = sum(len(r.completion_ids) for r in rollouts)
         metrics.update(rollout_metrics(rollouts, generated.step, cfg.rollout.max_staleness))
         metrics.update({"time/rollout_s": generated.seconds, "time/scoring_s": t_score, "time/scoring_tail_s": t_tail,
-                        "rollout/resampled_batches": float(generated.resampled),
+                        "rollout/resampled_batches": float(generated.resampled), "rollout/samples": float(len(rollouts)),
                         "throughput/rollout_tokens_per_s": lengths / max(generated.seconds, 1e-9)})
         if scored:
             metrics.update(teacher_reverse_kl(rollouts, scored, list(self.teachers.pools)))
-        if self.teachers is not None:  # cumulative over this process: an outage shows in the metrics, not only at the end
+        metrics.update({f"rollout/{key}": float(value) for key, value in self.engine.counters().items()})
+        if self.teachers is not None:  # cumulative over the run (checkpointed): an outage shows in the metrics, not only at the end
             for unit, counters in self.teachers.counters().items():
-                metrics.update({f"teachers/{unit}/{key}": float(counters[key]) for key in ("requests", "retries", "failures")})
+                metrics.update({f"teachers/{unit}/{key}": float(counters[key])
+                                for key in ("samples", "requests", "retries", "failures", "nonfinite_tokens", "wait_s")})
         return Produced(generated.step, batch, metrics)

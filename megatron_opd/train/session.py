@@ -30,6 +30,7 @@ class StudentSession:
     out_dir: Path
     metrics: MetricsLogger
     hf_path: Path
+    resumed_counters: dict  # the server pools' counters at the checkpoint resumed from ({} when fresh)
 
     @property
     def is_rank0(self) -> bool:
@@ -72,16 +73,17 @@ def open_student(
     if saved is None:  # fresh weights: bf16 optimizers' fp32 main params start as copies of them
         state.optimizer.reload_model_params()
     metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step)
-    return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path))
+    return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path),
+                          dict((saved or {}).get("counters") or {}))
 
 
 def save_step(session: StudentSession, step: int, consumed_samples: int, keep_last: int,
-              hf_snapshot: bool = False) -> Path:
+              hf_snapshot: bool = False, counters: dict | None = None) -> Path:
     """Checkpoint weights + optimizer/scheduler/RNG/data position (collective); with ``hf_snapshot``
     also an HF directory ``snapshots/step-N`` that later stages can evaluate and serve."""
     path = save_checkpoint(
         session.ckpt_root, step, session.bundle, session.state.optimizer,
-        capture_train_state(session.state, step, consumed_samples),
+        capture_train_state(session.state, step, consumed_samples, counters),
         keep_last=keep_last, tokenizer_src=session.hf_path,
     )
     if hf_snapshot:

@@ -84,6 +84,7 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
         weights = equal_share_weights(tags if normalize == "domain" else list(range(len(rollouts))), lengths)
     sampler = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32)
     teacher = torch.cat([sc.teacher_logprobs().float() for sc in scored]) if scored else sampler.clone()
+    token_mask = torch.cat([sc.valid_tokens().float() for sc in scored]) if scored else torch.ones_like(sampler)
     return StepBatch(
         tokens=torch.tensor([t for r in rollouts for t in (*r.prompt_ids, *r.completion_ids)], dtype=torch.int32),
         sample_lens=torch.tensor([len(r.prompt_ids) + n for r, n in zip(rollouts, lengths)], dtype=torch.int32),
@@ -94,6 +95,7 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
         weight_versions=torch.tensor([version_number(r.weight_version) for r in rollouts], dtype=torch.int64),
         prompt_rows=torch.tensor([prompts[r.prompt_index].row for r in rollouts], dtype=torch.int64),
         domains=torch.tensor([names.index(t) if t is not None else -1 for t in tags], dtype=torch.int32),
+        token_mask=token_mask.reshape(-1),
         domain_names=names, topk=_topk_slots(scored, lengths, top_k) if scored and top_k else None, opd_weight=opd_weight)
 
 
@@ -132,7 +134,7 @@ def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
         mask = (positions >= batch.prompt_lens[rows, None]) & (positions < batch.sample_lens[rows, None])
         # completion values of these rows, in the row-major order of `mask`'s True entries
         take = torch.cat([torch.arange(comp_start[i], comp_start[i + 1]) for i in rows])
-        micro = {"input_ids": input_ids, "loss_mask": mask.float(),
+        micro = {"input_ids": input_ids, "loss_mask": _scatter(mask, batch.token_mask[take]),
                  "sampler_lp": _scatter(mask, batch.sampler_logprobs[take]),
                  "teacher_lp": _scatter(mask, batch.teacher_logprobs[take]),
                  "task_adv": batch.task_advantages[rows], "loss_w": batch.loss_weights[rows],

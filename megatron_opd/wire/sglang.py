@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_opd.rollout.http_client import SGLangClient
+from megatron_opd.wire.client import SGLangClient
 
 # Flags of `python -m sglang.launch_server` (sglang 0.5.x ServerArgs) that this launcher emits.
 SGLANG_FLAGS = {

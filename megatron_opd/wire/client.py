@@ -10,7 +10,7 @@ import json
 from typing import Any, Callable
 
 from megatron_opd.records import Rollout, SamplingParams
-from megatron_opd.rollout.contract import validate_request
+from megatron_opd.wire.contract import validate_request
 
 
 class ServerError(RuntimeError):
@@ -78,11 +78,11 @@ class SGLangClient:
     def _post(self, path: str, body: dict[str, Any]) -> Any:
         return self.post_raw(path, body).json()
 
-    def _get(self, path: str) -> Any:
+    def _get(self, path: str, timeout: float | None = None) -> Any:
         import httpx
 
         try:
-            response = self._http.get(path)
+            response = self._http.get(path, timeout=timeout) if timeout else self._http.get(path)
         except httpx.HTTPError as exc:
             raise ServerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
@@ -194,9 +194,10 @@ class SGLangClient:
     def resume(self) -> None:
         self._post("/continue_generation", {})
 
-    def health(self) -> bool:
+    def health(self, timeout: float = 10.0) -> bool:
+        """Answers ``/health`` within ``timeout`` (a hung server must not stall the pool's probes)."""
         try:
-            self._get("/health")
+            self._get("/health", timeout)
             return True
         except ServerError:
             return False
