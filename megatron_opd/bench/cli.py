@@ -46,6 +46,34 @@ def e2e(
     _finish(lines)
 
 
+@bench_app.command("soak")
+def soak(
+    minutes: float = typer.Option(30.0, min=0.5, help="how long the OPD loop runs"),
+    kill_every_s: float = typer.Option(120.0, min=5.0, help="a teacher replica is SIGKILLed this often (alternating)"),
+    down_s: float = typer.Option(20.0, min=0.0, help="how long a killed replica stays down before it is restarted"),
+    recipe: Path = typer.Option(Path("recipes/tiny/opd_arith.yaml")),
+    student: Path = typer.Option(DEFAULT_STUDENT, help="HF student (default: the cold start of recipes/tiny/sft.yaml)"),
+    teacher: Path = typer.Option(Path("assets/tiny/teachers/arithmetic"), help="the arithmetic teacher, served twice"),
+    out_dir: Path = typer.Option(Path("outputs/bench/soak")),
+    overrides: Optional[List[str]] = typer.Argument(None, help="dotted overrides for the soaked run"),
+) -> None:
+    """Opt-in soak: the OPD loop with periodic teacher kills; kills survived, samples lost, RSS growth."""
+    from megatron_opd.bench.soak import SoakSettings, run_soak
+
+    if not (student / "config.json").is_file():
+        typer.secho(f"error: --student {student}: no HF checkpoint (run `opd run recipes/tiny/sft.yaml` first)",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    settings = SoakSettings(recipe.resolve(), student.resolve(), teacher.resolve(), out_dir.resolve(), minutes,
+                            kill_every_s, down_s, tuple(overrides or ()))
+    try:
+        lines = run_soak(settings, log=typer.echo)
+    except RuntimeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _finish(lines)
+
+
 @bench_app.command("step")
 def step(
     student: Path = typer.Option(DEFAULT_STUDENT, help="HF student of the batch sweep (default: the cold start)"),
