@@ -201,3 +201,53 @@ def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect, l
     assert rows[0]["train/loss"] != rows[-1]["train/loss"]
     if "loss.token_set=union" in layout:  # the teacher's 16 plus those of the student's 16 it lacks
         assert all(16 < r["opd/token_set_size"] < 32 for r in rows)
+
+
+def test_a_teacher_outage_stops_the_run_naming_it_and_the_resume_loses_nothing(tmp_path):
+    """The run's only teacher replica is SIGKILLed mid-run: the run stops with the teacher named and
+    its last checkpoint kept; with the teacher back on the same port, the rerun resumes there and
+    trains every step's samples exactly once (counted)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO as repo
+    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.wire.process import start_server
+
+    teacher_dir = repo / "assets" / "tiny" / "teachers" / "arithmetic"
+    port = _free_port()
+    out = tmp_path / "run"
+    steps = ["train.steps=8", f"teachers.teachers.arithmetic.urls=[http://127.0.0.1:{port}]"]
+    server = start_server(teacher_dir, role="teacher", port=port)
+    try:
+        err = open(tmp_path / "stderr.log", "w")  # a file: a full pipe would stall the job while we poll
+        job = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "run", str(RECIPE), *SMALL, *steps,
+                                f"run.output_dir={out}"], cwd=repo, stdout=subprocess.DEVNULL, stderr=err,
+                               env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 600
+        while not (out / "checkpoints" / "latest").is_file() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        server.proc.kill()  # right after the step-2 checkpoint: the teacher's only replica is gone
+        server.proc.wait(timeout=30)
+        job.wait(timeout=600)
+    finally:
+        server.stop()
+    err.close()
+    stderr = (tmp_path / "stderr.log").read_text()
+    assert job.returncode != 0 and "teacher 'arithmetic'" in stderr and "none of its 1 servers answers" in stderr, stderr[-3000:]
+    latest = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
+    assert latest in (2, 4, 6) and not (out / "results.json").exists()
+
+    server = start_server(teacher_dir, role="teacher", port=port)
+    try:
+        again = opd("run", str(RECIPE), *SMALL, *steps, f"run.output_dir={out}")
+    finally:
+        server.stop()
+    assert f"at step {latest}" in again.stdout
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # every step once: none repeated, none lost
+    assert all(r["rollout/samples"] == 4 * 2 for r in rows)
+    counters = json.loads((out / "results.json").read_text())["teacher_counters"]["arithmetic"]
+    assert counters["samples"] == 8 * 4 * 2  # steps before the checkpoint (restored) + after the resume, each scored once

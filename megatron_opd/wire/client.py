@@ -21,10 +21,6 @@ class ServerError(RuntimeError):
         self.status = status
 
     @property
-    def unavailable(self) -> bool:
-        return self.status is None or self.status in (502, 503, 504)
-
-    @property
     def retryable(self) -> bool:
         """Worth another try, possibly elsewhere: unreachable, rate-limited or a server-side error."""
         return self.status is None or self.status == 429 or self.status >= 500
