@@ -78,6 +78,7 @@ def _kill_listener(port: int) -> int:
     raise AssertionError(f"nothing listens on port {port}")
 
 
+@pytest.mark.timeout(2700)  # two jobs one after the other on a 2-core machine, each polled with its own bound
 def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_path, slurm):
     """Job A is cancelled mid-run (scancel); job B, the same submission, resumes from A's last
     checkpoint, loses one of the two teacher replicas mid-run (SIGKILL) and finishes on the other."""

@@ -1,7 +1,9 @@
-"""Progress of a training loop: a rich progress bar on a terminal, plain log lines otherwise."""
+"""Progress of a training loop: a rich progress bar on a terminal, plain log lines otherwise (and always
+inside a Slurm job, whose step output goes to a log file even where the task's stdout reports a terminal)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -9,7 +11,7 @@ class StepProgress:
     def __init__(self, label: str, total: int, start: int, enabled: bool) -> None:
         self.label, self.total, self.enabled = label, total, enabled
         self._bar = None
-        if enabled and sys.stdout.isatty():
+        if enabled and sys.stdout.isatty() and "SLURM_JOB_ID" not in os.environ:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
