@@ -53,10 +53,16 @@ class SamplingParams:
 
 @dataclass
 class Prompt:
-    ids: list[int]
+    ids: list[int]  # what the student sees: the conversation up to its last user turn, with the generation prompt
     domain: str | None
     meta: dict[str, Any] | None = None  # what the domain's verifier needs (GRPO rewards)
     row: int = 0  # its index in the run's prompt list (counted: every prompt trained once per draw)
+    reference: list[int] | None = None  # the row's own response (its last assistant turn, through EOS)
+    contexts: dict[str, list[int]] = field(default_factory=dict)  # teacher -> the prompt ids that teacher scores
+    # the completion under (a privileged context of the row, never shown to the student: OPSD)
+
+
+DATASET = "dataset"  # the finish reason of a dataset trajectory mixed into a step (GKD's lambda < 1)
 
 
 @dataclass
@@ -66,7 +72,7 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]  # sampler log p(token) under the unmodified (T=1) distribution
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | DATASET (the row's own response, not sampled)
     weight_version: str  # the weights that sampled it ("step-N": N optimizer steps)
     prompt_index: int = 0
     sample_index: int = 0
@@ -89,6 +95,15 @@ class Sample:
     start: int  # first completion position (= prompt length)
     tag: str | None = None
     score_ids: list[int] | None = None  # ids whose log-probs the teachers also report at every position
+    contexts: dict[str, list[int]] | None = None  # teacher -> its own prompt ids in place of token_ids[:start]
+
+    def for_teacher(self, unit: str) -> tuple[list[int], int]:
+        """The ids a teacher scores and its first completion position: the same completion tokens,
+        after that teacher's own context where it has one."""
+        context = (self.contexts or {}).get(unit)
+        if context is None:
+            return self.token_ids, self.start
+        return context + self.token_ids[self.start:], len(context)
 
 
 @dataclass
@@ -163,6 +178,7 @@ class StepBatch:
     prompt_rows: torch.Tensor  # [B] int64: each sample's prompt row
     domains: torch.Tensor  # [B] int32: index into ``domain_names`` (-1: untagged)
     token_mask: torch.Tensor  # [T] float32: 1, or 0 where a routed teacher's score was non-finite (not trained)
+    on_policy: torch.Tensor  # [B] uint8: 1 = sampled by the student (0: the row's own response, GKD's mixing)
     domain_names: list[str] = field(default_factory=list)
     topk: TeacherTopK | None = None
     opd_weight: float = 1.0  # lambda on the teacher advantage (0: no teacher term)
@@ -186,7 +202,8 @@ class StepBatch:
         return StepBatch(self.tokens[t0:t1], self.sample_lens[lo:hi], self.prompt_lens[lo:hi],
                          self.sampler_logprobs[c0:c1], self.teacher_logprobs[c0:c1], self.task_advantages[lo:hi],
                          self.loss_weights[lo:hi], self.weight_versions[lo:hi], self.prompt_rows[lo:hi],
-                         self.domains[lo:hi], self.token_mask[c0:c1], list(self.domain_names), topk, self.opd_weight)
+                         self.domains[lo:hi], self.token_mask[c0:c1], self.on_policy[lo:hi], list(self.domain_names), topk,
+                         self.opd_weight)
 
     # -- wire form: named tensors + a JSON header (nothing pickled) ----------------------------
     def to_wire(self) -> tuple[dict[str, Any], list[torch.Tensor]]:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_opd.algo.advantages import (
-    combined_advantage, gkd_on_policy, grpo_advantages, mix_teacher_logprobs, sampled_token_advantage,
+    combined_advantage, grpo_advantages, on_policy_prompts, mix_teacher_logprobs, sampled_token_advantage,
 )
 from megatron_opd.algo.divergences import (
     forward_kl, generalized_jsd, reverse_kl, topk_forward_kl_with_tail, topk_reverse_kl_support_matched,
@@ -145,8 +145,12 @@ def test_advantages_grpo_discount_mix_and_masks():
     assert mix_teacher_logprobs([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -5.0])], [w1, w2]).tolist() == [-2.5, -2.0]
     with pytest.raises(ValueError, match="sum to 1"):
         mix_teacher_logprobs([torch.zeros(2)], [torch.tensor([0.5, 1.0])])
-    assert gkd_on_policy(1000, 0.0, torch.Generator().manual_seed(0)).sum() == 0
-    assert gkd_on_policy(1000, 1.0, torch.Generator().manual_seed(0)).all()
+    assert on_policy_prompts(1000, 0.0, torch.Generator().manual_seed(0)).sum() == 0
+    assert on_policy_prompts(1000, 1.0, torch.Generator().manual_seed(0)).all()
+    for count, lam, expected in [(8, 0.5, 4), (7, 0.5, 4), (32, 0.25, 8), (3, 0.1, 0)]:  # stratified: exactly round(lam n)
+        masks = [on_policy_prompts(count, lam, torch.Generator().manual_seed(s)) for s in range(20)]
+        assert all(int(m.sum()) == expected for m in masks)
+        assert len({tuple(m.tolist()) for m in masks}) > 1 or expected in (0, count)  # which ones: drawn per step
     mask = completion_mask([2, 1], [4, 3], 5)
     assert mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
     ids = torch.tensor([[5, 6, 3, 7, 3], [1, 3, 9, 9, 9]])

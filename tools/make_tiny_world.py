@@ -10,6 +10,8 @@ Writes (about 15 min on 2 cores; the repository ships the result):
   original/                     "small" generalist, SFT on all domains (the pre-regression model)
   data/<domain>/cold_start.jsonl     responses *sampled* (T=1) from the domain's teacher on train
                                 prompts, kept only when the verifier accepts them
+  data/<domain>/cold_start_hinted.jsonl  the same rows with the answer shown in the user turn
+                                (HINT): the self-distillation recipe's cold start learns to use a hint
   world_report.json             per-domain accuracy of every teacher and the original
 """
 
@@ -26,6 +28,7 @@ from megatron_opd.data.world import make_splits, read_rows, to_row, write_rows
 from megatron_opd.model.tiny import make_tiny_qwen3
 
 N_TRAIN, N_TEST, N_COLD = 2000, 200, 600
+HINT = "{prompt}\nhint: {response}"  # recipes/tiny/opsd.yaml's teacher context (the same template)
 TEACHER_STEPS, ORIGINAL_STEPS = 800, 1500
 
 
@@ -83,6 +86,24 @@ def build_cold_start(out: Path) -> None:
         print(f"cold start {name}: kept {len(kept)}/{len(rows)} verified teacher samples")
 
 
+def build_hinted(out: Path) -> None:
+    """Each cold-start row again with its answer in the user turn: a real model can use a hint in its
+    context from pre-training; the micro student learns it here, so that its own weights shown the
+    reference (on-policy self-distillation) are a teacher worth distilling from."""
+    from megatron_opd.config.teachers import render_template
+
+    for name in DOMAINS:
+        rows = read_rows(out / "data" / name / "cold_start.jsonl")
+        hinted = []
+        for row in rows:
+            user, answer = row["messages"][0]["content"], row["messages"][-1]["content"]
+            shown = render_template(HINT, {"prompt": user, "response": answer})
+            meta = row.get("meta")
+            hinted.append({**row, "id": row["id"] + "-hinted", "meta": json.dumps(meta) if isinstance(meta, dict) else meta,
+                           "messages": [{"role": "user", "content": shown}, row["messages"][-1]]})
+        write_rows(hinted, out / "data" / name / "cold_start_hinted.jsonl")
+
+
 def _problem(row: dict, text: str):
     from megatron_opd.data.domains import Problem
 
@@ -104,12 +125,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/tiny"))
     parser.add_argument("--work", type=Path, default=Path("outputs/tiny/world_build"))
-    parser.add_argument("--only", choices=["data", "teachers", "cold-start", "report"])
+    parser.add_argument("--only", choices=["data", "teachers", "cold-start", "hinted", "report"])
     parser.add_argument("--teachers", default=",".join([*DOMAINS, "original"]),
                         help="which teachers to (re)train, comma-separated (default: all + original)")
     args = parser.parse_args()
     steps = {"data": lambda: build_data(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
-             "cold-start": lambda: build_cold_start(args.out), "report": lambda: report(args.out)}
+             "cold-start": lambda: build_cold_start(args.out), "hinted": lambda: build_hinted(args.out),
+             "report": lambda: report(args.out)}
     for name, step in steps.items():
         if args.only in (None, name):
             step()

@@ -58,9 +58,13 @@ def combined_advantage(task_advantage: torch.Tensor, opd_advantage: torch.Tensor
     return task_advantage + lambda_opd * opd_advantage
 
 
-def gkd_on_policy(count: int, lam: float, generator: torch.Generator) -> torch.Tensor:
-    """GKD's mixture (Agarwal et al. 2024, Alg. 1): each prompt's trajectory is the student's own
-    sample with probability ``lam``, else the dataset's. Returns a bool mask [count]."""
+def on_policy_prompts(count: int, lam: float, generator: torch.Generator) -> torch.Tensor:
+    """GKD's mixture (Agarwal et al. 2024, Alg. 1: each trajectory is the student's own with
+    probability ``lam``, else the dataset's), stratified per batch: exactly ``round(lam * count)``
+    of the ``count`` prompts, drawn by ``generator``, are sampled by the student. Returns a bool
+    mask [count]."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be in [0, 1], got {lam}")
-    return torch.rand(count, generator=generator) < lam
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[torch.randperm(count, generator=generator)[: round(lam * count)]] = True
+    return mask

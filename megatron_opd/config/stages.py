@@ -143,6 +143,9 @@ class RolloutConfig(Strict):
     batch_size: int = Field(256, ge=1, description="embedded engine: most sequences in one decode loop (a step's "
                             "batch up to this runs as one)")
     bucket_mb: int = Field(64, ge=1, description="weight-sync bucket size")
+    on_policy_fraction: float = Field(1.0, ge=0, le=1, description="GKD's lambda: the share of each step's prompts "
+                                      "whose samples are the student's own; the rest train on the row's own response "
+                                      "(its last assistant turn), scored by the teachers like a rollout")
 
     @model_validator(mode="after")
     def _engine(self) -> "RolloutConfig":
@@ -257,6 +260,14 @@ class OPDStageConfig(StageBase):
             raise ValueError("teachers.weighting 'confidence' needs loss.top_k >= 1")
         if self.kind == "opd" and self.teachers is None:
             raise ValueError("kind 'opd' needs `teachers`")
+        for teacher in (self.teachers.teachers.values() if self.teachers else []):
+            if teacher.model is not None and str(teacher.model) == "self":  # OPSD: the student's starting weights
+                teacher.model = self.model.hf_path
+        if self.rollout.on_policy_fraction < 1 and (self.kind == "grpo" or self.loss.kind == "sampled_token"):
+            raise ValueError(f"rollout.on_policy_fraction {self.rollout.on_policy_fraction} mixes the rows' own "
+                             "responses into the steps: that needs a divergence loss (loss.kind topk_forward_kl, "
+                             "topk_reverse_kl or jsd); the sampled-token policy gradient and GRPO need samples the "
+                             "student drew")
         if self.loss.token_set != "teacher" and self.teachers is not None:
             if self.teachers.stream:
                 raise ValueError(f"loss.token_set {self.loss.token_set!r}: the student's top-k is asked of the engine "

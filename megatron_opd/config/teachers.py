@@ -3,6 +3,7 @@ weight (``megatron_opd.teachers.router`` turns a ``RoutingSpec`` into per-sample
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,7 +17,8 @@ class TeacherSpec(Strict):
 
     urls: list[str] = Field(default_factory=list, description="running SGLang / embedded / OpenAI-compatible servers")
     model: Path | None = Field(None, description="HF checkpoint: launched as `opd serve --role teacher` when urls is "
-                                "empty; with urls, the model they must serve (checked against /model_info first)")
+                                "empty; with urls, the model they must serve (checked against /model_info first); "
+                                "`self`: the student's starting weights (model.hf_path), for self-distillation")
     backend: Literal["sglang", "openai"] = "sglang"
     served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
     tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
@@ -27,6 +29,18 @@ class TeacherSpec(Strict):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(3, ge=0)
     binary: bool = Field(True, description="accept the embedded server's binary score payload")
+    context: str | None = Field(None, description="a privileged context for this teacher only (on-policy "
+                                "self-distillation): its last user turn becomes this template over the row's fields "
+                                "{prompt} (the student's last user turn), {response} (the row's own answer: its last "
+                                "assistant turn) and {meta.KEY}; the teacher scores the student's exact completion "
+                                "tokens after it, the student never sees it")
+
+    @field_validator("context")
+    @classmethod
+    def _context_fields(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_fields(value)
+        return value
 
     @model_validator(mode="after")
     def _endpoint(self) -> "TeacherSpec":
@@ -40,9 +54,57 @@ class TeacherSpec(Strict):
 
     def endpoint_key(self) -> tuple[str, ...]:
         """Teachers with equal keys are one scoring unit (same servers, or same checkpoint)."""
+        context = ("context", self.context) if self.context is not None else ()  # other prompts: another unit
         if self.urls:
-            return (self.backend, self.served_model_name or "", *sorted(u.rstrip("/").lower() for u in self.urls))
-        return ("model", str(Path(self.model).resolve()))
+            return (self.backend, self.served_model_name or "", *sorted(u.rstrip("/").lower() for u in self.urls), *context)
+        return ("model", str(Path(self.model).resolve()), *context)
+
+
+TEMPLATE_ROOTS = ("prompt", "response", "meta")
+
+
+def template_fields(template: str) -> list[str]:
+    """The row fields a context template names (``prompt``, ``response``, ``meta.KEY``), in order;
+    a malformed template or any other name is an error naming it."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"context template {template!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    names = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        root, _, key = name.partition(".")
+        if root not in TEMPLATE_ROOTS or (root == "meta") != bool(key) or "[" in name or spec or conversion:
+            raise ValueError(f"context template: unknown field {{{name}}}; the fields are {{prompt}}, {{response}} "
+                             "and {meta.KEY}")
+        names.append(name)
+    if not names:
+        raise ValueError("context template names no field of the row ({prompt}, {response}, {meta.KEY}): the teacher "
+                         "would see the same thing for every row")
+    return names
+
+
+def render_template(template: str, fields: dict) -> str:
+    """The template over one row's fields (``fields["meta"]`` a dict); a missing field -> KeyError
+    naming it."""
+    values = {}
+    for name in template_fields(template):
+        root, _, key = name.partition(".")
+        value = fields.get(root)
+        if key:
+            if not isinstance(value, dict) or key not in value:
+                raise KeyError(name)
+            value = value[key]
+        elif value is None:
+            raise KeyError(name)
+        values[name] = value
+    out, formatter = [], string.Formatter()
+    for literal, name, _, _ in formatter.parse(template):
+        out.append(literal)
+        if name is not None:
+            out.append(str(values[name]))
+    return "".join(out)
 
 
 class RouteTarget(Strict):

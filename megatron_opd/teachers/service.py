@@ -76,7 +76,8 @@ class TeacherSet:
         def score_unit(unit: str) -> dict[int, TokenScores]:
             indices = work[unit]
             ids = [samples[i].score_ids for i in indices]
-            scored = self.pools[unit].score([samples[i].token_ids for i in indices], [samples[i].start for i in indices],
+            shown = [samples[i].for_teacher(unit) for i in indices]  # after the teacher's own context, if it has one
+            scored = self.pools[unit].score([seq for seq, _ in shown], [start for _, start in shown],
                                             top_k, ids if any(x is not None for x in ids) else None)
             return dict(zip(indices, scored))
 

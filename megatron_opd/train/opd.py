@@ -127,8 +127,9 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model.hf_path))
     check_tokenizer_fits(tokenizer, load_hf_config(cfg.model.hf_path).vocab_size, str(cfg.model.hf_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    contexts = {name: t.context for name, t in cfg.teachers.teachers.items() if t.context} if cfg.teachers else {}
     prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
-                                              cfg.data.max_prompt_length)
+                                              cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
                            optimizer_steps=cfg.train.steps * cfg.loss.epochs)
     rank0 = session.is_rank0

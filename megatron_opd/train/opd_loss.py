@@ -72,6 +72,8 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
     mask = batch["loss_mask"][:, 1:]
     teacher, sampler = batch["teacher_lp"][:, 1:], batch["sampler_lp"][:, 1:]
     old = batch["old_lp"][:, 1:] if "old_lp" in batch else logprobs.detach()
+    if "on_policy" in batch:  # a dataset trajectory (GKD mixing) has no sampler: no IS correction, no mismatch
+        sampler = torch.where(batch["on_policy"].bool()[:, None], sampler, old)
     opd = sampled_token_advantage(teacher, old, mask, cfg.kl_discount, cfg.logratio_clamp)
     # A = A_task + lambda * A_opd (OPD: A_task = 0, lambda = 1; GRPO: lambda = 0 without teachers)
     advantage = (batch["task_adv"][:, None] * mask + batch["opd_weight"][:, None] * opd).detach()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from megatron_opd.records import Rollout, SampleScores, version_number
+from megatron_opd.records import DATASET, Rollout, SampleScores, version_number
 from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.progress import StepProgress
 
@@ -26,8 +26,14 @@ def repeats_an_ngram(ids: list[int], n: int = 4) -> bool:
 
 
 def rollout_metrics(rollouts: list[Rollout], step: int, max_staleness: int) -> dict[str, float]:
+    """The student's own samples (the rows' own responses mixed in by GKD's lambda are counted apart)."""
+    mixed = sum(r.finish_reason == DATASET for r in rollouts)
+    counts = {"rollout/on_policy_samples": float(len(rollouts) - mixed), "rollout/dataset_samples": float(mixed)}
+    rollouts = [r for r in rollouts if r.finish_reason != DATASET]
+    if not rollouts:
+        return counts
     lengths = [len(r.completion_ids) for r in rollouts]
-    out = {"rollout/response_length": sum(lengths) / len(lengths),
+    out = {**counts, "rollout/response_length": sum(lengths) / len(lengths),
            "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
            "rollout/repetition_rate": sum(repeats_an_ngram(r.completion_ids) for r in rollouts) / len(rollouts)}
     behind = [step - version_number(r.weight_version) for r in rollouts]
@@ -42,7 +48,8 @@ def teacher_reverse_kl(rollouts: list[Rollout], scored: list[SampleScores], unit
     the student's (the trainer's own reverse KL is ``opd/reverse_kl``)."""
     out = {}
     for unit in units:
-        pairs = [(r, sc.scores[unit]) for r, sc in zip(rollouts, scored) if unit in sc.scores]
+        pairs = [(r, sc.scores[unit]) for r, sc in zip(rollouts, scored)
+                 if unit in sc.scores and r.finish_reason != DATASET]  # a row's own response has no sampler log-probs
         tokens = sum(len(s) for _, s in pairs)
         if tokens:
             gap = sum((torch.tensor(r.logprobs) - s.logprobs).sum().item() for r, s in pairs)

@@ -10,11 +10,11 @@ from typing import Any, Callable
 
 import torch
 
-from megatron_opd.algo.advantages import grpo_advantages
+from megatron_opd.algo.advantages import grpo_advantages, on_policy_prompts
 from megatron_opd.algo.token_sets import ids_to_score, teacher_at, token_set
 from megatron_opd.config import OPDStageConfig
 from megatron_opd.data.chat import global_batch_indices
-from megatron_opd.records import Prompt, Sample, SampleScores, SamplingParams
+from megatron_opd.records import DATASET, Prompt, Rollout, Sample, SampleScores, SamplingParams
 from megatron_opd.teachers.service import TeacherSet
 from megatron_opd.train.opd_metrics import rollout_metrics, teacher_reverse_kl
 from megatron_opd.train.producer import Generated, Produced
@@ -97,27 +97,42 @@ class StepMaker:
         self.eos_id, self.decode = eos_id, decode
 
     def generate(self, step: int) -> Generated:
-        """Sample the step's prompts; with teachers, their scoring starts while generation runs."""
+        """Sample the step's prompts; with teachers, their scoring starts while generation runs.
+        With ``rollout.on_policy_fraction`` < 1 only that share of the prompts is sampled; the
+        others' ``n`` samples are the row's own response (listed after the sampled ones)."""
         tcfg, rcfg = self.cfg.train, self.cfg.rollout
-        chosen = [self.prompts[i] for i in global_batch_indices(len(self.prompts), tcfg.seed, step, tcfg.prompts_per_step)]
+        drawn = [self.prompts[i] for i in global_batch_indices(len(self.prompts), tcfg.seed, step, tcfg.prompts_per_step)]
+        sampled = on_policy_prompts(len(drawn), rcfg.on_policy_fraction,
+                                    torch.Generator().manual_seed(tcfg.seed * 100_003 + step)).tolist()
+        chosen = [p for p, on in zip(drawn, sampled) if on] + [p for p, on in zip(drawn, sampled) if not on]
+        live = sum(sampled)
         sampling = SamplingParams(temperature=rcfg.temperature, top_p=rcfg.top_p, top_k=rcfg.top_k,
                                   max_new_tokens=rcfg.max_new_tokens, stop_token_ids=(self.eos_id,), n=rcfg.n,
                                   seed=tcfg.seed * 100_003 + step)
         streaming = self.teachers is not None and self.cfg.teachers.stream
         scorer = StreamScorer(self.teachers, self.cfg.loss.top_k, rcfg.n) if streaming else None
+        dataset = [Rollout(p.ids, list(p.reference), [0.0] * len(p.reference), DATASET, f"step-{step}", live + j, k)
+                   for j, p in enumerate(chosen[live:]) for k in range(rcfg.n)]
 
         def heard(index: int, r) -> None:
-            scorer.add(index, r.prompt_index, Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids),
-                                                     chosen[r.prompt_index].domain))
+            scorer.add(index, r.prompt_index, self._sample(r, chosen))
 
+        if scorer:  # the rows' own responses are ready now: scored while the rest is generated
+            for index, r in enumerate(dataset, start=live * rcfg.n):
+                heard(index, r)
         began = time.perf_counter()
         try:
-            rollouts = self.engine.generate([p.ids for p in chosen], sampling, heard if scorer else None)
+            rollouts = self.engine.generate([p.ids for p in chosen[:live]], sampling, heard if scorer else None) if live else []
         except BaseException:
             if scorer:
                 scorer.close()
             raise
-        return Generated(step, chosen, rollouts, time.perf_counter() - began, scorer=scorer)
+        return Generated(step, chosen, rollouts + dataset, time.perf_counter() - began, scorer=scorer)
+
+    @staticmethod
+    def _sample(r: Rollout, chosen: list[Prompt]) -> Sample:
+        prompt = chosen[r.prompt_index]
+        return Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), prompt.domain, contexts=prompt.contexts or None)
 
     def finish(self, generated: Generated) -> Produced:
         cfg, rollouts, chosen = self.cfg, generated.rollouts, generated.prompts
@@ -127,8 +142,7 @@ class StepMaker:
             by_index = generated.scorer.close()
             scored = [by_index[i] for i in range(len(rollouts))]
         elif self.teachers is not None:  # teachers.stream=false: the whole step at once, now
-            samples = [Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), chosen[r.prompt_index].domain)
-                       for r in rollouts]
+            samples = [self._sample(r, chosen) for r in rollouts]
             student_top = None
             if cfg.loss.token_set != "teacher":  # the teachers also score the student's own top-k ids
                 student_top = self.engine.student_top_ids([s.token_ids for s in samples], [s.start for s in samples],
@@ -159,7 +173,7 @@ class StepMaker:
         top_k = cfg.loss.top_k if cfg.loss.kind != "sampled_token" else 0
         top_k *= 2 if cfg.loss.token_set == "union" else 1  # the set's width
         batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight)
-        lengths = sum(len(r.completion_ids) for r in rollouts)
+        lengths = sum(len(r.completion_ids) for r in rollouts if r.finish_reason != DATASET)
         metrics.update(rollout_metrics(rollouts, generated.step, cfg.rollout.max_staleness))
         metrics.update({"time/rollout_s": generated.seconds, "time/scoring_s": t_score, "time/scoring_tail_s": t_tail,
                         "rollout/resampled_batches": float(generated.resampled), "rollout/samples": float(len(rollouts)),

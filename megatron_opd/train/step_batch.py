@@ -9,14 +9,20 @@ from typing import Any
 
 import torch
 
+from megatron_opd.config.teachers import render_template
 from megatron_opd.data.chat import DataError, load_rows
-from megatron_opd.records import Prompt, Rollout, SampleScores, StepBatch, TeacherTopK, version_number
+from megatron_opd.records import DATASET, Prompt, Rollout, SampleScores, StepBatch, TeacherTopK, version_number
 
 
 def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain_field: str,
-                 max_prompt_length: int) -> tuple[list[Prompt], dict[str, int], list[str]]:
+                 max_prompt_length: int, contexts: dict[str, str] | None = None,
+                 need_reference: bool = False) -> tuple[list[Prompt], dict[str, int], list[str]]:
     """Chat rows -> prompt ids (the conversation up to, not including, its last assistant turn, with
-    the generation prompt). Bad rows are counted and skipped; returns (prompts, skipped, problems)."""
+    the generation prompt) and the row's own response when it has one (the last assistant turn as
+    the template renders it, through EOS). ``contexts``: teacher -> context template; each such
+    teacher's prompt is the conversation with its last user turn replaced by the rendered template
+    (a row without a field the template names stops the run here, naming both). Rows that cannot
+    be used are counted and skipped; returns (prompts, skipped, problems)."""
     prompts: list[Prompt] = []
     skipped: dict[str, int] = {}
     problems: list[str] = []
@@ -24,6 +30,7 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
         for i, row in enumerate(load_rows(source)):
             messages = row.get(messages_field)
             reason = None
+            response = None
             meta = row.get("meta")
             if not isinstance(messages, list) or not messages:
                 reason = f"no '{messages_field}' list"
@@ -32,7 +39,7 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                 reason = f"'{messages_field}' entries must be {{role, content}} objects with string values"
             else:
                 if messages[-1].get("role") == "assistant":
-                    messages = messages[:-1]
+                    response, messages = messages[-1]["content"], messages[:-1]
                 if not messages or messages[-1].get("role") != "user":
                     reason = "no user turn to answer"
             if reason is None and isinstance(meta, str):
@@ -42,6 +49,8 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                     reason = "'meta' is a string that is not JSON"
             if reason is None and meta is not None and not isinstance(meta, dict):
                 reason = "'meta' must be an object (or its JSON text)"
+            if reason is None and need_reference and response is None:
+                reason = "no assistant turn (rollout.on_policy_fraction < 1 trains on the rows' own responses)"
             if reason is None:
                 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
                 if len(ids) > max_prompt_length:
@@ -51,10 +60,32 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                 if len(problems) < 5:
                     problems.append(f"{source} row {i}: {reason}")
                 continue
-            prompts.append(Prompt(list(ids), row.get(domain_field), meta, row=len(prompts)))
+            prompt = Prompt(list(ids), row.get(domain_field), meta, row=len(prompts))
+            if response is not None:
+                prompt.reference = _response_ids(tokenizer, messages, response, len(ids))
+            fields = {"prompt": messages[-1]["content"], "response": response, "meta": meta}
+            for teacher, template in (contexts or {}).items():
+                try:
+                    shown = render_template(template, fields)
+                except KeyError as exc:
+                    raise DataError(f"teachers.teachers.{teacher}.context names {{{exc.args[0]}}}, which {source} row {i} "
+                                    "does not have") from None
+                teacher_messages = [*messages[:-1], {"role": "user", "content": shown}]
+                prompt.contexts[teacher] = list(tokenizer.apply_chat_template(teacher_messages, add_generation_prompt=True,
+                                                                              tokenize=True))
+            prompts.append(prompt)
     if not prompts:
         raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
     return prompts, skipped, problems
+
+
+def _response_ids(tokenizer: Any, messages: list[dict[str, str]], response: str, prompt_len: int) -> list[int]:
+    """The response's ids as the student would have written them: the templated conversation past
+    the generation prompt, through the first EOS (where sampling stops)."""
+    full = list(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=True))
+    out = full[prompt_len:]
+    eos = tokenizer.eos_token_id
+    return out[: out.index(eos) + 1] if eos in out else out
 
 
 def equal_share_weights(groups: list[Any], lengths: list[int]) -> list[float]:
@@ -96,6 +127,7 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
         prompt_rows=torch.tensor([prompts[r.prompt_index].row for r in rollouts], dtype=torch.int64),
         domains=torch.tensor([names.index(t) if t is not None else -1 for t in tags], dtype=torch.int32),
         token_mask=token_mask.reshape(-1),
+        on_policy=torch.tensor([r.finish_reason != DATASET for r in rollouts], dtype=torch.uint8),
         domain_names=names, topk=_topk_slots(scored, lengths, top_k) if scored and top_k else None, opd_weight=opd_weight)
 
 
@@ -138,7 +170,8 @@ def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
                  "sampler_lp": _scatter(mask, batch.sampler_logprobs[take]),
                  "teacher_lp": _scatter(mask, batch.teacher_logprobs[take]),
                  "task_adv": batch.task_advantages[rows], "loss_w": batch.loss_weights[rows],
-                 "opd_weight": torch.full((b,), batch.opd_weight), "seq_len": batch.sample_lens[rows].long()}
+                 "opd_weight": torch.full((b,), batch.opd_weight), "seq_len": batch.sample_lens[rows].long(),
+                 "on_policy": batch.on_policy[rows]}
         if batch.topk is not None:
             micro["top_ids"] = _scatter(mask, batch.topk.ids[take].long())
             micro["top_lp"] = _scatter(mask, batch.topk.logprobs[take])
