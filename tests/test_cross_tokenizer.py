@@ -81,3 +81,119 @@ def test_offsets_that_do_not_tile_the_same_text_are_refused():
         map_to_student([(0, 2)], [(0, 1), (1, 2)], [-1.0])
     with pytest.raises(OffsetError, match="student token 0: empty or reversed span"):
         map_to_student([(0, 0), (0, 2)], [(0, 2)], [-1.0])
+
+
+# -- the teacher with its own tokenizer, in the scoring path -------------------------------------------
+
+ARITH_TEXTS = ["add 3972 + 5751", "2+1+0=3\n7+5+0=12\n9+7+1=17\n3+5+1=9\nanswer: 9723", "add 712 + 567",
+               "2+7+0=9\n1+6+0=7\n7+5+0=12\nanswer: 1279"] * 20
+
+
+@pytest.fixture(scope="module")
+def bpe_teacher(tmp_path_factory):
+    """A random micro Qwen3 reading a BPE tokenizer (multi-character tokens, other special-token ids)."""
+    from megatron_opd.data.tokenizer import build_bpe_tokenizer
+    from megatron_opd.model.tiny import make_tiny_qwen3
+
+    root = tmp_path_factory.mktemp("bpe")
+    tok = build_bpe_tokenizer(root / "tok", ARITH_TEXTS, vocab_size=160)
+    return make_tiny_qwen3(root / "model", len(tok), "micro", seed=3, tokenizer_dir=root / "tok")
+
+
+def test_a_completion_is_re_tokenized_over_the_same_characters(bpe_teacher):
+    from transformers import AutoTokenizer
+
+    from conftest import REPO
+    from megatron_opd.teachers.cross_tokenizer import CrossTokenizer
+
+    student, teacher = AutoTokenizer.from_pretrained(str(REPO / "assets/tiny/tokenizer")), AutoTokenizer.from_pretrained(str(bpe_teacher))
+    assert student.eos_token_id != teacher.eos_token_id  # the ids mean different things
+    cross = CrossTokenizer(student, teacher)
+    text = "2+1+0=3\n7+5+0=12\nanswer: 9723"
+    completion = student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
+    enc = cross.encode([7, 8], completion)
+    teacher_part = enc.teacher_ids[enc.start:]
+    assert enc.teacher_ids[:2] == [7, 8] and enc.eos and teacher_part[-1] == teacher.eos_token_id
+    assert teacher.decode(teacher_part[:-1]) == text and len(teacher_part) < len(completion)  # merges: fewer tokens
+    assert enc.student_spans == [(i, i + 1) for i in range(len(text))]  # one character per student token
+    lps = [-0.1 * (j + 1) for j in range(len(teacher_part))]
+    mapped, valid = cross.to_student(enc, lps)
+    assert len(mapped.logprobs) == len(completion) and all(valid)
+    assert math.isclose(sum(mapped.logprobs), sum(lps), abs_tol=1e-9)  # the sequence's log-prob is kept
+    assert mapped.logprobs[-1] == lps[-1]  # EOS <- the teacher's EOS
+    single = [j for j, (lo, hi) in enumerate(enc.teacher_spans) if hi - lo == 1]  # one-character teacher tokens: exact
+    for j in single:
+        assert mapped.logprobs[enc.teacher_spans[j][0]] == lps[j] and mapped.aligned[enc.teacher_spans[j][0]]
+    # a non-finite teacher score invalidates exactly the student tokens under it
+    bad = [True] * len(lps)
+    bad[1] = False
+    _, valid = cross.to_student(enc, lps, bad)
+    lo, hi = enc.teacher_spans[1]
+    assert [i for i, v in enumerate(valid) if not v] == list(range(lo, hi))
+
+
+def test_a_cross_tokenizer_teacher_scores_in_its_own_ids(bpe_teacher):
+    """TeacherSet with a real teacher server reading its own tokenizer: per sample, the student-token
+    log-probs sum to HF's log-prob of the same completion text in the teacher's ids (after the
+    teacher's own chat-templated prompt), the EOS gets the teacher's EOS log-prob exactly, and the
+    parity check reports the teacher as cross-tokenizer instead of stopping."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import REPO
+    from megatron_opd.config.teachers import RoutingSpec
+    from megatron_opd.records import Sample
+    from megatron_opd.teachers.parity import TokenizerMismatch
+    from megatron_opd.teachers.service import TeacherSet
+
+    student_dir = REPO / "assets/tiny/student_init"
+    student, teacher = AutoTokenizer.from_pretrained(str(student_dir)), AutoTokenizer.from_pretrained(str(bpe_teacher))
+    plain = {"teachers": {"t": {"model": str(bpe_teacher)}}, "default": "t"}
+    with pytest.raises(TokenizerMismatch):
+        TeacherSet.start(RoutingSpec.model_validate(plain), student_dir=student_dir)
+    spec = RoutingSpec.model_validate({"teachers": {"t": {"model": str(bpe_teacher), "cross_tokenizer": True}}, "default": "t"})
+    messages = [{"role": "user", "content": "add 3972 + 5751"}]
+    prompt = student.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    teacher_prompt = teacher.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    texts = ["2+1+0=3\n7+5+0=12\nanswer: 9723", "answer: 12", "9+7+1=1"]
+    samples = []
+    for k, text in enumerate(texts):
+        completion = student(text, add_special_tokens=False)["input_ids"] + ([student.eos_token_id] if k < 2 else [])
+        samples.append(Sample(prompt + completion, len(prompt), contexts={"t": teacher_prompt}))
+    with TeacherSet.start(spec, student_dir=student_dir) as teachers:
+        scored = teachers.score(samples)
+        metrics = teachers.check_finite(scored, 1)
+    hf = AutoModelForCausalLM.from_pretrained(str(bpe_teacher)).eval()
+    for k, (text, sample, sc) in enumerate(zip(texts, samples, scored)):
+        ids = teacher(text, add_special_tokens=False)["input_ids"] + ([teacher.eos_token_id] if k < 2 else [])
+        full = torch.tensor([teacher_prompt + ids])
+        with torch.no_grad():
+            logp = hf(full).logits.log_softmax(-1)[0]
+        direct = logp[len(teacher_prompt) - 1:-1].gather(-1, full[0, len(teacher_prompt):, None]).squeeze(-1)
+        got = sc.scores["t"].logprobs
+        assert len(got) == len(sample.token_ids) - sample.start
+        assert got.sum().item() == pytest.approx(direct.sum().item(), abs=1e-3)
+        if k < 2:
+            assert got[-1].item() == pytest.approx(direct[-1].item(), abs=1e-4)
+    assert 0 < metrics["teachers/t/aligned_fraction"] < 1  # single-character teacher tokens exact, merges spread
+
+
+def test_opd_with_the_shipped_other_tokenizer_teacher_runs_the_loop(tmp_path):
+    """recipes/tiny/opd_cross_tokenizer.yaml for two steps at TP2: the BPE arithmetic teacher scores
+    every sample (counted), its log-probs mapped onto the student's tokens; the teacher's mean gap to
+    the student is measured and the share of exactly mapped tokens logged."""
+    import json
+
+    from conftest import REPO, opd, read_metrics
+
+    out = tmp_path / "cross"
+    opd("run", str(REPO / "recipes/tiny/opd_cross_tokenizer.yaml"), "model.hf_path=assets/tiny/student_init",
+        "parallel.tp=2", "train.steps=2", "train.prompts_per_step=4", "train.micro_batch_size=4", "rollout.max_new_tokens=24",
+        "train.save_interval=0", "eval.world_dir=null", f"run.output_dir={out}")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0 < r["teachers/arithmetic/aligned_fraction"] < 1
+        assert r["teacher/arithmetic/reverse_kl"] > 0.5  # a random student against a trained teacher
+        assert r["train/tokens"] == 8 * r["rollout/response_length"]
+    assert json.loads((out / "results.json").read_text())["teacher_counters"]["arithmetic"]["samples"] == 16

@@ -48,6 +48,14 @@ def test_recipe_errors_before_anything_starts():
         load_recipe(STAGE, SMALL + ["rollout.on_policy_fraction=0.5", "loss.kind=sampled_token"])
     with pytest.raises(ConfigError, match="on_policy_fraction"):
         load_recipe(STAGE, SMALL + ["rollout.on_policy_fraction=1.5"])
+    # a teacher with its own tokenizer: the sampled-token signal only, until a shared vocabulary is built
+    with pytest.raises(ConfigError, match=r"teachers \['hinted'\] have their own tokenizer .* use loss.kind 'sampled_token'"):
+        load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.cross_tokenizer=true"])
+    cross = load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.cross_tokenizer=true", "loss.kind=sampled_token"])
+    assert cross.teachers.teachers["hinted"].cross_tokenizer
+    with pytest.raises(ConfigError, match="cross_tokenizer: give the teacher's own tokenizer"):
+        load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.model=null", "teachers.teachers.hinted.urls=[http://127.0.0.1:1]",
+                                    "teachers.teachers.hinted.cross_tokenizer=true", "loss.kind=sampled_token"])
 
 
 def test_a_row_without_the_templates_field_stops_the_run_naming_both(tmp_path):
@@ -161,3 +169,46 @@ def test_gkd_lambda_trains_on_the_expected_mix(world):
                                           _hf_logprobs(hf, prompt.ids, r.completion_ids), atol=1e-4)
                 offset += n
     assert len(seen[0] | seen[1] | seen[2]) > 4  # which prompts are mixed is drawn per step
+
+
+def test_opsd_with_gkd_mixing_runs_the_loop_at_tp2(tmp_path):
+    """The whole loop, TP2 over gloo: the student's own starting weights behind a hinted context as
+    the only teacher, half of every step's prompts on the rows' own responses. Counted per step: 8
+    sampled and 8 dataset samples, every completion token of both trained once, each step's 16
+    samples from its 8 drawn prompts."""
+    import json
+
+    from conftest import opd, read_metrics
+    from megatron_opd.data.chat import global_batch_indices
+
+    out = tmp_path / "opsd"
+    opd("run", str(STAGE), *SMALL, "parallel.tp=2", "rollout.on_policy_fraction=0.5", "train.steps=2",
+        "train.save_interval=0", "eval.world_dir=null", "run.cpu_threads=1", f"run.output_dir={out}")
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rollout/dataset_samples"] == 8 and r["rollout/on_policy_samples"] == 8
+        assert r["train/tokens"] > 8 * r["rollout/response_length"]  # the sampled ones and the mixed-in ones
+    audit = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for a in audit:
+        drawn = global_batch_indices(2000, 1234, a["step"] - 1, 8)
+        assert sorted(a["prompt_rows"]) == sorted(drawn * 2)
+    assert json.loads((out / "results.json").read_text())["teacher_counters"]["hinted"]["samples"] == 2 * 16
+
+
+def test_a_live_teacher_is_the_student_itself_in_the_rollout_servers(tmp_path):
+    """model: live — the rollout server (holding the trainer's synced weights) scores: without a
+    context its log-probs are the student's own, so the reverse KL the trainer measures is 0 at every
+    step, after each weight sync too; with the hint in its context it is not."""
+    from conftest import opd, read_metrics
+
+    live = SMALL[:-3] + ["rollout.engine=embedded_server", "rollout.sync=distributed", "rollout.max_staleness=0",
+                         "teachers.teachers.hinted.model=live", "train.steps=2", "train.save_interval=0",
+                         "eval.world_dir=null", "run.cpu_threads=1"]
+    with pytest.raises(ConfigError, match="model 'live' is scored by the rollout servers"):
+        load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.model=live"])  # the embedded engine has no server
+    for context, out in (("null", tmp_path / "plain"), (json.dumps(HINT), tmp_path / "hinted")):
+        opd("run", str(STAGE), *live, f"teachers.teachers.hinted.context={context}", f"run.output_dir={out}")
+    plain, hinted = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "hinted")
+    assert [abs(r["opd/reverse_kl"]) < 1e-5 for r in plain] == [True, True]
+    assert all(abs(r["opd/reverse_kl"]) > 1e-3 for r in hinted)  # a random student barely reads the hint, but does

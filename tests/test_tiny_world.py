@@ -47,3 +47,37 @@ def test_teachers_master_their_domain_and_the_student_has_room(tmp_path):
     for name in DOMAINS:
         acc = student[name]["accuracy"]
         assert 0.0 < acc <= teachers[name] - 0.2, (name, acc, teachers[name])
+
+
+@pytest.mark.parametrize("name", sorted(DOMAINS))
+def test_hinted_cold_start_is_the_cold_start_with_its_answers_shown(name):
+    """Each cold-start row twice more: its answer as a hint after the prompt (the template the OPSD
+    recipe's teacher is shown), and the answer alone; the targets are the row's own."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_tiny_world import HINT
+
+    from megatron_opd.config.teachers import render_template
+
+    rows = read_rows(WORLD / "data" / name / "cold_start.jsonl")
+    hinted = read_rows(WORLD / "data" / name / "cold_start_hinted.jsonl")
+    assert len(hinted) == 2 * len(rows)
+    for row, full, alone in zip(rows, hinted[0::2], hinted[1::2]):
+        user, answer = row["messages"][0]["content"], row["messages"][1]["content"]
+        assert full["messages"] == [{"role": "user", "content": render_template(HINT, {"prompt": user, "response": answer})},
+                                    row["messages"][1]]
+        assert alone["messages"] == [{"role": "user", "content": "hint: " + answer}, row["messages"][1]]
+    stage = (REPO / "recipes" / "tiny" / "opsd_stage.yaml").read_text()
+    assert json.dumps(HINT) in stage  # the teacher's context is the template the cold start learned
+
+
+def test_the_other_tokenizer_teacher_masters_arithmetic_in_fewer_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    teacher, student = WORLD / "teachers" / "arithmetic_bpe", WORLD / "tokenizer"
+    bpe, chars = AutoTokenizer.from_pretrained(str(teacher)), AutoTokenizer.from_pretrained(str(student))
+    assert bpe.get_vocab() != chars.get_vocab() and bpe.eos_token_id != chars.eos_token_id
+    answer = read_rows(WORLD / "data" / "arithmetic" / "test.jsonl")[0]["messages"][1]["content"]
+    assert len(bpe(answer, add_special_tokens=False)["input_ids"]) < 0.7 * len(chars(answer, add_special_tokens=False)["input_ids"])
+    assert _eval(teacher, tmp_path, "bpe", "arithmetic")["arithmetic"]["accuracy"] >= 0.9

@@ -11,7 +11,11 @@ Writes (about 15 min on 2 cores; the repository ships the result):
   data/<domain>/cold_start.jsonl     responses *sampled* (T=1) from the domain's teacher on train
                                 prompts, kept only when the verifier accepts them
   data/<domain>/cold_start_hinted.jsonl  the same rows with the answer shown in the user turn
-                                (HINT): the self-distillation recipe's cold start learns to use a hint
+                                (HINT), and with the answer alone as the user turn: the
+                                self-distillation recipe's cold start learns to use a hint
+  teachers/arithmetic_bpe/      a "small" arithmetic teacher with its *own* tokenizer (BPE merges
+                                learned on the arithmetic data: `+0=`, digit pairs, `answer:`), for
+                                cross-tokenizer OPD
   world_report.json             per-domain accuracy of every teacher and the original
 """
 
@@ -23,7 +27,7 @@ import sys
 from pathlib import Path
 
 from megatron_opd.data.domains import DOMAINS, get_domain
-from megatron_opd.data.tokenizer import build_char_tokenizer
+from megatron_opd.data.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 from megatron_opd.data.world import make_splits, read_rows, to_row, write_rows
 from megatron_opd.model.tiny import make_tiny_qwen3
 
@@ -67,6 +71,22 @@ def build_teachers(out: Path, work: Path, domains: list[str]) -> None:
     train_teacher(out, work, "original", every, ORIGINAL_STEPS, out / "original")
 
 
+def build_cross_teacher(out: Path, work: Path) -> None:
+    """The arithmetic teacher again, trained the same way on the same rows, but reading its own BPE
+    tokenizer: a teacher whose token ids mean nothing to the student."""
+    rows = read_rows(out / "data" / "arithmetic" / "train.jsonl")
+    tokenizer_dir = work / "tokenizer_bpe"
+    tokenizer = build_bpe_tokenizer(tokenizer_dir, [m["content"] for r in rows for m in r["messages"]], vocab_size=256)
+    init = work / "init_small_bpe"
+    make_tiny_qwen3(init, len(tokenizer), "small", seed=1, tokenizer_dir=tokenizer_dir)
+    run_dir = work / "arithmetic_bpe"
+    opd("run", "recipes/tiny/teacher.yaml", f"model.hf_path={init}", f"data.train=[{out / 'data/arithmetic/train.jsonl'}]",
+        f"run.output_dir={run_dir}", f"train.steps={TEACHER_STEPS}", "train.resume=false")
+    dest = out / "teachers" / "arithmetic_bpe"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(run_dir / "hf", dest)
+
+
 def build_cold_start(out: Path) -> None:
     """Teacher-written SFT data: sample at T=1 on train prompts, keep verified-correct responses."""
     from megatron_opd.eval.domains import load_hf_for_eval
@@ -87,9 +107,10 @@ def build_cold_start(out: Path) -> None:
 
 
 def build_hinted(out: Path) -> None:
-    """Each cold-start row again with its answer in the user turn: a real model can use a hint in its
-    context from pre-training; the micro student learns it here, so that its own weights shown the
-    reference (on-policy self-distillation) are a teacher worth distilling from."""
+    """Each cold-start row again with its answer in the user turn, and once with only the answer as
+    the user turn: a real model can use a hint in its context from pre-training; the micro student
+    learns it here, so that its own weights shown the reference (on-policy self-distillation) are a
+    teacher worth distilling from."""
     from megatron_opd.config.teachers import render_template
 
     for name in DOMAINS:
@@ -99,8 +120,12 @@ def build_hinted(out: Path) -> None:
             user, answer = row["messages"][0]["content"], row["messages"][-1]["content"]
             shown = render_template(HINT, {"prompt": user, "response": answer})
             meta = row.get("meta")
-            hinted.append({**row, "id": row["id"] + "-hinted", "meta": json.dumps(meta) if isinstance(meta, dict) else meta,
+            meta = json.dumps(meta) if isinstance(meta, dict) else meta
+            hinted.append({**row, "id": row["id"] + "-hinted", "meta": meta,
                            "messages": [{"role": "user", "content": shown}, row["messages"][-1]]})
+            # the hint alone: a target only copying can reach (the full rows alone never taught it to copy)
+            hinted.append({**row, "id": row["id"] + "-hint-only", "meta": meta,
+                           "messages": [{"role": "user", "content": "hint: " + answer}, row["messages"][-1]]})
         write_rows(hinted, out / "data" / name / "cold_start_hinted.jsonl")
 
 
@@ -116,6 +141,8 @@ def report(out: Path) -> None:
     results = {"teachers": {}, "original": evaluate(out / "original", out, seed=0)}
     for name in DOMAINS:
         results["teachers"][name] = evaluate(out / "teachers" / name, out, [name], seed=0)[name]
+    if (out / "teachers" / "arithmetic_bpe").is_dir():  # the arithmetic teacher on its own tokenizer
+        results["teachers"]["arithmetic_bpe"] = evaluate(out / "teachers" / "arithmetic_bpe", out, ["arithmetic"], seed=0)["arithmetic"]
     print(format_table(results["teachers"], "specialist teachers, own domain"))
     print(format_table(results["original"], "original (generalist)"))
     (out / "world_report.json").write_text(json.dumps(results, indent=1))
@@ -125,11 +152,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/tiny"))
     parser.add_argument("--work", type=Path, default=Path("outputs/tiny/world_build"))
-    parser.add_argument("--only", choices=["data", "teachers", "cold-start", "hinted", "report"])
+    parser.add_argument("--only", choices=["data", "teachers", "cross-teacher", "cold-start", "hinted", "report"])
     parser.add_argument("--teachers", default=",".join([*DOMAINS, "original"]),
                         help="which teachers to (re)train, comma-separated (default: all + original)")
     args = parser.parse_args()
     steps = {"data": lambda: build_data(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
+             "cross-teacher": lambda: build_cross_teacher(args.out, args.work),
              "cold-start": lambda: build_cold_start(args.out), "hinted": lambda: build_hinted(args.out),
              "report": lambda: report(args.out)}
     for name, step in steps.items():

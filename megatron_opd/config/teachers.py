@@ -18,7 +18,8 @@ class TeacherSpec(Strict):
     urls: list[str] = Field(default_factory=list, description="running SGLang / embedded / OpenAI-compatible servers")
     model: Path | None = Field(None, description="HF checkpoint: launched as `opd serve --role teacher` when urls is "
                                 "empty; with urls, the model they must serve (checked against /model_info first); "
-                                "`self`: the student's starting weights (model.hf_path), for self-distillation")
+                                "`self`: the student's starting weights (model.hf_path), for self-distillation; "
+                                "`live`: the rollout engine's current weights (its servers score)")
     backend: Literal["sglang", "openai"] = "sglang"
     served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
     tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
@@ -29,6 +30,9 @@ class TeacherSpec(Strict):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(3, ge=0)
     binary: bool = Field(True, description="accept the embedded server's binary score payload")
+    cross_tokenizer: bool = Field(False, description="the teacher has its own tokenizer and chat template: each "
+                                  "completion is re-tokenized for it and its log-probs mapped back onto the student's "
+                                  "tokens by character offsets (sampled-token losses only; no parity check)")
     context: str | None = Field(None, description="a privileged context for this teacher only (on-policy "
                                 "self-distillation): its last user turn becomes this template over the row's fields "
                                 "{prompt} (the student's last user turn), {response} (the row's own answer: its last "
@@ -48,13 +52,21 @@ class TeacherSpec(Strict):
             raise ValueError("give `urls` (running servers) or `model` (a checkpoint to serve)")
         if self.backend == "openai" and not self.urls:
             raise ValueError("backend 'openai' needs `urls` (this project launches only embedded teacher servers)")
+        if self.cross_tokenizer and self.model is None and self.tokenizer is None:
+            raise ValueError("cross_tokenizer: give the teacher's own tokenizer (`tokenizer`, or `model`) to re-tokenize with")
         if self.backend == "openai" and not self.served_model_name:
             raise ValueError("backend 'openai' needs `served_model_name` (the OpenAI `model` field)")
         return self
 
+    @property
+    def live(self) -> bool:
+        """Scored by the rollout engine's own servers (their weights are the student's, synced)."""
+        return self.model is not None and str(self.model) == "live"
+
     def endpoint_key(self) -> tuple[str, ...]:
         """Teachers with equal keys are one scoring unit (same servers, or same checkpoint)."""
         context = ("context", self.context) if self.context is not None else ()  # other prompts: another unit
+        context += ("cross_tokenizer",) if self.cross_tokenizer else ()
         if self.urls:
             return (self.backend, self.served_model_name or "", *sorted(u.rstrip("/").lower() for u in self.urls), *context)
         return ("model", str(Path(self.model).resolve()), *context)

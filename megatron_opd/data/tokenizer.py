@@ -43,3 +43,26 @@ def build_char_tokenizer(out_dir: str | Path, alphabet: str = DEFAULT_ALPHABET):
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def build_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 256,
+                        alphabet: str = DEFAULT_ALPHABET):
+    """A tokenizer *unlike* the character-level one, for a teacher with its own vocabulary: BPE
+    merges learned on ``texts`` (frequent digit pairs, words, ``+0=`` ...), whitespace kept as its
+    own tokens, the same ChatML template and special-token names (a different id for each). Written
+    like :func:`build_char_tokenizer`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS[::-1],  # ids differ from the char one
+                                  initial_alphabet=sorted(set(alphabet)), show_progress=False)
+    core.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", eos_token="<|im_end|>",
+                                        bos_token=None, unk_token="<|endoftext|>", chat_template=CHAT_TEMPLATE)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer

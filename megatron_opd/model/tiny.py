@@ -24,11 +24,17 @@ def make_tiny_qwen3(out_dir: str | Path, vocab_size: int, size: str = "nano", se
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     hidden, ffn, layers, heads, kv = SIZES[size]
+    pad, eos = 0, 3  # the char-level tokenizer's; another tokenizer's own ids when one is given
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        pad, eos = tok.pad_token_id, tok.eos_token_id
     config = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
         max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=True,
-        pad_token_id=0, eos_token_id=3, bos_token_id=None,
+        pad_token_id=pad, eos_token_id=eos, bos_token_id=None,
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)

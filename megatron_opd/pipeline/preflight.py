@@ -97,7 +97,7 @@ def preflight_opd(cfg) -> None:
         raise ValueError("rollout.urls: empty — give the rollout servers' URLs, or start the job with "
                          "`opd launch RECIPE --executor slurm`, which places the servers and fills them in")
     for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
-        if not teacher.urls and teacher.model is not None and not (Path(teacher.model) / "config.json").is_file():
+        if not teacher.urls and teacher.model is not None and not teacher.live and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
     if cfg.eval.world_dir is not None:
         from megatron_opd.eval.domains import available_domains

@@ -75,3 +75,69 @@ def token_offsets(pieces: list[str], start: int = 0) -> list[tuple[int, int]]:
         spans.append((at, at + len(piece)))
         at += len(piece)
     return spans
+
+
+def piece_spans(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
+    """Character spans of each id in ``tokenizer.decode(ids)``, by incremental decoding (a token's
+    text can depend on its neighbours, e.g. byte-level pieces); a token that adds no character of its
+    own is an error naming it."""
+    spans, at = [], 0
+    for k in range(len(ids)):
+        end = len(tokenizer.decode(ids[: k + 1], clean_up_tokenization_spaces=False))
+        if end <= at:
+            raise OffsetError(f"student token {k} (id {ids[k]}) decodes to no character of its own")
+        spans.append((at, end))
+        at = end
+    return spans
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One completion in a cross-tokenizer teacher's ids (after its own prompt), with what maps back."""
+
+    teacher_ids: list[int]  # the teacher's prompt + its tokens of the completion text (+ its EOS)
+    start: int  # the teacher's first completion position
+    student_spans: list[tuple[int, int]]  # the student's completion tokens before EOS
+    teacher_spans: list[tuple[int, int]]
+    eos: bool  # the completion ended with the student's EOS (mapped to the teacher's)
+
+
+class CrossTokenizer:
+    """Re-tokenizes a student completion for a teacher with another tokenizer and maps the
+    teacher's per-token log-probs back onto the student's tokens (:func:`map_to_student`). The
+    completion's EOS is the end of the turn for both: the student's EOS gets the teacher's EOS
+    log-prob."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer) -> None:
+        self.student, self.teacher = student_tokenizer, teacher_tokenizer
+        if teacher_tokenizer.eos_token_id is None:
+            raise OffsetError("the cross-tokenizer teacher's tokenizer has no EOS token")
+
+    def encode(self, teacher_prompt: list[int], completion: list[int]) -> Encoded:
+        eos = bool(completion) and completion[-1] == self.student.eos_token_id
+        body = completion[:-1] if eos else completion
+        text = self.student.decode(body, clean_up_tokenization_spaces=False)
+        student_spans = piece_spans(self.student, body)
+        encoded = self.teacher(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, teacher_spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
+        if eos:
+            ids.append(self.teacher.eos_token_id)
+        return Encoded(list(teacher_prompt) + ids, len(teacher_prompt), student_spans, teacher_spans, eos)
+
+    @staticmethod
+    def to_student(encoded: Encoded, teacher_logprobs: list[float],
+                   teacher_valid: list[bool] | None = None) -> tuple[Mapped, list[bool]]:
+        """The student tokens' log-probs (and where they are exact), and which are valid (no
+        non-finite teacher score under them)."""
+        n = len(encoded.teacher_spans)
+        if len(teacher_logprobs) != n + encoded.eos:
+            raise OffsetError(f"the teacher scored {len(teacher_logprobs)} tokens, {n + encoded.eos} were sent")
+        mapped = map_to_student(encoded.student_spans, encoded.teacher_spans, teacher_logprobs[:n])
+        valid = [True] * len(mapped.logprobs)
+        if teacher_valid is not None and not all(teacher_valid[:n]):
+            bad = map_to_student(encoded.student_spans, encoded.teacher_spans, [0.0 if v else 1.0 for v in teacher_valid[:n]])
+            valid = [b == 0.0 for b in bad.logprobs]
+        if encoded.eos:
+            mapped = Mapped([*mapped.logprobs, teacher_logprobs[n]], [*mapped.aligned, True])
+            valid.append(True if teacher_valid is None else bool(teacher_valid[n]))
+        return mapped, valid

@@ -14,10 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megatron_opd.config.teachers import RoutingSpec, TeacherSpec
 from megatron_opd.records import Sample, SampleScores, TokenScores
 from megatron_opd.wire.process import ServerProcess, start_server
 from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
+from megatron_opd.teachers.cross_tokenizer import CrossTokenizer
 from megatron_opd.teachers.parity import check_parity
 from megatron_opd.teachers.pool import TeacherPool
 from megatron_opd.teachers.router import Router
@@ -26,19 +29,37 @@ from megatron_opd.wire.client import ServerError
 
 
 class TeacherSet:
-    def __init__(self, spec: RoutingSpec, pools: dict[str, TeacherPool], servers: list[ServerProcess] | None = None) -> None:
+    def __init__(self, spec: RoutingSpec, pools: dict[str, TeacherPool], servers: list[ServerProcess] | None = None,
+                 cross: dict[str, CrossTokenizer] | None = None) -> None:
         self.spec = spec
         self.router = Router(spec)
         self.pools = pools
         self._lock = threading.Lock()  # one score() at a time: a pool's rotation and counters are not shared
         self.servers = servers or []
+        self.cross = cross or {}  # unit -> its re-tokenizer (teachers with their own tokenizer)
+        self.aligned = {unit: [0, 0] for unit in self.cross}  # unit -> [exactly mapped, all] student tokens
 
     @classmethod
     def start(cls, spec: RoutingSpec, student_dir: Path | None = None, log_dir: Path | None = None,
-              threads: int | None = None) -> "TeacherSet":
+              threads: int | None = None, live_urls: list[str] | None = None,
+              live_api_key: str | None = None) -> "TeacherSet":
+        """``live_urls``: the rollout servers, which score for teachers of ``model: live``."""
         router = Router(spec)
+        crossing = [unit for unit in router.units if spec.teachers[unit].cross_tokenizer]
+        cross: dict[str, CrossTokenizer] = {}
+        if crossing:
+            from transformers import AutoTokenizer
+
+            if student_dir is None:
+                raise TeacherError(f"teachers {crossing} have their own tokenizer (cross_tokenizer): the student's is needed")
+            student_tok = AutoTokenizer.from_pretrained(str(student_dir))
+            for unit in crossing:
+                cross[unit] = CrossTokenizer(student_tok, AutoTokenizer.from_pretrained(str(_tokenizer_of(spec.teachers[unit]))))
+                print(f"[teachers] {unit!r}: cross-tokenizer (its own tokenizer and chat template; log-probs mapped onto "
+                      "the student's tokens by character offsets)", flush=True)
         if student_dir is not None:
-            check_parity(Path(student_dir), {unit: _tokenizer_of(spec.teachers[unit]) for unit in router.units},
+            check_parity(Path(student_dir), {unit: _tokenizer_of(spec.teachers[unit]) for unit in router.units
+                                             if unit not in cross and not spec.teachers[unit].live},
                          spec.allow_tokenizer_mismatch)
         servers: list[ServerProcess] = []
         pools: dict[str, TeacherPool] = {}
@@ -46,6 +67,14 @@ class TeacherSet:
             for unit in router.units:
                 teacher = spec.teachers[unit]
                 urls = list(teacher.urls)
+                if teacher.live:  # the student's current weights, in the rollout servers
+                    if not live_urls:
+                        raise TeacherError(f"teacher {unit!r} (model: live) needs the rollout servers' URLs")
+                    pools[unit] = TeacherPool(unit, [SGLangScorer(url, name=unit, api_key=live_api_key, timeout=teacher.timeout_s,
+                                                                  binary=teacher.binary) for url in live_urls],
+                                              teacher.batch_size, teacher.max_concurrency, teacher.max_retries)
+                    pools[unit].check_health()
+                    continue
                 if not urls:
                     for r in range(teacher.replicas):
                         log = Path(log_dir) / f"teacher-{unit}-{r}.log" if log_dir else None
@@ -62,7 +91,7 @@ class TeacherSet:
             for server in servers:
                 server.stop()
             raise
-        return cls(spec, pools, servers)
+        return cls(spec, pools, servers, cross)
 
     def score(self, samples: list[Sample], top_k: int = 0) -> list[SampleScores]:
         with self._lock:
@@ -75,6 +104,8 @@ class TeacherSet:
 
         def score_unit(unit: str) -> dict[int, TokenScores]:
             indices = work[unit]
+            if unit in self.cross:
+                return dict(zip(indices, self._score_across(unit, [samples[i] for i in indices])))
             ids = [samples[i].score_ids for i in indices]
             shown = [samples[i].for_teacher(unit) for i in indices]  # after the teacher's own context, if it has one
             scored = self.pools[unit].score([seq for seq, _ in shown], [start for _, start in shown],
@@ -94,6 +125,28 @@ class TeacherSet:
             out.append(SampleScores(scores, self.router.token_weights(weights, scores)))
         return out
 
+    def _score_across(self, unit: str, samples: list[Sample]) -> list[TokenScores]:
+        """A cross-tokenizer teacher: each completion re-tokenized after the teacher's own prompt,
+        scored, and its log-probs mapped back onto the student's tokens (sampled-token signal only)."""
+        cross = self.cross[unit]
+        encoded = []
+        for sample in samples:
+            prompt = (sample.contexts or {}).get(unit)
+            if prompt is None:
+                raise TeacherError(f"teacher {unit!r} has its own tokenizer but the sample carries no prompt in its ids")
+            encoded.append(cross.encode(prompt, sample.token_ids[sample.start:]))
+        scored = self.pools[unit].score([e.teacher_ids for e in encoded], [e.start for e in encoded], 0, None)
+        out = []
+        for e, sc in zip(encoded, scored):
+            valid = sc.valid.tolist() if sc.valid is not None else None
+            mapped, student_valid = cross.to_student(e, sc.logprobs.tolist(), valid)
+            self.aligned[unit][0] += sum(mapped.aligned)
+            self.aligned[unit][1] += len(mapped.aligned)
+            out.append(TokenScores(torch.tensor(mapped.logprobs, dtype=torch.float32),
+                                   computed_tokens=sc.computed_tokens, cached_tokens=sc.cached_tokens,
+                                   valid=None if all(student_valid) else torch.tensor(student_valid)))
+        return out
+
     def check_finite(self, scored: list[SampleScores], step: int) -> dict[str, float]:
         """Per teacher, the step's tokens scored NaN/Inf (already masked out of the loss by the pool);
         past ``max_nonfinite_fraction`` of a teacher's tokens the run stops naming the teacher."""
@@ -108,7 +161,10 @@ class TeacherSet:
                 raise TeacherError(f"teacher {unit!r}: step {step}: {n} of its {total[unit]} scored tokens were NaN/Inf "
                                    f"(more than teachers.max_nonfinite_fraction={self.spec.max_nonfinite_fraction}); "
                                    "is its checkpoint or server broken?")
-        return {f"teachers/{unit}/nonfinite_tokens_step": float(n) for unit, n in bad.items()}
+        out = {f"teachers/{unit}/nonfinite_tokens_step": float(n) for unit, n in bad.items()}
+        for unit, (exact, total) in self.aligned.items():  # cross-tokenizer: share of tokens mapped exactly, so far
+            out[f"teachers/{unit}/aligned_fraction"] = exact / total if total else 1.0
+        return out
 
     def counters(self) -> dict[str, dict[str, Any]]:
         return {unit: pool.counters.as_dict() for unit, pool in self.pools.items()}

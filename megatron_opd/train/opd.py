@@ -127,9 +127,11 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
     tokenizer = AutoTokenizer.from_pretrained(str(cfg.model.hf_path))
     check_tokenizer_fits(tokenizer, load_hf_config(cfg.model.hf_path).vocab_size, str(cfg.model.hf_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    contexts = {name: t.context for name, t in cfg.teachers.teachers.items() if t.context} if cfg.teachers else {}
+    specs = cfg.teachers.teachers if cfg.teachers else {}
+    own = {name: AutoTokenizer.from_pretrained(str(t.tokenizer or t.model)) for name, t in specs.items() if t.cross_tokenizer}
+    contexts = {name: t.context for name, t in specs.items() if t.context or name in own}  # a teacher's own prompt ids
     prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
-                                              cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1)
+                                              cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
                            optimizer_steps=cfg.train.steps * cfg.loss.epochs)
     rank0 = session.is_rank0
@@ -140,9 +142,10 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         if rank0:
             print(f"[opd] {len(prompts)} prompts" + (f"; skipped {skipped} (first: {problems})" if skipped else ""), flush=True)
             (out / "config.yaml").write_text(dump_config(cfg))
-            if cfg.teachers is not None:
-                teachers = TeacherSet.start(cfg.teachers, student_dir=cfg.model.hf_path, log_dir=out, threads=cfg.run.cpu_threads)
             engine = RolloutEngine.start(cfg.rollout, cfg.model.hf_path, tokenizer.eos_token_id, out, cfg.run.cpu_threads)
+            if cfg.teachers is not None:  # after the engine: a `live` teacher is scored by its servers
+                teachers = TeacherSet.start(cfg.teachers, student_dir=cfg.model.hf_path, log_dir=out, threads=cfg.run.cpu_threads,
+                                            live_urls=[c.base_url for c in engine.clients], live_api_key=engine.api_key)
             restore_counters(session.resumed_counters, teachers, engine)  # an outage before a resume stays counted
         sink = weight_sink(cfg.rollout, engine, out)
         sink.push(session.bundle, f"step-{session.start_step}")  # the engine serves exactly the trainer's weights

@@ -15,13 +15,15 @@ from megatron_opd.records import DATASET, Prompt, Rollout, SampleScores, StepBat
 
 
 def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain_field: str,
-                 max_prompt_length: int, contexts: dict[str, str] | None = None,
-                 need_reference: bool = False) -> tuple[list[Prompt], dict[str, int], list[str]]:
+                 max_prompt_length: int, contexts: dict[str, str | None] | None = None,
+                 need_reference: bool = False,
+                 tokenizers: dict[str, Any] | None = None) -> tuple[list[Prompt], dict[str, int], list[str]]:
     """Chat rows -> prompt ids (the conversation up to, not including, its last assistant turn, with
     the generation prompt) and the row's own response when it has one (the last assistant turn as
     the template renders it, through EOS). ``contexts``: teacher -> context template; each such
     teacher's prompt is the conversation with its last user turn replaced by the rendered template
-    (a row without a field the template names stops the run here, naming both). Rows that cannot
+    (a row without a field the template names stops the run here, naming both); ``tokenizers``:
+    teacher -> its own tokenizer (cross-tokenizer teachers; template None: the plain prompt). Rows that cannot
     be used are counted and skipped; returns (prompts, skipped, problems)."""
     prompts: list[Prompt] = []
     skipped: dict[str, int] = {}
@@ -66,13 +68,14 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
             fields = {"prompt": messages[-1]["content"], "response": response, "meta": meta}
             for teacher, template in (contexts or {}).items():
                 try:
-                    shown = render_template(template, fields)
+                    shown = render_template(template, fields) if template else messages[-1]["content"]
                 except KeyError as exc:
                     raise DataError(f"teachers.teachers.{teacher}.context names {{{exc.args[0]}}}, which {source} row {i} "
                                     "does not have") from None
                 teacher_messages = [*messages[:-1], {"role": "user", "content": shown}]
-                prompt.contexts[teacher] = list(tokenizer.apply_chat_template(teacher_messages, add_generation_prompt=True,
-                                                                              tokenize=True))
+                own = (tokenizers or {}).get(teacher, tokenizer)
+                prompt.contexts[teacher] = list(own.apply_chat_template(teacher_messages, add_generation_prompt=True,
+                                                                        tokenize=True))
             prompts.append(prompt)
     if not prompts:
         raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
