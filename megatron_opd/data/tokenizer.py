@@ -48,14 +48,17 @@ def build_char_tokenizer(out_dir: str | Path, alphabet: str = DEFAULT_ALPHABET):
 def build_bpe_tokenizer(out_dir: str | Path, texts: list[str], vocab_size: int = 256,
                         alphabet: str = DEFAULT_ALPHABET):
     """A tokenizer *unlike* the character-level one, for a teacher with its own vocabulary: BPE
-    merges learned on ``texts`` (frequent digit pairs, words, ``+0=`` ...), whitespace kept as its
+    merges learned on ``texts`` (words, ``answer:``, ``add``, ``+``/``=`` runs ...), whitespace and digits kept as their
     own tokens, the same ChatML template and special-token names (a different id for each). Written
     like :func:`build_char_tokenizer`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\s"), behavior="isolated")
+    # whitespace and every digit their own tokens (as Qwen's and Llama 3's tokenizers split digits): a
+    # teacher that reads numbers in merged chunks could not learn column addition at this size
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\s"), behavior="isolated"),
+                                                  pre_tokenizers.Digits(individual_digits=True)])
     core.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS[::-1],  # ids differ from the char one
                                   initial_alphabet=sorted(set(alphabet)), show_progress=False)
