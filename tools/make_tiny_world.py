@@ -48,11 +48,15 @@ def build_data(out: Path) -> None:
             write_rows(rows, out / "data" / name / f"{split}.jsonl")
 
 
-def train_teacher(out: Path, work: Path, name: str, sources: list[str], steps: int, dest: Path) -> None:
-    init = work / "init_small"
-    if not init.exists():
-        make_tiny_qwen3(init, len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]),
-                        "small", seed=1, tokenizer_dir=out / "tokenizer")
+def train_teacher(out: Path, work: Path, name: str, sources: list[str], steps: int, dest: Path,
+                  init: Path | None = None) -> None:
+    """SFT of a "small" model on ``sources`` into ``dest``; ``init``: its random start (default: the
+    character-level one, made once)."""
+    if init is None:
+        init = work / "init_small"
+        if not init.exists():
+            make_tiny_qwen3(init, len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]),
+                            "small", seed=1, tokenizer_dir=out / "tokenizer")
     run_dir = work / name
     train = "[" + ",".join(sources) + "]"
     opd("run", "recipes/tiny/teacher.yaml", f"model.hf_path={init}", f"data.train={train}",
@@ -77,14 +81,9 @@ def build_cross_teacher(out: Path, work: Path) -> None:
     rows = read_rows(out / "data" / "arithmetic" / "train.jsonl")
     tokenizer_dir = work / "tokenizer_bpe"
     tokenizer = build_bpe_tokenizer(tokenizer_dir, [m["content"] for r in rows for m in r["messages"]], vocab_size=256)
-    init = work / "init_small_bpe"
-    make_tiny_qwen3(init, len(tokenizer), "small", seed=1, tokenizer_dir=tokenizer_dir)
-    run_dir = work / "arithmetic_bpe"
-    opd("run", "recipes/tiny/teacher.yaml", f"model.hf_path={init}", f"data.train=[{out / 'data/arithmetic/train.jsonl'}]",
-        f"run.output_dir={run_dir}", f"train.steps={TEACHER_STEPS}", "train.resume=false")
-    dest = out / "teachers" / "arithmetic_bpe"
-    shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(run_dir / "hf", dest)
+    init = make_tiny_qwen3(work / "init_small_bpe", len(tokenizer), "small", seed=1, tokenizer_dir=tokenizer_dir)
+    train_teacher(out, work, "arithmetic_bpe", [str(out / "data" / "arithmetic" / "train.jsonl")], TEACHER_STEPS,
+                  out / "teachers" / "arithmetic_bpe", init=init)
 
 
 def build_cold_start(out: Path) -> None:

@@ -14,6 +14,7 @@ sum over the student tokens of a stretch equals the teacher's sum over the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 
 class OffsetError(ValueError):
@@ -77,17 +78,28 @@ def token_offsets(pieces: list[str], start: int = 0) -> list[tuple[int, int]]:
     return spans
 
 
-def piece_spans(tokenizer, ids: list[int]) -> list[tuple[int, int]]:
-    """Character spans of each id in ``tokenizer.decode(ids)``, by incremental decoding (a token's
-    text can depend on its neighbours, e.g. byte-level pieces); a token that adds no character of its
-    own is an error naming it."""
-    spans, at = [], 0
+def piece_spans(tokenizer, ids: list[int], window: int = 4) -> list[tuple[int, int]]:
+    """Character spans of each id in ``tokenizer.decode(ids)``. Each token's text is what it adds
+    to the decoding of the few tokens before it (a token's text can depend on its neighbours, e.g.
+    byte-level pieces): linear in the length. Where those pieces do not concatenate to the whole
+    decoding, by decoding every prefix instead. A token that adds no character of its own is an
+    error naming it."""
+    def decode(part: list[int]) -> str:
+        return tokenizer.decode(part, clean_up_tokenization_spaces=False)
+
+    pieces = []
     for k in range(len(ids)):
-        end = len(tokenizer.decode(ids[: k + 1], clean_up_tokenization_spaces=False))
-        if end <= at:
+        lo = max(0, k - window)
+        before, through = decode(ids[lo:k]), decode(ids[lo:k + 1])
+        pieces.append(through[len(before):] if through.startswith(before) else None)
+    if all(p is not None for p in pieces) and "".join(pieces) == decode(ids):
+        ends = list(accumulate(len(p) for p in pieces))
+    else:  # not local: every prefix (quadratic)
+        ends = [len(decode(ids[: k + 1])) for k in range(len(ids))]
+    spans = list(zip([0, *ends], ends))
+    for k, (lo, hi) in enumerate(spans):
+        if hi <= lo:
             raise OffsetError(f"student token {k} (id {ids[k]}) decodes to no character of its own")
-        spans.append((at, end))
-        at = end
     return spans
 
 

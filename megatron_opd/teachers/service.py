@@ -70,18 +70,15 @@ class TeacherSet:
                 if teacher.live:  # the student's current weights, in the rollout servers
                     if not live_urls:
                         raise TeacherError(f"teacher {unit!r} (model: live) needs the rollout servers' URLs")
-                    pools[unit] = TeacherPool(unit, [SGLangScorer(url, name=unit, api_key=live_api_key, timeout=teacher.timeout_s,
-                                                                  binary=teacher.binary) for url in live_urls],
-                                              teacher.batch_size, teacher.max_concurrency, teacher.max_retries)
-                    pools[unit].check_health()
-                    continue
-                if not urls:
+                    urls = list(live_urls)
+                elif not urls:
                     for r in range(teacher.replicas):
                         log = Path(log_dir) / f"teacher-{unit}-{r}.log" if log_dir else None
                         extra = ["--threads", str(threads)] if threads else []
                         servers.append(start_server(Path(teacher.model), role="teacher", log_path=log, extra_args=extra))
                         urls.append(servers[-1].url)
-                pools[unit] = TeacherPool(unit, [_scorer(unit, teacher, url) for url in urls], teacher.batch_size,
+                key = live_api_key if teacher.live else None
+                pools[unit] = TeacherPool(unit, [_scorer(unit, teacher, url, key) for url in urls], teacher.batch_size,
                                           teacher.max_concurrency, teacher.max_retries)
                 if teacher.urls:  # a running endpoint: is it the model the recipe names?
                     for scorer in pools[unit].replicas:
@@ -218,8 +215,10 @@ def _tokenizer_of(teacher: TeacherSpec) -> Path | None:
     return teacher.tokenizer or teacher.model
 
 
-def _scorer(name: str, teacher: TeacherSpec, url: str):
-    api_key = os.environ.get(teacher.api_key_env) if teacher.api_key_env else None
+def _scorer(name: str, teacher: TeacherSpec, url: str, api_key: str | None = None):
+    """``api_key``: given (a live teacher: the rollout servers' key), else from ``api_key_env``."""
+    if api_key is None and teacher.api_key_env:
+        api_key = os.environ.get(teacher.api_key_env)
     if teacher.api_key_env and api_key is None:
         raise TeacherError(f"teacher {name!r}: environment variable {teacher.api_key_env} (its API key) is not set")
     if teacher.backend == "openai":
