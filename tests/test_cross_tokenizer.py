@@ -20,15 +20,15 @@ def test_merge_split_and_spanning_token_by_hand():
     # merge: the student's "ab" is the teacher's "a" + "b": log p(ab) = log p(a) + log p(b | a), exact
     merged = map_to_student([(0, 2)], [(0, 1), (1, 2)], [-1.0, -2.0])
     assert merged.logprobs == [-3.0] and merged.aligned == [True]
-    # split: the teacher's "ab" covers the student's "a" and "b": spread by characters, flagged
+    # split: the teacher's "ab" covers the student's "a" and "b": all of it where it starts, flagged
     split = map_to_student([(0, 1), (1, 2)], [(0, 2)], [-3.0])
-    assert split.logprobs == [-1.5, -1.5] and split.aligned == [False, False]
+    assert split.logprobs == [-3.0, 0.0] and split.aligned == [False, False]
     # spanning: teacher "a" | "bc" | "d" against student "ab" | "cd"; "bc" straddles the boundary
     span = map_to_student([(0, 2), (2, 4)], [(0, 1), (1, 3), (3, 4)], [-1.0, -2.0, -4.0])
-    assert span.logprobs == [-2.0, -5.0] and span.aligned == [False, False]
+    assert span.logprobs == [-3.0, -4.0] and span.aligned == [False, False]
     # one teacher token over three student tokens, then an aligned tail
     long = map_to_student([(0, 1), (1, 3), (3, 4), (4, 6)], [(0, 4), (4, 5), (5, 6)], [-8.0, -0.25, -0.5])
-    assert long.logprobs == [-2.0, -4.0, -2.0, -0.75] and long.aligned == [False, False, False, True]
+    assert long.logprobs == [-8.0, 0.0, 0.0, -0.75] and long.aligned == [False, False, False, True]
 
 
 def _char_logprobs(text: str, seed: int) -> list[float]:
@@ -68,7 +68,10 @@ def test_mapped_logprobs_equal_the_direct_ones_where_boundaries_align(seed):
         assert exact == (lo in t_edges and hi in t_edges), k  # flagged exactly where a teacher token crosses
         if exact:
             assert value == pytest.approx(direct_student[k], abs=1e-12)
-    # spreading keeps totals: the whole completion's log-prob is the teacher's
+    # a teacher token's log-prob goes whole to the student token holding its first character
+    starts = [sum(lp for (t_lo, _), lp in zip(t_spans, teacher_lps) if lo <= t_lo < hi) for lo, hi in s_spans]
+    assert got.logprobs == pytest.approx(starts, abs=1e-12)
+    # every stretch keeps its total: the whole completion's log-prob is the teacher's
     assert sum(got.logprobs) == pytest.approx(sum(teacher_lps), abs=1e-9)
 
 
@@ -81,6 +84,27 @@ def test_offsets_that_do_not_tile_the_same_text_are_refused():
         map_to_student([(0, 2)], [(0, 1), (1, 2)], [-1.0])
     with pytest.raises(OffsetError, match="student token 0: empty or reversed span"):
         map_to_student([(0, 0), (0, 2)], [(0, 2)], [-1.0])
+
+
+def test_topk_over_the_shared_vocabulary_by_hand():
+    """The teacher's top-k as student ids: a merged teacher token counts for its first student token
+    (summed with the shared one), a token with no student text is left to the tail, a student token
+    inside a teacher token gets a point mass on itself, the EOS reads the teacher's EOS row."""
+    import torch
+
+    from megatron_opd.teachers.cross_tokenizer import Encoded, VocabMap, topk_to_student
+
+    # teacher ids: 0 'a', 1 'b', 2 'ab', 3 a token with no student text, 4 EOS; student ids 10 'a', 11 'b', 99 EOS
+    vocab = VocabMap(torch.tensor([10, 11, 10, -1, 99]), shared=2, by_prefix=1, markup=0, unmapped=1)
+    # completion "ab" + EOS: the teacher wrote it as one token "ab", the student as "a", "b"
+    enc = Encoded([2, 4], 0, student_spans=[(0, 1), (1, 2)], teacher_spans=[(0, 2)], eos=True)
+    top_ids = torch.tensor([[2, 0, 3], [4, 1, 0]])
+    top_lps = torch.tensor([[0.5, 0.2, 0.1], [0.9, 0.05, 0.01]]).log()
+    ids, lps = topk_to_student(enc, top_ids, top_lps, vocab, [10, 11, 99])
+    assert ids[0, 0] == 10 and lps[0, 0].exp().item() == pytest.approx(0.7)  # "ab" and "a" both begin with 'a'
+    assert torch.isneginf(lps[0, 1:]).all() and (ids[0] == 10).all()  # the unmapped 0.1 is in the tail
+    assert ids[1, 0] == 11 and lps[1, 0] == 0 and torch.isneginf(lps[1, 1:]).all()  # inside "ab": already chosen
+    assert ids[2].tolist() == [99, 11, 10] and lps[2].exp().tolist() == pytest.approx([0.9, 0.05, 0.01])
 
 
 # -- the teacher with its own tokenizer, in the scoring path -------------------------------------------
@@ -175,13 +199,45 @@ def test_a_cross_tokenizer_teacher_scores_in_its_own_ids(bpe_teacher):
         assert got.sum().item() == pytest.approx(direct.sum().item(), abs=1e-3)
         if k < 2:
             assert got[-1].item() == pytest.approx(direct[-1].item(), abs=1e-4)
-    assert 0 < metrics["teachers/t/aligned_fraction"] < 1  # single-character teacher tokens exact, merges spread
+    assert 0 < metrics["teachers/t/aligned_fraction"] < 1  # single-character teacher tokens exact, merges not
+    # with its whole vocabulary as the top-k, where a teacher token starts with the student's, the mapped
+    # distribution is the teacher's next-character distribution: p(c) = sum of p(t) over the tokens t whose text
+    # begins with c (a character-level student), summed here from HF's softmax and the token strings
+    with TeacherSet.start(spec, student_dir=student_dir) as teachers:
+        full_k = teachers.score(samples[:1], top_k=len(teacher))[0].scores["t"]
+    text = texts[0]
+    ids = teacher(text, add_special_tokens=False, return_offsets_mapping=True)
+    seq = torch.tensor([teacher_prompt + ids["input_ids"] + [teacher.eos_token_id]])
+    with torch.no_grad():
+        probs = hf(seq).logits.softmax(-1)[0, len(teacher_prompt) - 1:]
+    strings = [teacher.decode([t]) for t in range(len(teacher))]
+    checked = 0
+    rows = [(j, lo) for j, (lo, _) in enumerate(ids["offset_mapping"])] + [(len(ids["input_ids"]), len(text))]  # + EOS
+    for j, lo in rows:
+        want = {}
+        for t, string in enumerate(strings):
+            if t == teacher.eos_token_id:
+                key = student.decode([student.eos_token_id])  # the end of the turn
+            elif t in teacher.all_special_ids or not string:
+                continue
+            else:  # an added token both have (ChatML's) is one student token; any other, its first character
+                key = string if t in teacher.added_tokens_decoder else string[0]
+            want[key] = want.get(key, 0.0) + probs[j, t].item()
+        got = {student.decode([int(i)]): p for i, p in zip(full_k.top_ids[lo], full_k.top_logprobs[lo].exp().tolist()) if p > 0}
+        assert got.keys() <= want.keys() and all(got[c] == pytest.approx(want[c], abs=1e-4) for c in got), j
+        assert sum(got.values()) == pytest.approx(sum(want.values()), abs=1e-3)
+        checked += 1
+    assert checked == len(ids["input_ids"]) + 1
+    inside = [i for i in range(len(text)) if i not in {lo for lo, _ in ids["offset_mapping"]}]
+    assert inside and all(full_k.top_logprobs[i, 0] == 0 and full_k.top_ids[i, 0] == samples[0].token_ids[samples[0].start + i]
+                          for i in inside)
 
 
 def test_opd_with_the_shipped_other_tokenizer_teacher_runs_the_loop(tmp_path):
-    """recipes/tiny/opd_cross_tokenizer.yaml for two steps at TP2: the BPE arithmetic teacher scores
-    every sample (counted), its log-probs mapped onto the student's tokens; the teacher's mean gap to
-    the student is measured and the share of exactly mapped tokens logged."""
+    """recipes/tiny/opd_cross_tokenizer.yaml for two steps at TP2 with the top-k forward KL: the BPE
+    arithmetic teacher scores every sample (counted), its log-probs and top-k mapped onto the student's
+    tokens (fewer than k student ids where its tokens share a first character); the teacher's mean
+    gap to the student is measured and the share of exactly mapped tokens logged."""
     import json
 
     from conftest import REPO, opd, read_metrics
@@ -189,11 +245,35 @@ def test_opd_with_the_shipped_other_tokenizer_teacher_runs_the_loop(tmp_path):
     out = tmp_path / "cross"
     opd("run", str(REPO / "recipes/tiny/opd_cross_tokenizer.yaml"), "model.hf_path=assets/tiny/student_init",
         "parallel.tp=2", "train.steps=2", "train.prompts_per_step=4", "train.micro_batch_size=4", "rollout.max_new_tokens=24",
-        "train.save_interval=0", "eval.world_dir=null", f"run.output_dir={out}")
+        "train.save_interval=0", "eval.world_dir=null", f"run.output_dir={out}", "loss.kind=topk_forward_kl", "loss.top_k=8")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert 0 < r["teachers/arithmetic/aligned_fraction"] < 1
         assert r["teacher/arithmetic/reverse_kl"] > 0.5  # a random student against a trained teacher
         assert r["train/tokens"] == 8 * r["rollout/response_length"]
+        assert 1 <= r["opd/token_set_size"] < 8 and math.isfinite(r["train/loss"]) and r["train/loss"] > 0
     assert json.loads((out / "results.json").read_text())["teacher_counters"]["arithmetic"]["samples"] == 16
+
+
+def test_a_topk_loss_needs_a_shared_vocabulary_before_anything_starts(tmp_path, capsys):
+    """The shipped BPE teacher shares its single characters with the student: a top-k loss is
+    allowed and its mapping summarised; a teacher whose tokens are none of the student's (Greek
+    letters for an ASCII student) stops the run in preflight, naming the teacher."""
+    from conftest import REPO
+    from megatron_opd.config import load_recipe
+    from megatron_opd.data.tokenizer import build_bpe_tokenizer
+    from megatron_opd.pipeline.preflight import preflight_opd
+
+    recipe = REPO / "recipes/tiny/opd_cross_tokenizer.yaml"
+    topk = ["model.hf_path=assets/tiny/student_init", "loss.kind=topk_forward_kl", "loss.top_k=8"]
+    preflight_opd(load_recipe(recipe, topk))
+    assert "teacher 'arithmetic' top-k over the shared vocabulary: 96 teacher tokens are student tokens" in capsys.readouterr().out
+    greek = "αβγδεζηθικλμνξοπρστυφχψω"
+    build_bpe_tokenizer(tmp_path / "greek", [greek * 3, greek[::-1] * 2], vocab_size=60, alphabet=greek)
+    cfg = load_recipe(recipe, topk + [f"teachers.teachers.arithmetic.tokenizer={tmp_path / 'greek'}"])
+    with pytest.raises(ValueError, match=r"teachers\.teachers\.arithmetic: cross_tokenizer with loss\.kind "
+                                         r"'topk_forward_kl': no token of the teacher's vocabulary is a student token"):
+        preflight_opd(cfg)
+    preflight_opd(load_recipe(recipe, ["model.hf_path=assets/tiny/student_init",
+                                       f"teachers.teachers.arithmetic.tokenizer={tmp_path / 'greek'}"]))  # sampled-token: fine

@@ -48,11 +48,12 @@ def test_recipe_errors_before_anything_starts():
         load_recipe(STAGE, SMALL + ["rollout.on_policy_fraction=0.5", "loss.kind=sampled_token"])
     with pytest.raises(ConfigError, match="on_policy_fraction"):
         load_recipe(STAGE, SMALL + ["rollout.on_policy_fraction=1.5"])
-    # a teacher with its own tokenizer: the sampled-token signal only, until a shared vocabulary is built
-    with pytest.raises(ConfigError, match=r"teachers \['hinted'\] have their own tokenizer .* use loss.kind 'sampled_token'"):
-        load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.cross_tokenizer=true"])
-    cross = load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.cross_tokenizer=true", "loss.kind=sampled_token"])
-    assert cross.teachers.teachers["hinted"].cross_tokenizer
+    # a teacher with its own tokenizer: its top-k read through the shared vocabulary; not the student's token sets
+    with pytest.raises(ConfigError, match=r"teachers \['hinted'\] have their own tokenizer .* student token sets"):
+        load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.cross_tokenizer=true", "loss.token_set=union",
+                                    "teachers.stream=false"])
+    cross = load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.cross_tokenizer=true"])
+    assert cross.teachers.teachers["hinted"].cross_tokenizer and cross.loss.kind != "sampled_token"
     with pytest.raises(ConfigError, match="cross_tokenizer: give the teacher's own tokenizer"):
         load_recipe(STAGE, SMALL + ["teachers.teachers.hinted.model=null", "teachers.teachers.hinted.urls=[http://127.0.0.1:1]",
                                     "teachers.teachers.hinted.cross_tokenizer=true", "loss.kind=sampled_token"])

@@ -270,11 +270,10 @@ class OPDStageConfig(StageBase):
                              "needs rollout.engine 'embedded_server' or 'servers', rollout.max_staleness 0 (no batch "
                              "scored while the servers take a weight sync), and no urls / cross_tokenizer of its own")
         crossing = sorted(n for n, t in (self.teachers.teachers.items() if self.teachers else []) if t.cross_tokenizer)
-        if crossing and (self.loss.kind != "sampled_token" or self.loss.token_set != "teacher"
-                         or self.teachers.weighting == "confidence"):
-            raise ValueError(f"teachers {crossing} have their own tokenizer (cross_tokenizer): the top-k losses, "
-                             "student token sets and confidence weighting need a vocabulary shared with the student, "
-                             "which is not built yet; use loss.kind 'sampled_token' with teachers.weighting 'fixed'")
+        if crossing and (self.loss.token_set != "teacher" or self.teachers.weighting == "confidence"):
+            raise ValueError(f"teachers {crossing} have their own tokenizer (cross_tokenizer): student token sets "
+                             "(the student's ids asked of the teacher) and confidence weighting are not built for "
+                             "them; use loss.token_set 'teacher' with teachers.weighting 'fixed'")
         if self.rollout.on_policy_fraction < 1 and (self.kind == "grpo" or self.loss.kind == "sampled_token"):
             raise ValueError(f"rollout.on_policy_fraction {self.rollout.on_policy_fraction} mixes the rows' own "
                              "responses into the steps: that needs a divergence loss (loss.kind topk_forward_kl, "

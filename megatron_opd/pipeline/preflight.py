@@ -99,6 +99,9 @@ def preflight_opd(cfg) -> None:
     for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
         if not teacher.urls and teacher.model is not None and not teacher.live and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
+    crossing = {n: t for n, t in (cfg.teachers.teachers.items() if cfg.teachers else []) if t.cross_tokenizer}
+    if crossing and cfg.loss.kind != "sampled_token":
+        check_shared_vocabulary(cfg.model.hf_path, crossing, cfg.loss.kind)
     if cfg.eval.world_dir is not None:
         from megatron_opd.eval.domains import available_domains
 
@@ -106,3 +109,20 @@ def preflight_opd(cfg) -> None:
         unknown = [d for d in cfg.eval.domains if d not in have]
         if unknown or not have:
             raise ValueError(f"eval.domains: {unknown or cfg.eval.domains} not in {cfg.eval.world_dir} (has {have})")
+
+
+def check_shared_vocabulary(student_dir: Path, crossing: dict, loss_kind: str) -> None:
+    """A top-k loss with a cross-tokenizer teacher reads its top-k through the tokens the two
+    vocabularies share: stop before anything starts if they share none."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.teachers.cross_tokenizer import build_vocab_map
+
+    student = AutoTokenizer.from_pretrained(str(student_dir))
+    for name, teacher in crossing.items():
+        vocab = build_vocab_map(student, AutoTokenizer.from_pretrained(str(teacher.tokenizer or teacher.model)))
+        if vocab.shared == 0:
+            raise ValueError(f"teachers.teachers.{name}: cross_tokenizer with loss.kind {loss_kind!r}: no token of "
+                             f"the teacher's vocabulary is a student token ({vocab.summary()}), so its top-k says "
+                             "nothing about the student's; use loss.kind 'sampled_token'")
+        print(f"[preflight] teacher {name!r} top-k over the shared vocabulary: {vocab.summary()}", flush=True)

@@ -20,7 +20,7 @@ from megatron_opd.config.teachers import RoutingSpec, TeacherSpec
 from megatron_opd.records import Sample, SampleScores, TokenScores
 from megatron_opd.wire.process import ServerProcess, start_server
 from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
-from megatron_opd.teachers.cross_tokenizer import CrossTokenizer
+from megatron_opd.teachers.cross_tokenizer import CrossTokenizer, topk_to_student
 from megatron_opd.teachers.parity import check_parity
 from megatron_opd.teachers.pool import TeacherPool
 from megatron_opd.teachers.router import Router
@@ -102,7 +102,7 @@ class TeacherSet:
         def score_unit(unit: str) -> dict[int, TokenScores]:
             indices = work[unit]
             if unit in self.cross:
-                return dict(zip(indices, self._score_across(unit, [samples[i] for i in indices])))
+                return dict(zip(indices, self._score_across(unit, [samples[i] for i in indices], top_k)))
             ids = [samples[i].score_ids for i in indices]
             shown = [samples[i].for_teacher(unit) for i in indices]  # after the teacher's own context, if it has one
             scored = self.pools[unit].score([seq for seq, _ in shown], [start for _, start in shown],
@@ -122,9 +122,10 @@ class TeacherSet:
             out.append(SampleScores(scores, self.router.token_weights(weights, scores)))
         return out
 
-    def _score_across(self, unit: str, samples: list[Sample]) -> list[TokenScores]:
+    def _score_across(self, unit: str, samples: list[Sample], top_k: int = 0) -> list[TokenScores]:
         """A cross-tokenizer teacher: each completion re-tokenized after the teacher's own prompt,
-        scored, and its log-probs mapped back onto the student's tokens (sampled-token signal only)."""
+        scored, and its log-probs (and top-k, over the shared vocabulary) mapped back onto the
+        student's tokens."""
         cross = self.cross[unit]
         encoded = []
         for sample in samples:
@@ -132,14 +133,18 @@ class TeacherSet:
             if prompt is None:
                 raise TeacherError(f"teacher {unit!r} has its own tokenizer but the sample carries no prompt in its ids")
             encoded.append(cross.encode(prompt, sample.token_ids[sample.start:]))
-        scored = self.pools[unit].score([e.teacher_ids for e in encoded], [e.start for e in encoded], 0, None)
+        scored = self.pools[unit].score([e.teacher_ids for e in encoded], [e.start for e in encoded], top_k, None)
         out = []
-        for e, sc in zip(encoded, scored):
+        for sample, e, sc in zip(samples, encoded, scored):
             valid = sc.valid.tolist() if sc.valid is not None else None
             mapped, student_valid = cross.to_student(e, sc.logprobs.tolist(), valid)
             self.aligned[unit][0] += sum(mapped.aligned)
             self.aligned[unit][1] += len(mapped.aligned)
-            out.append(TokenScores(torch.tensor(mapped.logprobs, dtype=torch.float32),
+            top_ids = top_logprobs = None
+            if top_k:
+                top_ids, top_logprobs = topk_to_student(e, sc.top_ids, sc.top_logprobs, cross.vocab_map(),
+                                                        sample.token_ids[sample.start:])
+            out.append(TokenScores(torch.tensor(mapped.logprobs, dtype=torch.float32), top_ids, top_logprobs,
                                    computed_tokens=sc.computed_tokens, cached_tokens=sc.cached_tokens,
                                    valid=None if all(student_valid) else torch.tensor(student_valid)))
         return out
