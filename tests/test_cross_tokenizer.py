@@ -87,24 +87,38 @@ def test_offsets_that_do_not_tile_the_same_text_are_refused():
 
 
 def test_topk_over_the_shared_vocabulary_by_hand():
-    """The teacher's top-k as student ids: a merged teacher token counts for its first student token
-    (summed with the shared one), a token with no student text is left to the tail, a student token
-    inside a teacher token gets a point mass on itself, the EOS reads the teacher's EOS row."""
+    """The teacher's top-k as the next student token's distribution: where a teacher token starts,
+    its row mapped by first student token (a merged token counts for its first character, summed with
+    the shared one; a token with no student text left to the tail), mixed with the tokens of earlier
+    rows that run past the point (weighted by the teacher's own tokens up to each row); inside a
+    teacher token, only those; the EOS reads the teacher's EOS row."""
     import torch
 
     from megatron_opd.teachers.cross_tokenizer import Encoded, VocabMap, topk_to_student
 
-    # teacher ids: 0 'a', 1 'b', 2 'ab', 3 a token with no student text, 4 EOS; student ids 10 'a', 11 'b', 99 EOS
-    vocab = VocabMap(torch.tensor([10, 11, 10, -1, 99]), shared=2, by_prefix=1, markup=0, unmapped=1)
-    # completion "ab" + EOS: the teacher wrote it as one token "ab", the student as "a", "b"
-    enc = Encoded([2, 4], 0, student_spans=[(0, 1), (1, 2)], teacher_spans=[(0, 2)], eos=True)
-    top_ids = torch.tensor([[2, 0, 3], [4, 1, 0]])
-    top_lps = torch.tensor([[0.5, 0.2, 0.1], [0.9, 0.05, 0.01]]).log()
-    ids, lps = topk_to_student(enc, top_ids, top_lps, vocab, [10, 11, 99])
+    # teacher ids: 0 'a', 1 'b', 2 'ab', 3 a token with no student text, 4 EOS, 5 'abb'; student ids 10 'a', 11 'b', 99 EOS
+    first = {"a": 10, "b": 11}
+    vocab = VocabMap(torch.tensor([10, 11, 10, -1, 99, 10]), ["a", "b", "ab", "", "", "abb"], lambda text: first.get(text[0], -1),
+                     longest=3, shared=2, by_prefix=2, markup=0, unmapped=1)
+    log = lambda values: torch.tensor(values).log()  # noqa: E731
+    # "ab" + EOS, which the teacher wrote as one token "ab" and the student as "a", "b"
+    merged = Encoded([2, 4], 0, student_spans=[(0, 1), (1, 2)], teacher_spans=[(0, 2)], eos=True, text="ab")
+    ids, lps = topk_to_student(merged, torch.tensor([[2, 0, 3], [4, 1, 0]]), log([[0.5, 0.2, 0.1], [0.9, 0.05, 0.01]]),
+                               log([0.5, 0.9]), vocab, [10, 11, 99])
     assert ids[0, 0] == 10 and lps[0, 0].exp().item() == pytest.approx(0.7)  # "ab" and "a" both begin with 'a'
     assert torch.isneginf(lps[0, 1:]).all() and (ids[0] == 10).all()  # the unmapped 0.1 is in the tail
-    assert ids[1, 0] == 11 and lps[1, 0] == 0 and torch.isneginf(lps[1, 1:]).all()  # inside "ab": already chosen
+    # inside "ab" after 'a': of the candidates that run past 'a', "ab" goes on with 'b' ("a" ends there: left out)
+    assert ids[1, 0] == 11 and lps[1, 0].item() == pytest.approx(0.0) and torch.isneginf(lps[1, 1:]).all()
     assert ids[2].tolist() == [99, 11, 10] and lps[2].exp().tolist() == pytest.approx([0.9, 0.05, 0.01])
+    # the same text the teacher wrote as "a", "b" (p 0.2, 0.3); its first row also holds "abb" (0.1)
+    split = Encoded([0, 1, 4], 0, student_spans=[(0, 1), (1, 2)], teacher_spans=[(0, 1), (1, 2)], eos=True, text="ab")
+    ids, lps = topk_to_student(split, torch.tensor([[2, 0, 5], [1, 4, 3], [4, 1, 3]]),
+                               log([[0.5, 0.2, 0.1], [0.3, 0.7, 0.0], [0.8, 0.1, 0.0]]), log([0.2, 0.3, 0.8]), vocab, [10, 11, 99])
+    assert lps[0, 0].exp().item() == pytest.approx(0.8)
+    # at 'b': "ab" (0.5) and "abb" (0.1) run past 'a' with 'b'; or "a" (0.2), then the row after it (b 0.3, EOS 0.7)
+    assert ids[1, :2].tolist() == [11, 99] and lps[1, :2].exp().tolist() == pytest.approx([0.66 / 0.8, 0.14 / 0.8])
+    # at the EOS, two tokens back: "abb" (0.1) goes on with 'b'; or "a", "b" (0.2 x 0.3), then EOS 0.8 / b 0.1
+    assert ids[2, :2].tolist() == [11, 99] and lps[2, :2].exp().tolist() == pytest.approx([0.106 / 0.16, 0.048 / 0.16])
 
 
 # -- the teacher with its own tokenizer, in the scoring path -------------------------------------------
@@ -200,37 +214,46 @@ def test_a_cross_tokenizer_teacher_scores_in_its_own_ids(bpe_teacher):
         if k < 2:
             assert got[-1].item() == pytest.approx(direct[-1].item(), abs=1e-4)
     assert 0 < metrics["teachers/t/aligned_fraction"] < 1  # single-character teacher tokens exact, merges not
-    # with its whole vocabulary as the top-k, where a teacher token starts with the student's, the mapped
-    # distribution is the teacher's next-character distribution: p(c) = sum of p(t) over the tokens t whose text
-    # begins with c (a character-level student), summed here from HF's softmax and the token strings
+    # with its whole vocabulary as the top-k, the mapped rows are the teacher's next-character distribution,
+    # one token deep (a character-level student), computed here from HF's softmax and the token strings (the
+    # server's float32 scores differ from HF's by ~1e-5, which the division inside a token enlarges)
     with TeacherSet.start(spec, student_dir=student_dir) as teachers:
         full_k = teachers.score(samples[:1], top_k=len(teacher))[0].scores["t"]
     text = texts[0]
-    ids = teacher(text, add_special_tokens=False, return_offsets_mapping=True)
-    seq = torch.tensor([teacher_prompt + ids["input_ids"] + [teacher.eos_token_id]])
+    enc = teacher(text, add_special_tokens=False, return_offsets_mapping=True)
+    seq = torch.tensor([teacher_prompt + enc["input_ids"] + [teacher.eos_token_id]])
     with torch.no_grad():
-        probs = hf(seq).logits.softmax(-1)[0, len(teacher_prompt) - 1:]
-    strings = [teacher.decode([t]) for t in range(len(teacher))]
-    checked = 0
-    rows = [(j, lo) for j, (lo, _) in enumerate(ids["offset_mapping"])] + [(len(ids["input_ids"]), len(text))]  # + EOS
-    for j, lo in rows:
-        want = {}
-        for t, string in enumerate(strings):
-            if t == teacher.eos_token_id:
-                key = student.decode([student.eos_token_id])  # the end of the turn
-            elif t in teacher.all_special_ids or not string:
-                continue
-            else:  # an added token both have (ChatML's) is one student token; any other, its first character
+        probs = hf(seq).logits.softmax(-1)[0, len(teacher_prompt) - 1:].tolist()
+    strings = {t: teacher.decode([t]) for t in range(len(teacher)) if t not in teacher.all_special_ids}
+    eos_text = student.decode([student.eos_token_id])
+
+    spans = enc["offset_mapping"]
+    lows = [lo for lo, _ in spans]
+    own = [probs[j][t] for j, t in enumerate(enc["input_ids"])]  # the teacher's probability of each of its own tokens
+    longest = max(len(x) for x in strings.values())
+    starts = {lo: j for j, lo in enumerate(lows)}
+    for i in range(len(text) + 1):  # every student character, then its EOS
+        want, total = {}, 0.0
+        for r in [r for r, lo in enumerate(lows) if i - longest <= lo < i]:  # a token from row r running past i
+            reach = math.prod(own[r2] for r2 in range(r)) if r else 1.0
+            for t, string in strings.items():
+                q = text[lows[r]:i]
+                if len(string) > len(q) and string.startswith(q):
+                    total += reach * probs[r][t]
+                    want[string[len(q)]] = want.get(string[len(q)], 0.0) + reach * probs[r][t]
+        j = starts.get(i, len(spans) if i == len(text) else None)
+        if j is not None:  # the teacher's own tokens up to i, then its row there
+            reach = math.prod(own[:j])
+            total += reach
+            want[eos_text] = want.get(eos_text, 0.0) + reach * probs[j][teacher.eos_token_id]
+            for t, string in strings.items():  # an added token both have (ChatML's) is one student token
                 key = string if t in teacher.added_tokens_decoder else string[0]
-            want[key] = want.get(key, 0.0) + probs[j, t].item()
-        got = {student.decode([int(i)]): p for i, p in zip(full_k.top_ids[lo], full_k.top_logprobs[lo].exp().tolist()) if p > 0}
-        assert got.keys() <= want.keys() and all(got[c] == pytest.approx(want[c], abs=1e-4) for c in got), j
-        assert sum(got.values()) == pytest.approx(sum(want.values()), abs=1e-3)
-        checked += 1
-    assert checked == len(ids["input_ids"]) + 1
-    inside = [i for i in range(len(text)) if i not in {lo for lo, _ in ids["offset_mapping"]}]
-    assert inside and all(full_k.top_logprobs[i, 0] == 0 and full_k.top_ids[i, 0] == samples[0].token_ids[samples[0].start + i]
-                          for i in inside)
+                want[key] = want.get(key, 0.0) + reach * probs[j][t]
+        want = {c: p / total for c, p in want.items()}
+        got = {student.decode([int(t)]): p for t, p in zip(full_k.top_ids[i], full_k.top_logprobs[i].exp().tolist()) if p > 0}
+        assert all(got[c] == pytest.approx(want.get(c, 0.0), abs=1e-3) for c in got), (i, sorted(got.items()), sorted(want.items()))
+        assert sum(got.values()) == pytest.approx(sum(want.values()), abs=1e-3), i
+    assert any(i not in starts for i in range(len(text)))  # inside rows were checked ("answer:" is one token)
 
 
 def test_opd_with_the_shipped_other_tokenizer_teacher_runs_the_loop(tmp_path):

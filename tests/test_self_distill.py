@@ -190,6 +190,10 @@ def test_opsd_with_gkd_mixing_runs_the_loop_at_tp2(tmp_path):
     for r in rows:
         assert r["rollout/dataset_samples"] == 8 and r["rollout/on_policy_samples"] == 8
         assert r["train/tokens"] > 8 * r["rollout/response_length"]  # the sampled ones and the mixed-in ones
+        # the trainer's KL estimate and mismatch are over the sampled tokens only: equal to the scorer's
+        # per-teacher figure (which leaves the rows' own responses out), not diluted by the mixed-in ones
+        assert r["opd/reverse_kl"] == pytest.approx(r["teacher/hinted/reverse_kl"], rel=1e-3, abs=1e-4)
+        assert r["opd/train_inference_mismatch"] < 1e-3
     audit = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     for a in audit:
         drawn = global_batch_indices(2000, 1234, a["step"] - 1, 8)

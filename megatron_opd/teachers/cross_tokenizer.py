@@ -18,12 +18,23 @@ starts the advantage at "a" was -0.009 spread, -0.213 first-character, -0.212 wi
 same-tokenizer teacher (2026-12-03, cold-start student). The characters after the first get 0 from
 the teacher (the continuation of a token it has chosen): a pessimistic first character, optimistic
 later ones, an exact sum.
+
+For the top-k losses, :func:`topk_to_student` turns the teacher's top-k rows into its distribution of
+the next student token at every student position (one token deep), through :class:`VocabMap`.
+A first build gave a student token inside a teacher token a point mass on itself (the teacher "had
+chosen" its characters): a drifting student that wrote "answ" then went on with digits ("answ" is a
+teacher token it never writes alone) was judged by the teacher's row after that impossible token,
+its "a-n-s-w" was confirmed, and the run diverged (length to the 96-token cap by step 35).
 """
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
+from typing import Callable
 
 
 class OffsetError(ValueError):
@@ -119,6 +130,7 @@ class Encoded:
     student_spans: list[tuple[int, int]]  # the student's completion tokens before EOS
     teacher_spans: list[tuple[int, int]]
     eos: bool  # the completion ended with the student's EOS (mapped to the teacher's)
+    text: str = ""  # the completion's text (the characters both spans tile)
 
 
 class CrossTokenizer:
@@ -148,7 +160,7 @@ class CrossTokenizer:
         ids, teacher_spans = list(encoded["input_ids"]), [tuple(s) for s in encoded["offset_mapping"]]
         if eos:
             ids.append(self.teacher.eos_token_id)
-        return Encoded(list(teacher_prompt) + ids, len(teacher_prompt), student_spans, teacher_spans, eos)
+        return Encoded(list(teacher_prompt) + ids, len(teacher_prompt), student_spans, teacher_spans, eos, text)
 
     @staticmethod
     def to_student(encoded: Encoded, teacher_logprobs: list[float],
@@ -171,14 +183,16 @@ class CrossTokenizer:
 
 @dataclass(frozen=True)
 class VocabMap:
-    """Each teacher id's student id, for the top-k losses: a teacher token whose text is one student
-    token maps to it (the shared vocabulary); a longer one maps to the first student token of its
-    text, so the teacher's probability of a student token is the sum over the teacher tokens that
-    begin with it (exact for a character-level student: p(next char = c) sums every token starting
-    with c); -1 where the text is no student text (a special token, a partial byte, a character the
-    student cannot write): that mass is in the tail bucket."""
+    """The teacher's ids in the student's terms, for the top-k losses. ``student_of[t]``: the student
+    token a teacher token's text begins with (its only token where the text is one student token:
+    the shared vocabulary), -1 where the text is no student text (a special token, a partial byte, a
+    character the student cannot write: that mass is in the tail bucket); ``texts[t]`` its text (''
+    where it maps to nothing); ``first_of(text)`` the first student token of any text (-1: none)."""
 
     student_of: "torch.Tensor"  # [teacher vocab] int64
+    texts: list[str]
+    first_of: Callable[[str], int]
+    longest: int  # the longest text of a teacher token (how far back a token can start)
     shared: int  # teacher text tokens that are one student token
     by_prefix: int  # longer teacher tokens, mapped to their first student token
     markup: int  # added tokens both tokenizers have (a chat template's), mapped but not counted as shared text
@@ -195,65 +209,97 @@ def build_vocab_map(student_tokenizer, teacher_tokenizer) -> VocabMap:
 
     size = len(teacher_tokenizer)
     special = set(teacher_tokenizer.all_special_ids)
-    texts = [teacher_tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in range(size)]
-    encoded = student_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    unk = student_tokenizer.unk_token_id
     added = set(teacher_tokenizer.added_tokens_decoder)
-    student_of, shared, by_prefix, markup = [-1] * size, 0, 0, 0
-    for t, (text, ids) in enumerate(zip(texts, encoded)):
+    unk = student_tokenizer.unk_token_id
+
+    def student_ids(text: str) -> list[int] | None:
+        ids = student_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids or unk in ids or student_tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
+            return None
+        return ids
+
+    @lru_cache(maxsize=1 << 16)
+    def first_of(text: str) -> int:
+        ids = student_ids(text) if text and "\ufffd" not in text else None
+        return ids[0] if ids else -1
+
+    texts = [teacher_tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in range(size)]
+    student_of, kept, shared, by_prefix, markup = [-1] * size, [""] * size, 0, 0, 0
+    for t, text in enumerate(texts):
         if t == teacher_tokenizer.eos_token_id:
             student_of[t] = student_tokenizer.eos_token_id  # the end of the turn, not counted as shared text
             continue
-        if t in special or not text or "\ufffd" in text or not ids or unk in ids \
-                or student_tokenizer.decode(ids, clean_up_tokenization_spaces=False) != text:
+        ids = None if t in special or not text or "\ufffd" in text else student_ids(text)
+        if ids is None or (t in added and len(ids) > 1):  # no text of its own to map
             continue
-        if t in added and len(ids) > 1:  # a marker the student has not: no text of its own to map
-            continue
-        student_of[t] = ids[0]
+        student_of[t], kept[t] = ids[0], text
         if t in added:
             markup += 1
         elif len(ids) == 1:
             shared += 1
         else:
             by_prefix += 1
-    return VocabMap(torch.tensor(student_of, dtype=torch.long), shared, by_prefix, markup,
+    return VocabMap(torch.tensor(student_of, dtype=torch.long), kept, first_of, max(map(len, texts), default=1), shared, by_prefix, markup,
                     size - 1 - shared - by_prefix - markup)
 
 
-def topk_to_student(encoded: Encoded, top_ids, top_logprobs, vocab: VocabMap, student_ids: list[int]):
+def topk_to_student(encoded: Encoded, top_ids, top_logprobs, teacher_logprobs, vocab: VocabMap,
+                    student_ids: list[int]):
     """The teacher's top-k at its completion positions ``top_ids`` / ``top_logprobs`` [n (+1 for EOS), k]
-    as a distribution over student ids at each student completion token ``student_ids`` [T].
+    (and its log-prob of each of its own tokens ``teacher_logprobs`` [n (+1)]) as the teacher's
+    distribution of the next *student* token at each student completion token ``student_ids`` [T]:
+    the character-level marginal of a tokenized model (Phan et al. 2024, "Exact byte-level
+    probabilities from tokenized language models"), over the tokenizations that follow the teacher's
+    own up to some token start and then take one token that runs past the point.
 
-    Where a teacher token starts with the student token (same text before both), its top-k is mapped
-    through ``vocab``; ids that land on the same student id are summed (in probability), an id with
-    no student text leaves its mass to the tail; the student's EOS reads the teacher's EOS position.
-    Inside a teacher token (a student token starting mid-way), the teacher has already chosen the
-    characters: a point mass on the student's own token (log-prob 0, as :func:`map_to_student` gives
-    it). Returns ids / log-probs [T, k], descending, absent slots at -inf (an id repeated from the row)."""
+    At character ``o``, every teacher token start ``b`` within a token's length before ``o`` offers the
+    candidates of its row that begin with the text from ``b`` to ``o`` and go on past it, weighted by
+    the teacher's probability of its own tokens from the first such start to ``b``; where a teacher
+    token starts at ``o`` (and at the EOS), its whole row joins, weighted by the probability of the
+    teacher's tokens up to ``o``. Each candidate counts for the first student token of what it writes
+    after ``o`` (:class:`VocabMap`); ids with no student text leave their mass to the tail, and other
+    tokenizations that end exactly at ``o`` are left out (their next row was not computed). Without
+    the look back, a student that wrote the start of a token the teacher merges ("ans" of "answer:")
+    was judged by the teacher's row after tokens it never writes in that order, and the run diverged.
+    Returns ids / log-probs [T, k], descending, absent slots at -inf (an id repeated from the row); a
+    position the top-k says nothing about is a point mass on the student's own token."""
     import torch
 
-    starts = {lo: j for j, (lo, _) in enumerate(encoded.teacher_spans)}
-    rows = [starts.get(lo, -1) for lo, _ in encoded.student_spans]
-    if encoded.eos:
-        rows.append(len(encoded.teacher_spans))
-    if len(rows) != len(student_ids):
-        raise OffsetError(f"{len(student_ids)} student tokens, {len(rows)} mapped")
-    rows_t = torch.tensor(rows, dtype=torch.long)
-    k = top_ids.shape[-1]
-    sids = vocab.student_of[top_ids[rows_t.clamp_min(0)].long()]  # [T, k]
-    probs = torch.where(sids >= 0, top_logprobs[rows_t.clamp_min(0)].float().exp(), torch.zeros(()))
-    same = sids[:, :, None] == sids[:, None, :]  # [T, k, k]
-    merged = (same * probs[:, None, :]).sum(-1)
-    first = ~torch.tril(same, diagonal=-1).any(-1)  # the first slot of each student id keeps the sum
-    keep = first & (sids >= 0) & (merged > 0)
-    logp = torch.where(keep, merged.clamp_min(1e-45).log(), torch.full_like(merged, float("-inf")))
-    inside = rows_t < 0
-    own = torch.tensor(student_ids, dtype=torch.long)
-    sids = torch.where(inside[:, None], own[:, None].expand(-1, k), sids)
-    logp = torch.where(inside[:, None], torch.cat([torch.zeros(len(rows), 1), torch.full((len(rows), k - 1), float("-inf"))], 1), logp)
-    logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)
-    sids = sids.gather(-1, order)
-    # an absent slot repeats the row's first id (its own token if none), so a membership test sees no extra token
-    fill = torch.where(torch.isneginf(logp[:, 0]), own, sids[:, 0])
-    sids = torch.where(torch.isneginf(logp), fill[:, None].expand(-1, k), sids)
-    return sids, logp
+    texts, spans, text = vocab.texts, encoded.teacher_spans, encoded.text
+    n, k = len(spans), top_ids.shape[-1]
+    rows = [[(texts[t] if t < len(texts) else "", int(vocab.student_of[t]) if t < len(texts) else -1, p)
+             for t, p in zip(ids, ps) if p > 0]
+            for ids, ps in zip(top_ids.tolist(), top_logprobs.float().exp().tolist())]
+    cum = list(accumulate((float(x) for x in teacher_logprobs[:n]), initial=0.0))  # log p of the teacher's tokens before r
+    lows = [lo for lo, _ in spans]
+    targets = [lo for lo, _ in encoded.student_spans] + ([len(text)] if encoded.eos else [])
+    if len(targets) != len(student_ids):
+        raise OffsetError(f"{len(student_ids)} student tokens, {len(targets)} mapped")
+    out_ids, out_lps = [], []
+    for o, own in zip(targets, student_ids):
+        before = bisect_left(lows, o)  # rows starting before o
+        first = bisect_left(lows, o - vocab.longest, 0, before)
+        here = before if (before < n and lows[before] == o) or (o == len(text) and encoded.eos) else None
+        if first == before and here is None:  # no token of the teacher's starts near o (a span it has no text for)
+            first = before - 1 if before else 0
+        ref = cum[first] if first < before else cum[here]
+        dist: dict[int, float] = {}
+        total = 0.0
+        for r in range(first, before):  # a token from row r that runs past o
+            q, w = text[lows[r]:o], math.exp(cum[r] - ref)
+            for piece, _, p in rows[r]:
+                if len(piece) > len(q) and piece.startswith(q):
+                    total += w * p
+                    if (sid := vocab.first_of(piece[len(q):])) >= 0:
+                        dist[sid] = dist.get(sid, 0.0) + w * p
+        if here is not None:  # the teacher's own tokens up to o, then its row there
+            w = math.exp(cum[here] - ref)
+            total += w
+            for _, sid, p in rows[here]:
+                if sid >= 0:
+                    dist[sid] = dist.get(sid, 0.0) + w * p
+        ranked = sorted(((p / total, sid) for sid, p in dist.items() if p > 0), reverse=True)[:k] or [(1.0, own)]
+        fill = ranked[0][1]
+        out_ids.append([sid for _, sid in ranked] + [fill] * (k - len(ranked)))
+        out_lps.append([math.log(p) for p, _ in ranked] + [float("-inf")] * (k - len(ranked)))
+    return torch.tensor(out_ids, dtype=torch.long), torch.tensor(out_lps, dtype=torch.float32)

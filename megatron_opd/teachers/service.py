@@ -142,7 +142,7 @@ class TeacherSet:
             self.aligned[unit][1] += len(mapped.aligned)
             top_ids = top_logprobs = None
             if top_k:
-                top_ids, top_logprobs = topk_to_student(e, sc.top_ids, sc.top_logprobs, cross.vocab_map(),
+                top_ids, top_logprobs = topk_to_student(e, sc.top_ids, sc.top_logprobs, sc.logprobs, cross.vocab_map(),
                                                         sample.token_ids[sample.start:])
             out.append(TokenScores(torch.tensor(mapped.logprobs, dtype=torch.float32), top_ids, top_logprobs,
                                    computed_tokens=sc.computed_tokens, cached_tokens=sc.cached_tokens,

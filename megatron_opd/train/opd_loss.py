@@ -72,8 +72,10 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
     mask = batch["loss_mask"][:, 1:]
     teacher, sampler = batch["teacher_lp"][:, 1:], batch["sampler_lp"][:, 1:]
     old = batch["old_lp"][:, 1:] if "old_lp" in batch else logprobs.detach()
+    sampled = mask  # the tokens the student drew (the KL estimate and the mismatch are over these)
     if "on_policy" in batch:  # a dataset trajectory (GKD mixing) has no sampler: no IS correction, no mismatch
         sampler = torch.where(batch["on_policy"].bool()[:, None], sampler, old)
+        sampled = mask * batch["on_policy"][:, None].to(mask.dtype)
     opd = sampled_token_advantage(teacher, old, mask, cfg.kl_discount, cfg.logratio_clamp)
     # A = A_task + lambda * A_opd (OPD: A_task = 0, lambda = 1; GRPO: lambda = 0 without teachers)
     advantage = (batch["task_adv"][:, None] * mask + batch["opd_weight"][:, None] * opd).detach()
@@ -94,7 +96,8 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
     metrics.update({
         "loss_sum": per_token.sum().detach(), "tokens": mask.sum().detach(),
         "adv_sum": advantage.sum(), "adv_abs_sum": advantage.abs().sum(), "adv_sq_sum": (advantage ** 2).sum(),
-        "kl_sum": ((old - teacher) * mask).sum(), "mismatch_abs_sum": ((old - sampler).abs() * mask).sum(),
+        "sampled_tokens": sampled.sum().detach(),
+        "kl_sum": ((old - teacher) * sampled).sum(), "mismatch_abs_sum": ((old - sampler).abs() * sampled).sum(),
         "positions_sum": torch.tensor(float(b * length)),  # what the forward computed, padding included
         "real_positions_sum": batch["seq_len"].sum().float() if "seq_len" in batch else torch.tensor(float(b * length)),
     })

@@ -57,7 +57,7 @@ def teacher_reverse_kl(rollouts: list[Rollout], scored: list[SampleScores], unit
     return out
 
 
-LOSS_SUMS = ("loss_sum", "tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
+LOSS_SUMS = ("loss_sum", "tokens", "sampled_tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
              "positions_sum", "real_positions_sum")
 
 
@@ -68,12 +68,14 @@ def loss_sum_keys(kind: str) -> tuple[str, ...]:
 
 def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict[str, Any]:
     n = max(totals["tokens"], 1.0)
+    sampled = max(totals.get("sampled_tokens", totals["tokens"]), 1.0)
     mean_adv = totals["adv_sum"] / n
     out = {"train/loss": totals["loss_sum"] / n, "train/grad_norm": grad_norm, "train/lr": lr,
            "train/tokens": totals["tokens"], "opd/advantage_mean": mean_adv,
            "opd/advantage_abs_mean": totals["adv_abs_sum"] / n,
            "opd/advantage_std": max(totals["adv_sq_sum"] / n - mean_adv ** 2, 0.0) ** 0.5,
-           "opd/reverse_kl": totals["kl_sum"] / n, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / n,
+           # over the tokens the student sampled: a row's own response (GKD mixing) estimates no reverse KL
+           "opd/reverse_kl": totals["kl_sum"] / sampled, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / sampled,
            "train/padding_fraction": 1.0 - totals["real_positions_sum"] / max(totals["positions_sum"], 1.0)}
     for key, name in (("clipped_tokens", "opd/clip_fraction"), ("entropy_sum", "opd/student_entropy"),
                       ("topk_overlap_sum", "opd/topk_overlap"), ("token_set_size_sum", "opd/token_set_size")):
