@@ -20,11 +20,13 @@ the teacher (the continuation of a token it has chosen): a pessimistic first cha
 later ones, an exact sum.
 
 For the top-k losses, :func:`topk_to_student` turns the teacher's top-k rows into its distribution of
-the next student token at every student position (one token deep), through :class:`VocabMap`.
-A first build gave a student token inside a teacher token a point mass on itself (the teacher "had
-chosen" its characters): a drifting student that wrote "answ" then went on with digits ("answ" is a
-teacher token it never writes alone) was judged by the teacher's row after that impossible token,
-its "a-n-s-w" was confirmed, and the run diverged (length to the 96-token cap by step 35).
+the next student token at every student position (a character-level marginal that looks back over
+every teacher token start within a token's length), through :class:`VocabMap`. A first build gave a
+student token inside a teacher token a point mass on itself (the teacher "had chosen" its
+characters), a second looked back one row only: either way a drifting student that wrote "ans" or
+"answ" and went on with digits was judged by the teacher's rows after tokens it never writes in that
+order, and the runs diverged (answers to the 96-token cap). The full look back is tested against HF;
+its OPD run is not measured yet.
 """
 
 from __future__ import annotations
