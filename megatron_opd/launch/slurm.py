@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,8 +246,23 @@ def status(job_dir: str | Path) -> list[dict[str, str]]:
     with exp:
         states = exp.status(return_dict=True) or {}
         order = [job.id for job in exp.jobs]
-    return [{"name": name, "job_id": states[name].get("job_id", ""), "state": _state(states[name]),
+    rows = [{"name": name, "job_id": states[name].get("job_id", ""), "state": _state(states[name]),
              "experiment": str(exp_dir)} for name in order if name in states]
+    for row in rows:
+        if row["state"] == "SUBMITTED" and row["job_id"]:
+            row["state"] = _queue_state(row["job_id"]) or row["state"]
+    return rows
+
+
+def _queue_state(job_id: str) -> str:
+    """The controller's own state of a job that accounting has not recorded yet: ``sacct`` lags
+    ``sbatch`` (slurmdbd writes asynchronously), and nemo-run reads an unknown job as SUBMITTED."""
+    try:
+        shown = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    state = shown.stdout.strip().splitlines()
+    return state[0].strip() if shown.returncode == 0 and state else ""
 
 
 def cancel(job_dir: str | Path) -> list[dict[str, str]]:
