@@ -234,7 +234,8 @@ def _latest_experiment(job_dir: str | Path) -> Path:
 
 def status(job_dir: str | Path) -> list[dict[str, str]]:
     """The latest experiment under ``job_dir``: each job's name, Slurm id and state (nemo-run's
-    experiment status, which asks Slurm's accounting, ``sacct``)."""
+    experiment status, which asks Slurm's accounting, ``sacct``; a job accounting has not recorded
+    yet, which nemo-run calls SUBMITTED, is read from the controller's queue)."""
     import nemo_run as run
     from nemo_run.config import set_nemorun_home
     from nemo_run.core.frontend.console.api import CONSOLE

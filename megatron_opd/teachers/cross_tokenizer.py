@@ -25,8 +25,8 @@ every teacher token start within a token's length), through :class:`VocabMap`. A
 student token inside a teacher token a point mass on itself (the teacher "had chosen" its
 characters), a second looked back one row only: either way a drifting student that wrote "ans" or
 "answ" and went on with digits was judged by the teacher's rows after tokens it never writes in that
-order, and the runs diverged (answers to the 96-token cap). The full look back is tested against HF;
-its OPD run is not measured yet.
+order, and the runs diverged (answers to the 96-token cap). The full look back is tested against HF
+and its OPD run equals the same-tokenizer teacher's (README).
 """
 
 from __future__ import annotations
