@@ -224,11 +224,15 @@ def eval_cmd(
     world: Path = typer.Option(Path("assets/tiny"), help="tiny-world directory (data/<domain>/test.jsonl)"),
     seed: int = typer.Option(0, help="sampling seed"),
     max_new_tokens: int = typer.Option(96, min=1),
+    context: Optional[str] = typer.Option(None, help="user turn as a template over each row's {prompt}, {response}, "
+                                          "{meta.KEY} (\\n a newline): how well a self teacher reads its "
+                                          "privileged context"),
 ) -> None:
     """Per-domain accuracy of an HF directory or megatron-opd checkpoint (greedy and sampled)."""
     import json
     import tempfile
 
+    from megatron_opd.config.teachers import template_fields
     from megatron_opd.eval.domains import available_domains, evaluate, format_table
     from megatron_opd.model.checkpoint import CheckpointError, find_latest
 
@@ -239,6 +243,12 @@ def eval_cmd(
     if unknown:
         _fail(f"--domains: unknown domain(s) {unknown} in {world} (has {have})")
 
+    if context is not None:
+        context = context.replace("\\n", "\n")
+        try:
+            template_fields(context)
+        except ValueError as exc:
+            _fail(f"--context: {exc}")
     if (ckpt / "config.json").is_file():
         try:
             readable_weights(ckpt)
@@ -257,8 +267,9 @@ def eval_cmd(
             if code:
                 raise typer.Exit(code)
         names = [d.strip() for d in domains.split(",")] if domains else None
-        results = _guarded(evaluate, model_dir, world, names, samples, seed, 1.0, max_new_tokens)
-    typer.echo(format_table(results, f"eval {ckpt} (seed {seed})"))
+        results = _guarded(evaluate, model_dir, world, names, samples, seed, 1.0, max_new_tokens, 0, True, context)
+    shown = f", context {context!r}" if context else ""
+    typer.echo(format_table(results, f"eval {ckpt} (seed {seed}{shown})"))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=1))

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_opd.config.teachers import render_template, template_fields
 from megatron_opd.data.chat import DataError, check_tokenizer_fits
 from megatron_opd.data.domains import DOMAINS, get_domain
 from megatron_opd.data.world import read_rows
@@ -57,16 +58,19 @@ def evaluate(
     max_new_tokens: int = 96,
     offset: int = 0,
     sampled: bool = True,
+    context: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """``{"<domain>": {"accuracy", "format_score", "n", "sampled_accuracy", ...}}`` on the held-out
-    rows ``[offset : offset + samples]`` (sampled scores are NaN with ``sampled=False``)."""
+    rows ``[offset : offset + samples]`` (sampled scores are NaN with ``sampled=False``); with a
+    ``context`` template the user turn is that template over each row (what a teacher with privileged
+    context is shown, e.g. ``"{prompt}\nhint: {response}"``)."""
     model, tokenizer = load_hf_for_eval(model_dir)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def complete(prompts: list[list[int]], temp: float) -> list[list[int]]:
         return [c.token_ids for c in generate(model, prompts, max_new_tokens, eos, pad, temperature=temp, seed=seed)]
 
-    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature, offset, sampled)
+    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature, offset, sampled, context)
 
 
 def evaluate_with(
@@ -78,9 +82,15 @@ def evaluate_with(
     temperature: float = 1.0,
     offset: int = 0,
     sampled: bool = True,
+    context: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The same table for any generator: ``complete(prompt_ids, temperature) -> completion ids``
     (a local HF model, the embedded engine, or a rollout server)."""
+    if context is not None:
+        try:
+            template_fields(context)
+        except ValueError as exc:
+            raise DataError(f"--context: {exc}") from None
     have = available_domains(world_dir)
     domains = domains or have
     unknown = [d for d in domains if d not in have or d not in DOMAINS]
@@ -92,7 +102,8 @@ def evaluate_with(
         rows = rows[offset: offset + samples if samples else None]
         if not rows:
             raise DataError(f"{world_dir}/data/{domain}/test.jsonl: no rows at offset {offset}")
-        prompts = [tokenizer.apply_chat_template([r["messages"][0]], add_generation_prompt=True, tokenize=True) for r in rows]
+        turns = [r["messages"][0] if context is None else _context_turn(context, r, domain, i) for i, r in enumerate(rows, offset + 1)]
+        prompts = [tokenizer.apply_chat_template([turn], add_generation_prompt=True, tokenize=True) for turn in turns]
         metas = [r["meta"] for r in rows]
         scores = []
         for temp in ((0.0, temperature) if sampled else (0.0,)):
@@ -101,6 +112,16 @@ def evaluate_with(
         (acc, fmt), (s_acc, s_fmt) = scores if sampled else (scores[0], (float("nan"), float("nan")))
         results[domain] = asdict(DomainScore(acc, fmt, len(rows), s_acc, s_fmt))
     return results
+
+
+def _context_turn(template: str, row: dict, domain: str, line: int) -> dict[str, str]:
+    messages = row["messages"]
+    response = messages[1]["content"] if len(messages) > 1 and messages[1].get("role") == "assistant" else None
+    try:
+        shown = render_template(template, {"prompt": messages[0]["content"], "response": response, "meta": row["meta"]})
+    except KeyError as exc:
+        raise DataError(f"--context names {{{exc.args[0]}}}, which data/{domain}/test.jsonl row {line} does not have") from None
+    return {"role": "user", "content": shown}
 
 
 def format_table(results: dict[str, dict[str, Any]], title: str = "") -> str:
