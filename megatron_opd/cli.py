@@ -232,8 +232,7 @@ def eval_cmd(
     import json
     import tempfile
 
-    from megatron_opd.config.teachers import template_fields
-    from megatron_opd.eval.domains import available_domains, evaluate, format_table
+    from megatron_opd.eval.domains import available_domains, check_context, evaluate, format_table
     from megatron_opd.model.checkpoint import CheckpointError, find_latest
 
     have = available_domains(world) if world.is_dir() else []
@@ -245,10 +244,7 @@ def eval_cmd(
 
     if context is not None:
         context = context.replace("\\n", "\n")
-        try:
-            template_fields(context)
-        except ValueError as exc:
-            _fail(f"--context: {exc}")
+        _guarded(check_context, context)
     if (ckpt / "config.json").is_file():
         try:
             readable_weights(ckpt)
@@ -267,7 +263,7 @@ def eval_cmd(
             if code:
                 raise typer.Exit(code)
         names = [d.strip() for d in domains.split(",")] if domains else None
-        results = _guarded(evaluate, model_dir, world, names, samples, seed, 1.0, max_new_tokens, 0, True, context)
+        results = _guarded(lambda: evaluate(model_dir, world, names, samples, seed, 1.0, max_new_tokens, context=context))
     shown = f", context {context!r}" if context else ""
     typer.echo(format_table(results, f"eval {ckpt} (seed {seed}{shown})"))
     if json_out:

@@ -86,11 +86,7 @@ def evaluate_with(
 ) -> dict[str, dict[str, Any]]:
     """The same table for any generator: ``complete(prompt_ids, temperature) -> completion ids``
     (a local HF model, the embedded engine, or a rollout server)."""
-    if context is not None:
-        try:
-            template_fields(context)
-        except ValueError as exc:
-            raise DataError(f"--context: {exc}") from None
+    check_context(context)
     have = available_domains(world_dir)
     domains = domains or have
     unknown = [d for d in domains if d not in have or d not in DOMAINS]
@@ -112,6 +108,15 @@ def evaluate_with(
         (acc, fmt), (s_acc, s_fmt) = scores if sampled else (scores[0], (float("nan"), float("nan")))
         results[domain] = asdict(DomainScore(acc, fmt, len(rows), s_acc, s_fmt))
     return results
+
+
+def check_context(template: str | None) -> None:
+    """A ``context`` template names only row fields (:func:`template_fields`), as a DataError."""
+    if template is not None:
+        try:
+            template_fields(template)
+        except ValueError as exc:
+            raise DataError(f"--context: {exc}") from None
 
 
 def _context_turn(template: str, row: dict, domain: str, line: int) -> dict[str, str]:
