@@ -281,6 +281,7 @@ def serve(
                                           "(or set OPD_API_KEY: a flag shows in the process list)"),
     insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback --host without an API key"),
     batch_size: int = typer.Option(256, help="sequences per decode loop / scoring chunk bound"),
+    kv_cache_mib: int = typer.Option(4096, min=1, help="KV cache one decode loop may hold (more rows run as more loops)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core)"),
     weights_root: Optional[List[Path]] = typer.Option(None, help="a directory /update_weights_from_disk may read "
                                                       "from (repeatable; default: the working dir and --model)"),
@@ -314,7 +315,7 @@ def serve(
     from megatron_opd.serve.rollout_server import create_app
 
     engine = EmbeddedEngine(model, batch_size=batch_size, allow_nonfinite_weights=allow_nonfinite_weights,
-                            weights_roots=[Path.cwd(), model, *(weights_root or [])])
+                            weights_roots=[Path.cwd(), model, *(weights_root or [])], kv_cache_mib=kv_cache_mib)
     limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
                     max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
                     pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megatron_opd.rollout.decoder import Decoder, UnsupportedModelError, prefill_mask
-from megatron_opd.rollout.generation import generate, score_batch
+from megatron_opd.rollout.generation import continuation_hidden, generate, score_tokens
 
 
 def _model(path):
@@ -57,16 +57,47 @@ def test_sampled_rows_that_stop_early_leave_the_batch_and_the_rest_stay_exact(ti
         assert torch.allclose(torch.tensor(completion.logprobs), picked, atol=1e-5)
 
 
-def test_prefix_shared_scoring_equals_a_full_forward(tiny_hf):
+@pytest.mark.parametrize("chunk_bytes", [None, 4 * 131 * 5])  # the vocabulary's logits 5 positions at a time
+def test_prefix_shared_scoring_equals_a_full_forward(tiny_hf, monkeypatch, chunk_bytes):
+    from megatron_opd.rollout import generation
+
+    if chunk_bytes:
+        monkeypatch.setattr(generation, "LOGITS_CHUNK_BYTES", chunk_bytes)
     model = _model(tiny_hf["llama"])
     torch.manual_seed(3)
     prefixes = [torch.randint(1, 131, (n,)).tolist() for n in (9, 4, 15)]
     group = [0, 0, 1, 2, 2, 2]
     continuations = [torch.randint(1, 131, (n,)).tolist() for n in (6, 1, 12, 3, 8, 2)]
-    table = score_batch(Decoder(model), prefixes, group, continuations, pad_id=0)
+    wanted = [[5, 7], [1], [9, 2, 3], [4], [130, 0], [8]]
+    decoder = Decoder(model)
+    hidden = continuation_hidden(decoder, prefixes, group, continuations, pad_id=0)
+    scores = score_tokens(decoder, hidden, continuations, top_k=4, token_ids=wanted)
+    offset = 0
     for b, (g, cont) in enumerate(zip(group, continuations)):
-        reference = _teacher_forced(model, prefixes[g], cont)
-        assert torch.allclose(table[b, : len(cont)], reference, atol=2e-5)
+        reference = _teacher_forced(model, prefixes[g], cont)  # [len, V] log-softmax
+        here = slice(offset, offset + len(cont))
+        assert torch.allclose(scores.logprobs[here], reference.gather(-1, torch.tensor(cont)[:, None])[:, 0], atol=2e-5)
+        values, ids = reference.topk(4, -1)
+        assert torch.equal(scores.top_ids[here], ids) and torch.allclose(scores.top_logprobs[here], values, atol=2e-5)
+        assert torch.allclose(scores.ids_logprobs[b], reference[:, wanted[b]], atol=2e-5)
+        offset += len(cont)
+    assert offset == len(scores.logprobs)
+
+
+def test_packed_weights_give_the_plain_forward(tiny_hf):
+    """Decoding with oneDNN-packed weights (what generation uses) equals the plain F.linear forward."""
+    from megatron_opd.rollout.decoder import packing_available
+
+    if not packing_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    model = _model(tiny_hf["qwen3"])
+    decoder = Decoder(model)
+    prompts = [torch.randint(1, 131, (n,)).tolist() for n in (5, 9)]
+    plain = continuation_hidden(decoder, [prompts[0]], [0, 0], [prompts[1], prompts[1][:3]], pad_id=0)
+    decoder.pack()
+    packed = continuation_hidden(decoder, [prompts[0]], [0, 0], [prompts[1], prompts[1][:3]], pad_id=0)
+    decoder.unpack()
+    assert torch.allclose(plain, packed, atol=1e-5) and not torch.equal(plain, torch.zeros_like(plain))
 
 
 def test_prefill_mask_never_leaves_a_row_empty():

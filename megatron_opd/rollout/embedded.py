@@ -14,11 +14,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from megatron_opd.rollout.decoder import Decoder
-from megatron_opd.rollout.generation import MAX_BATCH, generate, score_batch
+from megatron_opd.rollout.generation import KV_CACHE_BYTES, MAX_BATCH, continuation_hidden, generate, score_tokens
 from megatron_opd.records import Rollout, SamplingParams
 
 
-SCORE_ROWS = 16  # sequences per scoring batch: sorted by length, so padding stays small
+SCORE_ROWS = 16  # sequences per scoring batch: sorted by length, so padding stays small ...
+SCORE_TOKENS = 8192  # ... and at most this many positions (rows x longest): activations stay bounded
 
 
 class EngineBusy(RuntimeError):
@@ -31,9 +32,11 @@ class WeightUpdateError(ValueError):
 
 class EmbeddedEngine:
     def __init__(self, model_dir: str | Path, batch_size: int = MAX_BATCH, weight_version: str = "0",
-                 weights_roots: list[Path] | None = None, allow_nonfinite_weights: bool = False) -> None:
+                 weights_roots: list[Path] | None = None, allow_nonfinite_weights: bool = False,
+                 kv_cache_mib: int = KV_CACHE_BYTES >> 20) -> None:
         """``weights_roots``: the directories ``update_weights_from_disk`` may read from (default: the
-        working directory and the model's own directory)."""
+        working directory and the model's own directory). ``kv_cache_mib``: the KV cache one decode loop
+        may hold (a longer batch runs as several loops)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -44,6 +47,7 @@ class EmbeddedEngine:
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.decoder = Decoder(self.model)
         self.batch_size = batch_size
+        self.kv_cache_bytes = kv_cache_mib << 20
         self.weight_version = weight_version
         self._paused = False
         self._staged: dict[str, torch.Tensor] = {}  # a distributed sync's weights, received while paused
@@ -72,6 +76,7 @@ class EmbeddedEngine:
             if not self._lock.wait_for(lambda: not self._paused or cancelled(), timeout=pause_wait_s):
                 raise EngineBusy(f"the server has been paused (weight update) for over {pause_wait_s:.0f} s; retry later")
             version = self.weight_version
+            self.decoder.pack()  # decode reads the weights once per token: their packed copy (see Decoder.pack)
 
             def rollout(j: int, c) -> Rollout:
                 i, k, p = expanded[j]
@@ -83,7 +88,7 @@ class EmbeddedEngine:
                 batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
                 on_complete=(lambda j, c: on_rollout(j, rollout(j, c))) if on_rollout else None,
-                cancelled=cancelled,
+                cancelled=cancelled, kv_cache_bytes=self.kv_cache_bytes,
             )
         return [rollout(j, c) for j, c in enumerate(completions)]
 
@@ -108,13 +113,13 @@ class EmbeddedEngine:
         with self._lock:
             # longest first, in chunks of similar lengths: padding stays small (it is most of the cost)
             ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(sequences[i]) for i in g[1])))
-            for chunk in _chunks(ordered, min(self.batch_size, SCORE_ROWS)):
+            for chunk in _chunks(ordered, min(self.batch_size, SCORE_ROWS), SCORE_TOKENS, sequences):
                 prefixes = [list(prefix) for prefix, _ in chunk]
                 members = [(g, i) for g, (_, rows) in enumerate(chunk) for i in rows]
                 conts = [sequences[i][starts[i]:] for _, i in members]
-                table = score_batch(self.decoder, prefixes, [g for g, _ in members], conts, self.pad_token_id)
+                hidden = continuation_hidden(self.decoder, prefixes, [g for g, _ in members], conts, self.pad_token_id)
                 ids = [token_ids[i] for _, i in members] if token_ids is not None else None
-                for (g, i), record in zip(members, _records(table, conts, top_k, ids)):
+                for (g, i), record in zip(members, _records(score_tokens(self.decoder, hidden, conts, top_k, ids), conts)):
                     record["cached_tokens"] = len(prefixes[g])  # SGLang's accounting: reused prefix tokens
                     out[i] = record
                 for prefix, rows in chunk:  # the first member of each group paid for its prefix
@@ -146,6 +151,7 @@ class EmbeddedEngine:
         self._check(items, full)
         params = self._tensors()
         with self._lock:
+            self.decoder.unpack()
             for name, tensor in items:
                 params[name].data.copy_(tensor.to(params[name].dtype))
             self.weight_version = version
@@ -255,6 +261,7 @@ class EmbeddedEngine:
         with self._lock:
             self._paused = True
             self._staged.clear()  # whatever an earlier, unfinished sync left
+            self.decoder.unpack()  # its memory is free for the weights about to arrive
 
     def resume(self) -> None:
         """Commit a distributed sync received while paused — only a complete one: a sync that stopped
@@ -287,37 +294,30 @@ class EmbeddedEngine:
             self._lock.notify_all()
 
 
-def _chunks(groups: list, max_rows: int) -> list[list]:
-    """Prefix groups in chunks of at most ``max_rows`` sequences (a larger group is its own chunk)."""
-    chunks, current, rows = [], [], 0
+def _chunks(groups: list, max_rows: int, max_tokens: int, sequences: list[list[int]]) -> list[list]:
+    """Prefix groups in chunks of at most ``max_rows`` sequences and ``max_tokens`` positions (rows x
+    the chunk's longest sequence); a group over either limit is its own chunk."""
+    chunks, current, rows, longest = [], [], 0, 0
     for group in groups:
-        if current and rows + len(group[1]) > max_rows:
+        size = max(len(sequences[i]) for i in group[1])
+        if current and (rows + len(group[1]) > max_rows or (rows + len(group[1])) * max(longest, size) > max_tokens):
             chunks.append(current)
-            current, rows = [], 0
+            current, rows, longest = [], 0, 0
         current.append(group)
-        rows += len(group[1])
+        rows, longest = rows + len(group[1]), max(longest, size)
     return chunks + ([current] if current else [])
 
 
-def _records(table: torch.Tensor, continuations: list[list[int]], top_k: int,
-             token_ids: list[list[int]] | None = None) -> list[dict[str, Any]]:
-    """Per continuation: its tokens' log-probs from ``table`` [B, longest, V] (+ top-k), gathered for
-    the whole batch at once; each record holds views into the batch's tensors."""
-    lengths = torch.tensor([len(c) for c in continuations])
-    ids = torch.zeros(table.shape[:2], dtype=torch.long)
+def _records(scores, continuations: list[list[int]]) -> list[dict[str, Any]]:
+    """Per continuation: views into the batch's :class:`~megatron_opd.rollout.generation.TokenScores`."""
+    records, offset = [], 0
     for b, cont in enumerate(continuations):
-        ids[b, : len(cont)] = torch.tensor(cont, dtype=torch.long)
-    token_lp = table.gather(-1, ids[..., None])[..., 0]
-    values = indices = None
-    if top_k:
-        values, indices = torch.topk(table, top_k, dim=-1)
-    records = []
-    for b, n in enumerate(lengths.tolist()):
-        record: dict[str, Any] = {"logprobs": token_lp[b, :n], "cached_tokens": 0, "computed_tokens": n}
-        if top_k:
-            record["top_logprobs"], record["top_ids"] = values[b, :n], indices[b, :n]
-        if token_ids is not None:
-            wanted = torch.tensor(token_ids[b], dtype=torch.long)
-            record["ids_logprobs"] = table[b, :n].index_select(-1, wanted)
+        n = len(cont)
+        record: dict[str, Any] = {"logprobs": scores.logprobs[offset:offset + n], "cached_tokens": 0, "computed_tokens": n}
+        if scores.top_ids is not None:
+            record["top_logprobs"], record["top_ids"] = scores.top_logprobs[offset:offset + n], scores.top_ids[offset:offset + n]
+        if scores.ids_logprobs is not None:
+            record["ids_logprobs"] = scores.ids_logprobs[b]
         records.append(record)
+        offset += n
     return records

@@ -18,7 +18,8 @@ import torch
 
 from megatron_opd.rollout.decoder import Decoder, prefill_mask
 
-MAX_BATCH = 256  # rows per decode loop (memory bound); a step's batch is one loop up to this
+MAX_BATCH = 256  # rows per decode loop; a step's batch is one loop up to this ...
+KV_CACHE_BYTES = 4 << 30  # ... and up to as many rows as fit this much KV cache (28-layer Qwen3-0.6B: ~3,600 tokens/GB)
 
 
 @dataclass
@@ -74,13 +75,18 @@ def generate(
     decoder: Decoder | None = None,
     on_complete: Callable[[int, Completion], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    kv_cache_bytes: int = KV_CACHE_BYTES,
 ) -> list[Completion]:
     """Complete each prompt (an HF model or its ``decoder``); temperature 0 is greedy.
     ``on_complete(i, completion)`` is called as soon as prompt i's completion has ended (streaming);
-    ``cancelled()`` is asked before every token: True raises :class:`GenerationCancelled`."""
+    ``cancelled()`` is asked before every token: True raises :class:`GenerationCancelled`. A decode
+    loop runs at most ``batch_size`` rows, and no more than fit ``kv_cache_bytes`` of KV cache at the
+    longest prompt plus ``max_new_tokens`` (at least one)."""
     decoder = decoder or Decoder(model)
     generator = torch.Generator().manual_seed(seed)
     stops = torch.tensor(sorted({eos_token_id, *stop_token_ids}))
+    width = max((len(p) for p in prompts), default=0) + max_new_tokens
+    batch_size = max(1, min(batch_size, kv_cache_bytes // max(1, decoder.kv_bytes_per_token() * width)))
     out: list[Completion] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -167,12 +173,13 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
 
 
 @torch.no_grad()
-def score_batch(decoder: Decoder, prefixes: list[list[int]], group: list[int], continuations: list[list[int]],
-                pad_id: int) -> torch.Tensor:
-    """Log-softmax tables [B, longest, V] for continuations b = 0..B-1, each after the prefix
-    ``prefixes[group[b]]``: every prefix is run once (left-padded, one batch), its KV cache copied to
-    the continuations that share it, and all continuations run in one batch after it. Row b is
-    valid up to ``len(continuations[b])``: entry t predicts ``continuations[b][t]``."""
+def continuation_hidden(decoder: Decoder, prefixes: list[list[int]], group: list[int], continuations: list[list[int]],
+                        pad_id: int) -> torch.Tensor:
+    """Final hidden states [B, longest, hidden] of continuations b = 0..B-1, each after the prefix
+    ``prefixes[group[b]]``: every prefix is run once (left-padded, one batch) and its KV cache shared
+    by the continuations that follow it; the continuations then run as one block that keeps no
+    keys/values of its own beyond the layer computing them. Row b is valid up to
+    ``len(continuations[b])``: entry t predicts ``continuations[b][t]``."""
     ids, valid = _left_padded(prefixes, pad_id)
     width = ids.shape[1]
     longest = max(len(c) for c in continuations)
@@ -180,11 +187,10 @@ def score_batch(decoder: Decoder, prefixes: list[list[int]], group: list[int], c
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
     hidden = decoder.forward(ids, positions, cache, 0, prefill_mask(valid))
     rows = torch.tensor(group, dtype=torch.long)
-    first = decoder.logits(hidden[rows, -1:])  # [B, 1, V]: predicts each continuation's first token
+    first = hidden[rows, -1:]  # [B, 1, H]: predicts each continuation's first token
     if longest <= 1:  # nothing after the first token (or no continuation at all)
-        return torch.log_softmax(first[:, :longest], -1)
+        return first[:, :longest]
     batch, span = len(continuations), longest - 1
-    shared = cache.take(rows, width + span)
     block_ids = torch.full((batch, span), pad_id, dtype=torch.long)
     block_valid = torch.zeros(batch, span, dtype=torch.bool)
     for b, cont in enumerate(continuations):
@@ -192,5 +198,53 @@ def score_batch(decoder: Decoder, prefixes: list[list[int]], group: list[int], c
         block_valid[b, : len(cont) - 1] = True
     attend = torch.cat([valid[rows][:, None, None, :].expand(-1, 1, span, -1), prefill_mask(block_valid)], dim=-1)
     block_positions = positions[rows, -1:] + 1 + torch.arange(span)[None]
-    rest = decoder.logits(decoder.forward(block_ids, block_positions, shared, width, attend))
-    return torch.log_softmax(torch.cat([first, rest], 1), -1)
+    rest = decoder.forward(block_ids, block_positions, cache.take(rows), width, attend, store=False)
+    return torch.cat([first, rest], 1)
+
+
+@dataclass
+class TokenScores:
+    """Per scored position (all continuations' positions, concatenated in order): the log-prob of
+    its token [N], the top-k log-probs and ids [N, k], and the log-probs at requested ids."""
+
+    logprobs: torch.Tensor
+    top_logprobs: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    ids_logprobs: list[torch.Tensor] | None  # per continuation: [its length, len(its ids)]
+
+
+LOGITS_CHUNK_BYTES = 128 << 20  # fp32 logits held at once while scoring: memory does not grow with the length
+
+
+@torch.no_grad()
+def score_tokens(decoder: Decoder, hidden: torch.Tensor, continuations: list[list[int]], top_k: int = 0,
+                 token_ids: list[list[int]] | None = None) -> TokenScores:
+    """Log-probs of every continuation token from ``hidden`` [B, longest, H] (:func:`continuation_hidden`),
+    the vocabulary's logits computed for a chunk of positions at a time (at most
+    ``LOGITS_CHUNK_BYTES`` of them), never for the whole batch at once."""
+    lengths = [len(c) for c in continuations]
+    flat = torch.cat([hidden[b, :n] for b, n in enumerate(lengths)] + [hidden.new_empty(0, hidden.shape[-1])])
+    targets = torch.tensor([t for c in continuations for t in c], dtype=torch.long)
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+    logprobs = torch.empty(len(targets))
+    top_values = torch.empty(len(targets), top_k) if top_k else None
+    top_ids = torch.empty(len(targets), top_k, dtype=torch.long) if top_k else None
+    wanted = [torch.tensor(ids, dtype=torch.long) for ids in token_ids] if token_ids is not None else None
+    picked: list[list[torch.Tensor]] = [[] for _ in lengths]
+    step = max(1, LOGITS_CHUNK_BYTES // (4 * decoder.vocab_size))
+    for lo in range(0, len(targets), step):
+        hi = min(len(targets), lo + step)
+        logits = decoder.logits(flat[lo:hi])  # [n, V]
+        normalizer = torch.logsumexp(logits, -1)
+        logprobs[lo:hi] = logits.gather(-1, targets[lo:hi, None])[:, 0] - normalizer
+        if top_k:
+            values, indices = torch.topk(logits, top_k, dim=-1)
+            top_values[lo:hi], top_ids[lo:hi] = values - normalizer[:, None], indices
+        if wanted is not None:
+            for b in owner[lo:hi].unique().tolist():
+                here = (owner[lo:hi] == b).nonzero()[:, 0]
+                picked[b].append(logits[here].index_select(-1, wanted[b]) - normalizer[here, None])
+    ids_logprobs = None
+    if wanted is not None:
+        ids_logprobs = [torch.cat(p) if p else torch.empty(0, len(wanted[b])) for b, p in enumerate(picked)]
+    return TokenScores(logprobs, top_values, top_ids, ids_logprobs)
