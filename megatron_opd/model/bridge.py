@@ -8,7 +8,8 @@ mbridge knows the name/layout mapping between HF Llama/Qwen2/Qwen3 checkpoints a
 * a private copy of the name mappings per bridge: mbridge's tied-embedding bridges edit a dict that
   is shared by every bridge class, which corrupts a later untied bridge in the same process;
 * vocab padding for TP (``make_vocab_size_divisible_by``), trimmed again on export;
-* fusions and sequence parallelism off on CPU; fp32 by default.
+* fusions and sequence parallelism off on CPU; fp32 by default;
+* without transformer-engine, attention through torch's fused SDPA (:mod:`megatron_opd.model.attention`).
 """
 
 from __future__ import annotations
@@ -91,9 +92,14 @@ def _bridge_class(model_type: str) -> type:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         self.has_vp_stage = True
-        return get_gpt_decoder_block_spec(
-            self.config, use_transformer_engine=transformer_engine_available(), vp_stage=vp_stage
-        )
+        te = transformer_engine_available()
+        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=te, vp_stage=vp_stage)
+        if not te:  # fused attention instead of the local spec's unfused one (see model/attention.py)
+            from megatron_opd.model.attention import SDPAttention
+
+            for layer in spec.layer_specs:
+                layer.submodules.self_attention.submodules.core_attention = SDPAttention
+        return spec
 
     attrs = {
         "_DIRECT_MAPPING": dict(_UNTIED_DIRECT),
