@@ -142,22 +142,30 @@ class EmbeddedEngine:
         return names
 
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str, full: bool = False) -> int:
-        """Copy HF-named tensors into the model, all or nothing: every name, shape and dtype (only
+    def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str, full: bool = False,
+                       owned: bool = False, values_checked: bool = False) -> int:
+        """Load HF-named tensors into the model, all or nothing: every name, shape and dtype (only
         lossless float widening, e.g. bf16 -> fp32) and every value (finite, unless the engine
-        allows otherwise) is checked before anything is copied; ``full`` also requires every
-        parameter to be present. Raises :class:`WeightUpdateError` with the model unchanged."""
+        allows otherwise; ``values_checked``: already done by the caller) is checked before anything
+        changes; ``full`` also requires every parameter to be present. ``owned``: the tensors are the
+        engine's own (received or read from disk), so a parameter takes them as they are instead of a
+        copy. Raises :class:`WeightUpdateError` with the model unchanged."""
         items = list(named_tensors)
-        self._check(items, full)
+        self._check(items, full, values=not values_checked)
         params = self._tensors()
         with self._lock:
             self.decoder.unpack()
             for name, tensor in items:
-                params[name].data.copy_(tensor.to(params[name].dtype))
+                param = params[name]
+                incoming = tensor.to(param.dtype)
+                if (owned or incoming is not tensor) and incoming.is_contiguous():
+                    param.data = incoming  # no copy: nothing else holds it
+                else:
+                    param.data.copy_(incoming)
             self.weight_version = version
         return len(items)
 
-    def _check(self, items: list[tuple[str, torch.Tensor]], full: bool = False) -> None:
+    def _check(self, items: list[tuple[str, torch.Tensor]], full: bool = False, values: bool = True) -> None:
         params = self._tensors()
         for name, tensor in items:
             if name not in params:
@@ -169,7 +177,7 @@ class EmbeddedEngine:
                                                and torch.promote_types(tensor.dtype, target) == target):
                 raise WeightUpdateError(f"weight {name!r}: dtype {tensor.dtype} cannot be loaded into the model's {target} "
                                         "without a lossy cast")
-            if not self.allow_nonfinite_weights and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if values and not self.allow_nonfinite_weights and not _finite(tensor):
                 raise WeightUpdateError(f"weight {name!r}: holds NaN or Inf values")
         if full:
             names = {name for name, _ in items}
@@ -195,7 +203,7 @@ class EmbeddedEngine:
             raise WeightUpdateError(f"{outside[0]}: not a regular file inside {where}")
         if not files:
             raise WeightUpdateError(f"{model_dir}: no *.safetensors files")
-        return self.update_weights((kv for f in files for kv in load_file(str(f)).items()), version, full=True)
+        return self.update_weights((kv for f in files for kv in load_file(str(f)).items()), version, full=True, owned=True)
 
     def init_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                           backend: str = "gloo", timeout_s: float = 300.0) -> None:
@@ -234,7 +242,7 @@ class EmbeddedEngine:
             raise
         items = list(zip(names, incoming))
         if not self._paused:  # a lone update: applied at once, all or nothing
-            return self.update_weights(iter(items), version or self.weight_version)
+            return self.update_weights(iter(items), version or self.weight_version, owned=True)
         try:
             self._check(items)
         except WeightUpdateError:
@@ -272,7 +280,7 @@ class EmbeddedEngine:
                     staged, version = list(self._staged.items()), self._staged_version or self.weight_version
                     self._staged.clear()
                     try:
-                        self.update_weights(iter(staged), version, full=True)
+                        self.update_weights(iter(staged), version, full=True, owned=True, values_checked=True)
                     except WeightUpdateError as exc:
                         print(f"weight sync not applied, still serving {self.weight_version}: {exc}",
                               file=sys.stderr, flush=True)
@@ -292,6 +300,15 @@ class EmbeddedEngine:
         self._closing.set()
         with self._lock:
             self._lock.notify_all()
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a float tensor: its min and max in one pass (NaN propagates through both),
+    ~9x faster than ``isfinite(t).all()``, which builds a mask as large as the tensor."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _chunks(groups: list, max_rows: int, max_tokens: int, sequences: list[list[int]]) -> list[list]:
