@@ -195,6 +195,7 @@ def export_hf(
     src: Path, dst: Path,
     tp: int = typer.Option(1, help="tensor parallel size to load at (any: the checkpoint reshards)"),
     pp: int = typer.Option(1, help="pipeline parallel size to load at"),
+    shard_mb: float = typer.Option(2048, min=0.01, help="largest safetensors file written (rank 0 holds one at a time)"),
 ) -> None:
     """megatron-opd checkpoint (root or step dir) -> HF safetensors directory."""
     from megatron_opd.model.checkpoint import CheckpointError, read_meta, resolve
@@ -205,12 +206,12 @@ def export_hf(
         preflight_model(step_dir / "hf", tp, pp)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
-    if _distributed(tp * pp, ["export-hf", str(src), str(dst), "--tp", str(tp), "--pp", str(pp)]):
+    if _distributed(tp * pp, ["export-hf", str(src), str(dst), "--tp", str(tp), "--pp", str(pp), "--shard-mb", str(shard_mb)]):
         from megatron_opd.model.convert import megatron_to_hf
         from megatron_opd.platform import init_distributed
 
         init_distributed(tp, pp)
-        _guarded(megatron_to_hf, src, dst)
+        _guarded(megatron_to_hf, src, dst, int(shard_mb * (1 << 20)))
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"wrote {dst}")
 

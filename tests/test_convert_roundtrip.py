@@ -28,3 +28,21 @@ def test_hf_megatron_hf_bit_exact(tiny_hf, tmp_path, arch):
     cfg_out = json.loads((tmp_path / "back" / "config.json").read_text())
     assert cfg_out["vocab_size"] == cfg_in["vocab_size"] == 131
     assert cfg_out["tie_word_embeddings"] == cfg_in["tie_word_embeddings"]
+
+
+def test_export_in_shards_loads_in_transformers(tiny_hf, tmp_path):
+    """A model larger than --shard-mb is written shard by shard (HF's names and index), and loads."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_hf["llama"]
+    opd("convert", "hf-to-megatron", str(src), str(tmp_path / "mcore"), "--tp", "2", "--pp", "1", "--vocab-divisible-by", "4")
+    opd("export-hf", str(tmp_path / "mcore"), str(tmp_path / "back"), "--shard-mb", "0.1")
+    shards = sorted(p.name for p in (tmp_path / "back").glob("*.safetensors"))
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 2 and shards == sorted(set(index["weight_map"].values()))
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    original = load_file(src / "model.safetensors")
+    assert set(index["weight_map"]) == set(original)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).state_dict()
+    for name, tensor in original.items():
+        assert torch.equal(loaded[name], tensor), name

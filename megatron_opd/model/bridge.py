@@ -15,6 +15,7 @@ mbridge knows the name/layout mapping between HF Llama/Qwen2/Qwen3 checkpoints a
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,34 +244,76 @@ def _export_without_pipeline(bundle: ModelBundle) -> Iterator[tuple[str, torch.T
 
 
 def save_hf_checkpoint(
-    bundle: ModelBundle, out_dir: str | Path, tokenizer_src: str | Path | None = None
+    bundle: ModelBundle, out_dir: str | Path, tokenizer_src: str | Path | None = None, shard_bytes: int = 2 << 30
 ) -> None:
     """Write an HF directory (safetensors + config + tokenizer files) from the sharded model.
 
-    Collective over all ranks; only global rank 0 writes. The directory appears atomically.
+    Collective over all ranks; only global rank 0 writes, a shard of at most ``shard_bytes`` at a time
+    (``model.safetensors`` when the model fits one, else ``model-0000i-of-0000n.safetensors`` and HF's
+    index): rank 0 never holds more than one shard besides its own weights. The directory appears
+    atomically.
     """
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tensors = {}
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    writer = _ShardWriter(tmp, shard_bytes) if rank == 0 else None
+    tied = getattr(bundle.hf_config, "tie_word_embeddings", False)
     for name, tensor in export_hf_weights(bundle):
-        if rank == 0:
-            tensors[name] = tensor.detach().to("cpu").contiguous().clone()
-    if rank == 0:
-        if getattr(bundle.hf_config, "tie_word_embeddings", False):
-            tensors.pop("lm_head.weight", None)
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if writer is not None and not (tied and name == "lm_head.weight"):
+            writer.add(name, tensor)
+    if writer is not None:
+        writer.close()
         bundle.hf_config.save_pretrained(str(tmp))
         copy_tokenizer_files(tokenizer_src, tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     if dist.is_initialized():
         dist.barrier()
+
+
+class _ShardWriter:
+    """Safetensors shards written as they fill, named the way ``transformers`` does once their count is known."""
+
+    def __init__(self, directory: Path, shard_bytes: int) -> None:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        self.directory, self.shard_bytes = directory, shard_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.files: list[list[str]] = []  # the names in each shard written
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.current or any(name in names for names in self.files):
+            return  # tied embeddings at PP > 1 come out of both stages
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.current and self.size + nbytes > self.shard_bytes:
+            self._flush()
+        self.current[name] = tensor.detach().to("cpu").contiguous().clone()
+        self.size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.current, str(self.directory / f"part-{len(self.files)}.safetensors"), metadata={"format": "pt"})
+        self.files.append(list(self.current))
+        self.current, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.current or not self.files:
+            self._flush()
+        if len(self.files) == 1:
+            (self.directory / "part-0.safetensors").rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors"
+            (self.directory / f"part-{i}.safetensors").rename(self.directory / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def copy_tokenizer_files(src: str | Path | None, dst: Path) -> list[str]:

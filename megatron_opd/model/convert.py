@@ -17,7 +17,7 @@ def hf_to_megatron(src: str | Path, dst: str | Path, vocab_divisible_by: int = 1
     return save_checkpoint(dst, 0, bundle, tokenizer_src=src)
 
 
-def megatron_to_hf(src: str | Path, dst: str | Path) -> Path:
+def megatron_to_hf(src: str | Path, dst: str | Path, shard_bytes: int = 2 << 30) -> Path:
     step_dir = resolve(src)
     meta = read_meta(step_dir)
     hf_dir = step_dir / "hf"
@@ -26,7 +26,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path) -> Path:
         vocab_divisible_by=_divisor_for(meta["vocab_size"], meta["padded_vocab_size"]),
     )
     load_checkpoint(step_dir, bundle)
-    save_hf_checkpoint(bundle, dst, tokenizer_src=hf_dir)
+    save_hf_checkpoint(bundle, dst, tokenizer_src=hf_dir, shard_bytes=shard_bytes)
     return Path(dst)
 
 
