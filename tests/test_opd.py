@@ -251,3 +251,17 @@ def test_a_teacher_outage_stops_the_run_naming_it_and_the_resume_loses_nothing(t
     assert all(r["rollout/samples"] == 4 * 2 for r in rows)
     counters = json.loads((out / "results.json").read_text())["teacher_counters"]["arithmetic"]
     assert counters["samples"] == 8 * 4 * 2  # steps before the checkpoint (restored) + after the resume, each scored once
+
+
+def test_full_activation_recompute_trains_the_same(tmp_path):
+    """model.recompute=full (megatron recomputes each layer in the backward pass) changes memory, not math."""
+    runs = {}
+    for mode in ("none", "full"):
+        out = tmp_path / mode
+        opd("run", str(RECIPE), *SMALL, "train.steps=2", "train.save_interval=0", "eval.world_dir=null", "parallel.tp=1",
+            "parallel.pp=1", f"model.recompute={mode}", f"run.output_dir={out}")
+        runs[mode] = _metrics(out)
+    for plain, recomputed in zip(runs["none"], runs["full"]):
+        assert recomputed["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-6, abs=1e-9)
+        assert recomputed["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-5)
+    assert runs["none"][1]["train/grad_norm"] != runs["none"][0]["train/grad_norm"]  # the steps did train

@@ -16,6 +16,10 @@ class ModelConfig(Strict):
     hf_path: Path = Field(description="HF checkpoint directory (config, safetensors, tokenizer) to start from")
     dtype: Literal["float32", "bfloat16"] = "float32"
     vocab_divisible_by: int = Field(128, ge=1, description="pad the vocabulary to a multiple of this")
+    recompute: Literal["none", "full"] = Field(
+        "none", description="activation recomputation (megatron's recompute_granularity 'full', one layer at a time): "
+        "keep only each layer's input and recompute the layer in the backward pass — ~1/3 more compute, and the "
+        "activations of a long sequence no longer grow with the layer count")
 
 
 class ParallelConfig(Strict):
@@ -75,6 +79,8 @@ class RunConfig(Strict):
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of every trainer process and of every "
                                     "server the run starts (None: torch's default, one per core); on a small CPU box "
                                     "with rollout, teachers and trainer in their own processes, 1 each")
+    memory_probe: bool = Field(False, description="log each rank's peak resident memory and the loss head's extra "
+                               "memory (forward, backward) per step: memory/* metrics (Linux; for benchmarks)")
 
 
 class StageBase(Strict):

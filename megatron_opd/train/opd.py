@@ -29,6 +29,7 @@ from megatron_opd.platform.faults import maybe_kill
 from megatron_opd.teachers.service import TeacherSet
 from megatron_opd.train.distribute import distribute
 from megatron_opd.train.opd_loss import opd_loss, student_token_logprobs
+from megatron_opd.train.memory import MemoryProbe
 from megatron_opd.train.opd_metrics import StepLog
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.producer import RolloutProducer
@@ -64,7 +65,11 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
     cfg, session = loop.cfg, loop.session
     tcfg, lcfg = cfg.train, cfg.loss
     loss_fn = partial(opd_loss, lcfg, session.bundle.vocab_size)
+    probe = MemoryProbe() if cfg.run.memory_probe else None
+    if probe is not None:
+        loss_fn = probe.wrap(loss_fn)
     log = StepLog(cfg, session)
+    saves: list[float] = []
     began = time.perf_counter()
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
@@ -77,16 +82,21 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
         done = step + 1
         metrics = log.step(done, produced, update, {"wait": waited, "sync_wait": sync_wait, "sync": sync,  # log
                                                     "step": time.perf_counter() - began})
+        if probe is not None:
+            metrics.update(probe.step_metrics())
         if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps:
             tables[f"step-{done}"] = loop.evaluate()
             metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in tables[f"step-{done}"].items()})
         log.write(done, metrics)
         if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
+            saving = time.perf_counter()
             save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots,
                       loop.counters())
+            saves.append(time.perf_counter() - saving)
         began = time.perf_counter()
     log.close()
-    return {"steps": tcfg.steps, "time_by_phase_s": log.times}
+    return {"steps": tcfg.steps, "time_by_phase_s": log.times, "checkpoint_save_s": saves,
+            "checkpoint_load_s": session.load_seconds}
 
 
 @dataclass

@@ -100,5 +100,7 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
         "kl_sum": ((old - teacher) * sampled).sum(), "mismatch_abs_sum": ((old - sampler).abs() * sampled).sum(),
         "positions_sum": torch.tensor(float(b * length)),  # what the forward computed, padding included
         "real_positions_sum": batch["seq_len"].sum().float() if "seq_len" in batch else torch.tensor(float(b * length)),
+        # sum of squared sequence lengths: what causal attention's cost grows with (benchmarks count FLOPs with it)
+        "real_positions_sq_sum": (batch["seq_len"].double() ** 2).sum() if "seq_len" in batch else torch.tensor(float(b * length ** 2)),
     })
     return per_token.sum(), mask.sum(), metrics

@@ -58,7 +58,7 @@ def teacher_reverse_kl(rollouts: list[Rollout], scored: list[SampleScores], unit
 
 
 LOSS_SUMS = ("loss_sum", "tokens", "sampled_tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
-             "positions_sum", "real_positions_sum")
+             "positions_sum", "real_positions_sum", "real_positions_sq_sum")
 
 
 def loss_sum_keys(kind: str) -> tuple[str, ...]:
@@ -76,7 +76,8 @@ def train_metrics(totals: dict[str, float], grad_norm: float, lr: float) -> dict
            "opd/advantage_std": max(totals["adv_sq_sum"] / n - mean_adv ** 2, 0.0) ** 0.5,
            # over the tokens the student sampled: a row's own response (GKD mixing) estimates no reverse KL
            "opd/reverse_kl": totals["kl_sum"] / sampled, "opd/train_inference_mismatch": totals["mismatch_abs_sum"] / sampled,
-           "train/padding_fraction": 1.0 - totals["real_positions_sum"] / max(totals["positions_sum"], 1.0)}
+           "train/padding_fraction": 1.0 - totals["real_positions_sum"] / max(totals["positions_sum"], 1.0),
+           "train/positions": totals["real_positions_sum"], "train/positions_sq": totals["real_positions_sq_sum"]}
     for key, name in (("clipped_tokens", "opd/clip_fraction"), ("entropy_sum", "opd/student_entropy"),
                       ("topk_overlap_sum", "opd/topk_overlap"), ("token_set_size_sum", "opd/token_set_size")):
         if key in totals:

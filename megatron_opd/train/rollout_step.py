@@ -184,5 +184,6 @@ class StepMaker:
         if self.teachers is not None:  # cumulative over the run (checkpointed): an outage shows in the metrics, not only at the end
             for unit, counters in self.teachers.counters().items():
                 metrics.update({f"teachers/{unit}/{key}": float(counters[key])
-                                for key in ("samples", "requests", "retries", "failures", "nonfinite_tokens", "wait_s")})
+                                for key in ("samples", "tokens", "computed_tokens", "requests", "retries", "failures",
+                                            "nonfinite_tokens", "wait_s")})
         return Produced(generated.step, batch, metrics)

@@ -6,6 +6,7 @@ Every training stage (SFT, OPD/MOPD, GRPO) starts from :func:`open_student` and 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class StudentSession:
     metrics: MetricsLogger
     hf_path: Path
     resumed_counters: dict  # the server pools' counters at the checkpoint resumed from ({} when fresh)
+    load_seconds: float | None = None  # loading the checkpoint resumed from (None when fresh)
 
     @property
     def is_rank0(self) -> bool:
@@ -57,24 +59,28 @@ def open_student(
     ``loss.epochs`` optimizer steps per rollout batch)."""
     info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
-    bundle = build_model(load_hf_config(model.hf_path), dtype=dtype, vocab_divisible_by=model.vocab_divisible_by)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if model.recompute == "full" else {}
+    bundle = build_model(load_hf_config(model.hf_path), dtype=dtype, vocab_divisible_by=model.vocab_divisible_by, **recompute)
     state = wrap_for_training(bundle, optim_settings(optim, optimizer_steps or train.steps))
     ckpt_root = out_dir / "checkpoints"
     latest = find_latest(ckpt_root) if train.resume and ckpt_root.exists() else None
-    start_step, saved = 0, None
+    start_step, saved, load_seconds = 0, None, None
     if latest is not None:
+        loading = time.perf_counter()
         saved = load_checkpoint(latest, bundle, state.optimizer)
+        load_seconds = time.perf_counter() - loading
         start_step = restore_train_state(state, saved) if saved else 0
         if info.rank == 0:
             note = "" if saved is None or "rng" in saved else " (saved at another layout: resharded, RNG fresh)"
-            print(f"[{tag}] resumed from {latest} at step {start_step}{note}", flush=True)
+            print(f"[{tag}] resumed from {latest} at step {start_step}{note}; loaded in {load_seconds:.1f} s", flush=True)
     else:
         load_hf_weights(bundle, model.hf_path)
     if saved is None:  # fresh weights: bf16 optimizers' fp32 main params start as copies of them
         state.optimizer.reload_model_params()
     metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step)
     return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path),
-                          dict((saved or {}).get("counters") or {}))
+                          dict((saved or {}).get("counters") or {}), load_seconds)
 
 
 def save_step(session: StudentSession, step: int, consumed_samples: int, keep_last: int,
