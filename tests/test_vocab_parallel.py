@@ -125,3 +125,32 @@ def test_the_tail_is_summed_not_subtracted_and_stays_finite():
         features, _ = chunked_features(z, torch.zeros(1, dtype=torch.long), ids[:, None], t_log, "topk_forward_kl", shard, 4)
         features[:, 1].sum().backward()
         assert torch.isfinite(features).all() and torch.isfinite(z.grad).all(), teacher_top
+
+
+def test_chunked_loss_memory_does_not_grow_with_the_length():
+    """The loss head's extra resident memory (read from the OS by the trainer's memory probe) stays at a
+    few chunks whatever the number of positions: forward, and backward beyond the logits' gradient."""
+    from megatron_opd.algo.vocab_parallel import VocabShard, chunked_features, positions_per_chunk
+    from megatron_opd.train.memory import MemoryProbe
+
+    width = 75968  # Qwen3's vocabulary over TP2: the size at which the allocator's heap grew with the chunk count
+    extras = {}
+    for n in (250, 2000):
+        logits = torch.randn(n, width, requires_grad=True)
+        targets = torch.randint(0, width, (n,))
+        probe = MemoryProbe()
+
+        def loss_fn(z, batch, targets=targets, n=n):
+            features, _ = chunked_features(z, targets, None, None, "sampled_token", VocabShard.whole(width),
+                                           positions_per_chunk(width, 16.0))
+            return features[:, 0].sum(), torch.tensor(n), {}
+
+        for _ in range(2):
+            loss, _, _ = probe.wrap(loss_fn)(logits, {})
+            loss.backward()
+        grad_bytes = n * width * 4
+        extras[n] = (probe.forward[-1], probe.backward[-1] - grad_bytes)
+        assert len(probe.backward) == 2  # one reading per backward pass
+    long_logits = 2000 * width * 4  # 580 MiB: growing with the length would show as a fraction of it
+    assert extras[2000][0] < extras[250][0] + long_logits / 4, extras
+    assert extras[2000][1] < extras[250][1] + long_logits / 4, extras

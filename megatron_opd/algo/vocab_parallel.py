@@ -174,14 +174,17 @@ class _Chunked(torch.autograd.Function):
     def forward(ctx, fn, chunk, logits, *aux):
         ctx.fn, ctx.chunk = fn, chunk
         ctx.save_for_backward(logits, *aux)
-        features, metrics = [], []
+        features_out = metrics_out = None
         for i in range(0, logits.shape[0], chunk):
             f, m = fn(logits[i:i + chunk], *(a[i:i + chunk] for a in aux), metrics=True)
-            features.append(f)
-            metrics.append(m)
-        metrics_out = torch.cat(metrics)
+            if features_out is None:  # outputs written in place: a small result kept per chunk would split the
+                # large freed temporaries in the allocator's heap, which then grows with the chunk count
+                features_out = f.new_empty(logits.shape[0], *f.shape[1:])
+                metrics_out = m.new_empty(logits.shape[0], *m.shape[1:])
+            features_out[i:i + chunk], metrics_out[i:i + chunk] = f, m
+            del f, m
         ctx.mark_non_differentiable(metrics_out)
-        return torch.cat(features), metrics_out
+        return features_out, metrics_out
 
     @staticmethod
     @once_differentiable

@@ -104,6 +104,24 @@ def disk_gbps(directory: Path, nbytes: int = 1 << 30) -> float:
     return nbytes / elapsed / 1e9
 
 
+def baseline_bytes(role: str, tokenizer_dir: str) -> int:
+    """Resident bytes of a fresh process of ``role`` ('trainer' or 'server') once its libraries are
+    imported and the run's tokenizer loaded, before any model: what the interpreter itself costs."""
+    if role == "trainer":
+        import megatron.core  # noqa: F401
+        import mbridge  # noqa: F401
+
+        import megatron_opd.train.opd  # noqa: F401
+    else:
+        import megatron_opd.serve.rollout_server  # noqa: F401
+        import megatron_opd.rollout.embedded  # noqa: F401
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tokenizer_dir)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def _child(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, "-m", "megatron_opd.bench.limits", *args], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -132,21 +150,26 @@ class Limits:
     read_1thread_gbps: float
     loopback_gbps: float
     disk_gbps: float
+    trainer_baseline: float  # bytes
+    server_baseline: float
 
     def lines(self) -> list[str]:
         return [f"machine: fp32 GEMM peak {self.gemm_1thread_gflops:.0f} GFLOPS on one thread, "
                 f"{self.gemm_trainer_gflops:.0f} GFLOPS for the trainer ({self.trainer_layout}, at once)",
                 f"machine: memory copy {self.copy_1thread_gbps:.1f} GB/s (read + written) and read "
                 f"{self.read_1thread_gbps:.1f} GB/s on one thread; loopback TCP {self.loopback_gbps:.1f} GB/s; "
-                f"file write + read back {self.disk_gbps:.1f} GB/s"]
+                f"file write + read back {self.disk_gbps:.1f} GB/s; an idle trainer process "
+                f"{self.trainer_baseline / 2**30:.2f} GiB, server {self.server_baseline / 2**30:.2f} GiB resident"]
 
 
-def measure_limits(trainer_processes: int, trainer_threads: int, work: Path) -> Limits:
+def measure_limits(trainer_processes: int, trainer_threads: int, work: Path, tokenizer_dir: Path) -> Limits:
     """Every limit, each in fresh processes, one after another (run before anything else starts)."""
     mem = _child(["copy", "1"])
     return Limits(_child(["gemm", "1", "3"])["gflops"], concurrent_gemm_gflops(trainer_processes, trainer_threads),
                   f"{trainer_processes} processes x {trainer_threads} thread{'s' if trainer_threads > 1 else ''}",
-                  mem["copy"], mem["read"], _child(["loopback"])["gbps"], _child(["disk", str(work)])["gbps"])
+                  mem["copy"], mem["read"], _child(["loopback"])["gbps"], _child(["disk", str(work)])["gbps"],
+                  _child(["baseline", "trainer", str(tokenizer_dir)])["bytes"],
+                  _child(["baseline", "server", str(tokenizer_dir)])["bytes"])
 
 
 def main(argv: list[str]) -> None:
@@ -159,6 +182,8 @@ def main(argv: list[str]) -> None:
         out = {"gbps": loopback_gbps()}
     elif kind == "disk":
         out = {"gbps": disk_gbps(Path(argv[1]))}
+    elif kind == "baseline":
+        out = {"bytes": baseline_bytes(argv[1], argv[2])}
     else:
         raise SystemExit(f"unknown measurement {kind!r}")
     print(json.dumps(out))

@@ -5,9 +5,9 @@ resettable through ``/proc/self/clear_refs``) are what the machine actually had 
 wraps the loss head: it resets the high-water mark when the loss starts and when its backward starts
 (a hook on the loss), and reads it when the loss's forward has ended and when the logits' gradient
 exists (a hook on the logits shard): the extra memory of the loss forward and of its backward, the
-logits' gradient included. It keeps the process's true peak across its own resets. Linux only; the
-benchmark sets glibc's mmap threshold low so freed buffers leave the resident set (else a chunk
-reused from an earlier free would not show).
+logits' gradient included. It keeps the process's true peak across its own resets. Before each reset
+it returns the allocator's free memory to the system (glibc's ``malloc_trim``), so what the loss
+allocates shows in the resident set even where it reuses memory freed earlier. Linux only.
 """
 
 from __future__ import annotations
@@ -34,9 +34,17 @@ class MemoryProbe:
         self.forward: list[int] = []
         self.backward: list[int] = []
         self._base = 0
+        try:
+            import ctypes
+
+            self._libc = ctypes.CDLL("libc.so.6")
+        except OSError:  # not glibc: readings may miss reused memory
+            self._libc = None
 
     def _reset(self) -> None:
         self.peak = max(self.peak, _status("VmHWM"))
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self._base = _status("VmRSS")
@@ -52,8 +60,19 @@ class MemoryProbe:
             loss_sum, tokens, metrics = loss_fn(logits_shard, batch)
             self.forward.append(self._extra())
             if loss_sum.requires_grad:
-                loss_sum.register_hook(lambda grad: (self._reset(), grad)[1])
-                logits_shard.register_hook(lambda grad: (self.backward.append(self._extra()), grad)[1])
+                handles = []
+
+                def started(grad: torch.Tensor) -> torch.Tensor:
+                    self._reset()
+                    return grad
+
+                def finished(grad: torch.Tensor) -> torch.Tensor:
+                    self.backward.append(self._extra())
+                    for handle in handles:
+                        handle.remove()
+                    return grad
+
+                handles += [loss_sum.register_hook(started), logits_shard.register_hook(finished)]
             return loss_sum, tokens, metrics
 
         return measured

@@ -72,6 +72,7 @@ def wrap_for_training(bundle: ModelBundle, settings: OptimSettings) -> TrainStat
             ),
             chunks,
         )
+    _fused_adam_on_cpu(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if settings.warmup_steps else settings.lr,
@@ -86,6 +87,20 @@ def wrap_for_training(bundle: ModelBundle, settings: OptimSettings) -> TrainStat
         wd_incr_style="constant",
     )
     return TrainState(chunks, optimizer, scheduler)
+
+
+def _fused_adam_on_cpu(optimizer) -> None:
+    """Without apex / transformer-engine megatron builds ``torch.optim.AdamW``, which on CPU tensors
+    runs its single-tensor loop (about eight elementwise passes over each parameter); torch's fused CPU
+    kernel does the same update in one (measured: 300M fp32 parameters, one thread, 1.81 -> 0.41 s)."""
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for torch_optimizer in inner:
+        if not isinstance(torch_optimizer, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        params = [p for group in torch_optimizer.param_groups for p in group["params"]]
+        if params and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) for p in params):
+            for group in torch_optimizer.param_groups:
+                group["fused"], group["foreach"] = True, False
 
 
 @dataclass
