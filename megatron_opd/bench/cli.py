@@ -150,3 +150,30 @@ def scale(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     _finish(lines)
+
+
+@bench_app.command("shapes")
+def shapes(
+    work: Path = typer.Option(Path("outputs/bench/shapes"), help="models (made once), runs and shapes.json"),
+    student: str = typer.Option("Qwen3-0.6B", help="published config of the random student"),
+    teacher: str = typer.Option("Qwen3-0.6B", help="published config of the random teacher (seed 1)"),
+    steps: int = typer.Option(3, min=3, help="steps of the TP2 loop (a checkpoint at step 2 is resumed at TP1 x PP2)"),
+    lengths: str = typer.Option("256,1024,4096", help="completion lengths of the cost-growth runs ('' to skip)"),
+    tiny: bool = typer.Option(True, help="also the tiny character-level student at those lengths"),
+) -> None:
+    """Opt-in: the whole OPD loop at Qwen3's real shapes; MFU, decode, memory, sync, checkpoint figures
+    against this machine's own measured limits, and how cost grows with the completion length."""
+    from megatron_opd.bench.shapes import ShapesSettings, bench_shapes
+    from megatron_opd.model.qwen3 import published_names
+
+    for name in (student, teacher):
+        if name not in published_names():
+            raise typer.BadParameter(f"{name!r}: known published configs are {', '.join(published_names())}")
+    settings = ShapesSettings(work.resolve(), student, teacher, steps,
+                              lengths=tuple(_ints(lengths, "--lengths")) if lengths.strip() else (), tiny=tiny, log=typer.echo)
+    try:
+        lines = bench_shapes(settings)
+    except RuntimeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _finish(lines)

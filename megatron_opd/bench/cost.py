@@ -130,3 +130,9 @@ def teacher_server(shape: Shape, score_tokens: int, logits_chunk_bytes: int, bas
     per_token = 3 * shape.ffn + shape.d_q + 2 * shape.d_kv + shape.d_q + 2 * shape.hidden
     return RankEstimate({"weights": shape.params() * FLOAT, "scoring block": score_tokens * per_token * FLOAT,
                          "logits chunk": 2 * logits_chunk_bytes, "baseline": baseline})
+
+
+def export_transient(shape: Shape) -> float:
+    """A weight sync's export on every TP rank: the largest tensor gathered whole, and its HF-format copy."""
+    largest = max(shape.vocab * shape.hidden, 2 * shape.hidden * shape.ffn, shape.hidden * (shape.d_q + 2 * shape.d_kv))
+    return 2 * largest * FLOAT

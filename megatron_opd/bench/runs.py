@@ -100,11 +100,11 @@ def run_recipe(recipe: dict[str, Any], out: Path, log=print, timeout: float = 36
     """``opd run`` of ``recipe`` (written to ``out/../<name>.yaml``) with ``run.output_dir`` = ``out``."""
     out = Path(out)
     recipe = {**recipe, "run": {**recipe.get("run", {}), "output_dir": str(out)}}
-    path = out.with_suffix(".yaml")
+    path, log_path = out.parent / f"{out.name}.yaml", out.parent / f"{out.name}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     began = time.perf_counter()
-    with open(out.with_suffix(".log"), "w") as log_file:
+    with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "run", str(path)], cwd=REPO,
                                 stdout=log_file, stderr=subprocess.STDOUT, text=True)
         watcher = Watcher(proc.pid)
@@ -115,7 +115,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, log=print, timeout: float = 36
             proc.wait(timeout=60)
             code = -1
         peaks = watcher.stop()
-    text = out.with_suffix(".log").read_text()
+    text = log_path.read_text()
     if code != 0:
         raise RuntimeError(f"opd run {path} failed ({code}):\n{text[-4000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -127,7 +127,7 @@ def run_recipe(recipe: dict[str, Any], out: Path, log=print, timeout: float = 36
 def opd_recipe(student: Path, teacher: Path, train_file: Path, *, tp: int, pp: int, steps: int, prompts: int,
                samples: int, max_new_tokens: int, sync: str, loss: str, top_k: int = 20, save_interval: int = 0,
                on_policy_fraction: float = 1.0, recompute: str = "none", micro_batch_size: int = 8,
-               max_prompt_length: int = 256, vocab_divisible_by: int = 128) -> dict[str, Any]:
+               max_prompt_length: int = 256, vocab_divisible_by: int = 128, keep_last: int = 1) -> dict[str, Any]:
     """An OPD stage for benchmarking: one thread per process, strictly on-policy (each phase has the cores
     to itself), the rollout engine and the teacher each in their own embedded server, memory probed."""
     return {
@@ -143,6 +143,6 @@ def opd_recipe(student: Path, teacher: Path, train_file: Path, *, tp: int, pp: i
         "loss": {"kind": loss, "top_k": top_k},
         "optim": {"lr": 1.0e-5, "min_lr": 1.0e-6, "warmup_steps": 0, "clip_grad": 1.0, "decay_style": "constant"},
         "train": {"steps": steps, "prompts_per_step": prompts, "micro_batch_size": micro_batch_size,
-                  "save_interval": save_interval, "keep_last": 1},
+                  "save_interval": save_interval, "keep_last": keep_last},
         "eval": {"world_dir": None},
     }

@@ -149,6 +149,10 @@ class RolloutConfig(Strict):
     batch_size: int = Field(256, ge=1, description="embedded engine: most sequences in one decode loop (a step's "
                             "batch up to this runs as one)")
     bucket_mb: int = Field(64, ge=1, description="weight-sync bucket size")
+    timeout_s: float = Field(3600.0, gt=0, description="servers: one generation request (a step's share of prompts) "
+                             "or weight update gives up after this; a timed-out request counts as the server failing, so "
+                             "it must outlast the longest legitimate generation (4,096 tokens at a CPU engine's 0.2 s "
+                             "each are 14 minutes)")
     on_policy_fraction: float = Field(1.0, ge=0, le=1, description="GKD's lambda: the share of each step's prompts "
                                       "whose samples are the student's own; the rest train on the row's own response "
                                       "(its last assistant turn), scored by the teachers like a rollout")

@@ -27,7 +27,8 @@ class TeacherSpec(Strict):
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     batch_size: int = Field(32, ge=1, description="sequences per scoring request")
     max_concurrency: int = Field(4, ge=1, description="requests in flight per teacher")
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(600.0, gt=0, description="one scoring request (a batch of samples) gives up after this; "
+                             "a timed-out request counts as the replica failing")
     max_retries: int = Field(3, ge=0)
     binary: bool = Field(True, description="accept the embedded server's binary score payload")
     cross_tokenizer: bool = Field(False, description="the teacher has its own tokenizer and chat template: each "

@@ -204,7 +204,9 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path) -> None:
 
 def export_hf_weights(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
     """Stream full HF-named tensors gathered from every TP/PP shard (a collective: every rank
-    of the model-parallel group must consume the whole iterator)."""
+    of the model-parallel group must consume the whole iterator). The stream is whole on global rank 0
+    (at PP = 1: on TP rank 0 of each group; other TP ranks send their shards and yield only the
+    unsharded tensors)."""
     from megatron.core import parallel_state as ps
 
     with torch.no_grad():
@@ -222,11 +224,14 @@ def _export_without_pipeline(bundle: ModelBundle) -> Iterator[tuple[str, torch.T
     """mbridge's export at PP = 1 (no expert parallelism) without its per-parameter pipeline
     collectives: every parameter is local, so each one's name and metadata need not be gathered
     over the pipeline group by pickled objects (measured: 50 of the ~75 ms of a tiny student's
-    weight sync). The same mbridge name mapping, TP merge and HF conversion, in the same order."""
+    weight sync), and TP shards are gathered to TP rank 0 only (every rank holding the whole largest
+    tensor, 0.6 GB for Qwen3-0.6B's embedding, was a second copy on each). The same mbridge name
+    mapping, TP merge and HF conversion, in the same order."""
     from mbridge.core.util import unwrap_model
     from megatron.core import parallel_state as ps
 
     bridge, tp = bundle.bridge, ps.get_tensor_model_parallel_world_size()
+    gatherer = ps.get_tensor_model_parallel_rank() == 0
     for model in [unwrap_model(chunk) for chunk in bundle.chunks]:
         if any("expert_bias" in key for key in model.state_dict()):
             raise UnsupportedArchitectureError("MoE router biases: export through mbridge's own path")
@@ -236,9 +241,12 @@ def _export_without_pipeline(bundle: ModelBundle) -> Iterator[tuple[str, torch.T
             merged = param
             if getattr(param, "tensor_model_parallel", False):
                 shards = [param]
-                if tp > 1:
-                    shards = [torch.empty_like(param) for _ in range(tp)]
-                    torch.distributed.all_gather(shards, param, group=ps.get_tensor_model_parallel_group())
+                if tp > 1:  # gathered on TP rank 0 only, which alone consumes the stream
+                    shards = [torch.empty_like(param) for _ in range(tp)] if gatherer else None
+                    torch.distributed.gather(param, shards, dst=ps.get_tensor_model_parallel_src_rank(),
+                                             group=ps.get_tensor_model_parallel_group())
+                    if not gatherer:
+                        continue
                 merged = bridge._weight_merge_across_tp(name, shards, param)
             yield from zip(*bridge._weight_to_hf_format(name, merged))
 

@@ -19,6 +19,7 @@ from megatron_opd.records import Rollout, SamplingParams
 
 
 SCORE_ROWS = 16  # sequences per scoring batch: sorted by length, so padding stays small ...
+PACK_MIN_NEW_TOKENS = 16  # generations at least this long decode through packed weights
 SCORE_TOKENS = 8192  # ... and at most this many positions (rows x longest): activations stay bounded
 
 
@@ -76,20 +77,29 @@ class EmbeddedEngine:
             if not self._lock.wait_for(lambda: not self._paused or cancelled(), timeout=pause_wait_s):
                 raise EngineBusy(f"the server has been paused (weight update) for over {pause_wait_s:.0f} s; retry later")
             version = self.weight_version
-            self.decoder.pack()  # decode reads the weights once per token: their packed copy (see Decoder.pack)
+            # decode reads every weight once per token: through their packed copy (Decoder.pack), made for
+            # this request and dropped after it, so the copy exists only while the engine generates
+            # (packing costs about what two decode steps do: not worth it for a few tokens)
+            packed = sampling.max_new_tokens >= PACK_MIN_NEW_TOKENS
+            if packed:
+                self.decoder.pack()
 
             def rollout(j: int, c) -> Rollout:
                 i, k, p = expanded[j]
                 return Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k)
 
-            completions = generate(
-                self.model, [p for _, _, p in expanded], sampling.max_new_tokens, self.eos_token_id,
-                self.pad_token_id, temperature=sampling.temperature, seed=seed,
-                batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
-                stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
-                on_complete=(lambda j, c: on_rollout(j, rollout(j, c))) if on_rollout else None,
-                cancelled=cancelled, kv_cache_bytes=self.kv_cache_bytes,
-            )
+            try:
+                completions = generate(
+                    self.model, [p for _, _, p in expanded], sampling.max_new_tokens, self.eos_token_id,
+                    self.pad_token_id, temperature=sampling.temperature, seed=seed,
+                    batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
+                    stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
+                    on_complete=(lambda j, c: on_rollout(j, rollout(j, c))) if on_rollout else None,
+                    cancelled=cancelled, kv_cache_bytes=self.kv_cache_bytes,
+                )
+            finally:
+                if packed:
+                    self.decoder.unpack()
         return [rollout(j, c) for j, c in enumerate(completions)]
 
     @torch.no_grad()

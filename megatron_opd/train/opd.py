@@ -178,19 +178,25 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         result = _train(loop, tables)
         if evaluator:
             tables["after"] = evaluate()
+        counters = pool_counters(teachers, engine)
+        _close(producer, sink, teachers, engine)  # the servers' memory is free before rank 0 writes the export
+        producer = sink = teachers = engine = None
         save_hf_checkpoint(session.bundle, out / "hf", tokenizer_src=cfg.model.hf_path)
         if rank0:
             result.update({"wall_time_s": time.perf_counter() - wall, "eval": tables, "skipped_prompts": skipped,
-                           "teacher_counters": teachers.counters() if teachers else {},
-                           "rollout_counters": engine.counters() if engine else {}})
+                           "teacher_counters": counters["teachers"], "rollout_counters": counters["rollout"]})
             (out / "results.json").write_text(json.dumps(result, indent=1))
             _print_summary(result, out, evaluator)
         return result
     finally:
-        for closeable in (producer, sink, teachers, engine):
-            if closeable is not None:
-                closeable.close()
+        _close(producer, sink, teachers, engine)
         session.metrics.close()
+
+
+def _close(*closeables: Any) -> None:
+    for closeable in closeables:
+        if closeable is not None:
+            closeable.close()
 
 
 def pool_counters(teachers: TeacherSet | None, engine: RolloutEngine | None) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class RolloutEngine:
                 if not api_key:
                     raise RuntimeError(f"rollout.api_key_env: environment variable {rcfg.api_key_env} (the rollout "
                                        "servers' API key) is not set")
-            clients = [SGLangClient(url, api_key=api_key) for url in urls]
+            clients = [SGLangClient(url, api_key=api_key, timeout=rcfg.timeout_s) for url in urls]
             return cls(RolloutPool(clients), eos_token_id, clients, servers, api_key)
         except BaseException:
             for server in servers:
