@@ -29,7 +29,7 @@ def test_two_layer_qwen3_at_real_width_trains_syncs_and_resumes_resharded(qwen_p
     config = json.loads((student / "config.json").read_text())
     assert (config["vocab_size"], config["hidden_size"], config["head_dim"], config["num_hidden_layers"]) == (151936, 1024, 128, 2)
     settings = dict(steps=2, prompts=2, samples=2, max_new_tokens=8, loss="topk_forward_kl", top_k=20, save_interval=1,
-                    keep_last=2)
+                    keep_last=2, micro_batch_size=4)
     straight = run_recipe(opd_recipe(student, teacher, PROMPTS, tp=2, pp=1, sync="distributed", **settings),
                           tmp_path / "tp2")
     assert [r["step"] for r in straight.rows] == [1, 2]

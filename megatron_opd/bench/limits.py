@@ -108,10 +108,10 @@ def baseline_bytes(role: str, tokenizer_dir: str) -> int:
     """Resident bytes of a fresh process of ``role`` ('trainer' or 'server') once its libraries are
     imported and the run's tokenizer loaded, before any model: what the interpreter itself costs."""
     if role == "trainer":
-        import megatron.core  # noqa: F401
-        import mbridge  # noqa: F401
-
         import megatron_opd.train.opd  # noqa: F401
+        from megatron_opd.model.bridge import load_backends
+
+        load_backends()
     else:
         import megatron_opd.serve.rollout_server  # noqa: F401
         import megatron_opd.rollout.embedded  # noqa: F401

@@ -10,7 +10,6 @@ little early; servers are not probed, so the watcher is what they report.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading

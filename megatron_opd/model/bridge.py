@@ -56,6 +56,13 @@ class UnsupportedArchitectureError(ValueError):
     """The HF checkpoint's architecture has no bridge."""
 
 
+def load_backends() -> None:
+    """Import megatron-core's model code and mbridge's registry: what every trainer process holds
+    before it builds a model."""
+    import mbridge  # noqa: F401
+    from megatron.core.models.gpt import GPTModel  # noqa: F401
+
+
 def transformer_engine_available() -> bool:
     return cuda_available() and importlib.util.find_spec("transformer_engine") is not None
 
