@@ -23,8 +23,10 @@ def test_logits_match_transformers(tiny_hf, tmp_path, tp, pp):
         assert ours.shape == expected.shape == (4, 17, VOCAB)
         assert (ours - expected).abs().max().item() < 1e-4, arch
         assert torch.equal(ours.argmax(-1), expected.argmax(-1))
-        padded = json.loads((tmp_path / f"{arch}.json").read_text())["padded_vocab"]
-        assert padded == 132  # padded to a multiple of 2, trimmed before comparison
+        report = json.loads((tmp_path / f"{arch}.json").read_text())
+        assert report["padded_vocab"] == 132  # padded to a multiple of 2, trimmed before comparison
+        # the CPU layer spec's fused attention is what produced these logits (model/attention.py)
+        assert report["modules"]["core_attention"] == "megatron_opd.model.attention.SDPAttention"
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])

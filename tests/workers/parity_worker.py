@@ -27,7 +27,10 @@ for hf_dir in hf_dirs:
     if results and dist.get_rank() == dist.get_world_size() - 1:
         logits = torch.cat([r["logits"] for r in results])
         save_file({"logits": logits.contiguous()}, str(out_dir / f"{Path(hf_dir).name}.safetensors"))
-        (out_dir / f"{Path(hf_dir).name}.json").write_text(json.dumps({"padded_vocab": bundle.padded_vocab_size}))
+        layer = bundle.model.decoder.layers[0]
+        kinds = {"core_attention": f"{type(layer.self_attention.core_attention).__module__}."
+                                   f"{type(layer.self_attention.core_attention).__name__}"}
+        (out_dir / f"{Path(hf_dir).name}.json").write_text(json.dumps({"padded_vocab": bundle.padded_vocab_size, "modules": kinds}))
 
 from megatron_opd.platform import destroy  # noqa: E402
 
