@@ -6,17 +6,16 @@ to the plain loopback TCP bandwidth measured in the same run.
 
 import argparse
 import statistics
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 from safetensors.torch import load_file
 
+from megatron_opd.bench.limits import loopback_gbps
 from megatron_opd.data.tokenizer import build_char_tokenizer
 from megatron_opd.model.tiny import make_tiny_qwen3
 from megatron_opd.platform.dist import _free_port
@@ -25,37 +24,8 @@ from megatron_opd.rollout.weight_sync import DistributedPusher, push_to_servers_
 
 
 def loopback_mb_per_s(nbytes: int) -> float:
-    """One TCP stream over 127.0.0.1, 4 MiB writes, receiver draining into a buffer."""
-    chunk = bytes(4 << 20)
-    nbytes = -(-nbytes // len(chunk)) * len(chunk)  # whole chunks: both ends agree on the total
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    received = [0]
-
-    def drain() -> None:
-        conn, _ = server.accept()
-        buf = bytearray(4 << 20)
-        while received[0] < nbytes:
-            n = conn.recv_into(buf)
-            if not n:
-                break
-            received[0] += n
-        conn.close()
-
-    thread = threading.Thread(target=drain)
-    thread.start()
-    client = socket.create_connection(server.getsockname())
-    start = time.perf_counter()
-    sent = 0
-    while sent < nbytes:
-        client.sendall(chunk)
-        sent += len(chunk)
-    thread.join()
-    elapsed = time.perf_counter() - start
-    client.close()
-    server.close()
-    return sent / 1e6 / elapsed
+    """One TCP stream over 127.0.0.1 (megatron_opd.bench.limits.loopback_gbps), in MB/s."""
+    return loopback_gbps(nbytes) * 1000
 
 
 def main() -> None:

@@ -55,16 +55,16 @@ class ShapesSettings:
     log: Any = field(default=print, repr=False)
 
 
-def _model(work: Path, name: str, seed: int, tokenizer: str = "qwen", layers: int | None = None) -> Path:
-    """A random model made once per (config, seed, layers) under ``work/models``."""
+def _model(work: Path, name: str, seed: int, tokenizer: str = "qwen") -> Path:
+    """A random model made once per (config, seed) under ``work/models``."""
     from megatron_opd.model.qwen3 import make_random_qwen3
     from megatron_opd.model.tiny import make_tiny_qwen3
 
-    out = work / "models" / (f"{name}-seed{seed}" + ("" if layers is None else f"-{layers}l"))
+    out = work / "models" / f"{name}-seed{seed}"
     if (out / "config.json").is_file():
         return out
     if tokenizer == "qwen":
-        make_random_qwen3(out.with_name(out.name + ".tmp"), name, seed, num_layers=layers)
+        make_random_qwen3(out.with_name(out.name + ".tmp"), name, seed)
     else:  # the tiny world's character-level student / teacher sizes, long enough positions for 4,096 tokens
         make_tiny_qwen3(out.with_name(out.name + ".tmp"), 100, name, seed=seed, max_positions=8192,
                         tokenizer_dir=REPO / "assets" / "tiny" / "tokenizer")
