@@ -76,7 +76,6 @@ class Rollout:
     weight_version: str  # the weights that sampled it ("step-N": N optimizer steps)
     prompt_index: int = 0
     sample_index: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def version_number(version: str) -> int:
