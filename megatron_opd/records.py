@@ -128,13 +128,11 @@ class TokenScores:
 
 @dataclass
 class SampleScores:
+    """A sample's scores from each routed teacher and their per-token weights (the teachers'
+    log-probs are mixed with these by ``algo.advantages.mix_teacher_logprobs``)."""
+
     scores: dict[str, TokenScores]  # unit -> its scores of this sample's completion
     weights: dict[str, torch.Tensor]  # unit -> per-token weight [T]; they sum to 1 per token
-
-    def teacher_logprobs(self) -> torch.Tensor:
-        """``sum_k w_k,t log p_Tk(y_t)`` [T]: with weights summing to 1, the combined advantage is
-        this minus the student's log-prob."""
-        return sum(self.weights[u] * self.scores[u].logprobs for u in self.scores)
 
     def valid_tokens(self) -> torch.Tensor:
         """[T] bool: positions every teacher with weight there scored finitely (the others are not trained)."""

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, start_rollout_server
+from megatron_opd.algo.advantages import mix_teacher_logprobs
 from megatron_opd.config.teachers import RoutingSpec
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.records import Sample, SamplingParams, TokenScores
@@ -313,7 +314,8 @@ def test_teacher_set_launches_routes_and_weights(rollouts, tmp_path):
         expected = torch.softmax(torch.log(torch.tensor(0.5)) - entropies, 0)
         assert torch.allclose(scored.weights["arithmetic"], expected[0], atol=1e-6)
         assert not torch.allclose(scored.weights["arithmetic"], torch.full_like(expected[0], 0.5))
-        mixed = scored.teacher_logprobs()
+        units = list(scored.scores)
+        mixed = mix_teacher_logprobs([scored.scores[u].logprobs for u in units], [scored.weights[u] for u in units])
         lo = torch.minimum(scored.scores["arithmetic"].logprobs, scored.scores["original"].logprobs)
         hi = torch.maximum(scored.scores["arithmetic"].logprobs, scored.scores["original"].logprobs)
         assert ((mixed >= lo - 1e-6) & (mixed <= hi + 1e-6)).all()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from megatron_opd.algo.advantages import mix_teacher_logprobs
 from megatron_opd.config.teachers import render_template
 from megatron_opd.data.chat import DataError, load_rows
 from megatron_opd.records import DATASET, Prompt, Rollout, SampleScores, StepBatch, TeacherTopK, version_number
@@ -117,7 +118,7 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
     else:  # equal shares per domain, or per sample (each its own group)
         weights = equal_share_weights(tags if normalize == "domain" else list(range(len(rollouts))), lengths)
     sampler = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32)
-    teacher = torch.cat([sc.teacher_logprobs().float() for sc in scored]) if scored else sampler.clone()
+    teacher = torch.cat([_mixed_teacher_logprobs(sc).float() for sc in scored]) if scored else sampler.clone()
     token_mask = torch.cat([sc.valid_tokens().float() for sc in scored]) if scored else torch.ones_like(sampler)
     return StepBatch(
         tokens=torch.tensor([t for r in rollouts for t in (*r.prompt_ids, *r.completion_ids)], dtype=torch.int32),
@@ -132,6 +133,13 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
         token_mask=token_mask.reshape(-1),
         on_policy=torch.tensor([r.finish_reason != DATASET for r in rollouts], dtype=torch.uint8),
         domain_names=names, topk=_topk_slots(scored, lengths, top_k) if scored and top_k else None, opd_weight=opd_weight)
+
+
+def _mixed_teacher_logprobs(scored: SampleScores) -> torch.Tensor:
+    """``sum_k w_k,t log p_Tk(y_t)`` [T] over a sample's routed teachers: with the weights summing to 1,
+    the combined advantage is this minus the student's log-prob."""
+    units = list(scored.scores)
+    return mix_teacher_logprobs([scored.scores[u].logprobs for u in units], [scored.weights[u] for u in units])
 
 
 def _topk_slots(scored: list[SampleScores], lengths: list[int], top_k: int) -> TeacherTopK:
