@@ -7,21 +7,28 @@ import torch
 from megatron_opd.algo.advantages import (
     combined_advantage, grpo_advantages, on_policy_prompts, mix_teacher_logprobs, sampled_token_advantage,
 )
-from megatron_opd.algo.divergences import (
-    forward_kl, generalized_jsd, reverse_kl, topk_forward_kl_with_tail, topk_reverse_kl_support_matched,
-)
-from megatron_opd.algo.masks import completion_mask, mask_after_eos, mask_special_tokens
+from megatron_opd.algo.divergences import generalized_jsd, kl, reverse_kl, topk_forward_kl_with_tail
 from megatron_opd.algo.policy_loss import policy_gradient_loss
 
 P_T = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
 P_S = torch.tensor([0.5, 0.4, 0.1], dtype=torch.float64)
 
 
+def topk_reverse_kl_support_matched(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor) -> torch.Tensor:
+    """Reference: KL(S' || T') with both distributions renormalised over the teacher's top-k ("local
+    support matching", Fu et al. 2026), from the full student log-probs: a differentiable loss, since a
+    top-k "reward" that does not depend on the sampled token has zero expected policy gradient
+    (miles #2362; test_support_matched_topk_has_signal_a_topk_reward_has_none). The loss itself
+    (``loss.kind=topk_reverse_kl``) is computed on vocabulary shards by ``algo/vocab_parallel.py``,
+    which tests/test_vocab_parallel.py checks against this same definition."""
+    return reverse_kl(torch.log_softmax(student_log.gather(-1, top_ids), -1), torch.log_softmax(top_teacher_log, -1))
+
+
 def test_hand_computed_kl():
     # KL(S||T) = 0.5 ln(5/7) + 0.4 ln 2 = 0.10902; KL(T||S) = 0.7 ln 1.4 + 0.2 ln 0.5 = 0.09690
     assert reverse_kl(P_S.log(), P_T.log()).item() == pytest.approx(0.5 * math.log(5 / 7) + 0.4 * math.log(2), abs=1e-12)
     assert round(reverse_kl(P_S.log(), P_T.log()).item(), 3) == 0.109
-    assert round(forward_kl(P_S.log(), P_T.log()).item(), 3) == 0.097
+    assert round(kl(P_T.log(), P_S.log()).item(), 3) == 0.097  # forward KL(T||S)
     assert reverse_kl(P_S.log(), P_S.log()).item() == 0.0
 
 
@@ -33,7 +40,7 @@ def test_topk_divergences_hand_computed():
     rkl = topk_reverse_kl_support_matched(P_S.log(), ids, P_T.log()[ids])
     assert rkl.item() == pytest.approx(5 / 9 * math.log(5 / 7) + 4 / 9 * math.log(4 / 2), abs=1e-9)
     full = torch.arange(3)  # top-k over the whole vocabulary: exact KLs
-    assert topk_forward_kl_with_tail(P_S.log(), full, P_T.log()).item() == pytest.approx(forward_kl(P_S.log(), P_T.log()).item(), abs=1e-6)
+    assert topk_forward_kl_with_tail(P_S.log(), full, P_T.log()).item() == pytest.approx(kl(P_T.log(), P_S.log()).item(), abs=1e-6)
     assert topk_reverse_kl_support_matched(P_S.log(), full, P_T.log()).item() == pytest.approx(reverse_kl(P_S.log(), P_T.log()).item(), abs=1e-12)
 
 
@@ -60,7 +67,7 @@ def test_gradcheck_every_differentiable_loss():
     top_t = teacher.gather(-1, ids)
     checks = {
         "reverse_kl": lambda x: reverse_kl(torch.log_softmax(x, -1), teacher),
-        "forward_kl": lambda x: forward_kl(torch.log_softmax(x, -1), teacher),
+        "forward_kl": lambda x: kl(teacher, torch.log_softmax(x, -1)),
         "topk_fkl": lambda x: topk_forward_kl_with_tail(torch.log_softmax(x, -1), ids, top_t),
         "topk_rkl": lambda x: topk_reverse_kl_support_matched(torch.log_softmax(x, -1), ids, top_t),
         "jsd": lambda x: generalized_jsd(torch.log_softmax(x, -1), teacher, 0.3),
@@ -130,7 +137,7 @@ def test_support_matched_topk_has_signal_a_topk_reward_has_none():
     assert expected_pg.abs().max() < 1e-12
 
 
-def test_advantages_grpo_discount_mix_and_masks():
+def test_advantages_grpo_discount_mix_and_gkd_lambda():
     t = torch.tensor([[-0.1, -0.2, -0.3]])
     s = torch.tensor([[-0.5, -0.2, -1.3]])
     m = torch.tensor([[1.0, 1.0, 0.0]])
@@ -151,11 +158,6 @@ def test_advantages_grpo_discount_mix_and_masks():
         masks = [on_policy_prompts(count, lam, torch.Generator().manual_seed(s)) for s in range(20)]
         assert all(int(m.sum()) == expected for m in masks)
         assert len({tuple(m.tolist()) for m in masks}) > 1 or expected in (0, count)  # which ones: drawn per step
-    mask = completion_mask([2, 1], [4, 3], 5)
-    assert mask.tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]]
-    ids = torch.tensor([[5, 6, 3, 7, 3], [1, 3, 9, 9, 9]])
-    assert mask_after_eos(ids, torch.tensor([[0, 1, 1, 1, 1.0], [1, 1, 1, 1, 1.0]]), 3).tolist() == [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
-    assert mask_special_tokens(ids, torch.ones(2, 5), [9]).tolist() == [[1] * 5, [1, 1, 0, 0, 0]]
 
 
 def test_topk_forward_kl_full_vocab_and_tiny_tails_have_finite_gradients():
@@ -169,5 +171,5 @@ def test_topk_forward_kl_full_vocab_and_tiny_tails_have_finite_gradients():
         grad = torch.autograd.grad(loss, logits)[0]
         assert torch.isfinite(loss) and torch.isfinite(grad).all(), k
     full = torch.arange(6).expand(4, 6)
-    exact = forward_kl(torch.log_softmax(logits, -1), teacher)
+    exact = kl(teacher, torch.log_softmax(logits, -1))  # forward KL(T||S)
     assert torch.allclose(topk_forward_kl_with_tail(torch.log_softmax(logits, -1), full, teacher), exact)

@@ -7,8 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import WORKERS, torchrun
-from megatron_opd.algo.divergences import (generalized_jsd, topk_forward_kl_with_tail,
-                                           topk_reverse_kl_support_matched)
+from megatron_opd.algo.divergences import generalized_jsd, reverse_kl, topk_forward_kl_with_tail
 from megatron_opd.algo.token_sets import token_set
 from megatron_opd.algo.vocab_parallel import VocabShard, chunked_features, log_mass_outside, log_normalizer
 
@@ -35,8 +34,8 @@ def _inputs():
 def _divergence(kind, s, i, t):
     if kind == "topk_forward_kl":
         return topk_forward_kl_with_tail(s, i, t)
-    if kind == "topk_reverse_kl":
-        return topk_reverse_kl_support_matched(s, i, t)
+    if kind == "topk_reverse_kl":  # support matched: both renormalised over the ids
+        return reverse_kl(torch.log_softmax(s.gather(-1, i), -1), torch.log_softmax(t, -1))
     return generalized_jsd(torch.log_softmax(s.gather(-1, i), -1), torch.log_softmax(t, -1))
 
 

@@ -50,9 +50,11 @@ def grpo_advantages(rewards: torch.Tensor, normalize_std: bool = True, eps: floa
     return centred / (rewards.std(-1, keepdim=True, unbiased=False) + eps)
 
 
-def combined_advantage(task_advantage: torch.Tensor, opd_advantage: torch.Tensor, lambda_opd: float) -> torch.Tensor:
+def combined_advantage(task_advantage: torch.Tensor, opd_advantage: torch.Tensor,
+                       lambda_opd: float | torch.Tensor) -> torch.Tensor:
     """Reward + distillation: ``A = A_task + lambda_opd * A_opd`` (task advantage broadcast over
-    tokens when it is per sequence [B] and the OPD one per token [B, T])."""
+    tokens when it is per sequence [B] and the OPD one per token [B, T]; ``lambda_opd`` a number or
+    per sample [B, 1])."""
     if task_advantage.dim() == 1 and opd_advantage.dim() == 2:
         task_advantage = task_advantage[:, None]
     return task_advantage + lambda_opd * opd_advantage

@@ -23,11 +23,6 @@ def reverse_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Te
     return kl(student_log, teacher_log)
 
 
-def forward_kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
-    """KL(T || S): mode-covering (classic KD, Hinton et al. 2015)."""
-    return kl(teacher_log, student_log)
-
-
 def topk_forward_kl_with_tail(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor,
                               min_tail: float = 1e-6) -> torch.Tensor:
     """KL(T || S) over the teacher's top-k plus one tail bucket holding the remaining mass of
@@ -58,16 +53,6 @@ def topk_forward_kl_from_parts(s_top: torch.Tensor, s_tail_log: torch.Tensor | N
     safe_t = torch.where(keep, t_tail, torch.ones_like(t_tail))
     safe_s = torch.where(keep, s_tail_log, torch.zeros_like(s_tail_log))
     return top_kl + torch.where(keep, safe_t * (safe_t.log() - safe_s), torch.zeros_like(t_tail))
-
-
-def topk_reverse_kl_support_matched(student_log: torch.Tensor, top_ids: torch.Tensor, top_teacher_log: torch.Tensor) -> torch.Tensor:
-    """KL(S' || T') with both distributions renormalised over the teacher's top-k ("local support
-    matching", Fu et al. 2026). A differentiable loss on the student's logits: a top-k "reward"
-    that does not depend on the sampled token has zero expected policy gradient (miles #2362),
-    so it must be computed in the trainer like this, not as an advantage."""
-    s_top = torch.log_softmax(student_log.gather(-1, top_ids), -1)
-    t_top = torch.log_softmax(top_teacher_log, -1)
-    return kl(s_top, t_top)
 
 
 def generalized_jsd(student_log: torch.Tensor, teacher_log: torch.Tensor, beta: float = 0.5) -> torch.Tensor:

@@ -126,7 +126,9 @@ def per_position_losses(logits: torch.Tensor, targets: torch.Tensor, top_ids: to
 
     Returns features [n, 1 + S]: column 0 the student's log p(target), column 1 + s the divergence
     ``kind`` to slot s's teacher (``topk_forward_kl``: forward KL with the tail bucket;
-    ``topk_reverse_kl``: support-matched reverse KL; ``jsd``: generalised JSD on the top-k support);
+    ``topk_reverse_kl``: support-matched reverse KL, both renormalised over the set (Fu et al. 2026): a
+    loss on the logits, not an advantage, since a top-k "reward" that does not depend on the sampled
+    token has zero expected policy gradient (miles #2362); ``jsd``: generalised JSD on the top-k support);
     and, when ``metrics``, [n, 2]: the student's entropy and the share of the first slot's set (its
     present ids) in the student's own top-k of the set's width."""
     z = _masked_fp32(logits, shard)

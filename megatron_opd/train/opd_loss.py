@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_opd.algo.advantages import sampled_token_advantage
+from megatron_opd.algo.advantages import combined_advantage, sampled_token_advantage
 from megatron_opd.algo.policy_loss import policy_gradient_loss
 from megatron_opd.algo.vocab_parallel import VocabShard, chunked_features, positions_per_chunk
 from megatron_opd.config import LossConfig
@@ -78,7 +78,7 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
         sampled = mask * batch["on_policy"][:, None].to(mask.dtype)
     opd = sampled_token_advantage(teacher, old, mask, cfg.kl_discount, cfg.logratio_clamp)
     # A = A_task + lambda * A_opd (OPD: A_task = 0, lambda = 1; GRPO: lambda = 0 without teachers)
-    advantage = (batch["task_adv"][:, None] * mask + batch["opd_weight"][:, None] * opd).detach()
+    advantage = combined_advantage(batch["task_adv"][:, None] * mask, opd, batch["opd_weight"][:, None]).detach()
     metrics: dict[str, torch.Tensor] = {}
     if cfg.kind == "sampled_token":
         per_token, pg = policy_gradient_loss(logprobs, old, advantage, mask, cfg.clip_low, cfg.clip_high,
