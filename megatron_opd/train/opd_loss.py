@@ -18,7 +18,8 @@ from megatron_opd.model import real_vocab_logprobs
 
 
 def student_token_logprobs(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
-    """Forward-only collector: the student's log p(token_t) at every position t >= 1 ([B, L-1])."""
+    """Forward-only collector: the student's log p(token_t) at every position t >= 1 ([B, L-1]): PPO's
+    old log-probs (``loss.epochs`` > 1) and the mismatch probe after a weight sync (``train/weight_sync.py``)."""
     lp = real_vocab_logprobs(logits_shard[:, :-1], batch["input_ids"][:, 1:], vocab_size)
     return lp.sum() * 0, torch.tensor(1), {"logprobs": lp.detach()}
 

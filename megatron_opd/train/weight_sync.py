@@ -6,6 +6,7 @@ talks to servers.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from megatron_opd.model import ModelBundle, export_hf_weights
 from megatron_opd.rollout.weight_sync import DistributedPusher, SyncReport, push_in_process, push_to_servers_via_disk
+from megatron_opd.train.opd_loss import student_token_logprobs
 
 
 def _rank0_stream(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
@@ -116,13 +118,9 @@ def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tens
     """The megatron student's log p(token_t | <t) for t >= 1, [b, s-1], on every rank (collective)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_opd.model import real_vocab_logprobs
     from megatron_opd.model.forward import run_pipeline
 
-    def collect(logits_shard, batch):
-        lp = real_vocab_logprobs(logits_shard[:, :-1], batch["input_ids"][:, 1:], bundle.vocab_size)
-        return lp.sum() * 0, torch.tensor(1), {"logprobs": lp.detach()}
-
+    collect = partial(student_token_logprobs, bundle.vocab_size)
     with torch.no_grad():
         results = run_pipeline(bundle.chunks, [{"input_ids": input_ids}], collect, forward_only=True)
     out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
