@@ -1,4 +1,4 @@
-"""Imports run one way (DESIGN.md's data flow): every package is a layer in one ordered list and
+"""Imports run one way (README, Architecture: the data flow): every package is a layer in one ordered list and
 may import only the layers before it; megatron-core (and mbridge, its bridge) only in the layers
 that drive the student."""
 import ast

@@ -33,7 +33,8 @@ def sampled_token_advantage(teacher_logprobs: torch.Tensor, student_logprobs: to
 
 def mix_teacher_logprobs(teacher_logprobs: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
     """``sum_k w_k,t log p_Tk(y_t)``: with weights summing to 1 per token, the multi-teacher
-    advantage ``sum_k w_k,t (log p_Tk - log p_S)`` equals this minus ``log p_S`` (DESIGN.md)."""
+    advantage ``sum_k w_k,t (log p_Tk - log p_S)`` equals this minus ``log p_S`` (the routing weights:
+    README, Architecture, "Teachers"; ``teachers/router.py``)."""
     total = sum(w for w in weights)
     if not torch.allclose(total, torch.ones_like(total), atol=1e-5):
         raise ValueError("teacher weights must sum to 1 at every position")

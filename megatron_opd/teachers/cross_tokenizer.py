@@ -1,32 +1,21 @@
-"""A teacher with another tokenizer: its log-probs, over its own tokens of the same completion text,
-mapped back onto the student's tokens through character offsets (issue 19's first piece).
+"""A teacher with another tokenizer: its scores over its own tokens of a completion, mapped onto
+the student's tokens of the same text through character offsets.
 
-Both tokenizations cover the same characters. Each teacher token's log-prob goes to the student
-token holding its first character. Where every teacher token touching a student token lies inside
-it (the boundaries align), that is the sum of those teacher tokens' log-probs — exact by the chain
-rule: log p(ab) = log p(a) + log p(b | a). A teacher token that straddles a student boundary (a
-split, or a token spanning parts of two) cannot be divided exactly; giving it whole to the student
-token where it starts is the approximation, and the student tokens it touches are flagged
-``aligned=False`` so a loss or a metric can tell them apart. Every stretch keeps its total: the sum
-over the student tokens of a stretch equals the teacher's sum over the same stretch.
+Both tokenizations tile the same characters (:func:`map_to_student`). Each teacher token's log-prob
+goes to the student token holding its first character, so a student token covered exactly by whole
+teacher tokens gets their sum (exact, by the chain rule: log p(ab) = log p(a) + log p(b | a)). A
+teacher token that crosses a student token's edge is given whole to the student token where it
+starts, and the tokens it touches are flagged ``aligned=False``; every stretch keeps its total, so a
+sequence's log-prob is exact. :class:`CrossTokenizer` re-tokenizes a completion after the teacher's
+own prompt and maps its scores back (EOS to EOS), with the positions a non-finite teacher score
+touches marked invalid.
 
-Why the first character and not a share by characters: the teacher's choice is made where its token
-starts. Its "answer:" against another digit line is one token; spread over seven characters, the
-student's "a" carried a seventh of the teacher's verdict, so stopping early looked almost free and
-the cross-tokenizer run's answers shrank (31.5 tokens against 50.6). Over 91 sampled "answer:"
-starts the advantage at "a" was -0.009 spread, -0.213 first-character, -0.212 with the
-same-tokenizer teacher (2026-12-03, cold-start student). The characters after the first get 0 from
-the teacher (the continuation of a token it has chosen): a pessimistic first character, optimistic
-later ones, an exact sum.
-
-For the top-k losses, :func:`topk_to_student` turns the teacher's top-k rows into its distribution of
-the next student token at every student position (a character-level marginal that looks back over
-every teacher token start within a token's length), through :class:`VocabMap`. A first build gave a
-student token inside a teacher token a point mass on itself (the teacher "had chosen" its
-characters), a second looked back one row only: either way a drifting student that wrote "ans" or
-"answ" and went on with digits was judged by the teacher's rows after tokens it never writes in that
-order, and the runs diverged (answers to the 96-token cap). The full look back is tested against HF
-and its OPD run equals the same-tokenizer teacher's (README).
+For the top-k losses, :func:`topk_to_student` turns the teacher's top-k rows into its distribution
+of the next *student* token at every student position, the character-level marginal of a tokenized
+model (Phan et al. 2024, "Exact byte-level probabilities from tokenized language models"), looking
+back over every teacher token start within a token's length, through the shared vocabulary of
+:class:`VocabMap` (:func:`build_vocab_map`). Measurements and the reasons for the first-character
+rule: README, "Self-distillation, cross-tokenizer teachers, GKD mixing".
 """
 
 from __future__ import annotations
@@ -37,6 +26,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
 from typing import Callable
+
+import torch
 
 
 class OffsetError(ValueError):
@@ -191,7 +182,7 @@ class VocabMap:
     character the student cannot write: that mass is in the tail bucket); ``texts[t]`` its text (''
     where it maps to nothing); ``first_of(text)`` the first student token of any text (-1: none)."""
 
-    student_of: "torch.Tensor"  # [teacher vocab] int64
+    student_of: torch.Tensor  # [teacher vocab] int64
     texts: list[str]
     first_of: Callable[[str], int]
     longest: int  # the longest text of a teacher token (how far back a token can start)
@@ -207,8 +198,6 @@ class VocabMap:
 
 
 def build_vocab_map(student_tokenizer, teacher_tokenizer) -> VocabMap:
-    import torch
-
     size = len(teacher_tokenizer)
     special = set(teacher_tokenizer.all_special_ids)
     added = set(teacher_tokenizer.added_tokens_decoder)
@@ -265,8 +254,6 @@ def topk_to_student(encoded: Encoded, top_ids, top_logprobs, teacher_logprobs, v
     was judged by the teacher's row after tokens it never writes in that order, and the run diverged.
     Returns ids / log-probs [T, k], descending, absent slots at -inf (an id repeated from the row); a
     position the top-k says nothing about is a point mass on the student's own token."""
-    import torch
-
     texts, spans, text = vocab.texts, encoded.teacher_spans, encoded.text
     n, k = len(spans), top_ids.shape[-1]
     rows = [[(texts[t] if t < len(texts) else "", int(vocab.student_of[t]) if t < len(texts) else -1, p)

@@ -4,7 +4,7 @@ Routes map a sample's domain tag to one or more teachers with weights; ``default
 without a route (a sample with neither stops the run). Teachers that share an endpoint or a
 checkpoint are scored once ("units") and their weights add up. Weights are normalised to sum to 1
 per sample, so the combined advantage ``A_t = sum_k w_k,t (log p_Tk(y_t) - log p_S(y_t))`` stays on
-the scale of a single teacher's (DESIGN.md, multi-teacher).
+the scale of a single teacher's (README, Architecture, "Teachers").
 
 ``weighting: confidence`` makes the weights per token: ``w_k,t ∝ w_k · exp(-H_k,t / tau)``, with
 ``H_k,t`` teacher k's entropy at position t, estimated from its top-k log-probs plus one tail
