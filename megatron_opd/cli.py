@@ -392,36 +392,21 @@ def wait_servers(
     api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the servers' API key"),
 ) -> None:
     """Block until every server answers GET /health with 200 (used by the Slurm trainer group)."""
-    import time
-
-    import httpx
+    from megatron_opd.wire.client import NotHealthy, wait_healthy
 
     key = os.environ.get(api_key_env, "") if api_key_env else ""
     if api_key_env and not key:
         _fail(f"--api-key-env {api_key_env}: not set")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    pending = [u.strip().rstrip("/") for item in urls for u in item.split(",") if u.strip()]
-    deadline = time.monotonic() + timeout
-    while pending:
-        still = []
-        for url in pending:
-            try:
-                ok = httpx.get(f"{url}/health", timeout=5.0, headers=headers).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if not ok:
-                still.append(url)
-        pending = still
-        if pending and time.monotonic() > deadline:
-            _fail(f"servers not healthy after {timeout:.0f}s: {', '.join(pending)}")
-        if pending:
-            time.sleep(2.0)
+    try:
+        wait_healthy([u.strip().rstrip("/") for item in urls for u in item.split(",") if u.strip()], timeout,
+                     headers=headers, interval=2.0, request_timeout=5.0)
+    except NotHealthy as exc:
+        _fail(f"servers not healthy after {timeout:.0f}s: {', '.join(exc.pending)}")
     typer.echo("all servers healthy")
 
 
 def _run_cli(argv: list[str]) -> int:
-    import subprocess
-
     return subprocess.call([sys.executable, "-m", "megatron_opd.cli", *argv])
 
 

@@ -7,7 +7,9 @@ a real SGLang server fails here first, with the field named.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+import subprocess
+import time
+from typing import Any, Callable, Sequence
 
 from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.wire.contract import validate_request
@@ -24,6 +26,48 @@ class ServerError(RuntimeError):
     def retryable(self) -> bool:
         """Worth another try, possibly elsewhere: unreachable, rate-limited or a server-side error."""
         return self.status is None or self.status == 429 or self.status >= 500
+
+
+class NotHealthy(RuntimeError):
+    """Servers that did not answer ``GET /health`` with 200 in time (``pending``), or whose process
+    exited first (``exit_code``)."""
+
+    def __init__(self, message: str, pending: list[str], waited_s: float, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.pending, self.waited_s, self.exit_code = pending, waited_s, exit_code
+
+
+def wait_healthy(urls: str | Sequence[str], timeout: float, headers: dict[str, str] | None = None,
+                 proc: subprocess.Popen | None = None, interval: float = 0.5, request_timeout: float = 5.0) -> None:
+    """Poll ``GET {url}/health`` of every server until each has answered 200 once; :class:`NotHealthy`
+    naming the servers still pending after ``timeout`` seconds, or at once when ``proc`` (the
+    servers' process) exits first."""
+    import httpx
+
+    pending = [urls] if isinstance(urls, str) else list(urls)
+    began = time.monotonic()
+    deadline = began + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            waited = time.monotonic() - began
+            raise NotHealthy(f"{', '.join(pending)}: the server process exited with {proc.returncode} after {waited:.0f}s, "
+                             "before GET /health answered 200", pending, waited, proc.returncode)
+        still = []
+        for url in pending:
+            try:
+                ok = httpx.get(f"{url.rstrip('/')}/health", timeout=request_timeout, headers=headers).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if not ok:
+                still.append(url)
+        pending = still
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            waited = time.monotonic() - began
+            raise NotHealthy(f"{', '.join(pending)}: GET /health did not answer 200 in {waited:.0f}s "
+                             f"(timeout {timeout:.0f}s)", pending, waited)
+        time.sleep(interval)
 
 
 def _rollout(out: dict[str, Any], index: int, prompts: list[list[int]], n: int) -> Rollout:

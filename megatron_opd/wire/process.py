@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +29,12 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
                  api_key: str | None = None) -> ServerProcess:
     """`opd serve --role ROLE --model MODEL` on ``host:port`` (a free port by default), healthy.
     ``api_key`` goes to the server through its environment (``OPD_API_KEY``), never the command line."""
-    import httpx
+    import os
+    import tempfile
 
     from megatron_opd.platform.dist import _free_port
     from megatron_opd.platform.launch import die_with_parent  # a killed run never leaves servers behind
-
-    import tempfile
-
-    import os
+    from megatron_opd.wire.client import NotHealthy, wait_healthy
 
     port = port or _free_port()
     env = {**os.environ, "OPD_API_KEY": api_key} if api_key else None
@@ -49,20 +46,14 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
                                  "--host", host, "--port", str(port), *(extra_args or [])],
                                 stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent, env=env)
     url = f"http://{host}:{port}"
-    deadline = time.time() + timeout
     try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"`opd serve --role {role} --model {model}` exited with {proc.returncode}: "
-                                   f"{Path(log_path).read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2, headers=headers).status_code == 200:
-                    return ServerProcess(url, proc, log_path)
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"`opd serve --role {role} --model {model}` was not healthy after {timeout:.0f}s "
-                           f"(log: {log_path})")
-    except BaseException:  # never leave a half-started server behind (timeout, Ctrl-C, ...)
+        wait_healthy(url, timeout, headers=headers, proc=proc, interval=0.5, request_timeout=2.0)
+    except BaseException as exc:  # never leave a half-started server behind (timeout, Ctrl-C, ...)
         ServerProcess(url, proc, log_path).stop(timeout=10)
-        raise
+        if not isinstance(exc, NotHealthy):
+            raise
+        what = f"`opd serve --role {role} --model {model}` on {url}"
+        if exc.exit_code is not None:
+            raise RuntimeError(f"{what} exited with {exc.exit_code}: {Path(log_path).read_text()[-3000:]}") from None
+        raise RuntimeError(f"{what} was not healthy after {timeout:.0f}s (log: {log_path})") from None
+    return ServerProcess(url, proc, log_path)

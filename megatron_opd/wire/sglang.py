@@ -10,12 +10,11 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from megatron_opd.wire.client import SGLangClient
+from megatron_opd.wire.client import NotHealthy, SGLangClient, wait_healthy
 
 # Flags of `python -m sglang.launch_server` (sglang 0.5.x ServerArgs) that this launcher emits.
 SGLANG_FLAGS = {
@@ -69,12 +68,12 @@ def launch(config: SGLangServerConfig, timeout_s: float = 900.0) -> tuple[subpro
     check_available()
     proc = subprocess.Popen(config.command())
     client = SGLangClient(f"http://{config.host}:{config.port}", api_key=config.api_key)
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sglang.launch_server exited with code {proc.returncode}")
-        if client.health():
-            return proc, client
-        time.sleep(2.0)
-    proc.kill()
-    raise TimeoutError(f"SGLang server on port {config.port} not healthy after {timeout_s:.0f}s")
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    try:
+        wait_healthy(client.base_url, timeout_s, headers=headers, proc=proc, interval=2.0, request_timeout=10.0)
+    except NotHealthy as exc:
+        if exc.exit_code is not None:
+            raise RuntimeError(f"sglang.launch_server exited with code {exc.exit_code}") from None
+        proc.kill()
+        raise TimeoutError(f"SGLang server on port {config.port} not healthy after {timeout_s:.0f}s") from None
+    return proc, client
