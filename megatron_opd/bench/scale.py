@@ -51,6 +51,8 @@ class MemoryPoint:
 
 def _run_worker(nproc: int, spec: dict, what: str) -> list[dict]:
     """One torchrun of ``nproc`` scale_worker ranks; their reports, by rank."""
+    from megatron_opd.platform.dist import _free_port  # here: importing it loads torch
+
     with tempfile.TemporaryDirectory(prefix="opd-bench-scale-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.bench.scale_worker",
@@ -119,14 +121,6 @@ def bench_scale(vocabs: list[int], tps: list[int], tokens: int, top_k: int, chun
         lines.append(f"V {vocab}: largest extra peak / own shard over TP {','.join(map(str, sorted(sharded)))}: "
                      f"{max(p.ratio for p in sharded.values()):.2f}x")
     return lines
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _padding_line(budget: int | None, fraction: float) -> str:
