@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, opd
+from conftest import opd
 from megatron_opd.bench.e2e import E2ESettings, steady_tokens_per_s, write_prompt_pool
 
 

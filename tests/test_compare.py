@@ -3,7 +3,6 @@ checkpoint at the budget, tokens to reach an accuracy, goals) against hand-compu
 validation, and a real shrunk comparison (OPD, continued SFT, GRPO stages as processes) whose
 numbers are checked against the runs' own metrics and an independent evaluation."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -178,7 +178,7 @@ def test_weight_updates_are_all_or_nothing(server, tmp_path):
     part = tmp_path / "part"
     part.mkdir()
     save_file({norm: torch.zeros_like(full[norm])}, str(part / "model.safetensors"))
-    refused(part, f"missing")  # 1 of the model's weights: would leave a half-updated model
+    refused(part, "missing")  # 1 of the model's weights: would leave a half-updated model
     ints = tmp_path / "ints"
     ints.mkdir()
     save_file({**full, norm: torch.ones_like(full[norm], dtype=torch.int64)}, str(ints / "model.safetensors"))

@@ -32,7 +32,7 @@ def test_slurm_dry_run_places_trainer_rollout_and_teacher_groups(tmp_path):
     assert re.findall(r"#SBATCH --gpus-per-node=(\d+)", sbatch) == ["8", "8", "8"]
     assert sbatch.count("#SBATCH --account=my_account") == 3 and sbatch.count("#SBATCH --time=08:00:00") == 3
     for group in range(3):
-        line = next(l for l in sbatch.splitlines() if l.startswith(f"srun --het-group={group} "))
+        line = next(ln for ln in sbatch.splitlines() if ln.startswith(f"srun --het-group={group} "))
         assert "--container-image nvcr.io/nvidia/pytorch:25.01-py3" in line and "--container-mounts /lustre:/lustre," in line
     assert "export NCCL_DEBUG=WARN" in sbatch and "export OPD_TRAINER_HEAD=$het_group_host_0" in sbatch
     # trainer: waits for every server, then torchrun over c10d on group 0's first node
@@ -44,19 +44,19 @@ def test_slurm_dry_run_places_trainer_rollout_and_teacher_groups(tmp_path):
     assert ('"rollout.urls=[$OPD_ROLLOUT_URLS]" "rollout.api_key_env=OPD_SERVER_KEY" '
             '"teachers.teachers.math.urls=[$OPD_TEACHER_MATH_URLS]"') in trainer
     # rollout node: 4 SGLang servers of TP2 on their own GPUs and ports, serving the student
-    servers = [l for l in rollout.splitlines() if "sglang.launch_server" in l]
-    assert [re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", l).group(1) for l in servers] == ["0,1", "2,3", "4,5", "6,7"]
-    assert [re.search(r"--port (\d+)", l).group(1) for l in servers] == ["30000", "30001", "30002", "30003"]
-    assert all("--model-path /lustre/models/Qwen3-1.7B " in l and "--tp-size 2" in l and "--host 0.0.0.0" in l for l in servers)
-    teacher_servers = [l for l in teacher.splitlines() if "sglang.launch_server" in l]
-    assert len(teacher_servers) == 2 and all("--model-path /lustre/models/Qwen3-8B " in l and "--tp-size 4" in l
-                                             for l in teacher_servers)
+    servers = [ln for ln in rollout.splitlines() if "sglang.launch_server" in ln]
+    assert [re.search(r"CUDA_VISIBLE_DEVICES=(\S+)", ln).group(1) for ln in servers] == ["0,1", "2,3", "4,5", "6,7"]
+    assert [re.search(r"--port (\d+)", ln).group(1) for ln in servers] == ["30000", "30001", "30002", "30003"]
+    assert all("--model-path /lustre/models/Qwen3-1.7B " in ln and "--tp-size 2" in ln and "--host 0.0.0.0" in ln for ln in servers)
+    teacher_servers = [ln for ln in teacher.splitlines() if "sglang.launch_server" in ln]
+    assert len(teacher_servers) == 2 and all("--model-path /lustre/models/Qwen3-8B " in ln and "--tp-size 4" in ln
+                                             for ln in teacher_servers)
 
 
 def test_url_wiring_expands_to_every_server_of_every_node(tmp_path):
     """Run the batch script's URL exports under bash with a stand-in `scontrol`."""
     sbatch, _ = _dry_run(tmp_path, REPO / "recipes" / "qwen3" / "mopd.yaml")
-    exports = list(dict.fromkeys(l for l in sbatch.splitlines() if l.startswith("export OPD_") and "URLS" in l))
+    exports = list(dict.fromkeys(ln for ln in sbatch.splitlines() if ln.startswith("export OPD_") and "URLS" in ln))
     assert len(exports) == 4  # rollout + three teachers, in het groups 1..4
     fake = tmp_path / "bin"
     fake.mkdir()

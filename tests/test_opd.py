@@ -149,7 +149,9 @@ def test_micro_batches_by_token_budget_keep_every_sample_once():
                 assert m["sampler_lp"][r, 2:2 + n].tolist() == [-0.5 - sample] * n and m["loss_mask"][r].sum() == n
                 seen[sample] = seen.get(sample, 0) + 1
         assert seen == {i: 1 for i in range(len(completions))}
-    padded = lambda micros: 1 - sum(int(m["seq_len"].sum()) for m in micros) / sum(m["input_ids"].numel() for m in micros)
+    def padded(micros):
+        return 1 - sum(int(m["seq_len"].sum()) for m in micros) / sum(m["input_ids"].numel() for m in micros)
+
     assert padded(by_tokens) == pytest.approx(1 - 167 / 200) and padded(by_rows) == pytest.approx(1 - 167 / 192)
     # a sample longer than the budget trains alone; the rest still fill up to it
     assert [m["seq_len"].tolist() for m in micro_batches(batch, 2, 0, max_tokens=40)] == [[52], [47], [32], [18, 12], [6]]

@@ -4,7 +4,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_opd.config import LossConfig

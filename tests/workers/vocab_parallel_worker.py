@@ -4,7 +4,6 @@ fixed weighting of the features."""
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_opd.algo.vocab_parallel import chunked_features
