@@ -40,7 +40,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from megatron_opd.platform.dist import ParallelLayoutError
     from megatron_opd.teachers.parity import TokenizerMismatch
     from megatron_opd.teachers.router import NoRouteError
-    from megatron_opd.teachers.types import TeacherError
+    from megatron_opd.teachers.scorer import TeacherError
 
     return (ConfigError, DataError, CheckpointError, UnsupportedArchitectureError, ParallelLayoutError, FileNotFoundError,
             TeacherError, TokenizerMismatch, NoRouteError, FloatingPointError)
@@ -62,7 +62,7 @@ def _guarded(work, *args):
 
 def _distributed(nproc: int, argv: list[str]) -> bool:
     """True if this process should do the work; otherwise relaunches on ``nproc`` local ranks and exits with their code."""
-    from megatron_opd.platform.launch import relaunch_local, under_launcher
+    from megatron_opd.platform.local_ranks import relaunch_local, under_launcher
 
     if under_launcher() or nproc == 1:
         if under_launcher() and int(os.environ["WORLD_SIZE"]) != nproc:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from megatron_opd.rollout.pool import RolloutPool
-from megatron_opd.teachers.pool import TeacherCounters, TeacherPool
+from megatron_opd.rollout.rollout_pool import RolloutPool
+from megatron_opd.teachers.teacher_pool import TeacherCounters, TeacherPool
 from megatron_opd.wire.client import ServerError
 from megatron_opd.wire.failover import Failover, PoolCounters, PoolError
 

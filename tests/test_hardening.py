@@ -365,7 +365,7 @@ def test_bad_opd_rows_are_counted_and_skipped(tmp_path):
     """OPD prompt rows the SFT loader would skip are skipped here too (they were tracebacks)."""
     from transformers import AutoTokenizer
 
-    from megatron_opd.train.step_batch import load_prompts
+    from megatron_opd.data.prompts import load_prompts
 
     good = {"messages": [{"role": "user", "content": "add 1 + 2"}], "domain": "arithmetic", "meta": '{"answer": 3}'}
     rows = [good,

@@ -111,7 +111,8 @@ def test_grpo_recipe_validation():
 def test_domain_normalisation_gives_each_domain_an_equal_share():
     """loss.normalize=domain: a short-answer domain weighs as much as a long one in the token mean."""
     from megatron_opd.records import Prompt, Rollout
-    from megatron_opd.train.step_batch import build_step_batch, equal_share_weights, micro_batches
+    from megatron_opd.train.batches import micro_batches
+    from megatron_opd.train.opd.step_maker import build_step_batch, equal_share_weights
 
     domains, lengths = ["arith", "arith", "str", None], [30, 50, 4, 16]
     weights = equal_share_weights(domains, lengths)
@@ -129,7 +130,8 @@ def test_domain_normalisation_gives_each_domain_an_equal_share():
 
 def test_micro_batches_by_token_budget_keep_every_sample_once():
     from megatron_opd.records import Prompt, Rollout
-    from megatron_opd.train.step_batch import build_step_batch, micro_batches
+    from megatron_opd.train.batches import micro_batches
+    from megatron_opd.train.opd.step_maker import build_step_batch
 
     completions = [30, 50, 4, 16, 45, 10]  # + 2 prompt tokens: samples of 32, 52, 6, 18, 47, 12 tokens
     prompts = [Prompt([1, 2], "d", row=i) for i in range(len(completions))]
@@ -167,7 +169,7 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
     (c tokens per token of response) gets no net push; with token-mean the long samples dominate it.
     The price: a token held once by every sample is pushed toward the short samples' advantages."""
     from megatron_opd.algo.advantages import grpo_advantages
-    from megatron_opd.train.step_batch import equal_share_weights
+    from megatron_opd.train.opd.step_maker import equal_share_weights
 
     lengths = [12, 40, 40, 96]  # one short correct answer, three longer wrong ones
     weights = equal_share_weights(list(range(len(lengths))), lengths)

@@ -9,9 +9,9 @@ from conftest import REPO, opd, read_metrics
 from megatron_opd.data.chat import global_batch_indices
 from megatron_opd.records import Prompt, SamplingParams
 from megatron_opd.rollout.embedded import EmbeddedEngine
-from megatron_opd.rollout.weight_sync import push_in_process
-from megatron_opd.train.producer import Generated, Produced, RolloutProducer, StaleWeightsError
-from megatron_opd.train.step_batch import build_step_batch
+from megatron_opd.rollout.weight_push import push_in_process
+from megatron_opd.train.opd.producer import Generated, Produced, RolloutProducer, StaleWeightsError
+from megatron_opd.train.opd.step_maker import build_step_batch
 
 STUDENT = REPO / "assets" / "tiny" / "student_init"
 RECIPE = REPO / "recipes" / "tiny" / "opd_arith.yaml"
@@ -100,7 +100,7 @@ def test_one_step_off_policy_run_is_deterministic_and_trains_every_sample_once(t
     assert all(r["opd/train_inference_mismatch"] > 0 for r in a[1:])  # the off-policy gap is measured
     from transformers import AutoTokenizer
 
-    from megatron_opd.train.step_batch import load_prompts
+    from megatron_opd.data.prompts import load_prompts
 
     cfg_rows = load_prompts([str(REPO / "assets/tiny/data/arithmetic/train.jsonl")], AutoTokenizer.from_pretrained(str(STUDENT)),
                             "messages", "domain", 64)[0]
@@ -119,14 +119,14 @@ def test_streaming_scores_equal_whole_step_scores(tmp_path):
     whole step scored at once gets (the same rollouts; the teacher's batches differ)."""
     from megatron_opd.config import load_recipe
     from megatron_opd.teachers.service import TeacherSet
-    from megatron_opd.train.rollout_step import StepMaker
-    from megatron_opd.train.step_batch import load_prompts
+    from megatron_opd.data.prompts import load_prompts
+    from megatron_opd.train.opd.step_maker import StepMaker
     from transformers import AutoTokenizer
 
     cfg = load_recipe(RECIPE, SMALL + ["train.prompts_per_step=6", "rollout.n=3", "train.micro_batch_size=6"])
     tok = AutoTokenizer.from_pretrained(str(STUDENT))
     prompts = load_prompts(cfg.data.train, tok, "messages", "domain", 64)[0]
-    from megatron_opd.train.rollout_engine import RolloutEngine
+    from megatron_opd.train.opd.engine import RolloutEngine
 
     engine = RolloutEngine(EmbeddedEngine(STUDENT, weight_version="step-0"), tok.eos_token_id)
     with TeacherSet.start(cfg.teachers) as teachers:

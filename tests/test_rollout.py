@@ -114,7 +114,7 @@ def test_weight_sync_from_tp2pp2_student_is_exact(server, tmp_path, mode, versio
 def test_pool_retries_a_killed_servers_share_exactly_once():
     from transformers import AutoTokenizer
 
-    from megatron_opd.rollout.pool import RolloutPool
+    from megatron_opd.rollout.rollout_pool import RolloutPool
 
     tok = AutoTokenizer.from_pretrained(TEACHER)
     servers = [start_rollout_server(TEACHER) for _ in range(2)]
@@ -177,7 +177,7 @@ def test_every_client_request_matches_sglangs_schema(server, tmp_path):
 
 
 def test_in_process_push_and_api_key(tmp_path):
-    from megatron_opd.rollout.weight_sync import push_in_process
+    from megatron_opd.rollout.weight_push import push_in_process
 
     engine = EmbeddedEngine(TEACHER)
     donor = EmbeddedEngine(REPO / "assets" / "tiny" / "original")

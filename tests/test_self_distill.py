@@ -62,7 +62,7 @@ def test_recipe_errors_before_anything_starts():
 def test_a_row_without_the_templates_field_stops_the_run_naming_both(tmp_path):
     from transformers import AutoTokenizer
 
-    from megatron_opd.train.step_batch import load_prompts
+    from megatron_opd.data.prompts import load_prompts
 
     tok = AutoTokenizer.from_pretrained(str(STUDENT))
     with pytest.raises(DataError, match=r"teachers\.teachers\.hinted\.context names \{meta\.c\}, which .* row 0"):
@@ -88,7 +88,7 @@ def world():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_opd.rollout.embedded import EmbeddedEngine
-    from megatron_opd.train.rollout_engine import RolloutEngine
+    from megatron_opd.train.opd.engine import RolloutEngine
 
     tok = AutoTokenizer.from_pretrained(str(STUDENT))
     engine = RolloutEngine(EmbeddedEngine(STUDENT, weight_version="step-0"), tok.eos_token_id)
@@ -96,8 +96,8 @@ def world():
 
 
 def _maker(cfg, tok, engine, teachers):
-    from megatron_opd.train.rollout_step import StepMaker
-    from megatron_opd.train.step_batch import load_prompts
+    from megatron_opd.data.prompts import load_prompts
+    from megatron_opd.train.opd.step_maker import StepMaker
 
     contexts = {n: t.context for n, t in cfg.teachers.teachers.items() if t.context}
     prompts = load_prompts(cfg.data.train, tok, "messages", "domain", 64, contexts, cfg.rollout.on_policy_fraction < 1)[0]

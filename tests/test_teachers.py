@@ -17,10 +17,10 @@ from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.records import Sample, SamplingParams, TokenScores
 from megatron_opd.wire.process import ServerProcess
 from megatron_opd.teachers.backends import SGLangScorer, parse_prompt_logprobs
-from megatron_opd.teachers.pool import TeacherPool, prefix_batches
+from megatron_opd.teachers.teacher_pool import TeacherPool, prefix_batches
 from megatron_opd.teachers.router import Router, topk_entropy
 from megatron_opd.teachers.service import TeacherSet
-from megatron_opd.teachers.types import TeacherError
+from megatron_opd.teachers.scorer import TeacherError
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
 STUDENT = REPO / "assets" / "tiny" / "student_init"
@@ -449,7 +449,8 @@ class _Poisoned:
 
 def test_nonfinite_teacher_scores_are_masked_counted_and_stop_the_run_past_a_threshold(teacher_server, rollouts):
     from megatron_opd.records import Prompt, Rollout
-    from megatron_opd.train.step_batch import build_step_batch, micro_batches
+    from megatron_opd.train.batches import micro_batches
+    from megatron_opd.train.opd.step_maker import build_step_batch
 
     samples = rollouts[:4]
     seqs, starts = [s.token_ids for s in samples], [s.start for s in samples]

@@ -20,7 +20,7 @@ from megatron_opd.data.tokenizer import build_char_tokenizer
 from megatron_opd.model.tiny import make_tiny_qwen3
 from megatron_opd.platform.dist import _free_port
 from megatron_opd.wire.client import SGLangClient
-from megatron_opd.rollout.weight_sync import DistributedPusher, push_to_servers_via_disk
+from megatron_opd.rollout.weight_push import DistributedPusher, push_to_servers_via_disk
 
 
 def loopback_mb_per_s(nbytes: int) -> float:

@@ -10,7 +10,7 @@ the shard's own size. At TP1 the same is measured for the full-vocabulary path t
 (log-softmax of the gathered logits, then ``divergences.topk_forward_kl_with_tail``).
 
 It also sends one step of rollouts with teacher top-k from rank 0 to DP ranks through
-``train.distribute`` and reports the bytes each rank receives (its own share only: ~1/DP of the step).
+``train.batches.distribute`` and reports the bytes each rank receives (its own share only: ~1/DP of the step).
 
 And it runs a few steps of ``recipes/tiny/opd_general.yaml`` (after ``opd run recipes/tiny/sft.yaml``)
 and reports the share of padded positions in its micro-batches (``train/padding_fraction``), as the

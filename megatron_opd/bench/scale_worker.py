@@ -24,11 +24,11 @@ def _reset_peak() -> None:
 
 def distribute_point(spec: dict) -> None:
     """DP ranks (TP1 x PP1): rank 0 builds one step of ``samples`` rollouts with teacher top-k and sends
-    each replica its share through ``train.distribute``; every rank reports the bytes it received."""
+    each replica its share through ``train.batches.distribute``; every rank reports the bytes it received."""
     from megatron_opd.platform import destroy, init_distributed
     from megatron_opd.records import Prompt, Rollout, SampleScores, TokenScores
-    from megatron_opd.train.distribute import distribute
-    from megatron_opd.train.step_batch import build_step_batch
+    from megatron_opd.train.batches import distribute
+    from megatron_opd.train.opd.step_maker import build_step_batch
 
     dp = int(os.environ["WORLD_SIZE"])
     info = init_distributed(1, 1, dp)
@@ -73,7 +73,7 @@ def memory_point(spec: dict) -> None:
     from megatron_opd.algo.divergences import topk_forward_kl_with_tail
     from megatron_opd.algo.vocab_parallel import chunked_features, positions_per_chunk
     from megatron_opd.platform import destroy, init_distributed
-    from megatron_opd.train.opd_loss import tp_vocab_shard
+    from megatron_opd.train.opd.update import tp_vocab_shard
 
     vocab, tokens, top_k, path = spec["vocab"], spec["tokens"], spec["top_k"], spec["path"]
     tp = int(os.environ["WORLD_SIZE"])

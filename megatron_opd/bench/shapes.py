@@ -77,7 +77,7 @@ def long_response_rows(tokenizer_dir: Path, length: int, out: Path) -> Path:
     EOS, after the template's own markup: Qwen3's empty think block)."""
     from transformers import AutoTokenizer
 
-    from megatron_opd.train.step_batch import _response_ids
+    from megatron_opd.data.prompts import _response_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     messages = [{"role": "user", "content": "Write a long answer."}]

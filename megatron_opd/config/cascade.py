@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from megatron_opd.config.base import Strict
-from megatron_opd.config.launch import LaunchConfig
+from megatron_opd.config.placement import LaunchConfig
 from megatron_opd.config.stages import EvalConfig, RunConfig
 
 

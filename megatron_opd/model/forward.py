@@ -1,7 +1,8 @@
 """One entry point for running the sharded student over micro-batches (forward or forward+backward).
 
 Wraps megatron-core's ``get_forward_backward_func`` so every caller (SFT, OPD, evaluation,
-parity tests) goes through the same TP/PP pipeline schedule.
+parity tests) goes through the same TP/PP pipeline schedule; :func:`student_token_logprobs` is the
+forward-only collector of the student's own token log-probs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_opd.model.logits import real_vocab_logprobs
 from megatron_opd.platform.cpu_compat import cpu_compat
 
 # loss_fn(logits_shard [b, s, V_pad/tp], micro_batch) -> (loss_sum, num_tokens, metrics)
@@ -67,3 +69,11 @@ def run_pipeline(
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
+
+
+def student_token_logprobs(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
+    """Forward-only collector: the student's log p(token_t) at every position t >= 1 ([B, L-1]): PPO's
+    old log-probs (``loss.epochs`` > 1, ``train/opd/update.py``) and the mismatch probe after a weight
+    sync (``train/weight_export.py``)."""
+    lp = real_vocab_logprobs(logits_shard[:, :-1], batch["input_ids"][:, 1:], vocab_size)
+    return lp.sum() * 0, torch.tensor(1), {"logprobs": lp.detach()}

@@ -1,6 +1,6 @@
 """The embedded rollout engine: a ``transformers`` model holding HF-named weights, generating on CPU.
 
-Implements the :class:`~megatron_opd.rollout.types.Engine` protocol in-process; ``opd serve --role
+Implements the :class:`~megatron_opd.rollout.engine_protocol.Engine` protocol in-process; ``opd serve --role
 rollout`` puts the same object behind SGLang's HTTP API.
 """
 

@@ -10,7 +10,7 @@ import torch
 from megatron_opd.wire.client import ServerError, SGLangClient
 from megatron_opd.wire import score_codec
 from megatron_opd.records import TokenScores
-from megatron_opd.teachers.types import TeacherError
+from megatron_opd.teachers.scorer import TeacherError
 
 
 def _check_starts(sequences: list[list[int]], starts: list[int]) -> None:

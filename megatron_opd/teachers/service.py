@@ -22,9 +22,9 @@ from megatron_opd.wire.process import ServerProcess, start_server
 from megatron_opd.teachers.backends import OpenAIScorer, SGLangScorer
 from megatron_opd.teachers.cross_tokenizer import CrossTokenizer, topk_to_student
 from megatron_opd.teachers.parity import check_parity
-from megatron_opd.teachers.pool import TeacherPool
+from megatron_opd.teachers.teacher_pool import TeacherPool
 from megatron_opd.teachers.router import Router
-from megatron_opd.teachers.types import TeacherError
+from megatron_opd.teachers.scorer import TeacherError
 from megatron_opd.wire.client import ServerError
 
 

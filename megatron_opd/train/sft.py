@@ -26,7 +26,7 @@ from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.progress import StepProgress
 from megatron_opd.train.session import StudentSession, open_student, save_step
-from megatron_opd.train.step_batch import group_rows
+from megatron_opd.train.batches import group_rows
 
 
 def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
@@ -39,10 +39,10 @@ def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch
     return nll_sum, tokens, {"nll_sum": nll_sum.detach(), "tokens": tokens.detach()}
 
 
-def micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int, pad_id: int,
+def sft_micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int, pad_id: int,
                   max_tokens: int | None = None):
     """``micro_batch_size`` examples each in draw order, or, with ``max_tokens``, longest first by
-    token budget (``step_batch.group_rows``); each padded to its own longest example."""
+    token budget (:func:`~megatron_opd.train.batches.group_rows`, shared with OPD); each padded to its own longest example."""
     if max_tokens is not None:
         indices = sorted(indices, key=lambda i: -len(examples[i].input_ids))
     lengths = {i: len(examples[i].input_ids) for i in indices}
@@ -57,7 +57,7 @@ def evaluate_loss(chunks, examples, micro_batch_size: int, pad_id: int, vocab_si
     # Every micro-batch must have the same batch size: fill the last one with fully masked rows.
     filler = TokenizedExample(examples[0].input_ids, [0] * len(examples[0].input_ids))
     padded = list(examples) + [filler] * (-len(examples) % micro_batch_size)
-    batches = micro_batches(padded, list(range(len(padded))), micro_batch_size, pad_id)
+    batches = sft_micro_batches(padded, list(range(len(padded))), micro_batch_size, pad_id)
     with torch.no_grad():
         results = run_pipeline(chunks, batches, partial(sft_loss, vocab_size), forward_only=True)
     totals = sum_from_last_stage(results, ("nll_sum", "tokens"))
@@ -124,7 +124,7 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
         maybe_kill("step", step + 1, session.info.rank)
         indices = global_batch_indices(len(train), tcfg.seed, step, tcfg.global_batch_size)
         mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-        micro = micro_batches(train, mine, tcfg.micro_batch_size, pad_id, tcfg.max_tokens_per_micro_batch)
+        micro = sft_micro_batches(train, mine, tcfg.micro_batch_size, pad_id, tcfg.max_tokens_per_micro_batch)
         results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
         result = optimizer_step(session.state)
         totals = sum_from_last_stage(results, ("nll_sum", "tokens"))

@@ -19,11 +19,12 @@ from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform import destroy, init_distributed
 from megatron_opd.records import Prompt, Rollout, SampleScores, TokenScores
 from megatron_opd.train.common import sum_from_last_stage
-from megatron_opd.train.distribute import distribute
-from megatron_opd.train.opd_loss import opd_loss
+from megatron_opd.train.batches import distribute
+from megatron_opd.train.opd.update import opd_loss
 from megatron_opd.train.optim import OptimSettings, optimizer_step, wrap_for_training
-from megatron_opd.train.step_batch import build_step_batch, micro_batches
-from megatron_opd.train.weight_sync import InProcessSink
+from megatron_opd.train.batches import micro_batches
+from megatron_opd.train.opd.step_maker import build_step_batch
+from megatron_opd.train.weight_export import InProcessSink
 
 
 def main() -> None:

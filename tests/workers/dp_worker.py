@@ -1,6 +1,6 @@
 """torchrun worker: three optimizer steps of the real trainer on one fixed step of samples at a
 layout TP x PP x DP — OPD sampled-token, OPD top-k forward KL, SFT — each DP rank training on its
-share (sent by ``train.distribute``, as in the loop). Rank 0 writes each step's loss, token count and
+share (sent by ``train.batches.distribute``, as in the loop). Rank 0 writes each step's loss, token count and
 gradient norm, and the loss after the last step."""
 import json
 import sys
@@ -15,11 +15,12 @@ from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform import destroy, init_distributed
 from megatron_opd.records import Prompt, Rollout, SampleScores, TokenScores
 from megatron_opd.train.common import sum_from_last_stage
-from megatron_opd.train.distribute import distribute
-from megatron_opd.train.opd_loss import opd_loss
+from megatron_opd.train.batches import distribute
+from megatron_opd.train.opd.update import opd_loss
 from megatron_opd.train.optim import OptimSettings, optimizer_step, wrap_for_training
 from megatron_opd.train.sft import sft_loss
-from megatron_opd.train.step_batch import build_step_batch, micro_batches
+from megatron_opd.train.batches import micro_batches
+from megatron_opd.train.opd.step_maker import build_step_batch
 
 tp, pp, dp, out, hf = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
 info = init_distributed(tp, pp, dp)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from megatron_opd.config import LossConfig
 from megatron_opd.platform import init_distributed
 from megatron_opd.platform.cpu_compat import cpu_compat
-from megatron_opd.train.opd_loss import opd_loss
+from megatron_opd.train.opd.update import opd_loss
 
 tp, out_dir = int(sys.argv[1]), Path(sys.argv[2])
 info = init_distributed(tp, 1)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron_opd.model import build_model, export_hf_weights, load_hf_config, load_hf_weights
 from megatron_opd.platform import init_distributed
 from megatron_opd.wire.client import SGLangClient
-from megatron_opd.train.weight_sync import DiskSink, DistributedSink, mismatch_probe
+from megatron_opd.train.weight_export import DiskSink, DistributedSink, mismatch_probe
 
 tp, pp, hf_dir, url, out, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5]), sys.argv[6]
 init_distributed(tp, pp)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_opd.algo.vocab_parallel import chunked_features
 from megatron_opd.platform import destroy, init_distributed
-from megatron_opd.train.opd_loss import tp_vocab_shard
+from megatron_opd.train.opd.update import tp_vocab_shard
 
 tp, out_dir, vocab, chunk = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 info = init_distributed(tp, 1)

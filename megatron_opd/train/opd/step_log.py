@@ -1,62 +1,16 @@
-"""The OPD loop's metric arithmetic: what rank 0 logs about a step's rollouts, and the per-token
-means of the loss's metric sums (every rank gets the same totals)."""
+"""The step's last phase, on every rank: the loss's metric sums totalled (every rank gets the same
+totals) into per-token means, the guards, the audit of trained samples, the progress line, and
+metrics.jsonl + TensorBoard (rank 0). What rank 0 measured about the step's rollouts arrives with
+the batch (``Produced.metrics``, :mod:`megatron_opd.train.opd.step_maker`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
-from megatron_opd.records import DATASET, Rollout, SampleScores, version_number
 from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.progress import StepProgress
 
 PHASES = ("rollout", "scoring", "train", "sync")
-
-
-def repeats_an_ngram(ids: list[int], n: int = 4) -> bool:
-    """A completion that repeats one n-gram 3+ times (a StableOPD-style degeneration signal)."""
-    counts: dict[tuple[int, ...], int] = {}
-    for i in range(len(ids) - n + 1):
-        gram = tuple(ids[i:i + n])
-        counts[gram] = counts.get(gram, 0) + 1
-        if counts[gram] >= 3:
-            return True
-    return False
-
-
-def rollout_metrics(rollouts: list[Rollout], step: int, max_staleness: int) -> dict[str, float]:
-    """The student's own samples (the rows' own responses mixed in by GKD's lambda are counted apart)."""
-    mixed = sum(r.finish_reason == DATASET for r in rollouts)
-    counts = {"rollout/on_policy_samples": float(len(rollouts) - mixed), "rollout/dataset_samples": float(mixed)}
-    rollouts = [r for r in rollouts if r.finish_reason != DATASET]
-    if not rollouts:
-        return counts
-    lengths = [len(r.completion_ids) for r in rollouts]
-    out = {**counts, "rollout/response_length": sum(lengths) / len(lengths),
-           "rollout/truncation_rate": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
-           "rollout/repetition_rate": sum(repeats_an_ngram(r.completion_ids) for r in rollouts) / len(rollouts)}
-    behind = [step - version_number(r.weight_version) for r in rollouts]
-    out["rollout/staleness_mean"] = sum(behind) / len(behind)
-    for age in range(max_staleness + 1):  # the staleness histogram: share of samples k steps old
-        out[f"rollout/staleness_{age}"] = sum(b == age for b in behind) / len(behind)
-    return out
-
-
-def teacher_reverse_kl(rollouts: list[Rollout], scored: list[SampleScores], units: list[str]) -> dict[str, float]:
-    """Per teacher: mean of log p_S - log p_T over the tokens it scored, the sampler's log-probs as
-    the student's (the trainer's own reverse KL is ``opd/reverse_kl``)."""
-    out = {}
-    for unit in units:
-        pairs = [(r, sc.scores[unit]) for r, sc in zip(rollouts, scored)
-                 if unit in sc.scores and r.finish_reason != DATASET]  # a row's own response has no sampler log-probs
-        tokens = sum(len(s) for _, s in pairs)
-        if tokens:
-            gap = sum((torch.tensor(r.logprobs) - s.logprobs).sum().item() for r, s in pairs)
-            out[f"teacher/{unit}/reverse_kl"] = gap / tokens
-    return out
-
-
 LOSS_SUMS = ("loss_sum", "tokens", "sampled_tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
              "positions_sum", "real_positions_sum", "real_positions_sq_sum")
 

@@ -17,7 +17,7 @@ import torch
 
 from megatron_opd.config import RolloutConfig
 from megatron_opd.records import Rollout, SamplingParams
-from megatron_opd.train.weight_sync import DiskSink, DistributedSink, InProcessSink, WeightSink
+from megatron_opd.train.weight_export import DiskSink, DistributedSink, InProcessSink, WeightSink
 
 
 class RolloutEngine:
@@ -38,7 +38,7 @@ class RolloutEngine:
 
             return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size), eos_token_id)
         from megatron_opd.wire.client import SGLangClient
-        from megatron_opd.rollout.pool import RolloutPool
+        from megatron_opd.rollout.rollout_pool import RolloutPool
 
         servers: list[Any] = []
         urls = list(rcfg.urls)

@@ -1,16 +1,23 @@
 """On-policy distillation (OPD, one teacher), MOPD (several, routed by domain tag), and GRPO
 (verifier rewards, group-normalised; optionally plus a teacher's per-token advantage).
 
-One step, on every rank: take the step's batch (rank 0's producer sampled and scored it, ahead of
-time when ``rollout.max_staleness`` > 0) -> receive this data-parallel rank's share as tensors ->
-collate micro-batches -> forward/backward over TP x PP x DP and an optimizer step -> sync the new
-weights to the rollout engine -> log. ``_train`` is that loop; everything else sets it up.
+:func:`run_opd` sets a run up (prompts, the student, the rollout engine, the teachers, rank 0's
+producer), runs the step loop :func:`_train` and tears it down. One step, on every rank, and the
+file each phase lives in, in this order:
+
+1. sample -> score (rank 0, ahead of time when ``rollout.max_staleness`` > 0): ``producer.py``
+   decides when, ``step_maker.py`` samples the step's prompts on the engine (``engine.py``), scores
+   or verifies every completion and packs the step into one ``StepBatch``;
+2. distribute -> collate: ``train/batches.py`` sends each data-parallel rank its share as tensors
+   and pads it into micro-batches;
+3. update: ``update.py``, forward/backward over TP x PP x DP with the OPD loss, optimizer step;
+4. sync: the new weights to the rollout engine (``engine.py``'s sink, ``train/weight_export.py``);
+5. log: ``step_log.py``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,21 +29,20 @@ import torch.distributed as dist
 
 from megatron_opd.config import OPDStageConfig, dump_config
 from megatron_opd.data.chat import check_tokenizer_fits
+from megatron_opd.data.prompts import load_prompts
 from megatron_opd.model import load_hf_config
 from megatron_opd.model.bridge import save_hf_checkpoint
-from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform.faults import maybe_kill
 from megatron_opd.teachers.service import TeacherSet
-from megatron_opd.train.distribute import distribute
-from megatron_opd.train.opd_loss import opd_loss, student_token_logprobs
+from megatron_opd.train.batches import distribute, micro_batches
 from megatron_opd.train.memory import MemoryProbe
-from megatron_opd.train.opd_metrics import StepLog
-from megatron_opd.train.optim import optimizer_step
-from megatron_opd.train.producer import RolloutProducer
-from megatron_opd.train.rollout_engine import RolloutEngine, weight_sink
-from megatron_opd.train.rollout_step import StepMaker
+from megatron_opd.train.opd.engine import RolloutEngine, weight_sink
+from megatron_opd.train.opd.producer import RolloutProducer
+from megatron_opd.train.opd.step_log import StepLog
+from megatron_opd.train.opd.step_maker import StepMaker
+from megatron_opd.train.opd.update import opd_loss, update_student
 from megatron_opd.train.session import StudentSession, open_student, save_step
-from megatron_opd.train.step_batch import load_prompts, micro_batches
+from megatron_opd.train.weight_export import WeightSink
 
 
 class Evaluator(Protocol):
@@ -46,86 +52,6 @@ class Evaluator(Protocol):
     def evaluate(self, complete: Callable[[list[list[int]], float], list[list[int]]]) -> dict[str, dict[str, Any]]: ...
 
     def format(self, table: dict[str, dict[str, Any]], title: str) -> str: ...
-
-
-@dataclass
-class Loop:
-    """What the step loop works with, set up once by :func:`run_opd`."""
-
-    cfg: OPDStageConfig
-    session: StudentSession
-    producer: RolloutProducer | None  # rank 0 only
-    sync: Callable[[int], tuple[float, float]]  # collective: push step N's weights; (seconds waited, seconds pushing)
-    pad_id: int
-    evaluate: Callable[[], dict[str, Any]]  # collective; {} without an evaluator
-    counters: Callable[[], dict[str, Any]]  # the server pools' counters (rank 0; {} elsewhere), checkpointed
-
-
-def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
-    cfg, session = loop.cfg, loop.session
-    tcfg, lcfg = cfg.train, cfg.loss
-    loss_fn = partial(opd_loss, lcfg, session.bundle.vocab_size)
-    probe = MemoryProbe() if cfg.run.memory_probe else None
-    if probe is not None:
-        loss_fn = probe.wrap(loss_fn)
-    log = StepLog(cfg, session)
-    saves: list[float] = []
-    began = time.perf_counter()
-    for step in range(session.start_step, tcfg.steps):
-        maybe_kill("step", step + 1, session.info.rank)
-        produced = loop.producer.get(step) if loop.producer else None                    # sample -> score
-        share = distribute(produced.batch if produced else None, cfg.parallel.dp)          # this rank's samples
-        micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id, tcfg.max_tokens_per_micro_batch)  # collate
-        waited = time.perf_counter() - began
-        update = _update(session, micro, loss_fn, lcfg.epochs, step)                      # update
-        sync_wait, sync = loop.sync(step + 1)                                             # sync
-        done = step + 1
-        metrics = log.step(done, produced, update, {"wait": waited, "sync_wait": sync_wait, "sync": sync,  # log
-                                                    "step": time.perf_counter() - began})
-        if probe is not None:
-            metrics.update(probe.step_metrics())
-        if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps:
-            tables[f"step-{done}"] = loop.evaluate()
-            metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in tables[f"step-{done}"].items()})
-        log.write(done, metrics)
-        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
-            saving = time.perf_counter()
-            save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots,
-                      loop.counters())
-            saves.append(time.perf_counter() - saving)
-        began = time.perf_counter()
-    log.close()
-    return {"steps": tcfg.steps, "time_by_phase_s": log.times, "checkpoint_save_s": saves,
-            "checkpoint_load_s": session.load_seconds}
-
-
-@dataclass
-class Update:
-    results: list[dict[str, Any]]  # the last pass's per-micro-batch metric sums (last pipeline stage)
-    grad_norm: float
-    lr: float
-    seconds: float
-
-
-def _update(session: StudentSession, micro: list[dict[str, torch.Tensor]], loss_fn, epochs: int, step: int) -> Update:
-    """``epochs`` optimizer steps on the micro-batches.
-    With several epochs the log-probs before the first update are recomputed (PPO's old policy);
-    with one, the loss takes the current ones, detached, from its own forward."""
-    began = time.perf_counter()
-    chunks, vocab = session.state.chunks, session.bundle.vocab_size
-    if epochs > 1:
-        with torch.no_grad():
-            old = run_pipeline(chunks, micro, partial(student_token_logprobs, vocab), forward_only=True)
-        for batch, result in zip(micro, old):  # last stage only: the loss runs there
-            batch["old_lp"] = torch.zeros_like(batch["loss_mask"])
-            batch["old_lp"][:, 1:] = result["logprobs"]
-    for _ in range(epochs):
-        results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
-        result = optimizer_step(session.state)
-        if not math.isfinite(result.grad_norm):  # stop before bad weights reach the engine or a checkpoint
-            raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({result.grad_norm}); "
-                                     f"lr={result.lr:g} — lower optim.lr or check the loss inputs")
-    return Update(results, result.grad_norm, result.lr, time.perf_counter() - began)
 
 
 def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str, Any]:
@@ -193,24 +119,58 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         session.metrics.close()
 
 
-def _close(*closeables: Any) -> None:
-    for closeable in closeables:
-        if closeable is not None:
-            closeable.close()
+@dataclass
+class Loop:
+    """What the step loop works with, set up once by :func:`run_opd`."""
+
+    cfg: OPDStageConfig
+    session: StudentSession
+    producer: RolloutProducer | None  # rank 0 only
+    sync: Callable[[int], tuple[float, float]]  # collective: push step N's weights; (seconds waited, seconds pushing)
+    pad_id: int
+    evaluate: Callable[[], dict[str, Any]]  # collective; {} without an evaluator
+    counters: Callable[[], dict[str, Any]]  # the server pools' counters (rank 0; {} elsewhere), checkpointed
 
 
-def pool_counters(teachers: TeacherSet | None, engine: RolloutEngine | None) -> dict[str, Any]:
-    return {"teachers": teachers.counters() if teachers else {}, "rollout": engine.counters() if engine else {}}
+def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
+    cfg, session = loop.cfg, loop.session
+    tcfg, lcfg = cfg.train, cfg.loss
+    loss_fn = partial(opd_loss, lcfg, session.bundle.vocab_size)
+    probe = MemoryProbe() if cfg.run.memory_probe else None
+    if probe is not None:
+        loss_fn = probe.wrap(loss_fn)
+    log = StepLog(cfg, session)
+    saves: list[float] = []
+    began = time.perf_counter()
+    for step in range(session.start_step, tcfg.steps):
+        maybe_kill("step", step + 1, session.info.rank)
+        produced = loop.producer.get(step) if loop.producer else None                    # sample -> score
+        share = distribute(produced.batch if produced else None, cfg.parallel.dp)          # this rank's samples
+        micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id, tcfg.max_tokens_per_micro_batch)  # collate
+        waited = time.perf_counter() - began
+        update = update_student(session, micro, loss_fn, lcfg.epochs, step)              # update
+        sync_wait, sync = loop.sync(step + 1)                                             # sync
+        done = step + 1
+        metrics = log.step(done, produced, update, {"wait": waited, "sync_wait": sync_wait, "sync": sync,  # log
+                                                    "step": time.perf_counter() - began})
+        if probe is not None:
+            metrics.update(probe.step_metrics())
+        if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps:
+            tables[f"step-{done}"] = loop.evaluate()
+            metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in tables[f"step-{done}"].items()})
+        log.write(done, metrics)
+        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
+            saving = time.perf_counter()
+            save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots,
+                      loop.counters())
+            saves.append(time.perf_counter() - saving)
+        began = time.perf_counter()
+    log.close()
+    return {"steps": tcfg.steps, "time_by_phase_s": log.times, "checkpoint_save_s": saves,
+            "checkpoint_load_s": session.load_seconds}
 
 
-def restore_counters(saved: dict[str, Any], teachers: TeacherSet | None, engine: RolloutEngine | None) -> None:
-    if teachers is not None:
-        teachers.restore_counters(saved.get("teachers", {}))
-    if engine is not None:
-        engine.restore_counters(saved.get("rollout", {}))
-
-
-def _sync(sink, session: StudentSession, producer: RolloutProducer | None, version: int) -> tuple[float, float]:
+def _sync(sink: WeightSink, session: StudentSession, producer: RolloutProducer | None, version: int) -> tuple[float, float]:
     """Collective: wait until no batch still needs the old weights, then push version ``step-N``."""
     waited = producer.before_sync(version) if producer is not None else 0.0
     began = time.perf_counter()
@@ -225,6 +185,23 @@ def _evaluate(evaluator: Evaluator, engine: RolloutEngine | None, cfg: OPDStageC
     if dist.is_initialized():
         dist.barrier()
     return table
+
+
+def pool_counters(teachers: TeacherSet | None, engine: RolloutEngine | None) -> dict[str, Any]:
+    return {"teachers": teachers.counters() if teachers else {}, "rollout": engine.counters() if engine else {}}
+
+
+def restore_counters(saved: dict[str, Any], teachers: TeacherSet | None, engine: RolloutEngine | None) -> None:
+    if teachers is not None:
+        teachers.restore_counters(saved.get("teachers", {}))
+    if engine is not None:
+        engine.restore_counters(saved.get("rollout", {}))
+
+
+def _close(*closeables: Any) -> None:
+    for closeable in closeables:
+        if closeable is not None:
+            closeable.close()
 
 
 def _print_summary(result: dict[str, Any], out: Path, evaluator: Evaluator | None) -> None:

@@ -1,11 +1,20 @@
-"""The glue between a micro-batch and ``algo/``: the OPD loss run on the last pipeline stage.
+"""The step's update, on every rank: ``loss.epochs`` optimizer steps over this rank's micro-batches
+(forward/backward over TP x PP x DP), with the OPD loss run on the last pipeline stage.
 
 ``opd_loss(cfg, vocab, logits_shard, micro)`` returns (sum of per-token losses over completion
-tokens, their count, metric sums), megatron's per-token loss convention. The math is in ``algo/``
-(pure functions, on this rank's vocabulary shard); here only the shifting, masking and weighting.
+tokens, their count, metric sums), megatron's per-token loss convention. The OPD advantage (the
+routed teachers' mixed log-prob minus the student's) is formed here, against the student's own
+log-probs, and added to the batch's task advantage (GRPO). The math is in ``algo/`` (pure
+functions, on this rank's vocabulary shard); here only the shifting, masking and weighting.
 """
 
 from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -14,39 +23,38 @@ from megatron_opd.algo.advantages import combined_advantage, sampled_token_advan
 from megatron_opd.algo.policy_loss import policy_gradient_loss
 from megatron_opd.algo.vocab_parallel import VocabShard, chunked_features, positions_per_chunk
 from megatron_opd.config import LossConfig
-from megatron_opd.model import real_vocab_logprobs
+from megatron_opd.model.forward import run_pipeline, student_token_logprobs
+from megatron_opd.train.optim import optimizer_step
+from megatron_opd.train.session import StudentSession
 
 
-def student_token_logprobs(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
-    """Forward-only collector: the student's log p(token_t) at every position t >= 1 ([B, L-1]): PPO's
-    old log-probs (``loss.epochs`` > 1) and the mismatch probe after a weight sync (``train/weight_sync.py``)."""
-    lp = real_vocab_logprobs(logits_shard[:, :-1], batch["input_ids"][:, 1:], vocab_size)
-    return lp.sum() * 0, torch.tensor(1), {"logprobs": lp.detach()}
+@dataclass
+class Update:
+    results: list[dict[str, Any]]  # the last pass's per-micro-batch metric sums (last pipeline stage)
+    grad_norm: float
+    lr: float
+    seconds: float
 
 
-def tp_vocab_shard(shard_width: int, vocab_size: int) -> VocabShard:
-    """This rank's vocabulary shard: its first global id and the tensor-parallel group's collectives
-    (megatron's differentiable all-reduce, identity backward)."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-    size = parallel_state.get_tensor_model_parallel_world_size()
-    start = parallel_state.get_tensor_model_parallel_rank() * shard_width
-    if size == 1:
-        return VocabShard(start, vocab_size)
-    group = parallel_state.get_tensor_model_parallel_group()
-
-    def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
-        x = x.detach().clone()
-        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
-        return x
-
-    def all_gather_last(x: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.detach().contiguous(), group=group)
-        return torch.cat(parts, -1)
-
-    return VocabShard(start, vocab_size, reduce_from_tensor_model_parallel_region, all_reduce_max, all_gather_last)
+def update_student(session: StudentSession, micro: list[dict[str, torch.Tensor]], loss_fn, epochs: int, step: int) -> Update:
+    """``epochs`` optimizer steps on the micro-batches.
+    With several epochs the log-probs before the first update are recomputed (PPO's old policy);
+    with one, the loss takes the current ones, detached, from its own forward."""
+    began = time.perf_counter()
+    chunks, vocab = session.state.chunks, session.bundle.vocab_size
+    if epochs > 1:
+        with torch.no_grad():
+            old = run_pipeline(chunks, micro, partial(student_token_logprobs, vocab), forward_only=True)
+        for batch, result in zip(micro, old):  # last stage only: the loss runs there
+            batch["old_lp"] = torch.zeros_like(batch["loss_mask"])
+            batch["old_lp"][:, 1:] = result["logprobs"]
+    for _ in range(epochs):
+        results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
+        result = optimizer_step(session.state)
+        if not math.isfinite(result.grad_norm):  # stop before bad weights reach the engine or a checkpoint
+            raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({result.grad_norm}); "
+                                     f"lr={result.lr:g} — lower optim.lr or check the loss inputs")
+    return Update(results, result.grad_norm, result.lr, time.perf_counter() - began)
 
 
 def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
@@ -105,3 +113,28 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
         "real_positions_sq_sum": (batch["seq_len"].double() ** 2).sum() if "seq_len" in batch else torch.tensor(float(b * length ** 2)),
     })
     return per_token.sum(), mask.sum(), metrics
+
+
+def tp_vocab_shard(shard_width: int, vocab_size: int) -> VocabShard:
+    """This rank's vocabulary shard: its first global id and the tensor-parallel group's collectives
+    (megatron's differentiable all-reduce, identity backward)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    start = parallel_state.get_tensor_model_parallel_rank() * shard_width
+    if size == 1:
+        return VocabShard(start, vocab_size)
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+        return x
+
+    def all_gather_last(x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.detach().contiguous(), group=group)
+        return torch.cat(parts, -1)
+
+    return VocabShard(start, vocab_size, reduce_from_tensor_model_parallel_region, all_reduce_max, all_gather_last)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_opd.records import TokenScores
-from megatron_opd.teachers.types import Scorer, TeacherError
+from megatron_opd.teachers.scorer import Scorer, TeacherError
 from megatron_opd.wire.failover import Failover, PoolCounters
 
 

@@ -1,4 +1,5 @@
-"""Trainer side of weight sync: export HF-named tensors from the TP/PP shards and push them.
+"""Trainer side of weight sync: export HF-named tensors from the TP/PP shards and push them (the
+pushes themselves, to servers or an in-process engine, are :mod:`megatron_opd.rollout.weight_push`).
 
 Collective: every rank iterates the export (the gather needs them); only global rank 0 writes and
 talks to servers.
@@ -14,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.model import ModelBundle, export_hf_weights
-from megatron_opd.rollout.weight_sync import DistributedPusher, SyncReport, push_in_process, push_to_servers_via_disk
-from megatron_opd.train.opd_loss import student_token_logprobs
+from megatron_opd.model.forward import run_pipeline, student_token_logprobs
+from megatron_opd.rollout.weight_push import DistributedPusher, SyncReport, push_in_process, push_to_servers_via_disk
 
 
 def _rank0_stream(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
@@ -117,8 +118,6 @@ def _address_for(clients: list[Any]) -> str:
 def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tensor:
     """The megatron student's log p(token_t | <t) for t >= 1, [b, s-1], on every rank (collective)."""
     from megatron.core import parallel_state as ps
-
-    from megatron_opd.model.forward import run_pipeline
 
     collect = partial(student_token_logprobs, bundle.vocab_size)
     with torch.no_grad():
