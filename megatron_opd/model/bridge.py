@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import torch
 
-from megatron_opd.platform.cpu_compat import cpu_compat, cuda_available
+from megatron_opd.platform.cpu_compat import cpu_compat, cuda_available, import_megatron_core
 
 # HF architecture -> mbridge registry key.
 SUPPORTED_ARCHITECTURES = {
@@ -59,6 +59,7 @@ class UnsupportedArchitectureError(ValueError):
 def load_backends() -> None:
     """Import megatron-core's model code and mbridge's registry: what every trainer process holds
     before it builds a model."""
+    import_megatron_core()
     import mbridge  # noqa: F401
     from megatron.core.models.gpt import GPTModel  # noqa: F401
 
@@ -85,6 +86,7 @@ def load_hf_config(path: str | Path) -> Any:
 
 
 def _bridge_class(model_type: str) -> type:
+    import_megatron_core()
     import mbridge  # noqa: F401  (registers the model bridges)
     from mbridge.core.bridge import _MODEL_REGISTRY
 

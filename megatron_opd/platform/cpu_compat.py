@@ -19,6 +19,8 @@ Nothing here is active when CUDA is available: both functions are then no-ops.
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from typing import Any, Iterator
 
 import torch
@@ -77,11 +79,46 @@ def _noop() -> Any:
     return noop
 
 
+def import_megatron_core() -> None:
+    """Import megatron-core; on CPU with ``torch.compile`` deferred while it imports.
+
+    megatron-core wraps its fused kernels (bias-GeLU/SwiGLU, RoPE, ...) in ``torch.compile`` when its
+    modules load, which pulls in TorchDynamo and Inductor: ~2.5 of the ~7 s a process spends
+    importing megatron-core and mbridge. The fusions are off on CPU (model/bridge.py), so those
+    functions never run here; deferred, a wrapped function is compiled on its first call, as
+    ``torch.compile`` itself would compile it. With CUDA nothing changes."""
+    if "megatron.core" in sys.modules or cuda_available():
+        import megatron.core  # noqa: F401
+        return
+    real = torch.compile
+
+    def deferred(model: Any = None, **options: Any) -> Any:
+        if model is None:  # used as @torch.compile(...)
+            return lambda fn: deferred(fn, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    torch.compile = deferred
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real
+
+
 def install_cpu_patches() -> None:
     """Patch the process-wide CUDA entry points megatron-core calls (idempotent, CPU only)."""
     global _PATCHED
     if _PATCHED or cuda_available():
         return
+    import_megatron_core()
     from megatron.core.tensor_parallel import random as mcore_random
 
     def get_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:

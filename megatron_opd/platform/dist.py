@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megatron_opd.platform.cpu_compat import cuda_available, install_cpu_patches
+from megatron_opd.platform.cpu_compat import cuda_available, import_megatron_core, install_cpu_patches
 
 
 class ParallelLayoutError(ValueError):
@@ -75,6 +75,7 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
     rendezvous on 127.0.0.1. Rank 0 serves the rendezvous store on MASTER_ADDR only — except under
     torchrun (Slurm), whose agent already serves it on every interface of the node.
     """
+    import_megatron_core()
     from megatron.core import parallel_state, tensor_parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
