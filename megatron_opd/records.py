@@ -1,7 +1,10 @@
-"""The records that cross layer boundaries, in the order data flows through them:
+"""The records that cross layer and file boundaries, in the order data flows through them:
 
 ``Prompt`` (data) -> ``Rollout`` (rollout engine) -> ``Sample`` (what a teacher scores) ->
-``TokenScores`` / ``SampleScores`` (teachers) -> ``StepBatch`` (the trainer's step, as tensors).
+``TokenScores`` / ``SampleScores`` (teachers) -> ``StepBatch`` (the trainer's step, as tensors);
+on trainer rank 0 a step is ``Generated`` (sampled) then ``Produced`` (scored, tensorized); every
+rank collates its share into ``MicroBatch`` es (SFT: ``SFTMicroBatch``; both a ``TokenBatch``, what
+the student's forward reads) and its update reports an ``Update``.
 
 Only torch here: every layer may import this module and it imports no other part of the package.
 """
@@ -9,8 +12,8 @@ Only torch here: every layer may import this module and it imports no other part
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -220,6 +223,95 @@ class StepBatch:
         if "topk.ids" in named:
             topk = TeacherTopK(named.pop("topk.ids"), named.pop("topk.logprobs"), named.pop("topk.weights"))
         return cls(**named, domain_names=list(header["domain_names"]), topk=topk, opd_weight=float(header["opd_weight"]))
+
+
+# -- a step on trainer rank 0: sampled, then scored and tensorized --------------------------------
+class StepScoring(Protocol):
+    """Teachers scoring a step's samples while the rest are generated (``StreamScorer``)."""
+
+    busy_s: float  # seconds spent in teacher requests
+
+    def close(self) -> dict[int, SampleScores]:
+        """Wait for the last request; every sample's scores, by its index in the step."""
+        ...
+
+
+@dataclass
+class Generated:
+    """A step's prompts and their rollouts, as sampled (the first half of a step's batch)."""
+
+    step: int
+    prompts: list[Prompt]
+    rollouts: list[Rollout]
+    seconds: float
+    resampled: int = 0  # batches sampled again because the engine served weights older than the bound
+    scorer: StepScoring | None = None  # the teachers' scoring that started while this batch was generated
+
+
+@dataclass
+class Produced:
+    """A step's batch, ready to train, and what rank 0 measured making it (rollout, scoring, teachers)."""
+
+    step: int
+    batch: StepBatch
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# -- a rank's micro-batches: what the student's forward and the losses read ------------------------
+_Batch = TypeVar("_Batch", bound="TokenBatch")
+
+
+@dataclass
+class TokenBatch:
+    """Rows of token ids for one forward pass of the student (``model.forward.run_pipeline``'s
+    micro-batch); the records below add what their loss reads."""
+
+    input_ids: torch.Tensor  # [b, s] int64, right-padded
+
+    def to(self: _Batch, device: torch.device | str) -> _Batch:
+        """The same record with every tensor on ``device`` (no copies on CPU)."""
+        return replace(self, **{f.name: value.to(device, non_blocking=True) for f in fields(self)
+                                if isinstance(value := getattr(self, f.name), torch.Tensor)})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """A field by name (``micro["seq_len"]``), as tests and notebooks read micro-batches."""
+        return getattr(self, name)
+
+
+@dataclass
+class SFTMicroBatch(TokenBatch):
+    """SFT's micro-batch (``data.chat.collate``)."""
+
+    loss_mask: torch.Tensor  # [b, s] int64: 1 at assistant tokens
+
+
+@dataclass
+class MicroBatch(TokenBatch):
+    """OPD's micro-batch: rows of a rank's share, padded to their longest (``train.batches.micro_batches``).
+    Per-token values [b, s] sit at the token's own position (the loss shifts), 0 at prompt and padding."""
+
+    loss_mask: torch.Tensor  # [b, s] float32: 1 at completion tokens (0 where a routed teacher's score was non-finite)
+    sampler_lp: torch.Tensor  # [b, s] float32: the sampler's log p(token)
+    teacher_lp: torch.Tensor  # [b, s] float32: sum_k w_k log p_Tk(token) (the sampler's own without teachers)
+    task_adv: torch.Tensor  # [b] float32: the sample's task advantage (GRPO; zeros otherwise)
+    loss_w: torch.Tensor  # [b] float32: the sample's loss weight (loss.normalize)
+    opd_weight: torch.Tensor  # [b] float32: lambda on the teacher advantage (0: no teacher term)
+    seq_len: torch.Tensor  # [b] int64: each row's real length (the rest is padding)
+    on_policy: torch.Tensor  # [b] uint8: 1 = sampled by the student (0: the row's own response, GKD's mixing)
+    top_ids: torch.Tensor | None = None  # [b, s, slots, k] int64: the routed teachers' top-k ids (top-k losses)
+    top_lp: torch.Tensor | None = None  # [b, s, slots, k] float32: their log-probs
+    top_w: torch.Tensor | None = None  # [b, s, slots] float32: each slot's routing weight
+    old_lp: torch.Tensor | None = None  # [b, s] float32: log-probs before the step's first update (loss.epochs > 1)
+
+
+@dataclass
+class Update:
+    """What a step's update reports (``loss.epochs`` optimizer steps)."""
+
+    results: list[dict[str, Any]]  # the last pass's per-micro-batch metric sums (last pipeline stage)
+    grad_norm: float
+    lr: float
+    seconds: float
 
 
 def _spans(lengths: torch.Tensor) -> torch.Tensor:

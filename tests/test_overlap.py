@@ -7,10 +7,10 @@ import torch
 
 from conftest import REPO, opd, read_metrics
 from megatron_opd.data.chat import global_batch_indices
-from megatron_opd.records import Prompt, SamplingParams
+from megatron_opd.records import Generated, Produced, Prompt, SamplingParams
 from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.rollout.weight_push import push_in_process
-from megatron_opd.train.opd.producer import Generated, Produced, RolloutProducer, StaleWeightsError
+from megatron_opd.train.opd.producer import RolloutProducer, StaleWeightsError
 from megatron_opd.train.opd.step_maker import build_step_batch
 
 STUDENT = REPO / "assets" / "tiny" / "student_init"

@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import torch
 
+from megatron_opd.records import SFTMicroBatch
+
 OverlongPolicy = Literal["truncate", "drop"]
 
 
@@ -140,7 +142,7 @@ def tokenize_dataset(
     return examples, report
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[TokenizedExample], pad_id: int) -> SFTMicroBatch:
     """Right-pad to the longest example: ``input_ids`` [b, s] and ``loss_mask`` [b, s]."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -148,7 +150,7 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Te
     for i, e in enumerate(examples):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.loss_mask)] = torch.tensor(e.loss_mask)
-    return {"input_ids": ids, "loss_mask": mask}
+    return SFTMicroBatch(ids, mask)
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:

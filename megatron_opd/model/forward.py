@@ -8,15 +8,17 @@ forward-only collector of the student's own token log-probs.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from megatron_opd.model.logits import real_vocab_logprobs
 from megatron_opd.platform.cpu_compat import cpu_compat
+from megatron_opd.records import TokenBatch
 
+Batch = TypeVar("Batch", bound=TokenBatch)
 # loss_fn(logits_shard [b, s, V_pad/tp], micro_batch) -> (loss_sum, num_tokens, metrics)
-LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+LossFn = Callable[[torch.Tensor, Batch], tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
 
 
 def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -24,40 +26,39 @@ def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tenso
     return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[None, None]
 
 
-def _forward_step(loss_fn: LossFn, data_iterator: Any, model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}  # no-op on CPU
-    input_ids = batch["input_ids"]
+def _forward_step(loss_fn: LossFn, data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    batch = next(data_iterator).to(next(model.parameters()).device)  # no-op on CPU
+    input_ids = batch.input_ids
     seq_len = input_ids.shape[1]
     position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
     output = model(input_ids, position_ids, causal_mask(seq_len, input_ids.device))
     return output, partial(_reduce, loss_fn, batch)
 
 
-def _reduce(loss_fn: LossFn, batch: dict[str, torch.Tensor], output: torch.Tensor) -> tuple:
+def _reduce(loss_fn: LossFn, batch: TokenBatch, output: torch.Tensor) -> tuple:
     loss_sum, num_tokens, metrics = loss_fn(output, batch)
     return loss_sum, num_tokens.to(torch.int), metrics
 
 
 def run_pipeline(
     chunks: list[torch.nn.Module],
-    micro_batches: list[dict[str, torch.Tensor]],
-    loss_fn: LossFn,
+    micro_batches: Sequence[Batch],
+    loss_fn: LossFn[Batch],
     forward_only: bool,
 ) -> list[dict[str, Any]]:
     """Run ``micro_batches`` through the pipeline; returns the metrics dicts of the last stage
-    (an empty list on other stages). Every micro-batch must hold ``input_ids`` [b, s]; all
-    micro-batches may differ in rows and length (the stages then exchange shapes first)."""
+    (an empty list on other stages). Every micro-batch is a :class:`~megatron_opd.records.TokenBatch`
+    (``input_ids`` [b, s], and whatever ``loss_fn`` reads); they may differ in rows and length (the
+    stages then exchange shapes first)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
         raise ValueError("run_pipeline needs at least one micro-batch")
     from megatron.core.utils import get_model_config
 
-    micro_batch_size, seq_length = micro_batches[0]["input_ids"].shape
+    micro_batch_size, seq_length = micro_batches[0].input_ids.shape
     # pipeline stages exchange activations of a fixed shape unless told shapes vary (rows or lengths)
-    get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b["input_ids"].shape) for b in micro_batches}) > 1
+    get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b.input_ids.shape) for b in micro_batches}) > 1
     forward_backward = get_forward_backward_func()
     with cpu_compat():
         return forward_backward(
@@ -71,9 +72,9 @@ def run_pipeline(
         )
 
 
-def student_token_logprobs(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
+def student_token_logprobs(vocab_size: int, logits_shard: torch.Tensor, batch: TokenBatch):
     """Forward-only collector: the student's log p(token_t) at every position t >= 1 ([B, L-1]): PPO's
     old log-probs (``loss.epochs`` > 1, ``train/opd/update.py``) and the mismatch probe after a weight
     sync (``train/weight_export.py``)."""
-    lp = real_vocab_logprobs(logits_shard[:, :-1], batch["input_ids"][:, 1:], vocab_size)
+    lp = real_vocab_logprobs(logits_shard[:, :-1], batch.input_ids[:, 1:], vocab_size)
     return lp.sum() * 0, torch.tensor(1), {"logprobs": lp.detach()}

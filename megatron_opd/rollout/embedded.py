@@ -1,7 +1,8 @@
 """The embedded rollout engine: a ``transformers`` model holding HF-named weights, generating on CPU.
 
-Implements the :class:`~megatron_opd.rollout.engine_protocol.Engine` protocol in-process; ``opd serve --role
-rollout`` puts the same object behind SGLang's HTTP API.
+The trainer drives it in its own process (``rollout.engine: embedded``) as it drives several servers
+through :class:`~megatron_opd.rollout.rollout_pool.RolloutPool`; ``opd serve --role rollout`` puts
+the same object behind SGLang's HTTP API.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_opd.records import StepBatch, decode_header, encode_header
+from megatron_opd.records import MicroBatch, StepBatch, decode_header, encode_header
 
 
 def share_bounds(samples: int, dp: int, dp_rank: int) -> tuple[int, int]:
@@ -98,7 +98,7 @@ def _empty(shape: list[int], dtype: str) -> torch.Tensor:
 
 
 def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
-                  max_tokens: int | None = None) -> list[dict[str, torch.Tensor]]:
+                  max_tokens: int | None = None) -> list[MicroBatch]:
     """The share's samples, longest first, in micro-batches of ``micro_batch_size`` rows — or, with
     ``max_tokens``, as many rows as fit ``rows x longest row <= max_tokens`` — each padded to its own
     longest sample. Per-token values sit at the token's own position (the loss shifts); ``seq_len``
@@ -117,17 +117,16 @@ def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
         mask = (positions >= batch.prompt_lens[rows, None]) & (positions < batch.sample_lens[rows, None])
         # completion values of these rows, in the row-major order of `mask`'s True entries
         take = torch.cat([torch.arange(comp_start[i], comp_start[i + 1]) for i in rows])
-        micro = {"input_ids": input_ids, "loss_mask": _scatter(mask, batch.token_mask[take]),
-                 "sampler_lp": _scatter(mask, batch.sampler_logprobs[take]),
-                 "teacher_lp": _scatter(mask, batch.teacher_logprobs[take]),
-                 "task_adv": batch.task_advantages[rows], "loss_w": batch.loss_weights[rows],
-                 "opd_weight": torch.full((b,), batch.opd_weight), "seq_len": batch.sample_lens[rows].long(),
-                 "on_policy": batch.on_policy[rows]}
-        if batch.topk is not None:
-            micro["top_ids"] = _scatter(mask, batch.topk.ids[take].long())
-            micro["top_lp"] = _scatter(mask, batch.topk.logprobs[take])
-            micro["top_w"] = _scatter(mask, batch.topk.weights[take])
-        out.append(micro)
+        topk = batch.topk
+        out.append(MicroBatch(
+            input_ids, loss_mask=_scatter(mask, batch.token_mask[take]),
+            sampler_lp=_scatter(mask, batch.sampler_logprobs[take]), teacher_lp=_scatter(mask, batch.teacher_logprobs[take]),
+            task_adv=batch.task_advantages[rows], loss_w=batch.loss_weights[rows],
+            opd_weight=torch.full((b,), batch.opd_weight), seq_len=batch.sample_lens[rows].long(),
+            on_policy=batch.on_policy[rows],
+            top_ids=_scatter(mask, topk.ids[take].long()) if topk is not None else None,
+            top_lp=_scatter(mask, topk.logprobs[take]) if topk is not None else None,
+            top_w=_scatter(mask, topk.weights[take]) if topk is not None else None))
     return out
 
 

@@ -22,6 +22,7 @@ from megatron_opd.model import load_hf_config, real_vocab_logprobs
 from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform.faults import maybe_kill
+from megatron_opd.records import SFTMicroBatch
 from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.progress import StepProgress
@@ -29,10 +30,10 @@ from megatron_opd.train.session import StudentSession, open_student, save_step
 from megatron_opd.train.batches import group_rows
 
 
-def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch.Tensor]):
+def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: SFTMicroBatch):
     """Sum of next-token NLL over assistant tokens, and their count (megatron averages per token)."""
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].to(logits_shard.dtype)
+    targets = batch.input_ids[:, 1:]
+    mask = batch.loss_mask[:, 1:].to(logits_shard.dtype)
     logprobs = real_vocab_logprobs(logits_shard[:, :-1], targets, vocab_size)
     nll_sum = -(logprobs * mask).sum()
     tokens = mask.sum()
@@ -40,7 +41,7 @@ def sft_loss(vocab_size: int, logits_shard: torch.Tensor, batch: dict[str, torch
 
 
 def sft_micro_batches(examples: list[TokenizedExample], indices: list[int], micro_batch_size: int, pad_id: int,
-                  max_tokens: int | None = None):
+                      max_tokens: int | None = None) -> list[SFTMicroBatch]:
     """``micro_batch_size`` examples each in draw order, or, with ``max_tokens``, longest first by
     token budget (:func:`~megatron_opd.train.batches.group_rows`, shared with OPD); each padded to its own longest example."""
     if max_tokens is not None:

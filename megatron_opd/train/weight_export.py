@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 
 from megatron_opd.model import ModelBundle, export_hf_weights
 from megatron_opd.model.forward import run_pipeline, student_token_logprobs
+from megatron_opd.records import TokenBatch
 from megatron_opd.rollout.weight_push import DistributedPusher, SyncReport, push_in_process, push_to_servers_via_disk
+
+if TYPE_CHECKING:
+    from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.wire.client import SGLangClient
 
 
 def _rank0_stream(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]:
@@ -57,7 +62,7 @@ class WeightSink(Protocol):
 class InProcessSink:
     """Copy into an engine living in rank 0's own process."""
 
-    def __init__(self, engine: Any | None) -> None:
+    def __init__(self, engine: EmbeddedEngine | None) -> None:
         self.engine = engine
 
     def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
@@ -70,7 +75,7 @@ class InProcessSink:
 class DiskSink:
     """Safetensors buckets in ``work_dir`` + ``/update_weights_from_disk`` on every server."""
 
-    def __init__(self, clients: list[Any], work_dir: Path, bucket_bytes: int = 64 << 20) -> None:
+    def __init__(self, clients: list[SGLangClient], work_dir: Path, bucket_bytes: int = 64 << 20) -> None:
         self.clients, self.work_dir, self.bucket_bytes = clients, Path(work_dir), bucket_bytes
 
     def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
@@ -84,7 +89,7 @@ class DiskSink:
 class DistributedSink:
     """Broadcast over a weight-update group that rank 0 forms with every server at the first push."""
 
-    def __init__(self, clients: list[Any], bucket_bytes: int = 64 << 20, flattened: bool = False) -> None:
+    def __init__(self, clients: list[SGLangClient], bucket_bytes: int = 64 << 20, flattened: bool = False) -> None:
         self.clients, self.bucket_bytes, self.flattened = clients, bucket_bytes, flattened
         self.pusher: DistributedPusher | None = None
 
@@ -103,7 +108,7 @@ class DistributedSink:
             self.pusher = None
 
 
-def _address_for(clients: list[Any]) -> str:
+def _address_for(clients: list[SGLangClient]) -> str:
     """Where the servers reach this process's weight-update store: loopback when every server is on
     this machine, else this host's name (Slurm nodes resolve each other's names)."""
     import socket
@@ -121,7 +126,7 @@ def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tens
 
     collect = partial(student_token_logprobs, bundle.vocab_size)
     with torch.no_grad():
-        results = run_pipeline(bundle.chunks, [{"input_ids": input_ids}], collect, forward_only=True)
+        results = run_pipeline(bundle.chunks, [TokenBatch(input_ids)], collect, forward_only=True)
     out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         out += results[0]["logprobs"].double().cpu()
@@ -130,7 +135,7 @@ def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tens
     return out
 
 
-def mismatch_probe(bundle: ModelBundle, client: Any | None, input_ids: torch.Tensor) -> dict[str, float] | None:
+def mismatch_probe(bundle: ModelBundle, client: SGLangClient | None, input_ids: torch.Tensor) -> dict[str, float] | None:
     """After a sync: engine log-probs vs the student's recomputed ones on a fixed batch (rank 0 reports)."""
     ours = student_logprobs(bundle, input_ids)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from megatron_opd.model import build_model, gather_logits, load_hf_config, load_hf_weights
 from megatron_opd.model.forward import run_pipeline
 from megatron_opd.platform import init_distributed
+from megatron_opd.records import TokenBatch
 
 tp, pp, out_dir = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 hf_dirs = sys.argv[4:]
@@ -22,7 +23,7 @@ for hf_dir in hf_dirs:
     def collect(logits_shard, batch):
         return logits_shard.sum() * 0, torch.tensor(1), {"logits": gather_logits(logits_shard, bundle.vocab_size)}
 
-    micro = [{"input_ids": input_ids[i : i + 2]} for i in range(0, len(input_ids), 2)]
+    micro = [TokenBatch(input_ids[i : i + 2]) for i in range(0, len(input_ids), 2)]
     results = run_pipeline(bundle.chunks, micro, collect, forward_only=True)
     if results and dist.get_rank() == dist.get_world_size() - 1:
         logits = torch.cat([r["logits"] for r in results])

@@ -9,26 +9,35 @@ serve`` already running at ``rollout.urls``).
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from megatron_opd.config import RolloutConfig
 from megatron_opd.records import Rollout, SamplingParams
+from megatron_opd.rollout.rollout_pool import RolloutPool
 from megatron_opd.train.weight_export import DiskSink, DistributedSink, InProcessSink, WeightSink
+
+if TYPE_CHECKING:
+    from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.teachers.backends import SGLangScorer
+    from megatron_opd.wire.client import SGLangClient
+    from megatron_opd.wire.process import ServerProcess
 
 
 class RolloutEngine:
-    def __init__(self, engine: Any, eos_token_id: int, clients: list[Any] | None = None,
-                 servers: list[Any] | None = None, api_key: str | None = None) -> None:
-        self.engine = engine  # EmbeddedEngine or RolloutPool
+    """The engine in rank 0's process (:class:`EmbeddedEngine`), or its servers as one
+    (:class:`RolloutPool` over ``clients``, of which this run started ``servers``)."""
+
+    def __init__(self, engine: EmbeddedEngine | RolloutPool, eos_token_id: int, clients: list[SGLangClient] | None = None,
+                 servers: list[ServerProcess] | None = None, api_key: str | None = None) -> None:
+        self.engine = engine
         self.eos_token_id = eos_token_id
         self.clients = clients or []
         self.servers = servers or []  # the `opd serve` processes this run started
         self.api_key = api_key
-        self._scorers: list[Any] = []
+        self._scorers: list[SGLangScorer] = []
 
     @classmethod
     def start(cls, rcfg: RolloutConfig, model_dir: Path, eos_token_id: int, log_dir: Path | None = None,
@@ -38,9 +47,8 @@ class RolloutEngine:
 
             return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size), eos_token_id)
         from megatron_opd.wire.client import SGLangClient
-        from megatron_opd.rollout.rollout_pool import RolloutPool
 
-        servers: list[Any] = []
+        servers: list[ServerProcess] = []
         urls = list(rcfg.urls)
         try:
             if rcfg.engine == "embedded_server":
@@ -75,7 +83,7 @@ class RolloutEngine:
     def student_top_ids(self, sequences: list[list[int]], starts: list[int], k: int) -> list[torch.Tensor]:
         """The student's k most likely ids [T, k] at every completion position of each finished sequence,
         under the engine's current weights: a scoring prefill on the engine (prefix-cached on SGLang)."""
-        if self.clients:
+        if isinstance(self.engine, RolloutPool):
             from megatron_opd.teachers.backends import SGLangScorer
 
             if not self._scorers:
@@ -101,10 +109,10 @@ class RolloutEngine:
 
     def counters(self) -> dict[str, Any]:
         """The server pool's requests / retries / failures / wait ({} for the in-process engine)."""
-        return self.engine.counters.as_dict() if self.clients else {}
+        return self.engine.counters.as_dict() if isinstance(self.engine, RolloutPool) else {}
 
     def restore_counters(self, saved: dict[str, Any]) -> None:
-        if self.clients and saved:
+        if isinstance(self.engine, RolloutPool) and saved:
             self.engine.counters.restore(saved)
 
     def close(self) -> None:

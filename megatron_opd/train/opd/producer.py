@@ -16,27 +16,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
-from megatron_opd.records import Prompt, Rollout, StepBatch, version_number
-
-
-@dataclass
-class Generated:
-    step: int
-    prompts: list[Prompt]
-    rollouts: list[Rollout]
-    seconds: float
-    resampled: int = 0  # batches sampled again because the engine served weights older than the bound
-    scorer: Any = None  # the teachers' scoring that started while this batch was generated
-
-
-@dataclass
-class Produced:
-    step: int
-    batch: StepBatch
-    metrics: dict[str, float] = field(default_factory=dict)
+from megatron_opd.records import Generated, Produced, version_number
 
 
 class StaleWeightsError(RuntimeError):

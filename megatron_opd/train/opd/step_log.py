@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_opd.config import OPDStageConfig
+from megatron_opd.records import Produced, Update
 from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.progress import StepProgress
+from megatron_opd.train.session import StudentSession
 
 PHASES = ("rollout", "scoring", "train", "sync")
 LOSS_SUMS = ("loss_sum", "tokens", "sampled_tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
@@ -43,14 +46,14 @@ class StepLog:
     """Per step: the metric totals (a collective: every rank gets them), the guards, the audit of
     trained samples, the progress line, metrics.jsonl + TensorBoard (rank 0)."""
 
-    def __init__(self, cfg: Any, session: Any) -> None:
+    def __init__(self, cfg: OPDStageConfig, session: StudentSession) -> None:
         self.cfg, self.session = cfg, session
         self.keys = loss_sum_keys(cfg.loss.kind)
         self.progress = StepProgress("opd", cfg.train.steps, session.start_step, session.is_rank0)
         self.times: dict[str, float] = {}
         self.quiet = self.truncated = 0
 
-    def step(self, done: int, produced: Any, update: Any, seconds: dict[str, float]) -> dict[str, Any]:
+    def step(self, done: int, produced: Produced | None, update: Update, seconds: dict[str, float]) -> dict[str, Any]:
         totals = sum_from_last_stage(update.results, self.keys)
         metrics = dict(produced.metrics) if produced is not None else {}
         metrics.update(train_metrics(totals, update.grad_norm, update.lr))

@@ -19,14 +19,14 @@ from megatron_opd.algo.advantages import grpo_advantages, mix_teacher_logprobs, 
 from megatron_opd.algo.token_sets import ids_to_score, teacher_at, token_set
 from megatron_opd.config import OPDStageConfig
 from megatron_opd.data.chat import global_batch_indices
-from megatron_opd.records import (DATASET, Prompt, Rollout, Sample, SampleScores, SamplingParams, StepBatch, TeacherTopK,
-                                  version_number)
+from megatron_opd.records import (DATASET, Generated, Produced, Prompt, Rollout, Sample, SampleScores, SamplingParams,
+                                  StepBatch, TeacherTopK, version_number)
 from megatron_opd.teachers.service import TeacherSet
-from megatron_opd.train.opd.producer import Generated, Produced
+from megatron_opd.train.opd.engine import RolloutEngine
 
 
 class StepMaker:
-    def __init__(self, cfg: OPDStageConfig, prompts: list[Prompt], engine: Any, teachers: TeacherSet | None,
+    def __init__(self, cfg: OPDStageConfig, prompts: list[Prompt], engine: RolloutEngine, teachers: TeacherSet | None,
                  eos_id: int, decode: Callable[[list[int]], str]) -> None:
         self.cfg, self.prompts, self.engine, self.teachers = cfg, prompts, engine, teachers
         self.eos_id, self.decode = eos_id, decode
@@ -49,7 +49,7 @@ class StepMaker:
         dataset = [Rollout(p.ids, list(p.reference), [0.0] * len(p.reference), DATASET, f"step-{step}", live + j, k)
                    for j, p in enumerate(chosen[live:]) for k in range(rcfg.n)]
 
-        def heard(index: int, r) -> None:
+        def heard(index: int, r: Rollout) -> None:
             scorer.add(index, r.prompt_index, self._sample(r, chosen))
 
         if scorer:  # the rows' own responses are ready now: scored while the rest is generated
