@@ -273,10 +273,6 @@ class TokenBatch:
         return replace(self, **{f.name: value.to(device, non_blocking=True) for f in fields(self)
                                 if isinstance(value := getattr(self, f.name), torch.Tensor)})
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        """A field by name (``micro["seq_len"]``), as tests and notebooks read micro-batches."""
-        return getattr(self, name)
-
 
 @dataclass
 class SFTMicroBatch(TokenBatch):

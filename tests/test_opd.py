@@ -125,7 +125,7 @@ def test_domain_normalisation_gives_each_domain_an_equal_share():
     batch = build_step_batch(prompts, rollouts, None, "domain", 0)
     assert batch.loss_weights.tolist() == pytest.approx(weights)
     micro = micro_batches(batch, 2, pad_id=0)  # longest first: samples 1, 0 | 3, 2
-    assert [m["loss_w"].tolist() for m in micro] == [pytest.approx([weights[1], weights[0]]), pytest.approx([weights[3], weights[2]])]
+    assert [m.loss_w.tolist() for m in micro] == [pytest.approx([weights[1], weights[0]]), pytest.approx([weights[3], weights[2]])]
     assert build_step_batch(prompts, rollouts, None, "token", 0).loss_weights.tolist() == [1.0] * 4
 
 
@@ -140,24 +140,24 @@ def test_micro_batches_by_token_budget_keep_every_sample_once():
     batch = build_step_batch(prompts, rollouts, None, "token", 0)
     by_rows = micro_batches(batch, 2, pad_id=0)
     by_tokens = micro_batches(batch, 2, pad_id=0, max_tokens=100)  # 52 | 47 + 32 (94) | 18 + 12 + 6 (54)
-    assert [m["seq_len"].tolist() for m in by_tokens] == [[52], [47, 32], [18, 12, 6]]
-    assert [tuple(m["input_ids"].shape) for m in by_tokens] == [(1, 52), (2, 47), (3, 18)]
+    assert [m.seq_len.tolist() for m in by_tokens] == [[52], [47, 32], [18, 12, 6]]
+    assert [tuple(m.input_ids.shape) for m in by_tokens] == [(1, 52), (2, 47), (3, 18)]
     for micros in (by_rows, by_tokens):  # every sample once, its own tokens and log-probs where they belong
         seen = {}
         for m in micros:
-            for r in range(m["input_ids"].shape[0]):
-                sample = int(m["input_ids"][r, 2]) - 3
+            for r in range(m.input_ids.shape[0]):
+                sample = int(m.input_ids[r, 2]) - 3
                 n = completions[sample]
-                assert m["input_ids"][r, 2:2 + n].tolist() == [3 + sample] * n and not m["input_ids"][r, 2 + n:].any()
-                assert m["sampler_lp"][r, 2:2 + n].tolist() == [-0.5 - sample] * n and m["loss_mask"][r].sum() == n
+                assert m.input_ids[r, 2:2 + n].tolist() == [3 + sample] * n and not m.input_ids[r, 2 + n:].any()
+                assert m.sampler_lp[r, 2:2 + n].tolist() == [-0.5 - sample] * n and m.loss_mask[r].sum() == n
                 seen[sample] = seen.get(sample, 0) + 1
         assert seen == {i: 1 for i in range(len(completions))}
     def padded(micros):
-        return 1 - sum(int(m["seq_len"].sum()) for m in micros) / sum(m["input_ids"].numel() for m in micros)
+        return 1 - sum(int(m.seq_len.sum()) for m in micros) / sum(m.input_ids.numel() for m in micros)
 
     assert padded(by_tokens) == pytest.approx(1 - 167 / 200) and padded(by_rows) == pytest.approx(1 - 167 / 192)
     # a sample longer than the budget trains alone; the rest still fill up to it
-    assert [m["seq_len"].tolist() for m in micro_batches(batch, 2, 0, max_tokens=40)] == [[52], [47], [32], [18, 12], [6]]
+    assert [m.seq_len.tolist() for m in micro_batches(batch, 2, 0, max_tokens=40)] == [[52], [47], [32], [18, 12], [6]]
     cfg = load_recipe(RECIPE, ["train.max_tokens_per_micro_batch=512", "train.micro_batch_size=3"])  # rows no longer divide
     assert cfg.train.max_tokens_per_micro_batch == 512
     with pytest.raises(ConfigError, match=r"multiple of train.micro_batch_size x parallel.dp"):

@@ -488,7 +488,7 @@ def test_nonfinite_teacher_scores_are_masked_counted_and_stop_the_run_past_a_thr
     batch = build_step_batch(prompts, rolls, scored, "token", 0)
     assert batch.token_mask.sum() == total - 4
     micro = micro_batches(batch, 8, pad_id=0)
-    assert sum(float(m["loss_mask"].sum()) for m in micro) == total - 4
+    assert sum(float(m.loss_mask.sum()) for m in micro) == total - 4
 
 
 def _routed(scores: TokenScores):
