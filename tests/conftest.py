@@ -126,3 +126,16 @@ def start_rollout_server(model: Path, timeout: float = 180.0, role: str = "rollo
 
     server = start_server(model, role=role, timeout=timeout, extra_args=extra_args)
     return server.url, server.proc
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The slow (real-process, end-to-end) tests and the quick ones, shown apart: count and test time."""
+    totals: dict[str, tuple[int, float]] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                kind = "slow" if "slow" in report.keywords else "quick"
+                count, seconds = totals.get(kind, (0, 0.0))
+                totals[kind] = (count + 1, seconds + report.duration)
+    for kind, (count, seconds) in sorted(totals.items()):
+        terminalreporter.write_line(f"{kind} tests: {count} run, {seconds:.0f} s of test time")

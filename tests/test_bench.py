@@ -23,6 +23,7 @@ def test_prompt_pool_takes_steps_times_batch_rows_from_every_domain(tmp_path):
     assert len({r["messages"][0]["content"] for r in rows}) == 80  # every prompt once
 
 
+@pytest.mark.slow
 def test_bench_e2e_runs_the_loop_and_prints_its_figure_last(tmp_path):
     run = opd("bench", "e2e", "--student", "assets/tiny/student_init", "--batch", "8", "--max-new-tokens", "12",
               "--steps", "3", "--warmup", "1", "--rounds", "1")
@@ -30,6 +31,7 @@ def test_bench_e2e_runs_the_loop_and_prints_its_figure_last(tmp_path):
     assert last.startswith("megatron-opd trained tokens/s: ") and float(last.split(": ")[1]) > 0
 
 
+@pytest.mark.slow
 def test_bench_step_sweeps_and_prints_the_phase_ratio_last():
     run = opd("bench", "step", "--student", "assets/tiny/student_init", "--batches", "4", "--lengths", "",
               "--batch", "4", "--max-new-tokens", "8", "--steps", "3", "--warmup", "1")
@@ -50,6 +52,7 @@ def test_bench_e2e_vs_trl_prints_the_ratio():
     assert last.startswith("ratio megatron-opd / trl: ") and float(last.split(": ")[1].split()[0]) > 0
 
 
+@pytest.mark.slow
 def test_bench_scale_measures_the_sharded_loss_below_the_gathered_one():
     """(Its padding figure is the loop's own ``train/padding_fraction``, checked in test_opd.)"""
     run = opd("bench", "scale", "--vocabs", "8192", "--tps", "1,2", "--tokens", "512", "--chunk-mib", "0.5",

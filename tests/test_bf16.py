@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, WORKERS, torchrun
 
 
+@pytest.mark.slow
 def test_bf16_trains_like_fp32_and_syncs_the_trained_weights(tmp_path):
     student = REPO / "assets" / "tiny" / "student_init"  # the tiny world's Qwen3 (tied embeddings)
     for dtype in ("float32", "bfloat16"):

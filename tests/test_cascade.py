@@ -67,6 +67,7 @@ SHRINK = [
 ]
 
 
+@pytest.mark.slow
 def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     out = tmp_path / "cascade"
     recipe = tmp_path / "cascade_pick.yaml"

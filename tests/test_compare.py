@@ -146,6 +146,7 @@ def test_compare_stage_references_are_checked(tmp_path, stage, error):
         load_recipe(recipe)
 
 
+@pytest.mark.slow
 def test_real_comparison_at_equal_tokens(tmp_path):
     out = tmp_path / "cmp"
     recipe = tmp_path / "compare.yaml"

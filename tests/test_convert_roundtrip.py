@@ -10,6 +10,7 @@ from conftest import opd
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.slow
 def test_hf_megatron_hf_bit_exact(tiny_hf, tmp_path, arch):
     src = tiny_hf[arch]
     opd("convert", "hf-to-megatron", str(src), str(tmp_path / "mcore"), "--tp", "2", "--pp", "2", "--vocab-divisible-by", "4")
@@ -30,6 +31,7 @@ def test_hf_megatron_hf_bit_exact(tiny_hf, tmp_path, arch):
     assert cfg_out["tie_word_embeddings"] == cfg_in["tie_word_embeddings"]
 
 
+@pytest.mark.slow
 def test_export_in_shards_loads_in_transformers(tiny_hf, tmp_path):
     """A model larger than --shard-mb is written shard by shard (HF's names and index), and loads."""
     from transformers import AutoModelForCausalLM

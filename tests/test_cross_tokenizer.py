@@ -256,6 +256,7 @@ def test_a_cross_tokenizer_teacher_scores_in_its_own_ids(bpe_teacher):
     assert any(i not in starts for i in range(len(text)))  # inside rows were checked ("answer:" is one token)
 
 
+@pytest.mark.slow
 def test_opd_with_the_shipped_other_tokenizer_teacher_runs_the_loop(tmp_path):
     """recipes/tiny/opd_cross_tokenizer.yaml for two steps at TP2 with the top-k forward KL: the BPE
     arithmetic teacher scores every sample (counted), its log-probs and top-k mapped onto the student's

@@ -10,6 +10,7 @@ from conftest import WORKERS, torchrun
 LAYOUTS = [(1, 1, 1), (2, 1, 2), (1, 2, 2)]
 
 
+@pytest.mark.slow
 def test_dp2_layouts_train_like_one_rank(tmp_path, tiny_hf):
     for tp, pp, dp in LAYOUTS:
         torchrun(tp * pp * dp, [str(WORKERS / "dp_worker.py"), str(tp), str(pp), str(dp), str(tmp_path),

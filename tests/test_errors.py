@@ -1,6 +1,7 @@
 """Bad input stops the run before it starts, with a message naming what is wrong."""
 import json
 
+import pytest
 import yaml
 
 from conftest import opd, sft_recipe, torchrun
@@ -58,6 +59,7 @@ def test_unsupported_architecture(tmp_path):
            "architecture ['GPT2LMHeadModel'] is not supported", "LlamaForCausalLM")
 
 
+@pytest.mark.slow
 def test_missing_and_corrupt_checkpoints(tiny_hf, tmp_path):
     _fails(opd("export-hf", str(tmp_path / "nowhere"), str(tmp_path / "o"), check=False), "nowhere: checkpoint not found")
     (tmp_path / "empty").mkdir()

@@ -2,11 +2,14 @@
 import json
 import shutil
 
+import pytest
+
 from conftest import REPO, opd
 
 WORLD = REPO / "assets" / "tiny"
 
 
+@pytest.mark.slow
 def test_eval_is_deterministic_and_accepts_megatron_checkpoints(tmp_path):
     student = WORLD / "student_init"
     args = ["--domains", "strings,format", "--samples", "6", "--seed", "3"]

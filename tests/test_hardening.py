@@ -256,6 +256,7 @@ def test_a_non_loopback_server_needs_a_key():
     assert refused.returncode == 2 and "needs an API key" in refused.stderr
 
 
+@pytest.mark.slow
 def test_a_run_does_not_resume_a_checkpoint_of_another_config(tmp_path, tiny_world):
     """Re-running into a directory whose checkpoint came from different settings stops before anything
     starts, naming the keys; the layout, the step count and the run's place may change."""
@@ -329,6 +330,7 @@ def test_fuzzed_bodies_never_get_a_500(server):
     assert httpx.post(url + "/generate", json=_gen(temperature=0.0), timeout=30).status_code == 200
 
 
+@pytest.mark.slow
 def test_cli_and_config_refuse_nonsense_before_starting(tmp_path, tiny_world):
     from conftest import opd, sft_recipe
 

@@ -92,6 +92,7 @@ CASCADE_CHAINS = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
 
 
 @pytest.mark.parametrize("recipe", SLURM_RECIPES, ids=[str(p.relative_to(REPO / "recipes")) for p in SLURM_RECIPES])
+@pytest.mark.slow
 def test_every_slurm_recipe_dry_runs_with_its_own_placement(tmp_path, recipe):
     slurm = load_recipe(recipe).launch.slurm
     groups = [slurm.trainer] + ([slurm.rollout] if slurm.rollout else []) + list(slurm.teachers.values())
@@ -172,6 +173,7 @@ def test_wait_servers_blocks_until_healthy_and_names_the_dead_one():
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_local_executor_runs_the_stage_and_reports_failure(tmp_path):
     """`opd launch --executor local`: nemo-run's LocalExecutor runs `opd run` for real."""
     out = tmp_path / "sft"
@@ -194,6 +196,7 @@ def _normalized(text: str, job_dir: Path) -> str:
 
 
 @pytest.mark.parametrize("name", GPU_RECIPES)
+@pytest.mark.slow
 def test_gpu_recipes_render_the_recorded_scripts(tmp_path, name):
     """The GPU recipes' sbatch script and group scripts, byte for byte as recorded under tests/golden/slurm
     (recorded from the launcher before the CPU / embedded-server groups of issue 17 were added, which

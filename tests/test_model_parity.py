@@ -10,6 +10,7 @@ from conftest import VOCAB, WORKERS, torchrun
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+@pytest.mark.slow
 def test_logits_match_transformers(tiny_hf, tmp_path, tp, pp):
     input_ids = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(7))
     torch.save(input_ids, tmp_path / "input_ids.pt")
@@ -30,6 +31,7 @@ def test_logits_match_transformers(tiny_hf, tmp_path, tp, pp):
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+@pytest.mark.slow
 def test_weight_export_equals_mbridges_and_round_trips(tiny_hf, tmp_path, tp, pp):
     """The HF-named stream weight sync and export read: at PP = 1 it skips mbridge's per-parameter
     pipeline collectives, so it is held to mbridge's own export (names, order, values) and to the

@@ -21,6 +21,7 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
     straight = tmp_path / "straight"
     run = opd("run", str(RECIPE), *SMALL, f"run.output_dir={straight}")
@@ -83,6 +84,7 @@ def test_opd_recipe_validation_names_the_field():
         load_recipe(RECIPE, ["train.prompts_per_step=3", "rollout.n=1"])
 
 
+@pytest.mark.slow
 def test_grpo_verifier_rewards_drive_the_update(tmp_path):
     """kind: grpo — no teacher; rewards from the domain verifier, group-normalised per prompt."""
     out = tmp_path / "grpo"
@@ -193,6 +195,7 @@ def test_sequence_normalisation_gives_each_sample_an_equal_share():
     # the token set is the union of the teacher's and the student's top-16 (the engine's top-k, scored
     # by the teacher through token_ids_logprob)
     ("jsd", "opd/topk_overlap", ["parallel.pp=2", "train.max_tokens_per_micro_batch=100", "loss.token_set=union"])])
+@pytest.mark.slow
 def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect, layout):
     out = tmp_path / kind
     opd("run", str(RECIPE), *SMALL, "parallel.tp=1", *layout, f"loss.kind={kind}", "loss.top_k=16",
@@ -208,6 +211,7 @@ def test_sampled_token_and_jsd_losses_train_end_to_end(tmp_path, kind, expect, l
         assert all(16 < r["opd/token_set_size"] < 32 for r in rows)
 
 
+@pytest.mark.slow
 def test_a_teacher_outage_stops_the_run_naming_it_and_the_resume_loses_nothing(tmp_path):
     """The run's only teacher replica is SIGKILLed mid-run: the run stops with the teacher named and
     its last checkpoint kept; with the teacher back on the same port, the rerun resumes there and
@@ -258,6 +262,7 @@ def test_a_teacher_outage_stops_the_run_naming_it_and_the_resume_loses_nothing(t
     assert counters["samples"] == 8 * 4 * 2  # steps before the checkpoint (restored) + after the resume, each scored once
 
 
+@pytest.mark.slow
 def test_full_activation_recompute_trains_the_same(tmp_path):
     """model.recompute=full (megatron recomputes each layer in the backward pass) changes memory, not math."""
     runs = {}

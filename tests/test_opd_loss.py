@@ -56,6 +56,7 @@ def _reference(kind, logits, batch):
 
 
 @pytest.mark.parametrize("tp", [1, 4])  # TP4: a shard of real ids only, one of 1 real + 2 padded
+@pytest.mark.slow
 def test_opd_loss_matches_the_definitions_on_vocab_shards(tmp_path, tp):
     logits, batch = _batch()
     save_file({"logits": logits, **{k: v.contiguous() for k, v in batch.items()}}, str(tmp_path / "inputs.safetensors"))

@@ -87,6 +87,7 @@ SMALL = ["model.hf_path=assets/tiny/student_init", "parallel.tp=1", "parallel.pp
 OVERLAP = ["rollout.engine=embedded_server", "rollout.sync=distributed", "rollout.max_staleness=1"]
 
 
+@pytest.mark.slow
 def test_one_step_off_policy_run_is_deterministic_and_trains_every_sample_once(tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -141,6 +142,7 @@ def test_streaming_scores_equal_whole_step_scores(tmp_path):
     assert torch.equal(streamed.topk.ids, whole.topk.ids)
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_train_their_own_shares(tmp_path):
     """DP=2 inside the loop: each rank receives its half of the step's samples as tensors and the
     step trains every completion token once over both shares (that DP layouts train exactly what

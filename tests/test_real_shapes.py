@@ -24,6 +24,7 @@ def qwen_pair(tmp_path_factory):
             make_random_qwen3(root / "teacher", "Qwen3-0.6B", seed=1, num_layers=2))
 
 
+@pytest.mark.slow
 def test_two_layer_qwen3_at_real_width_trains_syncs_and_resumes_resharded(qwen_pair, tmp_path):
     student, teacher = qwen_pair
     config = json.loads((student / "config.json").read_text())

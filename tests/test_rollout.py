@@ -95,6 +95,7 @@ def test_server_speaks_sglang_shapes_and_rejects_invalid_bodies(server):
 
 
 @pytest.mark.parametrize("mode,version", [("disk", "7"), ("distributed", "8"), ("distributed_flat", "9")])
+@pytest.mark.slow
 def test_weight_sync_from_tp2pp2_student_is_exact(server, tmp_path, mode, version):
     torchrun(4, [str(WORKERS / "sync_worker.py"), "2", "2", str(TEACHER), server, str(tmp_path), mode])
     client = SGLangClient(server)
@@ -111,6 +112,7 @@ def test_weight_sync_from_tp2pp2_student_is_exact(server, tmp_path, mode, versio
     assert report["probe"]["mean_abs_diff"] <= 1e-5 and report["probe"]["max_abs_diff"] <= 5e-5, report["probe"]
 
 
+@pytest.mark.slow
 def test_pool_retries_a_killed_servers_share_exactly_once():
     from transformers import AutoTokenizer
 

@@ -105,6 +105,7 @@ def _maker(cfg, tok, engine, teachers):
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.slow
 def test_a_context_teacher_scores_the_students_tokens_after_its_own_prompt(world, stream):
     """The teacher (a real embedded server) scores each completion after the row's hinted prompt:
     its log-probs equal HF's on [hinted prompt + the student's completion], not on the student's
@@ -172,6 +173,7 @@ def test_gkd_lambda_trains_on_the_expected_mix(world):
     assert len(seen[0] | seen[1] | seen[2]) > 4  # which prompts are mixed is drawn per step
 
 
+@pytest.mark.slow
 def test_opsd_with_gkd_mixing_runs_the_loop_at_tp2(tmp_path):
     """The whole loop, TP2 over gloo: the student's own starting weights behind a hinted context as
     the only teacher, half of every step's prompts on the rows' own responses. Counted per step: 8
@@ -201,6 +203,7 @@ def test_opsd_with_gkd_mixing_runs_the_loop_at_tp2(tmp_path):
     assert json.loads((out / "results.json").read_text())["teacher_counters"]["hinted"]["samples"] == 2 * 16
 
 
+@pytest.mark.slow
 def test_a_live_teacher_is_the_student_itself_in_the_rollout_servers(tmp_path):
     """model: live — the rollout server (holding the trainer's synced weights) scores: without a
     context its log-probs are the student's own, so the reverse KL the trainer measures is 0 at every

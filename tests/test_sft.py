@@ -1,12 +1,14 @@
 """The SFT stage, run for real through `opd run` (torchrun + gloo when it needs several processes)."""
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import opd, read_metrics, sft_recipe
 
 
+@pytest.mark.slow
 def test_one_step_tp2pp2_equals_tp1pp1(tiny_world, tmp_path):
     """TP2 x PP2 with micro-batches by token budget (other rows, other shapes per micro-batch, which
     the pipeline stages exchange) against TP1 x PP1 in rows of the draw order: the same step."""
@@ -26,6 +28,7 @@ def _final_weights(out):
     return load_file(out / "hf" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tiny_world, tmp_path):
     common = dict(steps=20, save_interval=5, keep_last=2)
     straight = tmp_path / "straight"
@@ -64,6 +67,7 @@ def test_resume_after_sigkill_is_exact(tiny_world, tmp_path):
     assert not torch.equal(a["model.embed_tokens.weight"], initial)  # training changed them
 
 
+@pytest.mark.slow
 def test_sft_halves_held_out_loss(tiny_world, tmp_path):
     out = tmp_path / "learn"
     proc = opd("run", str(sft_recipe(tiny_world, out, pp=2, steps=60, global_batch_size=16, micro_batch_size=8)))

@@ -80,6 +80,7 @@ def _kill_listener(port: int) -> int:
 
 
 @pytest.mark.timeout(2700)  # two jobs one after the other on a 2-core machine, each polled with its own bound
+@pytest.mark.slow
 def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_path, slurm):
     """Job A is cancelled mid-run (scancel); job B, the same submission, resumes from A's last
     checkpoint, loses one of the two teacher replicas mid-run (SIGKILL) and finishes on the other."""
@@ -146,6 +147,7 @@ def _chain_ids(stdout: str) -> list[tuple[str, str]]:
     return re.findall(r"^(\w+): Submitted batch job (\d+)", stdout, flags=re.M)
 
 
+@pytest.mark.slow
 def test_refused_submission_and_cancelled_chain(tmp_path, slurm):
     """sbatch's own refusal is the error; `opd launch --cancel` stops a submitted chain before it runs."""
     refused = opd("launch", "recipes/tiny/slurm_cascade.yaml", "launch.slurm.partition=nope", "--executor", "slurm",
@@ -174,6 +176,7 @@ def test_refused_submission_and_cancelled_chain(tmp_path, slurm):
     assert after.count("CANCELLED") == 2, after
 
 
+@pytest.mark.slow
 def test_cascade_as_a_chain_of_jobs(tmp_path, slurm):
     """A two-stage cascade as two jobs: the OPD stage's job waits on the SFT stage's (afterok), runs
     after it ended, and starts from the SFT stage's output; the last job writes the results."""

@@ -8,6 +8,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from conftest import REPO
 
@@ -28,6 +29,7 @@ def _role(proc: psutil.Process) -> str:
     return f"trainer rank {proc.environ().get('RANK', '?')}" if "run" in cmd else " ".join(cmd[:3])
 
 
+@pytest.mark.slow
 def test_every_socket_a_running_opd_job_listens_on_is_loopback(tmp_path):
     log = open(tmp_path / "run.log", "w")
     job = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "run", str(RECIPE), *RUN,

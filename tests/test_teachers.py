@@ -65,6 +65,7 @@ def teacher_server():
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_embedded_teacher_equals_transformers(teacher_server, rollouts):
     seqs, starts = [s.token_ids for s in rollouts], [s.start for s in rollouts]
     reference = _hf_scores(TEACHER, seqs, starts, 5)
@@ -179,6 +180,7 @@ class _KillsItsServer:
         return self.scorer.health()
 
 
+@pytest.mark.slow
 def test_killed_replica_fails_over_and_all_dead_stops(rollouts):
     from megatron_opd.wire.process import start_server
 

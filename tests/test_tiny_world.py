@@ -38,6 +38,7 @@ def _eval(ckpt, tmp_path, tag, domains=None):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_teachers_master_their_domain_and_the_student_has_room(tmp_path):
     teachers = {name: _eval(WORLD / "teachers" / name, tmp_path, name, name)[name]["accuracy"] for name in DOMAINS}
     assert all(acc >= 0.9 for acc in teachers.values()), teachers

@@ -67,6 +67,7 @@ def _reference(data, kind, ids, lps):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.slow
 def test_vocab_parallel_losses_equal_the_full_vocabulary_ones(tmp_path, tp):
     data = _inputs()
     assert torch.isneginf(data["union_lp"]).any() and torch.isfinite(data["union_lp"][..., K:]).any()  # both kinds of slot
