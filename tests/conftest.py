@@ -139,14 +139,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
                 totals[kind] = (count + 1, seconds + report.duration)
     for kind, (count, seconds) in sorted(totals.items()):
         terminalreporter.write_line(f"{kind} tests: {count} run, {seconds:.0f} s of test time")
-
-
-# The files that take longest (measured: the Slurm jobs, the tiny world's cold start, the real-shape loop,
-# the OPD loop's resumes, the cascade): collected first, so the two workers start on them and the quick
-# files fill in around them instead of one worker finishing a long file alone at the end.
-LONGEST_FIRST = ["test_slurm.py", "test_tiny_world.py", "test_real_shapes.py", "test_opd.py", "test_cascade.py"]
-
-
-def pytest_collection_modifyitems(items) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
