@@ -53,7 +53,7 @@ def torchrun(nproc: int, script_or_module: list[str], timeout: int = 600, env: d
              check: bool = True) -> subprocess.CompletedProcess:
     """Run a real multi-process job on 127.0.0.1 (gloo) and return the finished process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), *script_or_module]
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *script_or_module]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
@@ -71,7 +71,7 @@ def opd(*args: str, timeout: int = 900, env: dict | None = None, check: bool = T
     return proc
 
 
-from megatron_opd.platform.dist import _free_port  # noqa: E402,F401  (one free-port helper)
+from megatron_opd.platform.dist import free_port  # noqa: E402,F401  (one free-port helper)
 
 
 @pytest.fixture(scope="session")

@@ -130,10 +130,10 @@ def test_a_paused_or_overloaded_server_says_so_and_answers_503_in_bounded_time(s
 
 def test_weight_update_group_fails_fast(server):
     url, _ = server
-    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.platform.dist import free_port
 
     started = time.monotonic()  # nothing listens on the master port: gives up after --group-timeout-s 2
-    r = httpx.post(url + "/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": _free_port(),
+    r = httpx.post(url + "/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": free_port(),
                                                             "rank_offset": 1, "world_size": 2, "backend": "gloo"},
                    timeout=60)
     assert r.status_code == 200 and r.json()["success"] is False
@@ -422,13 +422,13 @@ def test_a_weight_sync_that_fails_half_way_leaves_the_old_weights_serving(server
     import subprocess
     import sys
 
-    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.platform.dist import free_port
 
     url, log = server
     norm = "model.norm.weight"
     before, greedy = _weights(url, norm), _greedy(url)
     version = httpx.get(url + "/model_info").json()["weight_version"]
-    trainer = subprocess.run([sys.executable, "-c", _DIES_HALF_WAY, url, str(_free_port()), str(TEACHER)],
+    trainer = subprocess.run([sys.executable, "-c", _DIES_HALF_WAY, url, str(free_port()), str(TEACHER)],
                              capture_output=True, text=True, timeout=120)
     assert trainer.returncode == -signal.SIGKILL and "half-way" in trainer.stdout, trainer.stderr[-2000:]
     # the server is still paused (nobody continued it); a restarted trainer, or an operator, continues it
@@ -442,7 +442,7 @@ def test_a_weight_sync_that_fails_half_way_leaves_the_old_weights_serving(server
     from megatron_opd.rollout.update_group import WeightUpdateGroup, dtype_name
     from megatron_opd.wire.client import SGLangClient
 
-    client, port = SGLangClient(url), _free_port()
+    client, port = SGLangClient(url), free_port()
     joining = threading.Thread(target=client.init_weights_update_group, args=("127.0.0.1", port, 1, 2, "gloo"))
     joining.start()
     group = WeightUpdateGroup("127.0.0.1", port, 0, 2, "gloo", timeout_s=30)

@@ -222,11 +222,11 @@ def test_a_teacher_outage_stops_the_run_naming_it_and_the_resume_loses_nothing(t
     import time
 
     from conftest import REPO as repo
-    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.platform.dist import free_port
     from megatron_opd.wire.process import start_server
 
     teacher_dir = repo / "assets" / "tiny" / "teachers" / "arithmetic"
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "run"
     steps = ["train.steps=8", f"teachers.teachers.arithmetic.urls=[http://127.0.0.1:{port}]"]
     server = start_server(teacher_dir, role="teacher", port=port)

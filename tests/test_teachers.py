@@ -345,11 +345,11 @@ def test_vllm_openai_teacher_matches_embedded(tmp_path):
     import time
 
     from megatron_opd.model.tiny import make_tiny_qwen3
-    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.platform.dist import free_port
     from megatron_opd.teachers.backends import OpenAIScorer
 
     model = make_tiny_qwen3(tmp_path / "hd64", 131, "hd64", seed=5, tokenizer_dir=REPO / "assets" / "tiny" / "tokenizer")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([os.environ["OPD_VLLM_PYTHON"], "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                              "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
                              "--gpu-memory-utilization", "0.2", "--max-model-len", "512"],

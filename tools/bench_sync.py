@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from megatron_opd.bench.limits import loopback_gbps
 from megatron_opd.data.tokenizer import build_char_tokenizer
 from megatron_opd.model.tiny import make_tiny_qwen3
-from megatron_opd.platform.dist import _free_port
+from megatron_opd.platform.dist import free_port
 from megatron_opd.wire.client import SGLangClient
 from megatron_opd.rollout.weight_push import DistributedPusher, push_to_servers_via_disk
 
@@ -41,7 +41,7 @@ def main() -> None:
         model = make_tiny_qwen3(tmp / "model", len(tok), args.size, tokenizer_dir=tmp / "tok")
         weights = load_file(str(model / "model.safetensors"))
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--model", str(model),
                                  "--port", str(port)], stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"
@@ -53,7 +53,7 @@ def main() -> None:
                 except httpx.HTTPError:
                     time.sleep(0.5)
             client = SGLangClient(url)
-            per_tensor = DistributedPusher([client], master_port=_free_port())
+            per_tensor = DistributedPusher([client], master_port=free_port())
             rows: dict[str, list[float]] = {}
             bucket = args.bucket_mb << 20
             # Interleaved, so every mode sees the same machine load (2 shared cores are noisy).

@@ -51,11 +51,11 @@ class MemoryPoint:
 
 def _run_worker(nproc: int, spec: dict, what: str) -> list[dict]:
     """One torchrun of ``nproc`` scale_worker ranks; their reports, by rank."""
-    from megatron_opd.platform.dist import _free_port  # here: importing it loads torch
+    from megatron_opd.platform.dist import free_port  # here: importing it loads torch
 
     with tempfile.TemporaryDirectory(prefix="opd-bench-scale-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.bench.scale_worker",
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_opd.bench.scale_worker",
                json.dumps({**spec, "out": tmp})]
         # glibc's dynamic mmap threshold would keep freed chunk buffers resident (counted before, reused
         # unseen): fixed thresholds return every large block to the system when it is freed

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from megatron_opd.platform.dist import _free_port
+from megatron_opd.platform.dist import free_port
 from megatron_opd.wire.process import ServerProcess, start_server
 
 
@@ -58,7 +58,7 @@ def _job_rss(pid: int) -> int:
 def run_soak(s: SoakSettings, log: Callable[[str], None] = print) -> list[str]:
     out = Path(s.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     replicas: list[ServerProcess | None] = [start_server(s.teacher, role="teacher", port=p, log_path=out / f"teacher-{i}.log")
                                             for i, p in enumerate(ports)]
     urls = ",".join(r.url for r in replicas if r)

@@ -28,7 +28,7 @@ class DistInfo:
     backend: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -85,7 +85,7 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
     backend = "nccl" if cuda_available() else "gloo"
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         timeout = timedelta(minutes=10)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from megatron_opd.platform.dist import _free_port
+from megatron_opd.platform.dist import free_port
 
 
 def under_launcher() -> bool:
@@ -35,7 +35,7 @@ def relaunch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
     """Run ``python -m megatron_opd.cli <argv>`` as ``nproc`` ranks on 127.0.0.1; returns the exit code
     (0 when all succeed, else the first failure's; a signal N reads as 128 + N)."""
     base = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
             "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
     ranks = [subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]

@@ -96,9 +96,9 @@ class DistributedSink:
     def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0 and self.pusher is None:
-            from megatron_opd.platform.dist import _free_port
+            from megatron_opd.platform.dist import free_port
 
-            self.pusher = DistributedPusher(self.clients, master_port=_free_port(), flattened=self.flattened,
+            self.pusher = DistributedPusher(self.clients, master_port=free_port(), flattened=self.flattened,
                                             master_address=_address_for(self.clients))
         return _sync(bundle, lambda stream: self.pusher.push(stream, version, self.bucket_bytes))
 

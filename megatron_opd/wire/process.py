@@ -32,11 +32,11 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
     import os
     import tempfile
 
-    from megatron_opd.platform.dist import _free_port
+    from megatron_opd.platform.dist import free_port
     from megatron_opd.platform.local_ranks import die_with_parent  # a killed run never leaves servers behind
     from megatron_opd.wire.client import NotHealthy, wait_healthy
 
-    port = port or _free_port()
+    port = port or free_port()
     env = {**os.environ, "OPD_API_KEY": api_key} if api_key else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if log_path is None:  # a file, not a pipe: a chatty server must never block on a full pipe
