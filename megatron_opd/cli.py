@@ -18,7 +18,7 @@ import typer
 from megatron_opd.config import ConfigError, load_recipe
 from megatron_opd.pipeline.preflight import (preflight_cascade, preflight_model, preflight_opd, preflight_resume,
                                              readable_weights)
-from megatron_opd.platform.dist import is_loopback
+from megatron_opd.platform.net import is_loopback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation with a megatron-core student.")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between formats.")
@@ -35,7 +35,7 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from megatron_opd.data.chat import DataError
-    from megatron_opd.model.bridge import UnsupportedArchitectureError
+    from megatron_opd.model.hf_config import UnsupportedArchitectureError
     from megatron_opd.model.checkpoint import CheckpointError
     from megatron_opd.platform.dist import ParallelLayoutError
     from megatron_opd.teachers.parity import TokenizerMismatch
@@ -105,6 +105,9 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
+        from megatron_opd.platform.cpu_compat import import_megatron_core
+
+        import_megatron_core()  # first, before any module imports it (see its docstring)
         if cfg.kind == "sft":
             from megatron_opd.train.sft import run_sft
 

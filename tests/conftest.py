@@ -71,7 +71,7 @@ def opd(*args: str, timeout: int = 900, env: dict | None = None, check: bool = T
     return proc
 
 
-from megatron_opd.platform.dist import free_port  # noqa: E402,F401  (one free-port helper)
+from megatron_opd.platform.net import free_port  # noqa: E402,F401  (one free-port helper)
 
 
 @pytest.fixture(scope="session")

@@ -130,7 +130,7 @@ def test_a_paused_or_overloaded_server_says_so_and_answers_503_in_bounded_time(s
 
 def test_weight_update_group_fails_fast(server):
     url, _ = server
-    from megatron_opd.platform.dist import free_port
+    from megatron_opd.platform.net import free_port
 
     started = time.monotonic()  # nothing listens on the master port: gives up after --group-timeout-s 2
     r = httpx.post(url + "/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": free_port(),
@@ -422,7 +422,7 @@ def test_a_weight_sync_that_fails_half_way_leaves_the_old_weights_serving(server
     import subprocess
     import sys
 
-    from megatron_opd.platform.dist import free_port
+    from megatron_opd.platform.net import free_port
 
     url, log = server
     norm = "model.norm.weight"

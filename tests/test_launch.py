@@ -164,7 +164,7 @@ def test_wait_servers_blocks_until_healthy_and_names_the_dead_one():
     try:
         url = f"http://127.0.0.1:{server.server_port}"
         assert "all servers healthy" in opd("wait-servers", url, "--timeout", "5").stdout
-        from megatron_opd.platform.dist import free_port
+        from megatron_opd.platform.net import free_port
 
         dead = f"http://127.0.0.1:{free_port()}"
         bad = opd("wait-servers", f"{url},{dead}", "--timeout", "3", check=False)

@@ -222,7 +222,7 @@ def test_a_teacher_outage_stops_the_run_naming_it_and_the_resume_loses_nothing(t
     import time
 
     from conftest import REPO as repo
-    from megatron_opd.platform.dist import free_port
+    from megatron_opd.platform.net import free_port
     from megatron_opd.wire.process import start_server
 
     teacher_dir = repo / "assets" / "tiny" / "teachers" / "arithmetic"

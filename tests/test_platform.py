@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer
 
 SCRIPT = r"""
 import torch
-from megatron_opd.platform import cpu_compat, install_cpu_patches
+from megatron_opd.platform.cpu_compat import cpu_compat, install_cpu_patches
 
 try:
     torch.zeros(2, device="cuda"); print("outside: no error")

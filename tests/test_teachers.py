@@ -345,7 +345,7 @@ def test_vllm_openai_teacher_matches_embedded(tmp_path):
     import time
 
     from megatron_opd.model.tiny import make_tiny_qwen3
-    from megatron_opd.platform.dist import free_port
+    from megatron_opd.platform.net import free_port
     from megatron_opd.teachers.backends import OpenAIScorer
 
     model = make_tiny_qwen3(tmp_path / "hd64", 131, "hd64", seed=5, tokenizer_dir=REPO / "assets" / "tiny" / "tokenizer")

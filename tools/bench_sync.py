@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from megatron_opd.bench.limits import loopback_gbps
 from megatron_opd.data.tokenizer import build_char_tokenizer
 from megatron_opd.model.tiny import make_tiny_qwen3
-from megatron_opd.platform.dist import free_port
+from megatron_opd.platform.net import free_port
 from megatron_opd.wire.client import SGLangClient
 from megatron_opd.rollout.weight_push import DistributedPusher, push_to_servers_via_disk
 

@@ -51,7 +51,7 @@ class MemoryPoint:
 
 def _run_worker(nproc: int, spec: dict, what: str) -> list[dict]:
     """One torchrun of ``nproc`` scale_worker ranks; their reports, by rank."""
-    from megatron_opd.platform.dist import free_port  # here: importing it loads torch
+    from megatron_opd.platform.net import free_port
 
     with tempfile.TemporaryDirectory(prefix="opd-bench-scale-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from megatron_opd.platform.dist import free_port
+from megatron_opd.platform.net import free_port
 from megatron_opd.wire.process import ServerProcess, start_server
 
 

@@ -1,8 +1,9 @@
-"""Chat-format SFT data: load with ``datasets``, tokenize with the model's chat template, mask the loss
+"""Chat-format SFT data: load (.jsonl directly, other formats with ``datasets``), tokenize with the model's chat template, mask the loss
 to assistant tokens, and report (never silently drop) bad or overlong rows."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +11,10 @@ from typing import Any, Literal
 
 import torch
 
+from megatron_opd.data import DataError
 from megatron_opd.records import SFTMicroBatch
 
 OverlongPolicy = Literal["truncate", "drop"]
-
-
-class DataError(ValueError):
-    """A data file or row is unusable (message names the file/row and what was expected)."""
 
 
 @dataclass
@@ -54,13 +52,16 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:
 
 
 def load_rows(source: str, split: str = "train") -> Any:
-    """A ``datasets.Dataset`` from a local .jsonl/.json/.parquet file (or a hub id when online)."""
-    import datasets
-
+    """Rows of a local .jsonl file (a list of dicts, exactly as written), or a ``datasets.Dataset`` from
+    a local .json/.parquet file or a hub id (when online)."""
     path = Path(source)
     suffix = path.suffix.lower()
+    if path.exists() and suffix == ".jsonl":
+        return _read_jsonl(path)
+    import datasets  # ~2 s to import: only for the formats that need it
+
     if path.exists():
-        fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
+        fmt = {".json": "json", ".parquet": "parquet"}.get(suffix)
         if fmt is None:
             raise DataError(f"{source}: unsupported data file type {suffix!r}; expected .jsonl, .json or .parquet")
         try:
@@ -70,6 +71,24 @@ def load_rows(source: str, split: str = "train") -> Any:
     if suffix in {".jsonl", ".json", ".parquet"} or "/" not in source:
         raise DataError(f"{source}: data file not found")
     return datasets.load_dataset(source, split=split)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One JSON object per non-blank line; any other line stops the read, naming it. (Read directly:
+    ``datasets`` would cast every row to one Arrow schema, filling the keys a row lacks with nulls.)"""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: could not be read as jsonl: line {number}: {exc}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: could not be read as jsonl: line {number} is a {type(row).__name__}, expected an object")
+            rows.append(row)
+    return rows
 
 
 def _check_messages(messages: Any) -> str | None:

@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from megatron_opd.data.chat import DataError
+from megatron_opd.data import DataError
 from megatron_opd.data.domains import Domain, Problem, get_domain
 
 
@@ -76,3 +76,9 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{line_no}: malformed row (missing domain or prompt)")
         rows.append({**row, "meta": meta})
     return rows
+
+
+def available_domains(world_dir: str | Path) -> list[str]:
+    """The domains of a world directory that have a held-out split (``data/<domain>/test.jsonl``)."""
+    data = Path(world_dir) / "data"
+    return sorted(p.name for p in data.iterdir() if (p / "test.jsonl").is_file()) if data.is_dir() else []

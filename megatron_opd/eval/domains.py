@@ -12,7 +12,7 @@ import torch
 from megatron_opd.config.teachers import render_template, template_fields
 from megatron_opd.data.chat import DataError, check_tokenizer_fits
 from megatron_opd.data.domains import DOMAINS, get_domain
-from megatron_opd.data.world import read_rows
+from megatron_opd.data.world import available_domains, read_rows
 from megatron_opd.rollout.generation import generate
 
 
@@ -35,11 +35,6 @@ def load_hf_for_eval(model_dir: str | Path) -> tuple[Any, Any]:
     check_tokenizer_fits(tokenizer, AutoConfig.from_pretrained(str(model_dir)).vocab_size, str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     return model, tokenizer
-
-
-def available_domains(world_dir: str | Path) -> list[str]:
-    data = Path(world_dir) / "data"
-    return sorted(p.name for p in data.iterdir() if (p / "test.jsonl").is_file()) if data.is_dir() else []
 
 
 def score_responses(domain: str, metas: list[dict], responses: list[str]) -> tuple[float, float]:

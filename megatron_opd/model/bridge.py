@@ -23,14 +23,9 @@ from typing import Any, Iterator
 
 import torch
 
+from megatron_opd.model.hf_config import UnsupportedArchitectureError, check_architecture, check_parallel_fit
 from megatron_opd.platform.cpu_compat import cpu_compat, cuda_available, import_megatron_core
 
-# HF architecture -> mbridge registry key.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -50,10 +45,6 @@ _LOCAL_SPEC_NORMS = {
     "other": {"input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"]},
     "mlp": {"pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"]},
 }
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The HF checkpoint's architecture has no bridge."""
 
 
 def load_backends() -> None:
@@ -76,12 +67,7 @@ def load_hf_config(path: str | Path) -> Any:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not an HF checkpoint directory (no config.json)")
     hf_config = AutoConfig.from_pretrained(str(path))
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{path}: architecture {archs or hf_config.model_type!r} is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
+    check_architecture(getattr(hf_config, "architectures", None), hf_config.model_type, where=str(path))
     return hf_config
 
 
@@ -136,17 +122,6 @@ class ModelBundle:
         return self.chunks[0]
 
 
-def check_parallel_fit(hf_config: Any, tp: int, pp: int, where: str = "") -> None:
-    """Heads must split over TP ranks and layers over PP stages (needs only the HF config)."""
-    prefix = f"{where}: " if where else ""
-    heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    if heads % tp or groups % tp:
-        raise ValueError(f"{prefix}num_attention_heads ({heads}) and num_key_value_heads ({groups}) "
-                         f"must be divisible by tp={tp}")
-    if hf_config.num_hidden_layers % pp:
-        raise ValueError(f"{prefix}num_hidden_layers ({hf_config.num_hidden_layers}) must be divisible by pp={pp}")
-
-
 def _cpu_overrides() -> dict[str, Any]:
     if cuda_available():
         return {}
@@ -176,15 +151,10 @@ def build_model(
     from megatron.core import parallel_state, tensor_parallel
     from mbridge.core.parallel_states import ParallelStates
 
-    archs = list(getattr(hf_config, "architectures", None) or [])
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"architecture {archs or hf_config.model_type!r} is not supported; "
-            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
-        )
+    model_type = check_architecture(getattr(hf_config, "architectures", None), hf_config.model_type)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     check_parallel_fit(hf_config, tp, parallel_state.get_pipeline_model_parallel_world_size())
-    cls = _bridge_class(SUPPORTED_ARCHITECTURES[archs[0]])
+    cls = _bridge_class(model_type)
     bridge = cls(
         hf_config,
         dtype=dtype,

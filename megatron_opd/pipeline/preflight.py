@@ -8,9 +8,9 @@ from pathlib import Path
 
 def preflight_model(hf_path: Path, tp: int, pp: int) -> None:
     """Checks that need only config.json and the weight files' headers, done before any process starts."""
-    from megatron_opd.model.bridge import check_parallel_fit, load_hf_config
+    from megatron_opd.model.hf_config import check_parallel_fit, read_config_json
 
-    check_parallel_fit(load_hf_config(hf_path), tp, pp, where=str(hf_path))
+    check_parallel_fit(read_config_json(hf_path), tp, pp, where=str(hf_path))
     readable_weights(Path(hf_path))
 
 
@@ -21,7 +21,7 @@ def readable_weights(hf_dir: Path) -> None:
 
     for path in sorted(hf_dir.glob("*.safetensors")):  # none: a checkpoint's config-only hf/ (its weights are in dist/)
         try:
-            with safe_open(str(path), "pt"):
+            with safe_open(str(path), "np"):  # reads the header only ("np": no torch import here)
                 pass
         except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
             raise ValueError(f"{path}: not a readable safetensors file ({exc}); truncated or corrupt?") from None
@@ -64,7 +64,7 @@ def preflight_resume(cfg) -> None:
 
 
 def preflight_cascade(cfg) -> None:
-    from megatron_opd.eval.domains import available_domains
+    from megatron_opd.data.world import available_domains
 
     if not (Path(cfg.start) / "config.json").is_file():
         raise ValueError(f"start: {cfg.start} is not an HF checkpoint (no config.json)")
@@ -103,7 +103,7 @@ def preflight_opd(cfg) -> None:
     if crossing and cfg.loss.kind != "sampled_token":
         check_shared_vocabulary(cfg.model.hf_path, crossing, cfg.loss.kind)
     if cfg.eval.world_dir is not None:
-        from megatron_opd.eval.domains import available_domains
+        from megatron_opd.data.world import available_domains
 
         have = available_domains(cfg.eval.world_dir)
         unknown = [d for d in cfg.eval.domains if d not in have]

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.platform.cpu_compat import cuda_available, import_megatron_core, install_cpu_patches
+from megatron_opd.platform.net import free_port, is_loopback
 
 
 class ParallelLayoutError(ValueError):
@@ -26,12 +27,6 @@ class DistInfo:
     pp: int
     dp: int
     backend: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bound_store(host: str, port: int, world_size: int, is_master: bool, timeout: timedelta) -> "dist.TCPStore":
@@ -114,14 +109,3 @@ def destroy() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_loopback(host: str) -> bool:
-    """True when every address ``host`` resolves to is a loopback one (False if it does not resolve)."""
-    import ipaddress
-    import socket
-
-    try:
-        return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
-    except (OSError, ValueError):
-        return False

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from megatron_opd.platform.dist import free_port
+from megatron_opd.platform.net import free_port
 
 
 def under_launcher() -> bool:

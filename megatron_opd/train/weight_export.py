@@ -96,7 +96,7 @@ class DistributedSink:
     def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0 and self.pusher is None:
-            from megatron_opd.platform.dist import free_port
+            from megatron_opd.platform.net import free_port
 
             self.pusher = DistributedPusher(self.clients, master_port=free_port(), flattened=self.flattened,
                                             master_address=_address_for(self.clients))
@@ -114,7 +114,7 @@ def _address_for(clients: list[SGLangClient]) -> str:
     import socket
     from urllib.parse import urlparse
 
-    from megatron_opd.platform.dist import is_loopback
+    from megatron_opd.platform.net import is_loopback
 
     on_this_machine = all(is_loopback(urlparse(getattr(c, "base_url", "")).hostname or "") for c in clients)
     return "127.0.0.1" if on_this_machine else socket.gethostname()

@@ -32,7 +32,7 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
     import os
     import tempfile
 
-    from megatron_opd.platform.dist import free_port
+    from megatron_opd.platform.net import free_port
     from megatron_opd.platform.local_ranks import die_with_parent  # a killed run never leaves servers behind
     from megatron_opd.wire.client import NotHealthy, wait_healthy
 

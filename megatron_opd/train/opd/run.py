@@ -18,6 +18,7 @@ file each phase lives in, in this order:
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -66,8 +67,10 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
     specs = cfg.teachers.teachers if cfg.teachers else {}
     own = {name: AutoTokenizer.from_pretrained(str(t.tokenizer or t.model)) for name, t in specs.items() if t.cross_tokenizer}
     contexts = {name: t.context for name, t in specs.items() if t.context or name in own}  # a teacher's own prompt ids
-    prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
-                                              cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own)
+    prompts, skipped, problems = [], {}, []
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 samples; a bad file stops it, and it the job, here
+        prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
+                                                  cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
                            optimizer_steps=cfg.train.steps * cfg.loss.epochs)
     rank0 = session.is_rank0
