@@ -26,7 +26,10 @@ def _role(proc: psutil.Process) -> str:
         return "?"
     if "serve" in cmd:
         return f"{cmd[cmd.index('--role') + 1]} server"
-    return f"trainer rank {proc.environ().get('RANK', '?')}" if "run" in cmd else " ".join(cmd[:3])
+    if "run" not in cmd:
+        return " ".join(cmd[:3])
+    name = proc.name()  # a rank forked by the local launcher is named opd-rank-N; a spawned one has RANK in its environment
+    return f"trainer rank {name.removeprefix('opd-rank-') if name.startswith('opd-rank-') else proc.environ().get('RANK', '?')}"
 
 
 @pytest.mark.slow

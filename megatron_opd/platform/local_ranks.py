@@ -5,10 +5,18 @@ its agent would serve the rendezvous store on every network interface, so a loca
 ranks itself, everything on 127.0.0.1: rank 0 serves the store on loopback only
 (:func:`megatron_opd.platform.dist.bound_store`) and gloo binds loopback (``GLOO_SOCKET_IFNAME``).
 As under torchrun, the first rank to fail brings the others down and its exit code is the job's.
+
+On a machine without a GPU, one fresh process (``python -m megatron_opd.platform.local_ranks``)
+imports what every rank imports (torch, transformers, megatron-core, mbridge: ~8 s of CPU per
+process on this project's 2-core machines) and forks the ranks, so the stack loads once per job
+rather than once per rank. Where forking is not safe (a GPU node: CUDA must not be touched before a
+fork; or an import started a thread) or ``OPD_LOCAL_RANKS=spawn`` is set, each rank is a fresh
+``python -m megatron_opd.cli`` process.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import subprocess
@@ -37,38 +45,137 @@ def relaunch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
     base = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
             "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
-    ranks = [subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent,
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    if os.environ.get("OPD_LOCAL_RANKS") != "spawn" and sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*"):
+        # a fresh process (nothing imported, no thread started) that loads the stack once and forks the ranks
+        forker = subprocess.Popen([sys.executable, "-m", "megatron_opd.platform.local_ranks", str(nproc), *argv],
+                                  preexec_fn=die_with_parent, env=base)
+        return supervise([forker], grace_s, ranks=False)
+    return supervise([subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent,
+                                       env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)], grace_s)
+
+
+def supervise(procs: list, grace_s: float, ranks: bool = True) -> int:
+    """Wait for ``procs``; the first to fail stops the others (SIGTERM, SIGKILL after ``grace_s``) and its
+    exit code is returned; SIGINT / SIGTERM to this process are passed on to them."""
     stop = {"signal": None}
 
     def forward(signum, _frame):  # Ctrl-C / SIGTERM of the job: every rank unwinds its own way
         stop["signal"] = signum
-        for proc in ranks:
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         failed = None
-        while failed is None and any(p.poll() is None for p in ranks):
-            failed = next((p for p in ranks if p.poll() not in (None, 0)), None)
+        while failed is None and any(p.poll() is None for p in procs):
+            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
             time.sleep(0.2)
-        failed = failed or next((p for p in ranks if p.returncode != 0), None)
+        failed = failed or next((p for p in procs if p.returncode != 0), None)
         if failed is not None:  # one rank failed: the others would wait on it forever
-            for proc in ranks:
+            for proc in procs:
                 if proc.poll() is None:
                     proc.terminate()
             deadline = time.monotonic() + grace_s
-            for proc in ranks:
+            for proc in procs:
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
             code = failed.returncode
-            print(f"[opd] rank {ranks.index(failed)} exited with {code}; stopped the other ranks", file=sys.stderr, flush=True)
+            if ranks:
+                print(f"[opd] rank {procs.index(failed)} exited with {code}; stopped the other ranks", file=sys.stderr, flush=True)
             return 128 - code if code < 0 else code
         return 128 + stop["signal"] if stop["signal"] else 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def fork_ranks(nproc: int, argv: list[str]) -> int:
+    """In the forking process: load what every rank imports, fork ``nproc`` ranks, supervise them.
+    A rank's own process runs the command and returns its exit code from here."""
+    from megatron_opd.platform.cpu_compat import import_megatron_core
+
+    import_megatron_core()
+    import mbridge  # noqa: F401
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    envs = [{**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nproc)]
+    if len(os.listdir("/proc/self/task")) > 1:  # an import started a thread, which a fork would not carry
+        return supervise([subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], env=env,
+                                           preexec_fn=die_with_parent) for env in envs], grace_s=30.0)
+    procs = []
+    for env in envs:
+        rank = ForkedRank.start(env)
+        if rank is None:  # this is the new rank's process
+            return run_cli_here(argv)
+        procs.append(rank)
+    return supervise(procs, grace_s=30.0)
+
+
+class ForkedRank:
+    """A rank forked from this process, with the slice of ``subprocess.Popen`` the launcher uses
+    (``returncode`` as Popen's: negative for a signal)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    @classmethod
+    def start(cls, env: dict[str, str]) -> "ForkedRank | None":
+        """The rank in the parent; None in the new rank's own process (its environment set)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            return cls(pid)
+        os.environ.clear()
+        os.environ.update(env)
+        die_with_parent()
+        # named opd-rank-N (`ps -o comm`, psutil's name()): its /proc/PID/environ is the forking process's
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(15, f"opd-rank-{env['RANK']}".encode())  # PR_SET_NAME
+        return None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def run_cli_here(argv: list[str]) -> int:
+    """``opd <argv>`` in this process, as ``python -m megatron_opd.cli <argv>`` would run it; its exit code."""
+    from megatron_opd.cli import main
+
+    sys.argv = [sys.argv[0], *argv]
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    return 0
+
+
+if __name__ == "__main__":  # the forking process of relaunch_local: python -m megatron_opd.platform.local_ranks N ARGV...
+    sys.exit(fork_ranks(int(sys.argv[1]), sys.argv[2:]))
