@@ -413,13 +413,13 @@ def _run_cli(argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", "megatron_opd.cli", *argv])
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     import signal
 
     # SIGTERM (torchrun stopping a worker, Slurm, `kill`) unwinds like Ctrl-C: finally blocks stop the
     # servers this process started and no half-written state is left behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    app(args=argv, prog_name="opd")
+    app()
 
 
 if __name__ == "__main__":

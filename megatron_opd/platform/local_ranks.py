@@ -167,11 +167,11 @@ class ForkedRank:
 
 def run_cli_here(argv: list[str]) -> int:
     """``opd <argv>`` in this process, as ``python -m megatron_opd.cli <argv>`` would run it; its exit code."""
-    from megatron_opd.cli import main
+    import runpy
 
     sys.argv = [sys.argv[0], *argv]
     try:
-        main(argv)
+        runpy.run_module("megatron_opd.cli", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     return 0
