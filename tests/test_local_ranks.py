@@ -7,6 +7,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from conftest import REPO, read_metrics, sft_recipe
 
@@ -27,6 +28,7 @@ def _run(recipe, mode: str | None) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_forked_and_spawned_ranks_train_the_same_step(tiny_world, tmp_path):
     losses, names = {}, {}
     for mode in (None, "spawn"):
