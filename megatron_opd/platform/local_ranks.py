@@ -50,8 +50,13 @@ def relaunch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
         forker = subprocess.Popen([sys.executable, "-m", "megatron_opd.platform.local_ranks", str(nproc), *argv],
                                   preexec_fn=die_with_parent, env=base)
         return supervise([forker], grace_s, ranks=False)
-    return supervise([subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent,
-                                       env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)], grace_s)
+    return supervise(spawn_ranks(argv, [{**base, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nproc)]), grace_s)
+
+
+def spawn_ranks(argv: list[str], envs: list[dict[str, str]]) -> list[subprocess.Popen]:
+    """One fresh ``python -m megatron_opd.cli <argv>`` process per rank environment."""
+    return [subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent, env=env)
+            for env in envs]
 
 
 def supervise(procs: list, grace_s: float, ranks: bool = True) -> int:
@@ -104,8 +109,7 @@ def fork_ranks(nproc: int, argv: list[str]) -> int:
 
     envs = [{**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nproc)]
     if len(os.listdir("/proc/self/task")) > 1:  # an import started a thread, which a fork would not carry
-        return supervise([subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], env=env,
-                                           preexec_fn=die_with_parent) for env in envs], grace_s=30.0)
+        return supervise(spawn_ranks(argv, envs), grace_s=30.0)
     procs = []
     for env in envs:
         rank = ForkedRank.start(env)
