@@ -7,6 +7,7 @@ import pytest
 
 from conftest import opd
 from megatron_opd.bench.e2e import E2ESettings, steady_tokens_per_s, write_prompt_pool
+from megatron_opd.bench.runs import failure_excerpt
 
 
 def test_steady_state_throughput_leaves_out_warmup_steps():
@@ -14,6 +15,15 @@ def test_steady_state_throughput_leaves_out_warmup_steps():
     assert steady_tokens_per_s([10, 20, 300, 500], [9.0, 9.0, 1.5, 2.5], warmup=2) == pytest.approx(200.0)
     with pytest.raises(ValueError, match="more than 2 steps"):
         steady_tokens_per_s([1, 2], [1.0, 1.0], warmup=2)
+
+
+def test_a_failed_runs_report_shows_the_rank_that_failed_not_its_peers_echoes():
+    log = "\n".join(["[rollout] serving", "[rank0]: Traceback (most recent call last):", "[rank0]: OSError: [Errno 28] No space left",
+                     *[f"[rank1]: echo {i}" for i in range(500)], "[rank1]: RuntimeError: Connection closed by peer",
+                     "[opd] rank 0 exited with 1; stopped the other ranks"])
+    excerpt = failure_excerpt(log, chars=300)
+    assert "No space left" in excerpt and "[rank1]" not in excerpt and excerpt.endswith("stopped the other ranks")
+    assert failure_excerpt("no launcher line\n" + "x" * 50, chars=10) == "x" * 10
 
 
 def test_prompt_pool_takes_steps_times_batch_rows_from_every_domain(tmp_path):

@@ -10,6 +10,7 @@ little early; servers are not probed, so the watcher is what they report.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -116,11 +117,22 @@ def run_recipe(recipe: dict[str, Any], out: Path, log=print, timeout: float = 36
         peaks = watcher.stop()
     text = log_path.read_text()
     if code != 0:
-        raise RuntimeError(f"opd run {path} failed ({code}):\n{text[-4000:]}")
+        raise RuntimeError(f"opd run {path} failed ({code}):\n{failure_excerpt(text)}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     results = json.loads((out / "results.json").read_text())
     log(f"[bench] {path.name}: {len(rows)} steps in {time.perf_counter() - began:.0f} s")
     return Run(out, rows, results, peaks, time.perf_counter() - began, text)
+
+
+def failure_excerpt(log_text: str, chars: int = 4000) -> str:
+    """The end of the log of the rank that failed first (the launcher names it), not the other ranks'
+    echoes of its death (a closed connection in their next collective); else the end of the whole log."""
+    named = re.search(r"\[opd\] rank (\d+) exited with", log_text)
+    if named:
+        prefix = f"[rank{named.group(1)}]"
+        own = [line for line in log_text.splitlines() if not re.match(r"\[rank\d+\]", line) or line.startswith(prefix)]
+        return "\n".join(own)[-chars:]
+    return log_text[-chars:]
 
 
 def opd_recipe(student: Path, teacher: Path, train_file: Path, *, tp: int, pp: int, steps: int, prompts: int,
