@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 
+from megatron_opd import __version__
 from megatron_opd.config import ConfigError, load_recipe
 from megatron_opd.pipeline.preflight import (preflight_cascade, preflight_model, preflight_opd, preflight_resume,
                                              readable_weights)
@@ -26,6 +27,18 @@ app.add_typer(convert_app, name="convert")
 from megatron_opd.bench.cli import bench_app  # noqa: E402  (a sub-app: `opd bench e2e|step`)
 
 app.add_typer(bench_app, name="bench")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"megatron-opd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """On-policy distillation with a megatron-core student."""
 
 
 def _fail(message: str) -> None:
@@ -287,6 +300,7 @@ def serve(
     batch_size: int = typer.Option(256, help="sequences per decode loop / scoring chunk bound"),
     kv_cache_mib: int = typer.Option(4096, min=1, help="KV cache one decode loop may hold (more rows run as more loops)"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core)"),
+    device: str = typer.Option("cpu", help="where the model runs: cpu, or cuda (one GPU: the GPU check)"),
     weights_root: Optional[List[Path]] = typer.Option(None, help="a directory /update_weights_from_disk may read "
                                                       "from (repeatable; default: the working dir and --model)"),
     allow_nonfinite_weights: bool = typer.Option(False, help="accept weight updates holding NaN / Inf"),
@@ -300,6 +314,8 @@ def serve(
     """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
     if role not in ("rollout", "teacher"):
         _fail(f"--role {role!r}: expected 'rollout' or 'teacher'")
+    if device not in ("cpu", "cuda"):
+        _fail(f"--device {device!r}: expected 'cpu' or 'cuda'")
     if not (model / "config.json").is_file():
         _fail(f"--model {model}: not an HF checkpoint directory (no config.json)")
     if not api_key and not insecure and not is_loopback(host):
@@ -319,7 +335,8 @@ def serve(
     from megatron_opd.serve.rollout_server import create_app
 
     engine = EmbeddedEngine(model, batch_size=batch_size, allow_nonfinite_weights=allow_nonfinite_weights,
-                            weights_roots=[Path.cwd(), model, *(weights_root or [])], kv_cache_mib=kv_cache_mib)
+                            weights_roots=[Path.cwd(), model, *(weights_root or [])], kv_cache_mib=kv_cache_mib,
+                            device=device)
     limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
                     max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
                     pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting)

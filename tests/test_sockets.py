@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 RECIPE = REPO / "recipes" / "tiny" / "opd_arith.yaml"
 # TP2 x PP2 (4 local ranks), the rollout engine in its own server, synced over a gloo weight-update group

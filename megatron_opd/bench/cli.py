@@ -177,3 +177,22 @@ def shapes(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     _finish(lines)
+
+
+@bench_app.command("gpu")
+def gpu(
+    size: str = typer.Option("0.6B", help="the random student and teacher: Qwen3-0.6B or Qwen3-1.7B shaped"),
+    steps: int = typer.Option(4, min=2, help="OPD steps (the first is left out of the medians)"),
+    out: Path = typer.Option(Path("outputs/bench/gpu"), help="models (made once) and the run"),
+    peak_tflops: Optional[float] = typer.Option(None, help="the GPU's dense bf16 peak when its name is not known"),
+) -> None:
+    """One CUDA GPU: OPD steps of a Qwen3-shaped student in bf16 (TP1, engine and teacher on the GPU);
+    trainer tokens/s, MFU against the GPU's bf16 peak, peak GPU memory (tools/gpu_check.sh runs it)."""
+    from megatron_opd.bench.gpu import bench_gpu
+
+    try:
+        lines = bench_gpu(size, steps, out.resolve(), peak_tflops, log=typer.echo)
+    except (RuntimeError, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _finish(lines)

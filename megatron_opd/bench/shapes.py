@@ -34,6 +34,7 @@ from typing import Any
 from megatron_opd.bench import cost
 from megatron_opd.bench.limits import Limits, measure_limits, remeasure_gemm
 from megatron_opd.bench.runs import REPO, Run, opd_recipe, run_recipe
+from megatron_opd.data.chat import chat_ids
 
 GiB, MiB = float(1 << 30), float(1 << 20)
 PROMPTS = REPO / "assets" / "tiny" / "data" / "arithmetic" / "train.jsonl"
@@ -81,7 +82,7 @@ def long_response_rows(tokenizer_dir: Path, length: int, out: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     messages = [{"role": "user", "content": "Write a long answer."}]
-    prompt_len = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    prompt_len = len(chat_ids(tokenizer, messages, add_generation_prompt=True))
     base = " ".join(WORDS[i % len(WORDS)] for i in range(2 * length))  # at least a token a word
 
     def tokens(chars: int) -> int:

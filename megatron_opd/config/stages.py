@@ -141,6 +141,8 @@ class RolloutConfig(Strict):
                                "batch k+1 is generated and scored while step k trains (one step off-policy, corrected "
                                "by truncated importance sampling against the sampler's log-probs)")
     sync: Literal["in_process", "disk", "distributed"] = "in_process"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="embedded engine (in process or its servers): where its "
+                                           "model and KV cache live; cuda puts it on the rank's GPU (the GPU check)")
     n: int = Field(4, ge=1, description="samples per prompt")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -24,6 +24,7 @@ class TeacherSpec(Strict):
     served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
     tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
     replicas: int = Field(1, ge=1, description="embedded servers to launch (model only)")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="embedded servers (model only): where the model runs")
     api_key_env: str | None = Field(None, description="environment variable holding the API key")
     batch_size: int = Field(32, ge=1, description="sequences per scoring request")
     max_concurrency: int = Field(4, ge=1, description="requests in flight per teacher")

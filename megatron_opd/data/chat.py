@@ -44,6 +44,14 @@ class TokenizeReport:
         return ", ".join(parts)
 
 
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False, **template: Any) -> list[int]:
+    """``messages`` through the tokenizer's chat template, as a list of token ids (transformers 5's
+    ``apply_chat_template`` returns a dict unless told otherwise; 4.x a list)."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                              return_dict=False, **template))
+
+
 def check_tokenizer_fits(tokenizer: Any, vocab_size: int, where: str) -> None:
     """A tokenizer with ids past the model's vocabulary cannot drive it."""
     if len(tokenizer) > vocab_size:
@@ -117,8 +125,8 @@ def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Tok
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=True)
+        prompt = chat_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        full = chat_ids(tokenizer, messages[: i + 1])
         if list(prompt[: len(ids)]) != ids or list(full[: len(prompt)]) != list(prompt):
             raise DataError("chat template is not prefix-stable; cannot locate assistant tokens")
         mask += [0] * (len(prompt) - len(ids)) + [1] * (len(full) - len(prompt))

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from megatron_opd.config.teachers import render_template
-from megatron_opd.data.chat import DataError, load_rows
+from megatron_opd.data.chat import DataError, chat_ids, load_rows
 from megatron_opd.records import Prompt
 
 
@@ -51,7 +51,7 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
             if reason is None and need_reference and response is None:
                 reason = "no assistant turn (rollout.on_policy_fraction < 1 trains on the rows' own responses)"
             if reason is None:
-                ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
                 if len(ids) > max_prompt_length:
                     reason = f"prompt longer than {max_prompt_length} tokens"
             if reason:
@@ -71,8 +71,7 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                                     "does not have") from None
                 teacher_messages = [*messages[:-1], {"role": "user", "content": shown}]
                 own = (tokenizers or {}).get(teacher, tokenizer)
-                prompt.contexts[teacher] = list(own.apply_chat_template(teacher_messages, add_generation_prompt=True,
-                                                                        tokenize=True))
+                prompt.contexts[teacher] = chat_ids(own, teacher_messages, add_generation_prompt=True)
             prompts.append(prompt)
     if not prompts:
         raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
@@ -82,7 +81,7 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
 def _response_ids(tokenizer: Any, messages: list[dict[str, str]], response: str, prompt_len: int) -> list[int]:
     """The response's ids as the student would have written them: the templated conversation past
     the generation prompt, through the first EOS (where sampling stops)."""
-    full = list(tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": response}], tokenize=True))
+    full = chat_ids(tokenizer, [*messages, {"role": "assistant", "content": response}])
     out = full[prompt_len:]
     eos = tokenizer.eos_token_id
     return out[: out.index(eos) + 1] if eos in out else out

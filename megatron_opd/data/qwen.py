@@ -16,7 +16,7 @@ Qwen2 / 2.5 / 3) and the pre-tokenization pattern Qwen2's tokenizer splits text 
 
 The model's embedding has 151,936 rows (Qwen pads it to a multiple of 128): ids 151,669 and up exist in
 the model and are never produced by the tokenizer. ``tools/make_qwen_tokenizer.py`` rebuilds
-``assets/qwen3/tokenizer/``; ``tests/test_qwen_tokenizer.py`` holds it to ``tiktoken`` with the same ranks.
+``assets/qwen3/tokenizer/``; ``tests/data/test_qwen.py`` holds it to ``tiktoken`` with the same ranks.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from megatron_opd.config.teachers import render_template, template_fields
-from megatron_opd.data.chat import DataError, check_tokenizer_fits
+from megatron_opd.data.chat import DataError, chat_ids, check_tokenizer_fits
 from megatron_opd.data.domains import DOMAINS, get_domain
 from megatron_opd.data.world import available_domains, read_rows
 from megatron_opd.rollout.generation import generate
@@ -94,7 +94,7 @@ def evaluate_with(
         if not rows:
             raise DataError(f"{world_dir}/data/{domain}/test.jsonl: no rows at offset {offset}")
         turns = [r["messages"][0] if context is None else _context_turn(context, r, domain, i) for i, r in enumerate(rows, offset + 1)]
-        prompts = [tokenizer.apply_chat_template([turn], add_generation_prompt=True, tokenize=True) for turn in turns]
+        prompts = [chat_ids(tokenizer, [turn], add_generation_prompt=True) for turn in turns]
         metas = [r["meta"] for r in rows]
         scores = []
         for temp in ((0.0, temperature) if sampled else (0.0,)):

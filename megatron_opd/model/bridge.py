@@ -23,7 +23,9 @@ from typing import Any, Iterator
 
 import torch
 
-from megatron_opd.model.hf_config import UnsupportedArchitectureError, check_architecture, check_parallel_fit
+from megatron_opd.model.hf_config import (
+    UnsupportedArchitectureError, check_architecture, check_parallel_fit, rope_arguments,
+)
 from megatron_opd.platform.cpu_compat import cpu_compat, cuda_available, import_megatron_core
 
 TOKENIZER_FILES = (
@@ -68,7 +70,31 @@ def load_hf_config(path: str | Path) -> Any:
         raise FileNotFoundError(f"{path}: not an HF checkpoint directory (no config.json)")
     hf_config = AutoConfig.from_pretrained(str(path))
     check_architecture(getattr(hf_config, "architectures", None), hf_config.model_type, where=str(path))
+    written = rope_arguments(json.loads((path / "config.json").read_text()), where=str(path))["rotary_base"]
+    read = getattr(hf_config, "rope_theta", None)  # what the installed transformers' models use: 4.x's attribute ...
+    if read is None:  # ... or 5.x's
+        read = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta")
+    if read != written:  # transformers 4 reading a config written by 5 (rope_theta only inside rope_parameters)
+        import transformers
+
+        raise UnsupportedArchitectureError(f"{path}: config.json has RoPE theta {written:g}, but transformers "
+                                           f"{transformers.__version__} reads {read:g} from it (a config written by "
+                                           f"transformers 5); use transformers >= 5 or add \"rope_theta\": {written:g}")
     return hf_config
+
+
+def save_hf_config(hf_config: Any, out_dir: Path) -> None:
+    """``config.json`` that transformers 4 and 5 read alike: 5 writes RoPE only inside ``rope_parameters``,
+    which 4 does not read (it would use theta 10,000), so the legacy ``rope_theta`` / ``rope_scaling`` are added."""
+    hf_config.save_pretrained(str(out_dir))
+    file = Path(out_dir) / "config.json"
+    written = json.loads(file.read_text())
+    params = written.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params and "rope_theta" not in written:
+        written["rope_theta"] = params["rope_theta"]
+        if params.get("rope_type", "default") != "default":
+            written["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+        file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def _bridge_class(model_type: str) -> type:
@@ -97,12 +123,19 @@ def _bridge_class(model_type: str) -> type:
                 layer.submodules.self_attention.submodules.core_attention = SDPAttention
         return spec
 
+    def gptmodel_args(self: Any) -> dict[str, Any]:
+        # RoPE from either transformers generation's config layout (mbridge reads 4.x's ``rope_theta``
+        # only, and turns any ``rope_scaling`` into linear interpolation)
+        return {"vocab_size": self.hf_config.vocab_size, "max_sequence_length": self.hf_config.max_position_embeddings,
+                "position_embedding_type": "rope", **rope_arguments(self.hf_config.to_dict())}
+
     attrs = {
         "_DIRECT_MAPPING": dict(_UNTIED_DIRECT),
         "_ATTENTION_MAPPING": attention,
         "_MLP_MAPPING": mlp,
         "_OTHER_MAPPING": other,
         "_get_transformer_layer_spec": layer_spec,
+        "_get_gptmodel_args": gptmodel_args,
     }
     return type(f"Opd{base.__name__}", (base,), attrs)
 
@@ -252,7 +285,7 @@ def save_hf_checkpoint(
             writer.add(name, tensor)
     if writer is not None:
         writer.close()
-        bundle.hf_config.save_pretrained(str(tmp))
+        save_hf_config(bundle.hf_config, tmp)
         copy_tokenizer_files(tokenizer_src, tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_opd.model.bridge import ModelBundle, copy_tokenizer_files
+from megatron_opd.model.bridge import ModelBundle, copy_tokenizer_files, save_hf_config
 from megatron_opd.platform.cpu_compat import cpu_compat
 from megatron_opd.platform.faults import maybe_kill
 
@@ -114,7 +114,7 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         maybe_kill("save", step, rank)  # crash-safety test: shards written, step not published
-        bundle.hf_config.save_pretrained(str(tmp / "hf"))
+        save_hf_config(bundle.hf_config, tmp / "hf")
         copy_tokenizer_files(tokenizer_src, tmp / "hf")
         meta = {
             "format": FORMAT,

@@ -45,6 +45,7 @@ def read_config_json(path: str | Path) -> SimpleNamespace:
         if not isinstance(raw.get(key), int) or raw[key] < 1:
             raise ValueError(f"{file}: {key} must be a positive integer, got {raw.get(key)!r}")
     raw.setdefault("num_key_value_heads", raw["num_attention_heads"])
+    rope_arguments(raw, where=str(path))
     return SimpleNamespace(**raw)
 
 
@@ -57,3 +58,35 @@ def check_parallel_fit(hf_config: Any, tp: int, pp: int, where: str = "") -> Non
                          f"must be divisible by tp={tp}")
     if hf_config.num_hidden_layers % pp:
         raise ValueError(f"{prefix}num_hidden_layers ({hf_config.num_hidden_layers}) must be divisible by pp={pp}")
+
+
+# megatron-core's Llama 3 RoPE scaling has these fixed (RotaryEmbedding._apply_scaling); Llama 3.1 / 3.2 use them.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_arguments(config: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """megatron-core ``GPTModel`` RoPE arguments from an HF config dict, written by transformers 4
+    (``rope_theta`` + ``rope_scaling``) or 5 (both inside ``rope_parameters``).
+
+    RoPE types: default; ``linear`` (positions divided by ``factor``: ``seq_len_interpolation_factor``);
+    ``llama3`` (Llama 3.1's frequency-band scaling, megatron-core's ``rope_scaling``). Any other type
+    (yarn, dynamic, longrope, ...) is refused rather than built as something else."""
+    prefix = f"{where}: " if where else ""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta, scaling = params["rope_theta"], params
+    else:
+        theta, scaling = config.get("rope_theta", 10000.0), config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    args: dict[str, Any] = {"rotary_base": float(theta)}
+    if kind == "default":
+        return args
+    if kind == "linear":
+        return {**args, "seq_len_interpolation_factor": float(scaling["factor"])}
+    if kind == "llama3":
+        other = {k: scaling.get(k) for k in _LLAMA3_FIXED if scaling.get(k) != _LLAMA3_FIXED[k]}
+        if other:
+            raise UnsupportedArchitectureError(f"{prefix}llama3 RoPE scaling with {other}: megatron-core fixes "
+                                               f"{_LLAMA3_FIXED}")
+        return {**args, "rope_scaling": True, "rope_scaling_factor": float(scaling["factor"])}
+    raise UnsupportedArchitectureError(f"{prefix}RoPE type {kind!r} is not supported; supported: default, linear, llama3")

@@ -99,6 +99,14 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
     return DistInfo(rank, world_size, local_rank, tp, pp, dp, backend)
 
 
+def comm_device() -> torch.device:
+    """Where a tensor must be to pass through the default process group: the rank's GPU under NCCL,
+    else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy() -> None:
     """Leave the process groups cleanly (a process that exits with live gloo threads can abort)."""
     from megatron.core import parallel_state

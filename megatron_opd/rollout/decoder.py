@@ -36,9 +36,10 @@ class KVCache:
     values: torch.Tensor
 
     @classmethod
-    def empty(cls, layers: int, batch: int, kv_heads: int, width: int, head_dim: int, dtype: torch.dtype) -> "KVCache":
-        return cls(torch.zeros(layers, batch, kv_heads, head_dim, width, dtype=dtype),
-                   torch.zeros(layers, batch, kv_heads, width, head_dim, dtype=dtype))
+    def empty(cls, layers: int, batch: int, kv_heads: int, width: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> "KVCache":
+        return cls(torch.zeros(layers, batch, kv_heads, head_dim, width, dtype=dtype, device=device),
+                   torch.zeros(layers, batch, kv_heads, width, head_dim, dtype=dtype, device=device))
 
     @property
     def width(self) -> int:
@@ -48,7 +49,7 @@ class KVCache:
         """A cache of ``width`` columns (default: the same) holding the given batch rows' columns."""
         layers, _, heads, dim, old = self.keys.shape
         width = old if width is None else width
-        out = KVCache.empty(layers, len(rows), heads, width, dim, self.keys.dtype)
+        out = KVCache.empty(layers, len(rows), heads, width, dim, self.keys.dtype, self.keys.device)
         keep = min(old, width)
         out.keys[..., :keep] = self.keys[:, rows, ..., :keep]
         out.values[:, :, :, :keep] = self.values[:, rows, :, :keep]
@@ -80,19 +81,24 @@ class Decoder:
     def dtype(self) -> torch.dtype:
         return self.model.model.embed_tokens.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model and its KV cache are; ids, masks and sampling stay on the CPU (see forward, logits)."""
+        return self.model.model.embed_tokens.weight.device
+
     def kv_bytes_per_token(self) -> int:
         """Cache bytes one token takes: keys and values of every layer."""
         return 2 * len(self.layers) * self.kv_heads * self.head_dim * self.dtype.itemsize
 
     def new_cache(self, batch: int, width: int) -> KVCache:
-        return KVCache.empty(len(self.layers), batch, self.kv_heads, width, self.head_dim, self.dtype)
+        return KVCache.empty(len(self.layers), batch, self.kv_heads, width, self.head_dim, self.dtype, self.device)
 
     def rope(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / sin tables [length, head_dim] from the model's own rotary module (grown on demand)."""
         if self._rope is None or self._rope[0].shape[0] < length:
             size = max(length, getattr(self.config, "max_position_embeddings", 0) or 0)
-            positions = torch.arange(size)[None]
-            probe = torch.zeros(1, dtype=self.dtype)
+            positions = torch.arange(size, device=self.device)[None]
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
             cos, sin = self.model.model.rotary_emb(probe, positions)
             self._rope = (cos[0], sin[0])
         return self._rope
@@ -108,10 +114,11 @@ class Decoder:
         states [B, S, hidden]."""
         batch, length = ids.shape
         end = column + length
+        ids, positions, attend = ids.to(self.device), positions.to(self.device), attend.to(self.device)
         cos_table, sin_table = self.rope(int(positions.max()) + 1)
         cos, sin = cos_table[positions][:, :, None], sin_table[positions][:, :, None]  # [B, S, 1, D]
         if length == 1:  # decode attends through an additive bias
-            attend = torch.zeros(attend.shape, dtype=torch.float32).masked_fill_(~attend, float("-inf"))
+            attend = torch.zeros(attend.shape, dtype=torch.float32, device=self.device).masked_fill_(~attend, float("-inf"))
         hidden = self.model.model.embed_tokens(ids)
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -147,7 +154,7 @@ class Decoder:
         few rows a plain fp32 GEMM reads the weights at about half the memory bandwidth, the packed
         one at nearly all of it (measured: 4 rows x [3072, 1024], one thread, 8.6 vs 14.1 GB/s against a
         14 GB/s copy). Stale after any weight change: the engine calls :meth:`unpack` then."""
-        if self._packed is not None or not packing_available() or self.dtype != torch.float32:
+        if self._packed is not None or not packing_available() or self.dtype != torch.float32 or self.device.type != "cpu":
             return
         linears = [m for layer in self.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
                    layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
@@ -179,8 +186,8 @@ class Decoder:
         return out.view(batch, kv, group, length, dim).permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits over the real vocabulary, in float32."""
-        return self.linear(hidden, self.model.lm_head)[..., : self.vocab_size].float()
+        """Logits over the real vocabulary, in float32, on the CPU (where sampling and scoring read them)."""
+        return self.linear(hidden, self.model.lm_head)[..., : self.vocab_size].float().cpu()
 
 
 def packing_available() -> bool:

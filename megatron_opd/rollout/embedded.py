@@ -35,10 +35,11 @@ class WeightUpdateError(ValueError):
 class EmbeddedEngine:
     def __init__(self, model_dir: str | Path, batch_size: int = MAX_BATCH, weight_version: str = "0",
                  weights_roots: list[Path] | None = None, allow_nonfinite_weights: bool = False,
-                 kv_cache_mib: int = KV_CACHE_BYTES >> 20) -> None:
+                 kv_cache_mib: int = KV_CACHE_BYTES >> 20, device: str = "cpu") -> None:
         """``weights_roots``: the directories ``update_weights_from_disk`` may read from (default: the
         working directory and the model's own directory). ``kv_cache_mib``: the KV cache one decode loop
-        may hold (a longer batch runs as several loops)."""
+        may hold (a longer batch runs as several loops). ``device``: where the model and its KV cache live
+        ("cpu", or "cuda" for the GPU check; sampling and scoring read the logits on the CPU)."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
@@ -46,7 +47,9 @@ class EmbeddedEngine:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+        if device != "cpu" and not torch.cuda.is_available():
+            raise ValueError(f"engine device {device!r}: torch sees no CUDA GPU")
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device).eval()
         self.decoder = Decoder(self.model)
         self.batch_size = batch_size
         self.kv_cache_bytes = kv_cache_mib << 20
@@ -168,7 +171,7 @@ class EmbeddedEngine:
             self.decoder.unpack()
             for name, tensor in items:
                 param = params[name]
-                incoming = tensor.to(param.dtype)
+                incoming = tensor.to(device=param.device, dtype=param.dtype)
                 if (owned or incoming is not tensor) and incoming.is_contiguous():
                     param.data = incoming  # no copy: nothing else holds it
                 else:
@@ -273,7 +276,7 @@ class EmbeddedEngine:
         params = self._tensors()
         if name not in params:
             raise KeyError(f"weight {name!r} does not exist in the rollout model")
-        return params[name].detach().clone()
+        return params[name].detach().cpu().clone()
 
     # -- control ------------------------------------------------------------------------------
     def pause(self) -> None:

@@ -74,7 +74,7 @@ class TeacherSet:
                 elif not urls:
                     for r in range(teacher.replicas):
                         log = Path(log_dir) / f"teacher-{unit}-{r}.log" if log_dir else None
-                        extra = ["--threads", str(threads)] if threads else []
+                        extra = ["--device", teacher.device] + (["--threads", str(threads)] if threads else [])
                         servers.append(start_server(Path(teacher.model), role="teacher", log_path=log, extra_args=extra))
                         urls.append(servers[-1].url)
                 key = live_api_key if teacher.live else None

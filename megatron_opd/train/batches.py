@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_opd.platform.dist import comm_device
 from megatron_opd.records import MicroBatch, StepBatch, decode_header, encode_header
 
 
@@ -48,44 +49,50 @@ def distribute(batch: StepBatch | None, dp: int) -> StepBatch:
     return share
 
 
+# Under NCCL the tensors travel through the GPU (comm_device); the batch itself stays on the CPU.
+
 def _send(batch: StepBatch, dst: int) -> None:
+    device = comm_device()
     header, tensors = batch.to_wire()
     raw = encode_header(header)
-    dist.send(torch.tensor([raw.numel()], dtype=torch.int64), dst)
-    dist.send(raw, dst)
+    dist.send(torch.tensor([raw.numel()], dtype=torch.int64, device=device), dst)
+    dist.send(raw.to(device), dst)
     for tensor in tensors:
-        dist.send(tensor, dst)
+        dist.send(tensor.to(device), dst)
 
 
 def _recv(src: int) -> StepBatch:
-    size = torch.zeros(1, dtype=torch.int64)
+    device = comm_device()
+    size = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(size, src)
-    raw = torch.empty(int(size), dtype=torch.uint8)
+    raw = torch.empty(int(size), dtype=torch.uint8, device=device)
     dist.recv(raw, src)
-    header = decode_header(raw)
-    tensors = [_empty(shape, dtype) for shape, dtype in zip(header["shapes"], header["dtypes"])]
+    header = decode_header(raw.cpu())
+    tensors = [_empty(shape, dtype).to(device) for shape, dtype in zip(header["shapes"], header["dtypes"])]
     for tensor in tensors:
         dist.recv(tensor, src)
-    return StepBatch.from_wire(header, tensors)
+    return StepBatch.from_wire(header, [t.cpu() for t in tensors])
 
 
 def _broadcast(batch: StepBatch | None, src: int, group) -> StepBatch:
+    device = comm_device()
     if batch is not None:
         header, tensors = batch.to_wire()
-        raw = encode_header(header)
-        size = torch.tensor([raw.numel()], dtype=torch.int64)
+        raw = encode_header(header).to(device)
+        size = torch.tensor([raw.numel()], dtype=torch.int64, device=device)
     else:
-        size = torch.zeros(1, dtype=torch.int64)
+        size = torch.zeros(1, dtype=torch.int64, device=device)
     dist.broadcast(size, src, group=group)
     if batch is None:
-        raw = torch.empty(int(size), dtype=torch.uint8)
+        raw = torch.empty(int(size), dtype=torch.uint8, device=device)
     dist.broadcast(raw, src, group=group)
     if batch is None:
-        header = decode_header(raw)
+        header = decode_header(raw.cpu())
         tensors = [_empty(shape, dtype) for shape, dtype in zip(header["shapes"], header["dtypes"])]
-    for tensor in tensors:
+    moved = [t.to(device) for t in tensors]
+    for tensor in moved:
         dist.broadcast(tensor, src, group=group)
-    return batch if batch is not None else StepBatch.from_wire(header, tensors)
+    return batch if batch is not None else StepBatch.from_wire(header, [t.cpu() for t in moved])
 
 
 _DTYPES = {str(d): d for d in (torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16, torch.uint8)}

@@ -51,5 +51,8 @@ def sum_from_last_stage(results: list[dict[str, Any]], keys: tuple[str, ...]) ->
         for record in results:
             totals += torch.tensor([float(record[k]) for k in keys], dtype=torch.float64)
     if dist.is_initialized():
+        from megatron_opd.platform.dist import comm_device
+
+        totals = totals.to(comm_device())
         dist.all_reduce(totals)
     return dict(zip(keys, totals.tolist()))

@@ -78,15 +78,22 @@ class MemoryProbe:
         return measured
 
     def step_metrics(self) -> dict[str, float]:
-        """This step's largest loss extras and every rank's peak resident set so far (a collective)."""
-        mine = torch.tensor([max(self.peak, _status("VmHWM")), max(self.forward, default=0), max(self.backward, default=0)],
-                            dtype=torch.float64)
+        """This step's largest loss extras and every rank's peak resident set so far (a collective); on a
+        GPU also each rank's peak of allocated GPU memory (``torch.cuda.max_memory_allocated``)."""
+        from megatron_opd.platform.dist import comm_device
+
+        gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
+        mine = torch.tensor([max(self.peak, _status("VmHWM")), max(self.forward, default=0), max(self.backward, default=0),
+                             gpu], dtype=torch.float64, device=comm_device())
         self.forward, self.backward = [], []
         ranks = [mine]
         if dist.is_initialized():
             ranks = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
             dist.all_gather(ranks, mine)
+        ranks = [v.cpu() for v in ranks]
         out = {f"memory/rank{r}_peak_rss_mib": float(v[0]) / MIB for r, v in enumerate(ranks)}
+        if gpu:
+            out.update({f"memory/rank{r}_peak_gpu_mib": float(v[3]) / MIB for r, v in enumerate(ranks)})
         out["memory/loss_forward_extra_mib"] = max(float(v[1]) for v in ranks) / MIB
         out["memory/loss_backward_extra_mib"] = max(float(v[2]) for v in ranks) / MIB
         return out

@@ -131,8 +131,11 @@ def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tens
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         out += results[0]["logprobs"].double().cpu()
     if dist.is_initialized():
+        from megatron_opd.platform.dist import comm_device
+
+        out = out.to(comm_device())
         dist.all_reduce(out)
-    return out
+    return out.cpu()
 
 
 def mismatch_probe(bundle: ModelBundle, client: SGLangClient | None, input_ids: torch.Tensor) -> dict[str, float] | None:

@@ -27,11 +27,12 @@ for hf_dir in hf_dirs:
     results = run_pipeline(bundle.chunks, micro, collect, forward_only=True)
     if results and dist.get_rank() == dist.get_world_size() - 1:
         logits = torch.cat([r["logits"] for r in results])
-        save_file({"logits": logits.contiguous()}, str(out_dir / f"{Path(hf_dir).name}.safetensors"))
+        save_file({"logits": logits.cpu().contiguous()}, str(out_dir / f"{Path(hf_dir).name}.safetensors"))
         layer = bundle.model.decoder.layers[0]
         kinds = {"core_attention": f"{type(layer.self_attention.core_attention).__module__}."
                                    f"{type(layer.self_attention.core_attention).__name__}"}
-        (out_dir / f"{Path(hf_dir).name}.json").write_text(json.dumps({"padded_vocab": bundle.padded_vocab_size, "modules": kinds}))
+        (out_dir / f"{Path(hf_dir).name}.json").write_text(json.dumps({"padded_vocab": bundle.padded_vocab_size, "modules": kinds,
+                                                                "backend": dist.get_backend()}))
 
 from megatron_opd.platform import destroy  # noqa: E402
 

@@ -45,7 +45,7 @@ class RolloutEngine:
         if rcfg.engine == "embedded":
             from megatron_opd.rollout.embedded import EmbeddedEngine
 
-            return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size), eos_token_id)
+            return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size, device=rcfg.device), eos_token_id)
         from megatron_opd.wire.client import SGLangClient
 
         servers: list[ServerProcess] = []
@@ -54,7 +54,7 @@ class RolloutEngine:
             if rcfg.engine == "embedded_server":
                 from megatron_opd.wire.process import start_server
 
-                extra = ["--batch-size", str(rcfg.batch_size)] + (["--threads", str(threads)] if threads else [])
+                extra = ["--batch-size", str(rcfg.batch_size), "--device", rcfg.device] + (["--threads", str(threads)] if threads else [])
                 if log_dir:  # the disk sync writes the new weights under the run directory
                     extra += ["--weights-root", str(Path(log_dir).resolve())]
                 for r in range(rcfg.replicas):
