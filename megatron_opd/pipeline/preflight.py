@@ -99,6 +99,11 @@ def preflight_opd(cfg) -> None:
     for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
         if not teacher.urls and teacher.model is not None and not teacher.live and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
+    on_gpu = [f"teachers.teachers.{n}.device" for n, t in (cfg.teachers.teachers.items() if cfg.teachers else [])
+              if t.device == "cuda" and t.model is not None and not t.urls]
+    on_gpu += ["rollout.device"] if cfg.rollout.device == "cuda" and cfg.rollout.engine != "servers" else []
+    if on_gpu and not any(Path("/dev").glob("nvidia[0-9]*")):
+        raise ValueError(f"{', '.join(on_gpu)}: cuda, but this machine has no NVIDIA GPU (no /dev/nvidia*)")
     crossing = {n: t for n, t in (cfg.teachers.teachers.items() if cfg.teachers else []) if t.cross_tokenizer}
     if crossing and cfg.loss.kind != "sampled_token":
         check_shared_vocabulary(cfg.model.hf_path, crossing, cfg.loss.kind)

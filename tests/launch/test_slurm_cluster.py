@@ -36,9 +36,7 @@ def _scontrol_job(job_id: str, env: dict) -> str:
 def _wait_for(job_id: str, env: dict, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                               env={**os.environ, **env}).stdout.split()
-        if not queue or all(state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for state in queue):
+        if not _in_queue(job_id, env):
             return _scontrol_job(job_id, env)
         time.sleep(3)
     subprocess.run(["scancel", job_id], env={**os.environ, **env})
@@ -56,12 +54,26 @@ def _submit(out, jobs, slurm, *extra):
     return re.search(r"Submitted batch job (\d+)", launched.stdout).group(1)
 
 
-def _poll(predicate, timeout, what, every=1.0):
+def _poll(predicate, timeout, what, every=1.0, job=None):
+    """Wait for ``predicate``; with ``job`` = (id, env, jobs dir), stop at once if the job has ended without it
+    (a job that failed at start would otherwise be waited on for the whole timeout)."""
     deadline = time.monotonic() + timeout
+    checked = time.monotonic()
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
+        if job is not None and time.monotonic() - checked > 5:
+            checked = time.monotonic()
+            job_id, env, jobs = job
+            if not _in_queue(job_id, env) and not predicate():
+                raise AssertionError(f"job {job_id} ended before {what}:\n{_trainer_log(jobs, job_id)[-3000:]}")
         time.sleep(every)
+
+
+def _in_queue(job_id: str, env: dict) -> bool:
+    states = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                            env={**os.environ, **env}).stdout.split()
+    return any(state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for state in states)
 
 
 def _trainer_log(jobs, job_id: str) -> str:
@@ -86,7 +98,7 @@ def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_
     checkpoint, loses one of the two teacher replicas mid-run (SIGKILL) and finishes on the other."""
     out, jobs = tmp_path / "run", tmp_path / "jobs"
     first = _submit(out, jobs, slurm)
-    _poll(lambda: 3 in _steps(out / "metrics.jsonl"), 900, "job A's third step")
+    _poll(lambda: 3 in _steps(out / "metrics.jsonl"), 900, "job A's third step", job=(first, slurm, jobs))
     subprocess.run(["scancel", first], check=True, env={**os.environ, **slurm})
     _wait_for(first, slurm, timeout=300)
     latest = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
@@ -99,7 +111,8 @@ def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_
     # kill once job B has trained its first step: its teachers have passed their start-up health check
     # (a replica dead by then would only be left out of the rotation, never failing a request) and at
     # least five steps, each sending batches to both replicas, are still to come
-    _poll(lambda: f"step {latest + 1}/10" in _trainer_log(jobs, second), 900, "job B's first step", every=0.05)
+    _poll(lambda: f"step {latest + 1}/10" in _trainer_log(jobs, second), 900, "job B's first step", every=0.05,
+          job=(second, slurm, jobs))
     _kill_listener(31101)  # one teacher replica dies; the other one serves on
     info = _wait_for(second, slurm, timeout=900)
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(jobs.rglob("*.out")))

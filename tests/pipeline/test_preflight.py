@@ -84,3 +84,12 @@ def test_bad_rows_are_reported_by_the_run(tiny_world, tmp_path):
     assert "row 5: empty assistant turn" in proc.stdout
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["data"]["train_skipped"] == {"bad messages": 1, "missing messages": 1}
+
+
+@pytest.mark.skipif(bool(list(__import__("pathlib").Path("/dev").glob("nvidia[0-9]*"))), reason="this machine has a GPU")
+def test_an_engine_or_teacher_on_cuda_without_a_gpu_stops_before_anything_starts():
+    proc = opd("run", "recipes/tiny/opd_arith.yaml", "model.hf_path=assets/tiny/student_init", "rollout.device=cuda",
+               "teachers.teachers.arithmetic.device=cuda", check=False)
+    _fails(proc, "teachers.teachers.arithmetic.device, rollout.device: cuda, but this machine has no NVIDIA GPU")
+    proc = opd("serve", "--model", "assets/tiny/student_init", "--device", "tpu", check=False)
+    _fails(proc, "--device 'tpu': expected 'cpu' or 'cuda'")
