@@ -244,6 +244,8 @@ def eval_cmd(
     context: Optional[str] = typer.Option(None, help="user turn as a template over each row's {prompt}, {response}, "
                                           "{meta.KEY} (\\n a newline): how well a self teacher reads its "
                                           "privileged context"),
+    sampled: bool = typer.Option(True, "--sampled/--greedy-only", help="also sample at temperature 1 (the sampled "
+                                 "columns; --greedy-only: half the time, those columns NaN)"),
 ) -> None:
     """Per-domain accuracy of an HF directory or megatron-opd checkpoint (greedy and sampled)."""
     import json
@@ -280,7 +282,8 @@ def eval_cmd(
             if code:
                 raise typer.Exit(code)
         names = [d.strip() for d in domains.split(",")] if domains else None
-        results = _guarded(lambda: evaluate(model_dir, world, names, samples, seed, 1.0, max_new_tokens, context=context))
+        results = _guarded(lambda: evaluate(model_dir, world, names, samples, seed, 1.0, max_new_tokens,
+                                            sampled=sampled, context=context))
     shown = f", context {context!r}" if context else ""
     typer.echo(format_table(results, f"eval {ckpt} (seed {seed}{shown})"))
     if json_out:

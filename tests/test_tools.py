@@ -54,10 +54,16 @@ def test_gpu_check_on_a_machine_without_a_gpu_stops_before_installing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_the_gpu_wheel_list_pins_what_this_environment_tests():
+def test_the_gpu_wheels_are_pinned_to_what_this_environment_tests(tmp_path):
     listed = _gpu_check("--list-wheels").stdout.split()
     pins = dict(line.split("==") for line in listed)
     assert {"megatron-core", "mbridge", "transformers", "tokenizers", "safetensors", "fastapi", "pydantic"} <= set(pins)
     for name, pinned in pins.items():
-        assert version(name) == pinned, name  # the wheels carried to the GPU are the versions CI ran
+        assert version(name) == pinned, name  # the wheels carried to the GPU are the versions installed here
     assert "torch" not in pins and "numpy" not in pins  # the container's own
+    # the check names what is missing from a wheel directory
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / "mbridge-0.15.1-py3-none-any.whl").write_bytes(b"")
+    done = _gpu_check("--check-wheels", "--wheels", str(tmp_path / "wheels"))
+    missing = done.stderr.split("missing in")[1].split(":", 1)[1].split()
+    assert done.returncode == 1 and "mbridge" not in missing and {"megatron-core", "transformers", "megatron-opd"} <= set(missing)

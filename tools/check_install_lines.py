@@ -1,7 +1,9 @@
 """Every ``pip install ...`` line the README and docs give resolves: each is run as
 ``pip install --dry-run --ignore-installed`` from the repository root (nothing is installed).
 
-    python tools/check_install_lines.py [FILE.md ...]      (default: README.md and docs/**/*.md)
+    python tools/check_install_lines.py [--installed LINE ...] [FILE.md ...]   (default: README.md, docs/**/*.md)
+
+``--installed LINE``: a line the caller has just run for real (CI's own install): reported, not dry-run again.
 
 Prints one line per install line with its result; exits 1 if any fails to resolve, showing pip's error."""
 from __future__ import annotations
@@ -35,12 +37,20 @@ def dry_run(line: str) -> subprocess.CompletedProcess:
 
 
 def main() -> None:
-    files = [Path(a) for a in sys.argv[1:]] or [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    args, installed = sys.argv[1:], set()
+    while "--installed" in args:
+        at = args.index("--installed")
+        installed.add(args[at + 1].strip())
+        del args[at:at + 2]
+    files = [Path(a) for a in args] or [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
     lines = [(f, line) for f in files for line in install_lines(f.read_text())]
     if not lines:
         raise SystemExit(f"no `pip install` line in {[str(f) for f in files]}")
     failed = 0
     for file, line in lines:
+        if line in installed:
+            print(f"installed for real by the caller: {line}   [{file.relative_to(REPO)}]")
+            continue
         began = time.perf_counter()
         done = dry_run(line)
         ok = done.returncode == 0

@@ -15,12 +15,14 @@
 #
 # Before going offline (a machine with internet, any Python >= 3.10, from the repository root):
 #   bash tools/gpu_check.sh --fetch-wheels
-# writes tools/gpu_wheels/: this project's wheel and the CPython 3.12 manylinux wheels pinned in
-# tools/gpu_wheels.txt (the versions CI tests; < 64 MiB in all; the script refuses a bigger set).
+# in an environment where megatron-opd is installed: writes tools/gpu_wheels/, this project's wheel and the
+# CPython 3.12 manylinux wheels of the packages tools/gpu_wheels.txt names, at the versions installed there
+# (the versions that environment tested; < 64 MiB in all; the script refuses a bigger set).
 #
 # Usage: bash tools/gpu_check.sh [--wheels DIR] [--out DIR] [--steps N] [--size 0.6B|1.7B] [--no-install]
 #        bash tools/gpu_check.sh --fetch-wheels [--wheels DIR]
-#        bash tools/gpu_check.sh --list-wheels
+#        bash tools/gpu_check.sh --list-wheels        (the pinned set --fetch-wheels downloads)
+#        bash tools/gpu_check.sh --check-wheels [--wheels DIR]   (names the wheels missing there; exit 1 if any)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
@@ -44,12 +46,30 @@ while [ $# -gt 0 ]; do
     --no-install) install=0; shift ;;
     --fetch-wheels) mode=fetch; shift ;;
     --list-wheels) mode=list; shift ;;
+    --check-wheels) mode=check-wheels; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown argument '$1' (--help lists them)" ;;
   esac
 done
 
-requirements() { grep -v '^\s*#' "$here/gpu_wheels.txt" | sed 's/\s*#.*//' | grep -v '^\s*$'; }
+names() { grep -v '^\s*#' "$here/gpu_wheels.txt" | sed 's/\s*#.*//' | grep -v '^\s*$'; }
+
+# the packages named in gpu_wheels.txt, pinned to the versions installed in this environment
+requirements() {
+  python3 - "$here/gpu_wheels.txt" <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, version
+names = [ln.split("#")[0].strip() for ln in open(sys.argv[1])]
+missing = []
+for name in filter(None, names):
+    try:
+        print(f"{name}=={version(name)}")
+    except PackageNotFoundError:
+        missing.append(name)
+if missing:
+    sys.exit(f"gpu_check: not installed here, so no tested version to pin: {missing} (run it where megatron-opd is installed)")
+PY
+}
 
 # a wheel file's distribution name, normalised (PEP 503: lower case, runs of -_. as one -)
 wheel_name() { basename "$1" | cut -d- -f1 | tr 'A-Z_.' 'a-z--'; }
@@ -58,7 +78,7 @@ req_name() { echo "${1%%==*}" | tr 'A-Z_.' 'a-z--'; }
 missing_wheels() {
   local have=() req name found
   for w in "$wheels"/*.whl; do [ -e "$w" ] && have+=("$(wheel_name "$w")"); done
-  for req in $(requirements) megatron-opd; do
+  for req in $(names) megatron-opd; do
     name="$(req_name "$req")"; found=0
     for h in "${have[@]:-}"; do [ "$h" = "$name" ] && found=1 && break; done
     [ $found = 1 ] || echo "$req"
@@ -66,6 +86,11 @@ missing_wheels() {
 }
 
 if [ "$mode" = list ]; then requirements; exit 0; fi
+if [ "$mode" = check-wheels ]; then
+  missing="$(missing_wheels)"
+  [ -z "$missing" ] || { echo "gpu_check: missing in $wheels: $(echo $missing)" >&2; exit 1; }
+  echo "gpu_check: every wheel is in $wheels"; exit 0
+fi
 
 if [ "$mode" = fetch ]; then
   mkdir -p "$wheels"

@@ -32,7 +32,7 @@ def test_cold_start_data_is_teacher_written_and_verified(name):
 
 def _eval(ckpt, tmp_path, tag, domains=None):
     out = tmp_path / f"{tag}.json"
-    args = ["eval", str(ckpt), "--samples", str(SAMPLES), "--json", str(out)]
+    args = ["eval", str(ckpt), "--samples", str(SAMPLES), "--json", str(out), "--greedy-only"]  # greedy is what is held
     proc = opd(*args, *(["--domains", domains] if domains else []))
     print(proc.stdout)
     return json.loads(out.read_text())
