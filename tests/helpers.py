@@ -111,3 +111,18 @@ def start_rollout_server(model: Path, timeout: float = 180.0, role: str = "rollo
 
     server = start_server(model, role=role, timeout=timeout, extra_args=extra_args)
     return server.url, server.proc
+
+
+def hf_token_scores(model_dir: Path, seqs, starts, top_k):
+    """Independent reference: one full transformers forward per sequence, log_softmax, gather, topk."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    out = []
+    with torch.no_grad():
+        for seq, start in zip(seqs, starts):
+            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0, :, :vocab].float(), -1)[start - 1:len(seq) - 1]
+            values, ids = torch.topk(lp, top_k, -1)
+            out.append((lp.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0], values, ids))
+    return out

@@ -1,54 +1,18 @@
 """A teacher's scores, from a real teacher server through the scorer and the pool: equal to transformers', at requested ids, the binary payload and prefix sharing, retries, non-finite scores masked and counted, a URL checked for its model and key. Servers are real processes on 127.0.0.1."""
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from helpers import REPO, start_rollout_server
+from helpers import REPO, hf_token_scores, start_rollout_server
 
 from megatron_opd.config.teachers import RoutingSpec
-from megatron_opd.data.chat import chat_ids
-from megatron_opd.records import Sample, SamplingParams, TokenScores
-from megatron_opd.rollout.embedded import EmbeddedEngine
+from megatron_opd.records import TokenScores
 from megatron_opd.teachers.backends import SGLangScorer
 from megatron_opd.teachers.scorer import TeacherError
 from megatron_opd.teachers.service import TeacherSet
 from megatron_opd.teachers.teacher_pool import TeacherPool
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
-
-
-STUDENT = REPO / "assets" / "tiny" / "student_init"
-
-
-def _hf_scores(model_dir: Path, seqs, starts, top_k):
-    """Independent reference: one full transformers forward per sequence, log_softmax, gather, topk."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    out = []
-    with torch.no_grad():
-        for seq, start in zip(seqs, starts):
-            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0, :, :vocab].float(), -1)[start - 1:len(seq) - 1]
-            values, ids = torch.topk(lp, top_k, -1)
-            out.append((lp.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0], values, ids))
-    return out
-
-
-@pytest.fixture(scope="module")
-def rollouts():
-    """Realistic samples: arithmetic prompts, 4 completions each sampled by the cold-start student."""
-    from megatron_opd.data.world import read_rows
-
-    engine = EmbeddedEngine(STUDENT)
-    rows = read_rows(REPO / "assets" / "tiny" / "data" / "arithmetic" / "test.jsonl")[:3]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(STUDENT))
-    prompts = [chat_ids(tok, r["messages"][:1], add_generation_prompt=True) for r in rows]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, n=4, seed=3, temperature=1.0))
-    return [Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), "arithmetic") for r in outs if r.completion_ids]
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +69,7 @@ def _routed(scores: TokenScores):
 @pytest.mark.slow
 def test_embedded_teacher_equals_transformers(teacher_server, rollouts):
     seqs, starts = [s.token_ids for s in rollouts], [s.start for s in rollouts]
-    reference = _hf_scores(TEACHER, seqs, starts, 5)
+    reference = hf_token_scores(TEACHER, seqs, starts, 5)
     # within 2e-5 absolute, plus fp32's relative 1e-6 for tail log-probs of magnitude > 10: the server
     # runs each prompt once and its samples after its KV cache, in batches of other shapes than the
     # reference's one full forward, so fp32 sums run in another order (measured: up to 1.5e-5)

@@ -9,9 +9,6 @@ from helpers import REPO
 
 from megatron_opd.algo.advantages import mix_teacher_logprobs
 from megatron_opd.config.teachers import RoutingSpec
-from megatron_opd.data.chat import chat_ids
-from megatron_opd.records import Sample, SamplingParams
-from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.teachers.router import topk_entropy
 from megatron_opd.teachers.service import TeacherSet
 
@@ -19,21 +16,6 @@ TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
 
 
 STUDENT = REPO / "assets" / "tiny" / "student_init"
-
-
-@pytest.fixture(scope="module")
-def rollouts():
-    """Realistic samples: arithmetic prompts, 4 completions each sampled by the cold-start student."""
-    from megatron_opd.data.world import read_rows
-
-    engine = EmbeddedEngine(STUDENT)
-    rows = read_rows(REPO / "assets" / "tiny" / "data" / "arithmetic" / "test.jsonl")[:3]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(STUDENT))
-    prompts = [chat_ids(tok, r["messages"][:1], add_generation_prompt=True) for r in rows]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, n=4, seed=3, temperature=1.0))
-    return [Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), "arithmetic") for r in outs if r.completion_ids]
 
 
 def _alive(pid: int) -> bool:

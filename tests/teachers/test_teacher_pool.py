@@ -1,54 +1,16 @@
 """A pool of teacher replicas: prompt groups stay together in a batch; a killed replica fails over, all dead stops."""
 import signal
 import threading
-from pathlib import Path
 
 import pytest
-import torch
-from helpers import REPO
+from helpers import REPO, hf_token_scores
 
-from megatron_opd.data.chat import chat_ids
-from megatron_opd.records import Sample, SamplingParams
-from megatron_opd.rollout.embedded import EmbeddedEngine
 from megatron_opd.teachers.backends import SGLangScorer
 from megatron_opd.teachers.scorer import TeacherError
 from megatron_opd.teachers.teacher_pool import TeacherPool, prefix_batches
 from megatron_opd.wire.process import ServerProcess
 
 TEACHER = REPO / "assets" / "tiny" / "teachers" / "arithmetic"
-
-
-STUDENT = REPO / "assets" / "tiny" / "student_init"
-
-
-def _hf_scores(model_dir: Path, seqs, starts, top_k):
-    """Independent reference: one full transformers forward per sequence, log_softmax, gather, topk."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    vocab = model.config.vocab_size
-    out = []
-    with torch.no_grad():
-        for seq, start in zip(seqs, starts):
-            lp = torch.log_softmax(model(torch.tensor([seq])).logits[0, :, :vocab].float(), -1)[start - 1:len(seq) - 1]
-            values, ids = torch.topk(lp, top_k, -1)
-            out.append((lp.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0], values, ids))
-    return out
-
-
-@pytest.fixture(scope="module")
-def rollouts():
-    """Realistic samples: arithmetic prompts, 4 completions each sampled by the cold-start student."""
-    from megatron_opd.data.world import read_rows
-
-    engine = EmbeddedEngine(STUDENT)
-    rows = read_rows(REPO / "assets" / "tiny" / "data" / "arithmetic" / "test.jsonl")[:3]
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(STUDENT))
-    prompts = [chat_ids(tok, r["messages"][:1], add_generation_prompt=True) for r in rows]
-    outs = engine.generate(prompts, SamplingParams(max_new_tokens=24, n=4, seed=3, temperature=1.0))
-    return [Sample(r.prompt_ids + r.completion_ids, len(r.prompt_ids), "arithmetic") for r in outs if r.completion_ids]
 
 
 class _KillsItsServer:
@@ -86,7 +48,7 @@ def test_killed_replica_fails_over_and_all_dead_stops(rollouts):
     servers = [start_server(TEACHER, role="teacher") for _ in range(2)]
     try:
         seqs, starts = [s.token_ids for s in rollouts], [s.start for s in rollouts]
-        reference = [lp for lp, _, _ in _hf_scores(TEACHER, seqs, starts, 1)]
+        reference = [lp for lp, _, _ in hf_token_scores(TEACHER, seqs, starts, 1)]
         pool = TeacherPool("arith", [_KillsItsServer(servers[0], kill_on=2), SGLangScorer(servers[1].url)],
                            batch_size=2, max_concurrency=2, backoff_s=0.05)
         got = pool.score(seqs, starts)
