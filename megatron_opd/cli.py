@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,10 @@ import typer
 
 from megatron_opd import __version__
 from megatron_opd.config import ConfigError, load_recipe
-from megatron_opd.pipeline.preflight import (preflight_cascade, preflight_model, preflight_opd, preflight_resume,
-                                             readable_weights)
+from megatron_opd.pipeline.preflight import (checkpoint_bytes, preflight_cascade, preflight_model, preflight_opd,
+                                             preflight_output_dir, preflight_resume, readable_weights)
 from megatron_opd.platform.net import is_loopback
+from megatron_opd.platform.run_lock import RunDirInUse
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation with a megatron-core student.")
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints between formats.")
@@ -102,6 +104,11 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
     if isinstance(cfg, CascadeConfig):
+        try:
+            preflight_output_dir(cfg.run.output_dir)
+            _lock_run_dir(cfg.run.output_dir)
+        except (ValueError, RunDirInUse) as exc:
+            _fail(str(exc))
         _run_cascade(cfg, recipe, through)
         return
     try:
@@ -115,16 +122,21 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
                 raise ValueError(f"data.{name}: file {source} not found")
         if cfg.kind in ("opd", "grpo"):
             preflight_opd(cfg)
-    except (ConfigError, ValueError, OSError) as exc:
+        preflight_output_dir(cfg.run.output_dir, checkpoint_bytes(cfg.model.hf_path, cfg.model.dtype))
+        _lock_run_dir(cfg.run.output_dir)
+    except (ConfigError, ValueError, OSError, RunDirInUse) as exc:
         _fail(str(exc))
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
         from megatron_opd.platform.cpu_compat import import_megatron_core
+        from megatron_opd.platform.signals import EXIT_STOPPED, install_stop_signals
 
+        install_stop_signals(cfg.run.save_on_signals)
         import_megatron_core()  # first, before any module imports it (see its docstring)
         if cfg.kind == "sft":
             from megatron_opd.train.sft import run_sft
 
-            _guarded(run_sft, cfg)
+            if _guarded(run_sft, cfg).stopped:
+                raise typer.Exit(EXIT_STOPPED)
         else:
             from megatron_opd.train.opd import run_opd
 
@@ -133,24 +145,40 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
                 from megatron_opd.eval.domains import DomainEvaluator
 
                 evaluator = DomainEvaluator(cfg.eval.world_dir, cfg.eval.domains, cfg.eval.samples, cfg.model.hf_path)
-            _guarded(run_opd, cfg, evaluator)
+            if "stopped" in _guarded(run_opd, cfg, evaluator):
+                raise typer.Exit(EXIT_STOPPED)
         if int(os.environ.get("RANK", "0")) == 0:
             from megatron_opd.pipeline.report import write_stage_report
 
             typer.echo(f"[{cfg.kind}] run directory {cfg.run.output_dir}; report {write_stage_report(cfg.run.output_dir)}")
 
 
+def _lock_run_dir(run_dir: Path) -> None:
+    """The run directory's lock, taken by the process that starts the ranks (or, under torchrun, by rank 0)."""
+    from megatron_opd.platform.local_ranks import under_launcher
+    from megatron_opd.platform.run_lock import lock_run_dir
+
+    if not under_launcher() or os.environ.get("RANK") == "0":
+        lock_run_dir(run_dir)
+
+
 def _run_cascade(cfg, recipe: Path, through: str | None = None) -> None:
     from megatron_opd.eval.domains import evaluate, format_table
-    from megatron_opd.pipeline.cascade import CascadeRunner, StageFailed
+    from megatron_opd.pipeline.cascade import CascadeRunner, StageFailed, StageStopped
+    from megatron_opd.platform.signals import EXIT_STOPPED
 
     e = cfg.eval
+    # SIGUSR1 (Slurm's warning) must not kill the cascade between stages; during a stage it is passed on to it
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def evaluate_dir(model_dir, domains, offset, samples, sampled):
         return evaluate(model_dir, e.world_dir, domains, samples, 0, 1.0, e.max_new_tokens, offset, sampled)
 
     try:
         results = CascadeRunner(cfg, recipe, evaluate_dir, log=lambda m: typer.echo(m)).run(through)
+    except StageStopped as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(EXIT_STOPPED)
     except StageFailed as exc:
         _fail(str(exc))
     if results is None:  # stopped after --through
@@ -311,10 +339,15 @@ def serve(
     max_body_mb: float = typer.Option(16.0, min=0.001, help="largest request body accepted (HTTP 413 above)"),
     pause_wait_s: float = typer.Option(120.0, min=0.0, help="a /generate waits this long on a paused server, then 503"),
     group_timeout_s: float = typer.Option(60.0, min=0.1, help="joining a weight-update group gives up after this"),
+    body_timeout_s: float = typer.Option(30.0, min=0.1, help="a request body must arrive in full within this (HTTP "
+                                         "408 otherwise)"),
     max_waiting: int = typer.Option(256, min=1, help="/generate requests in progress before new ones get a 503 "
                                     "(and /health says overloaded)"),
 ) -> None:
     """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
+    from megatron_opd.platform.signals import ignore_stop_signals_here
+
+    ignore_stop_signals_here()  # Slurm's SIGUSR1 warning reaches every process of a job: a server has nothing to save
     if role not in ("rollout", "teacher"):
         _fail(f"--role {role!r}: expected 'rollout' or 'teacher'")
     if device not in ("cpu", "cuda"):
@@ -342,7 +375,8 @@ def serve(
                             device=device)
     limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
                     max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
-                    pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting)
+                    pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting,
+                    body_timeout_s=body_timeout_s)
     app = create_app(engine, api_key, role=role, limits=limits)
     typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
     # SIGTERM: in-flight generations stop at their next token (the app's shutdown hook), then exit
@@ -434,8 +468,6 @@ def _run_cli(argv: list[str]) -> int:
 
 
 def main() -> None:
-    import signal
-
     # SIGTERM (torchrun stopping a worker, Slurm, `kill`) unwinds like Ctrl-C: finally blocks stop the
     # servers this process started and no half-written state is left behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -80,6 +80,35 @@ def opd(*args: str, timeout: int = 900, env: dict | None = None, check: bool = T
     return proc
 
 
+def opd_signalled(*args: str, signum: int, before_step: int, timeout: int = 900,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `opd` CLI and send its process ``signum`` while training: rank 0 waits before step
+    ``before_step`` for the signal (``OPD_FAULT_INJECT=signal:N``), so it lands in a known step. stderr is
+    merged into stdout."""
+    import signal as signals
+    import time
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPD_FAULT_INJECT": f"signal:{before_step}",
+                **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO)
+    lines, deadline = [], time.monotonic() + timeout
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if f"waits for a stop signal before step {before_step}" in line:
+                proc.send_signal(signum)
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError("timed out before the step to signal")
+        rest, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        proc.send_signal(signals.SIGKILL)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest, "")
+
+
 def sft_recipe(world: dict[str, Path], out: Path, tp: int = 1, pp: int = 1, **train) -> Path:
     """Write a small SFT recipe over ``world`` and return its path."""
     import yaml

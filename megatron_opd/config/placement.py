@@ -67,6 +67,13 @@ class SlurmConfig(Strict):
     rollout: ServerGroup | None = Field(None, description="rollout.engine 'servers': SGLang rollout servers")
     teachers: dict[str, ServerGroup] = Field(default_factory=dict, description="teacher name -> its SGLang servers")
     server_timeout_s: int = Field(1800, ge=1, description="how long the trainer waits for every server's /health")
+    signal_grace_s: int | None = Field(
+        300, ge=60, description="Slurm sends the trainer SIGUSR1 this many seconds before the time limit (sbatch "
+        "--signal=USR1@N; Slurm may send it up to 60 s earlier): the run finishes its step, writes a checkpoint and "
+        "exits. Cover one step plus one checkpoint save. None: no warning (the limit's SIGTERM is then the only one)")
+    requeue: bool = Field(True, description="a job that stopped on a signal with a checkpoint requeues itself "
+                          "(scontrol requeue) and resumes from that checkpoint; Slurm caps the requeues of a job "
+                          "at its MaxBatchRequeue (5 by default)")
 
 
 class LaunchConfig(Strict):

@@ -81,6 +81,12 @@ class RunConfig(Strict):
                                     "with rollout, teachers and trainer in their own processes, 1 each")
     memory_probe: bool = Field(False, description="log each rank's peak resident memory and the loss head's extra "
                                "memory (forward, backward) per step: memory/* metrics (Linux; for benchmarks)")
+    save_on_signals: list[Literal["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP"]] = Field(
+        default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"],
+        description="signals on which the run finishes its current step, writes a checkpoint and exits with 75 (run "
+        "the same command to resume; a second signal exits at once): a Slurm time limit or preemption (SIGTERM), "
+        "Ctrl-C (SIGINT), Slurm's warning before the limit (SIGUSR1, `opd launch` asks for it); [] keeps the "
+        "default actions")
 
 
 class StageBase(Strict):
@@ -126,6 +132,10 @@ class PromptDataConfig(Strict):
     messages_field: str = "messages"
     domain_field: str = "domain"
     max_prompt_length: int = Field(256, ge=2)
+    over_teacher_window: Literal["skip", "error"] = Field(
+        "skip", description="a row whose prompt as a teacher sees it (its context included) plus rollout.max_new_tokens "
+        "is over that teacher's context window: skip: counted and skipped; error: the run stops before it starts, "
+        "naming the first")
 
 
 class RolloutConfig(Strict):

@@ -35,6 +35,9 @@ class TeacherSpec(Strict):
     cross_tokenizer: bool = Field(False, description="the teacher has its own tokenizer and chat template: each "
                                   "completion is re-tokenized for it and its log-probs mapped back onto the student's "
                                   "tokens by character offsets (sampled-token losses only; no parity check)")
+    context_window: int | None = Field(None, ge=2, description="the teacher's context window in tokens (default: "
+                                       "`model`'s max_position_embeddings where it is a local checkpoint): a prompt as "
+                                       "the teacher sees it plus rollout.max_new_tokens must fit (data.over_teacher_window)")
     context: str | None = Field(None, description="a privileged context for this teacher only (on-policy "
                                 "self-distillation): its last user turn becomes this template over the row's fields "
                                 "{prompt} (the student's last user turn), {response} (the row's own answer: its last "
@@ -89,8 +92,12 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         root, _, key = name.partition(".")
-        if root not in TEMPLATE_ROOTS or (root == "meta") != bool(key) or "[" in name or spec or conversion:
-            raise ValueError(f"context template: unknown field {{{name}}}; the fields are {{prompt}}, {{response}} "
+        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if spec or conversion:
+            raise ValueError(f"context template: {written}: conversions (!r) and format specs (:...) are not supported; "
+                             "write the field plainly: {prompt}, {response} or {meta.KEY}")
+        if root not in TEMPLATE_ROOTS or (root == "meta") != bool(key) or "[" in name:
+            raise ValueError(f"context template: unknown field {written}; the fields are {{prompt}}, {{response}} "
                              "and {meta.KEY}")
         names.append(name)
     if not names:

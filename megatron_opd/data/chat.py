@@ -64,6 +64,8 @@ def load_rows(source: str, split: str = "train") -> Any:
     a local .json/.parquet file or a hub id (when online)."""
     path = Path(source)
     suffix = path.suffix.lower()
+    if path.is_file() and _blank(path):
+        raise DataError(f"{source}: the file is empty (no rows)")
     if path.exists() and suffix == ".jsonl":
         return _read_jsonl(path)
     import datasets  # ~2 s to import: only for the formats that need it
@@ -75,10 +77,20 @@ def load_rows(source: str, split: str = "train") -> Any:
         try:
             return datasets.load_dataset(fmt, data_files=str(path), split="train")
         except Exception as exc:  # datasets wraps parse errors in several exception types
-            raise DataError(f"{source}: could not be read as {fmt}: {exc}") from exc
+            cause = str(exc).strip() or str(exc.__cause__ or "").strip() or type(exc).__name__
+            raise DataError(f"{source}: could not be read as {fmt}: {cause}") from exc
     if suffix in {".jsonl", ".json", ".parquet"} or "/" not in source:
         raise DataError(f"{source}: data file not found")
     return datasets.load_dataset(source, split=split)
+
+
+def _blank(path: Path) -> bool:
+    """Nothing but whitespace (read in blocks: a large file is not read whole)."""
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            if block.strip():
+                return False
+    return True
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

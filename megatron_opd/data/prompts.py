@@ -14,14 +14,18 @@ from megatron_opd.records import Prompt
 def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain_field: str,
                  max_prompt_length: int, contexts: dict[str, str | None] | None = None,
                  need_reference: bool = False,
-                 tokenizers: dict[str, Any] | None = None) -> tuple[list[Prompt], dict[str, int], list[str]]:
+                 tokenizers: dict[str, Any] | None = None,
+                 teacher_room: dict[str, int] | None = None,
+                 over_teacher_window: str = "skip") -> tuple[list[Prompt], dict[str, int], list[str]]:
     """Chat rows -> prompt ids (the conversation up to, not including, its last assistant turn, with
     the generation prompt) and the row's own response when it has one (the last assistant turn as
     the template renders it, through EOS). ``contexts``: teacher -> context template; each such
     teacher's prompt is the conversation with its last user turn replaced by the rendered template
     (a row without a field the template names stops the run here, naming both); ``tokenizers``:
     teacher -> its own tokenizer (cross-tokenizer teachers; template None: the plain prompt). Rows that cannot
-    be used are counted and skipped; returns (prompts, skipped, problems)."""
+    be used are counted and skipped; returns (prompts, skipped, problems). ``teacher_room``: teacher -> the
+    longest prompt it can take (its context window less the completion budget); a row over it is skipped
+    (``over_teacher_window="skip"``) or stops the run naming it ("error")."""
     prompts: list[Prompt] = []
     skipped: dict[str, int] = {}
     problems: list[str] = []
@@ -72,10 +76,28 @@ def load_prompts(sources: list[str], tokenizer: Any, messages_field: str, domain
                 teacher_messages = [*messages[:-1], {"role": "user", "content": shown}]
                 own = (tokenizers or {}).get(teacher, tokenizer)
                 prompt.contexts[teacher] = chat_ids(own, teacher_messages, add_generation_prompt=True)
+            reason = _over_a_teacher_window(prompt, teacher_room or {})
+            if reason:
+                if over_teacher_window == "error":
+                    raise DataError(f"{source} row {i}: {reason} (data.over_teacher_window: error; 'skip' counts and "
+                                    "skips such rows)")
+                skipped[reason.split(":")[0]] = skipped.get(reason.split(":")[0], 0) + 1
+                if len(problems) < 5:
+                    problems.append(f"{source} row {i}: {reason}")
+                continue
             prompts.append(prompt)
     if not prompts:
         raise DataError(f"data.train: no usable prompts ({skipped}; first problems: {problems})")
     return prompts, skipped, problems
+
+
+def _over_a_teacher_window(prompt: Prompt, room: dict[str, int]) -> str | None:
+    for teacher, longest in room.items():
+        length = len(prompt.contexts.get(teacher, prompt.ids))
+        if length > longest:
+            return (f"over the context window of teacher {teacher!r}: its prompt of {length} tokens is longer than "
+                    f"the {longest} its window leaves beside rollout.max_new_tokens")
+    return None
 
 
 def _response_ids(tokenizer: Any, messages: list[dict[str, str]], response: str, prompt_len: int) -> list[int]:

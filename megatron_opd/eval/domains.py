@@ -23,6 +23,7 @@ class DomainScore:
     n: int
     sampled_accuracy: float
     sampled_format_score: float
+    skipped: int = 0  # rows whose prompt with max_new_tokens does not fit the model's context window (not in n)
 
 
 def load_hf_for_eval(model_dir: str | Path) -> tuple[Any, Any]:
@@ -65,7 +66,9 @@ def evaluate(
     def complete(prompts: list[list[int]], temp: float) -> list[list[int]]:
         return [c.token_ids for c in generate(model, prompts, max_new_tokens, eos, pad, temperature=temp, seed=seed)]
 
-    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature, offset, sampled, context)
+    window = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    return evaluate_with(complete, tokenizer, world_dir, domains, samples, temperature, offset, sampled, context,
+                         max_prompt_tokens=window - max_new_tokens if window else None)
 
 
 def evaluate_with(
@@ -78,9 +81,11 @@ def evaluate_with(
     offset: int = 0,
     sampled: bool = True,
     context: str | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The same table for any generator: ``complete(prompt_ids, temperature) -> completion ids``
-    (a local HF model, the embedded engine, or a rollout server)."""
+    (a local HF model, the embedded engine, or a rollout server). Rows whose prompt is longer than
+    ``max_prompt_tokens`` (the context window less the completion budget) are counted, not scored."""
     check_context(context)
     have = available_domains(world_dir)
     domains = domains or have
@@ -96,12 +101,19 @@ def evaluate_with(
         turns = [r["messages"][0] if context is None else _context_turn(context, r, domain, i) for i, r in enumerate(rows, offset + 1)]
         prompts = [chat_ids(tokenizer, [turn], add_generation_prompt=True) for turn in turns]
         metas = [r["meta"] for r in rows]
+        fits = [max_prompt_tokens is None or len(p) <= max_prompt_tokens for p in prompts]
+        if not any(fits):
+            raise DataError(f"{world_dir}/data/{domain}/test.jsonl: every prompt is longer than the {max_prompt_tokens} "
+                            f"tokens the model's context window leaves beside the completion budget"
+                            + (" (the --context template makes them longer)" if context else ""))
+        prompts = [p for p, ok in zip(prompts, fits) if ok]
+        metas = [m for m, ok in zip(metas, fits) if ok]
         scores = []
         for temp in ((0.0, temperature) if sampled else (0.0,)):
             texts = [tokenizer.decode(c, skip_special_tokens=True) for c in complete(prompts, temp)]
             scores.append(score_responses(domain, metas, texts))
         (acc, fmt), (s_acc, s_fmt) = scores if sampled else (scores[0], (float("nan"), float("nan")))
-        results[domain] = asdict(DomainScore(acc, fmt, len(rows), s_acc, s_fmt))
+        results[domain] = asdict(DomainScore(acc, fmt, len(prompts), s_acc, s_fmt, len(rows) - len(prompts)))
     return results
 
 
@@ -129,6 +141,9 @@ def format_table(results: dict[str, dict[str, Any]], title: str = "") -> str:
     lines.append(f"{'domain':<12}{'n':>5}{'greedy acc':>12}{'format':>9}{'sampled acc':>13}")
     for domain, r in results.items():
         lines.append(f"{domain:<12}{r['n']:>5}{r['accuracy']:>12.3f}{r['format_score']:>9.3f}{r['sampled_accuracy']:>13.3f}")
+    over = {d: r["skipped"] for d, r in results.items() if r.get("skipped")}
+    if over:
+        lines.append(f"not scored (prompt + completion budget over the model's context window): {over}")
     return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_opd.config import CascadeConfig, OPDStageConfig, ServerGroup, SFTStageConfig, SlurmConfig
+from megatron_opd.platform.signals import EXIT_STOPPED, STOPPED_FILE
 from megatron_opd.wire.sglang import SGLangServerConfig
 
 RDZV_PORT = 29500
@@ -50,7 +51,8 @@ def _server_script(group: ServerGroup, model: str, dtype: str, role: str, workdi
     """Start ``servers_per_node`` servers on this node, each on its own port (SGLang: and GPU slice),
     each requiring the job's API key (SGLang: ``--api-key``; ``opd serve``: from ``OPD_API_KEY``, so
     the key is not on its command line)."""
-    lines = ["set -u", *([f"cd {shlex.quote(workdir)}"] if group.engine == "embedded" else []), "pids=()"]
+    # trap '' USR1: Slurm's warning before the time limit reaches every process of the job; the servers ignore it
+    lines = ["set -u", "trap '' USR1", *([f"cd {shlex.quote(workdir)}"] if group.engine == "embedded" else []), "pids=()"]
     tp = group.gpus_per_node // group.servers_per_node
     for i in range(group.servers_per_node):
         if group.engine == "embedded":
@@ -69,6 +71,27 @@ def _server_script(group: ServerGroup, model: str, dtype: str, role: str, workdi
         lines.append(f'left=${{#pids[@]}}; while [ "$left" -gt 0 ]; do wait -n; left=$((left - 1)); '
                      f'echo "a {role} server on $(hostname) exited; $left still serving" >&2; done; exit 1')
     return "\n".join(lines) + "\n"
+
+
+def _stop_and_requeue(command: str, run_dir: str | None, requeue: bool) -> list[str]:
+    """Script lines that run ``command`` (the trainer: torchrun, or a cascade's ``opd run``) so that a stop
+    on a signal requeues the job. The ranks checkpoint on SIGUSR1 (``--signal=USR1@N``, sent to every
+    process of the step) and exit 75; torchrun turns that into its own failure code, so rank 0 also
+    writes ``stopped.json`` into the run directory. ``trap '' USR1``: this shell and torchrun ignore
+    the warning (the ranks install their own handler over the inherited ignore)."""
+    marker = f"{run_dir}/{STOPPED_FILE}" if run_dir else None
+    lines = ["trap '' USR1"]
+    if marker:
+        lines.append(f"rm -f {shlex.quote(marker)}")
+    lines.append(f"rc=0; {command} || rc=$?")
+    if requeue:
+        stopped = f'[ "$rc" = {EXIT_STOPPED} ]' + (f" || [ -f {shlex.quote(marker)} ]" if marker else "")
+        lines += [f"if {stopped}; then",
+                  '  echo "[opd] stopped on a signal with a checkpoint: requeueing job $SLURM_JOB_ID to resume" >&2',
+                  '  scontrol requeue "$SLURM_JOB_ID"; exit 0',
+                  "fi"]
+    lines.append('exit "$rc"')
+    return lines
 
 
 def _workdir(slurm: SlurmConfig) -> str:
@@ -116,8 +139,8 @@ def plan(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str]
     if url_vars:
         lines.append(f"python -m megatron_opd.cli wait-servers --timeout {slurm.server_timeout_s} --api-key-env {KEY_VAR} "
                      + " ".join(f'"{v}"' for v in url_vars))
-    lines.append(" ".join(run_cmd) + " " + " ".join(shlex.quote(o) for o in overrides)
-                 + " " + " ".join(f'"{o}"' for o in url_overrides))
+    train = " ".join([*run_cmd, *(shlex.quote(o) for o in overrides), *(f'"{o}"' for o in url_overrides)])
+    lines += _stop_and_requeue(train, str(cfg.run.output_dir), slurm.requeue)
     groups = [Group("trainer", trainer.nodes, trainer.gpus_per_node, "\n".join(lines) + "\n", env)]
     dtype = cfg.model.dtype
     for name, group, model, _ in servers:
@@ -137,7 +160,8 @@ def chain(cascade: CascadeConfig, recipe: str, overrides: list[str]) -> list[tup
     jobs = []
     for stage in cascade.stages:
         cmd = ["python", "-m", "megatron_opd.cli", "run", recipe, *overrides, "--through", stage.name]
-        script = "\n".join(["set -euo pipefail", f"cd {shlex.quote(_workdir(slurm))}", shlex.join(cmd)]) + "\n"
+        script = "\n".join(["set -euo pipefail", f"cd {shlex.quote(_workdir(slurm))}",
+                            *_stop_and_requeue(shlex.join(cmd), None, slurm.requeue)]) + "\n"
         jobs.append((stage.name, [Group(stage.name, 1, slurm.trainer.gpus_per_node, script, dict(slurm.env))]))
     return jobs
 
@@ -155,7 +179,8 @@ def _experiment(title: str, slurm: SlurmConfig, jobs: list[tuple[str, list[Group
     set_nemorun_home(str(base))  # the experiment's records (and `opd launch --status`) live under job_dir
 
     def executor(group: Group, hetero: bool) -> Any:
-        return run.SlurmExecutor(
+        return run.SlurmExecutor(  # signal: Slurm's warning before the limit (the servers' scripts ignore it)
+            signal=f"USR1@{slurm.signal_grace_s}" if slurm.signal_grace_s is not None else None,
             account=slurm.account, partition=slurm.partition, time=slurm.time, nodes=group.nodes, ntasks_per_node=1,
             gpus_per_node=group.gpus_per_node or None, container_image=slurm.container_image,
             container_mounts=list(slurm.container_mounts), env_vars=group.env or dict(slurm.env), heterogeneous=hetero,

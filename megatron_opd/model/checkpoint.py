@@ -15,7 +15,9 @@ of a layout and are restored only when the layout is unchanged (the trainer's mo
 and generation draws from explicitly seeded generators, so a layout change loses nothing it uses).
 
 A step is written to ``root/.tmp-step-…`` and renamed into place only once every rank has finished,
-so a crash while saving leaves the previous checkpoint as the latest loadable one. Like every
+so a crash while saving leaves the previous checkpoint as the latest loadable one. A write that fails
+on any rank (a full disk) stops every rank with :class:`CheckpointError` naming the path and the free
+space, and the partial directory is removed. Like every
 torch_dist checkpoint, ``dist/.metadata`` is a pickle: load checkpoints you (or your cluster) wrote.
 """
 
@@ -33,7 +35,7 @@ import torch.distributed as dist
 
 from megatron_opd.model.bridge import ModelBundle, copy_tokenizer_files, save_hf_config
 from megatron_opd.platform.cpu_compat import cpu_compat
-from megatron_opd.platform.faults import maybe_kill
+from megatron_opd.platform.faults import maybe_fail_write, maybe_kill
 
 FORMAT = "megatron-opd-checkpoint/2"
 
@@ -96,26 +98,38 @@ def save_checkpoint(
     ``optimizer`` (a megatron optimizer) and ``train_state`` (this rank's schedule / data / RNG, a
     ``weights_only``-loadable dict) are saved for training checkpoints."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     root = Path(root)
     rank = _rank()
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("hf", "dist", "train"):
-            (tmp / sub).mkdir(parents=True)
-    _barrier()
+    failure = None
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for sub in ("hf", "dist", "train"):
+                (tmp / sub).mkdir(parents=True)
+    except OSError as exc:
+        failure = exc
+    if not _all_ok(failure):
+        _failed_save(root, tmp, step, failure)
     _synchronous_writes()
-    with cpu_compat():
-        dist_checkpointing.save(_sharded(bundle, optimizer, is_loading=False), str(tmp / "dist"))
-    if train_state is not None:
-        torch.save(train_state, tmp / "train" / f"rank{rank:05d}.pt")
-    _barrier()
+    try:
+        with cpu_compat():
+            dist_checkpointing.save(_sharded(bundle, optimizer, is_loading=False), str(tmp / "dist"))
+        if train_state is not None:
+            torch.save(train_state, tmp / "train" / f"rank{rank:05d}.pt")
+        if rank == 0:
+            save_hf_config(bundle.hf_config, tmp / "hf")
+            copy_tokenizer_files(tokenizer_src, tmp / "hf")
+        maybe_fail_write("save", step)
+    except (Exception, CheckpointException) as exc:  # OSError, or DCP's CheckpointException (a BaseException)
+        failure = exc
+    if not _all_ok(failure):  # every rank learns that one failed: none publishes, none waits forever
+        _failed_save(root, tmp, step, failure)
     if rank == 0:
         maybe_kill("save", step, rank)  # crash-safety test: shards written, step not published
-        save_hf_config(bundle.hf_config, tmp / "hf")
-        copy_tokenizer_files(tokenizer_src, tmp / "hf")
         meta = {
             "format": FORMAT,
             "step": step,
@@ -133,6 +147,35 @@ def save_checkpoint(
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _all_ok(failure: BaseException | None) -> bool:
+    """Collective: True when no rank failed (a MAX all-reduce of the failure flags; a barrier as well)."""
+    if not dist.is_initialized():
+        return failure is None
+    from megatron_opd.platform.dist import comm_device
+
+    flag = torch.tensor([0.0 if failure is None else 1.0], device=comm_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _failed_save(root: Path, tmp: Path, step: int, failure: BaseException | None) -> None:
+    """A checkpoint write failed on some rank (a full disk, an I/O error): remove the partial step (rank 0)
+    and stop with a message naming the path and the free space; the last complete step stays ``latest``."""
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()  # every rank reached this point (after the collective check): the free space below is after the removal
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    latest = find_latest(root)
+    elsewhere = failure is None or getattr(failure, "failures", None) == {}  # DCP tells only its coordinator why
+    cause = "failed on another rank" if elsewhere else _last_line(failure)
+    kept = f"{latest.name} stays the latest checkpoint" if latest is not None else "no earlier checkpoint"
+    raise CheckpointError(f"writing checkpoint step {step} under {root} failed: {cause} ({free}); the partial "
+                          f"step was removed and {kept}")
 
 
 def _write_latest(root: Path, name: str) -> None:

@@ -26,10 +26,16 @@ from megatron_opd.pipeline.compare import (as_dict, at_budget, comparison_goals,
                                            stage_checkpoints)
 from megatron_opd.pipeline.inputs import input_changes, stage_inputs
 from megatron_opd.pipeline.report import read_metrics, rises_verdict, teacher_goal_verdict, write_cascade_report
+from megatron_opd.platform.local_ranks import die_with_parent, supervise
+from megatron_opd.platform.signals import EXIT_STOPPED
 
 
 class StageFailed(RuntimeError):
     """A stage's process exited non-zero; its log names the cause."""
+
+
+class StageStopped(RuntimeError):
+    """A stage stopped on a signal with a checkpoint (exit 75): running the cascade again resumes it."""
 
 
 class StaleStage(StageFailed):
@@ -103,8 +109,12 @@ class CascadeRunner:
                *stage.overrides, *extra]
         self.log(f"[cascade] stage {stage.name} ({stage_cfg.kind}) from {init}: log {stage_dir / 'stage.log'}")
         began = time.perf_counter()
-        with open(stage_dir / "stage.log", "a") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with open(stage_dir / "stage.log", "a") as log:  # a signal here is passed on to the stage, which saves
+            code = supervise([subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)],
+                             grace_s=300.0, ranks=False)
+        if code == EXIT_STOPPED:
+            raise StageStopped(f"[cascade] stage {stage.name!r} stopped on a signal with a checkpoint ({stage_dir / 'stage.log'});"
+                               f" run the same command to resume it (exit {EXIT_STOPPED})")
         if code != 0:
             tail = "\n".join((stage_dir / "stage.log").read_text().splitlines()[-15:])
             raise StageFailed(f"stage {stage.name!r} failed (exit {code}); last lines of {stage_dir / 'stage.log'}:\n{tail}")

@@ -131,3 +131,55 @@ def check_shared_vocabulary(student_dir: Path, crossing: dict, loss_kind: str) -
                              f"the teacher's vocabulary is a student token ({vocab.summary()}), so its top-k says "
                              "nothing about the student's; use loss.kind 'sampled_token'")
         print(f"[preflight] teacher {name!r} top-k over the shared vocabulary: {vocab.summary()}", flush=True)
+
+
+# a run directory is a directory of its own: never one of these (as root, `run.output_dir=/` once wrote
+# checkpoints, logs and plots into /), nor anything inside the system trees
+SYSTEM_DIRS = {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt",
+               "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/tmp"}
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def checkpoint_bytes(hf_path: Path, dtype: str) -> int:
+    """About one training checkpoint of this model: its weights in ``dtype``, Adam's two fp32 moments and,
+    for bf16, the optimizer's fp32 main parameters (counted from the safetensors headers)."""
+    import json
+    import struct
+
+    params = 0
+    for path in Path(hf_path).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                numel = 1
+                for dim in entry["shape"]:
+                    numel *= dim
+                params += numel
+    per_param = (2 + 4 if dtype == "bfloat16" else 4) + 8
+    return params * per_param
+
+
+def preflight_output_dir(out: Path, need_bytes: int = 0, what: str = "run.output_dir") -> None:
+    """Before any process starts: ``out`` is a directory of its own (not ``/`` or a system directory,
+    not a file), writable, with room for one checkpoint (``need_bytes``). Creates it."""
+    import shutil
+    import tempfile
+
+    resolved = Path(out).expanduser().resolve()
+    text = str(resolved)
+    if text in SYSTEM_DIRS or any(text == tree or text.startswith(tree + "/") for tree in SYSTEM_TREES):
+        raise ValueError(f"{what} {out}: a system directory ({text}); name a directory of the run's own")
+    if resolved.exists() and not resolved.is_dir():
+        raise ValueError(f"{what} {out}: exists and is not a directory")
+    try:
+        resolved.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=resolved) as probe:
+            probe.write(b"x")
+    except OSError as exc:
+        raise ValueError(f"{what} {out}: not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(resolved).free
+    if free < need_bytes:
+        raise ValueError(f"{what} {out}: {free / 2**20:.1f} MiB free on its file system, and one checkpoint of this "
+                         f"model needs about {need_bytes / 2**20:.1f} MiB (weights and optimizer state); free some space "
+                         f"or choose another {what}")

@@ -24,6 +24,7 @@ import sys
 import time
 
 from megatron_opd.platform.net import free_port
+from megatron_opd.platform.run_lock import held_fds
 
 
 def under_launcher() -> bool:
@@ -48,35 +49,46 @@ def relaunch_local(nproc: int, argv: list[str], grace_s: float = 30.0) -> int:
     if os.environ.get("OPD_LOCAL_RANKS") != "spawn" and sys.platform.startswith("linux") and not glob.glob("/dev/nvidia[0-9]*"):
         # a fresh process (nothing imported, no thread started) that loads the stack once and forks the ranks
         forker = subprocess.Popen([sys.executable, "-m", "megatron_opd.platform.local_ranks", str(nproc), *argv],
-                                  preexec_fn=die_with_parent, env=base)
+                                  preexec_fn=die_with_parent, env=base, pass_fds=held_fds())
         return supervise([forker], grace_s, ranks=False)
     return supervise(spawn_ranks(argv, [{**base, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(nproc)]), grace_s)
 
 
 def spawn_ranks(argv: list[str], envs: list[dict[str, str]]) -> list[subprocess.Popen]:
     """One fresh ``python -m megatron_opd.cli <argv>`` process per rank environment."""
-    return [subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent, env=env)
-            for env in envs]
+    return [subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *argv], preexec_fn=die_with_parent, env=env,
+                             pass_fds=held_fds()) for env in envs]
+
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def supervise(procs: list, grace_s: float, ranks: bool = True) -> int:
     """Wait for ``procs``; the first to fail stops the others (SIGTERM, SIGKILL after ``grace_s``) and its
-    exit code is returned; SIGINT / SIGTERM to this process are passed on to them."""
-    stop = {"signal": None}
+    exit code is returned; SIGINT / SIGTERM / SIGUSR1 to this process are passed on to them. Ranks that
+    stopped on a signal with a checkpoint (exit 75) are not failures: the others are waiting to do the
+    same, and 75 is returned once all have."""
+    from megatron_opd.platform.signals import EXIT_STOPPED
 
-    def forward(signum, _frame):  # Ctrl-C / SIGTERM of the job: every rank unwinds its own way
-        stop["signal"] = signum
+    def forward(signum, _frame):  # Ctrl-C, SIGTERM, Slurm's warning: every rank stops its own way
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        failed = None
+        failed, code, stopping_since = None, 0, None
         while failed is None and any(p.poll() is None for p in procs):
-            failed = next((p for p in procs if p.poll() not in (None, 0)), None)
+            failed = next((p for p in procs if p.poll() not in (None, 0, EXIT_STOPPED)), None)
+            code = failed.returncode if failed is not None else 0
+            if failed is None and stopping_since is None and any(p.poll() == EXIT_STOPPED for p in procs):
+                stopping_since = time.monotonic()
+            if failed is None and stopping_since is not None and time.monotonic() - stopping_since > grace_s:
+                failed, code = next(p for p in procs if p.poll() is None), 1  # it did not follow the others
             time.sleep(0.2)
-        failed = failed or next((p for p in procs if p.returncode != 0), None)
+        if failed is None:
+            failed = next((p for p in procs if p.returncode not in (0, EXIT_STOPPED)), None)
+            code = failed.returncode if failed is not None else 0
         if failed is not None:  # one rank failed: the others would wait on it forever
             for proc in procs:
                 if proc.poll() is None:
@@ -88,11 +100,12 @@ def supervise(procs: list, grace_s: float, ranks: bool = True) -> int:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
-            code = failed.returncode
             if ranks:
                 print(f"[opd] rank {procs.index(failed)} exited with {code}; stopped the other ranks", file=sys.stderr, flush=True)
             return 128 - code if code < 0 else code
-        return 128 + stop["signal"] if stop["signal"] else 0
+        if any(p.returncode == EXIT_STOPPED for p in procs):
+            return EXIT_STOPPED
+        return 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -7,6 +7,9 @@ at ``rank_offset``. gloo on CPU, NCCL on GPU.
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -46,6 +49,23 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[key]
 
 
+def _left(deadline: float) -> timedelta:
+    return timedelta(seconds=max(1.0, deadline - time.monotonic()))
+
+
+def _wait_for_listener(host: str, port: int, deadline: float) -> None:
+    """Until ``deadline``: something accepts connections at ``host:port`` (the master's store), else RuntimeError."""
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no weight-update master listening at {host}:{port} ({exc.strerror or exc}); "
+                                   "gave up at the group timeout") from None
+            time.sleep(0.2)
+
+
 class WeightUpdateGroup:
     def __init__(self, master_address: str, master_port: int, rank: int, world_size: int,
                  backend: str = "gloo", timeout_s: float = 300.0) -> None:
@@ -53,20 +73,41 @@ class WeightUpdateGroup:
             raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
         if backend == "nccl" and not torch.cuda.is_available():
             raise RuntimeError("backend 'nccl' needs CUDA; use backend 'gloo' on CPU")
-        timeout = timedelta(seconds=timeout_s)
+        deadline = time.monotonic() + timeout_s
         self.rank, self.world_size = rank, world_size
-        # the store and gloo's pairs listen on the address given (loopback for a local job), never on all
-        self._store = bound_store(master_address, master_port, world_size, rank == 0, timeout)
-        if backend == "gloo":
-            device = gloo_device_for(master_address)
-            if device is None:
-                self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, timeout)
+        if rank != 0:  # torch's store client takes about twice its timeout to give up: wait for the master here
+            _wait_for_listener(master_address, master_port, deadline)
+        # torch's store client waits forever for a listener that accepts and never answers (not a store): the
+        # join runs in a thread bounded by the one budget
+        joined: dict = {}
+        joining = threading.Thread(target=self._join, args=(master_address, master_port, rank, world_size, backend,
+                                                            deadline, joined), daemon=True)
+        joining.start()
+        joining.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        if joining.is_alive():
+            raise RuntimeError(f"joining the weight-update group at {master_address}:{master_port} did not finish "
+                               f"within {timeout_s:.0f} s (does a torch store of a trainer listen there?)")
+        if "error" in joined:
+            raise joined["error"]
+        self._store, self._pg = joined["store"], joined["pg"]
+
+    @staticmethod
+    def _join(host: str, port: int, rank: int, world_size: int, backend: str, deadline: float, joined: dict) -> None:
+        try:
+            # the store and gloo's pairs listen on the address given (loopback for a local job), never on all
+            store = bound_store(host, port, world_size, rank == 0, _left(deadline))
+            timeout = _left(deadline)  # what is left of the one budget, for the group's own rendezvous
+            if backend == "nccl":
+                pg = dist.ProcessGroupNCCL(store, rank, world_size)
+            elif (device := gloo_device_for(host)) is None:
+                pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
             else:
                 options = dist.ProcessGroupGloo._Options()
                 options._devices, options._timeout = [device], timeout
-                self._pg = dist.ProcessGroupGloo(self._store, rank, world_size, options)
-        else:
-            self._pg = dist.ProcessGroupNCCL(self._store, rank, world_size)
+                pg = dist.ProcessGroupGloo(store, rank, world_size, options)
+            joined.update(store=store, pg=pg)
+        except BaseException as exc:  # noqa: BLE001  (handed to the caller's thread)
+            joined["error"] = exc
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
         opts = dist.BroadcastOptions()

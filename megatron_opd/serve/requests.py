@@ -23,6 +23,10 @@ class BodyTooLarge(ContractError):
     """The request body is over the server's size limit (HTTP 413)."""
 
 
+class BodyTimeout(ContractError):
+    """The request body did not arrive in full within ``Limits.body_timeout_s`` (HTTP 408)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     context_len: int  # the model's max_position_embeddings: prompt + max_new_tokens must fit
@@ -32,6 +36,7 @@ class Limits:
     pause_wait_s: float = 120.0  # a /generate waits this long for a paused server, then 503
     group_timeout_s: float = 60.0  # joining a weight-update group: give up (and say so) after this
     max_waiting: int = 256  # /generate requests in progress (queued or running); more get a 503 at once
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (an unfinished one: HTTP 408)
 
 
 class _Strict(BaseModel):

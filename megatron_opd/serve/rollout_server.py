@@ -22,11 +22,12 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from megatron_opd.rollout.embedded import EmbeddedEngine, EngineBusy
 from megatron_opd.rollout.generation import GenerationCancelled
 from megatron_opd.serve.generate import binary_scores, generate_response, parse_stream, stream_outputs
-from megatron_opd.serve.requests import BodyTooLarge, Limits, parse_body
+from megatron_opd.serve.requests import BodyTimeout, BodyTooLarge, Limits, parse_body
 from megatron_opd.wire import score_codec
 from megatron_opd.wire.contract import ContractError
 
@@ -47,10 +48,11 @@ class _Gate:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            refusal = None
-            if self.api_key:
-                given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-                if not secrets.compare_digest(given, f"Bearer {self.api_key}"):
+            headers = scope.get("headers") or []
+            refusal = _framing_refusal(headers)
+            if refusal is None and self.api_key:
+                given = dict(headers).get(b"authorization", b"")  # bytes as sent: any byte compares, none raises
+                if not secrets.compare_digest(given, f"Bearer {self.api_key}".encode()):
                     refusal = JSONResponse({"error": "invalid or missing API key"}, status_code=401)
             if refusal is None and self.read_only and scope["path"] in WEIGHT_UPDATE_PATHS:
                 refusal = JSONResponse({"error": f"{scope['path']}: this is a teacher server (read-only weights)"},
@@ -59,6 +61,19 @@ class _Gate:
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _framing_refusal(headers: list[tuple[bytes, bytes]]) -> JSONResponse | None:
+    """A body framed two ways (RFC 9112 6.3: Content-Length and Transfer-Encoding both, or several
+    Content-Lengths that differ) is refused: a proxy in front may read it the other way (request smuggling)."""
+    lengths = {value.strip() for name, value in headers if name.lower() == b"content-length"}
+    chunked = any(name.lower() == b"transfer-encoding" for name, _ in headers)
+    problem = ("both Content-Length and Transfer-Encoding" if lengths and chunked else
+               "Content-Length headers that disagree" if len(lengths) > 1 else None)
+    if problem is None:
+        return None
+    return JSONResponse({"error": f"request body framed two ways: {problem}"}, status_code=400,
+                        headers={"Connection": "close"})
 
 
 async def _watching_client(request: Request, work, *args) -> Any:
@@ -95,7 +110,17 @@ async def _body_of(request: Request, path: str) -> dict[str, Any]:
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise BodyTooLarge(f"{path}: body of {declared} bytes is over this server's limit of {limits.max_body_bytes}")
     chunks, size = [], 0
-    async for chunk in request.stream():  # never more than the limit in memory
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout_s
+    stream = request.stream().__aiter__()
+    while True:  # never more than the limit in memory, never longer than the body timeout
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise BodyTimeout(f"{path}: the request body did not arrive in full within {limits.body_timeout_s:.0f} s "
+                              f"({size} bytes received)") from None
         size += len(chunk)
         if size > limits.max_body_bytes:
             raise BodyTooLarge(f"{path}: body is over this server's limit of {limits.max_body_bytes} bytes")
@@ -105,7 +130,15 @@ async def _body_of(request: Request, path: str) -> dict[str, Any]:
 
 # -- errors ------------------------------------------------------------------------------------
 async def _contract_error(_request: Request, exc: ContractError):
+    if isinstance(exc, BodyTimeout):  # the rest of the body may never come: the connection is not reused
+        return JSONResponse({"error": str(exc)}, status_code=408, headers={"Connection": "close"})
     return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, BodyTooLarge) else 400)
+
+
+async def _client_left(request: Request, _exc: ClientDisconnect):
+    print(f"{request.method} {request.url.path}: the client disconnected before its request body arrived in full",
+          file=sys.stderr, flush=True)
+    return Response(status_code=499)  # nobody reads it
 
 
 async def _busy(_request: Request, exc: EngineBusy):
@@ -117,7 +150,8 @@ async def _cancelled(request: Request, exc: GenerationCancelled):
     return JSONResponse({"error": str(exc)}, status_code=499)  # nginx's "client closed request"
 
 
-ERROR_HANDLERS = {ContractError: _contract_error, EngineBusy: _busy, GenerationCancelled: _cancelled}
+ERROR_HANDLERS = {ContractError: _contract_error, EngineBusy: _busy, GenerationCancelled: _cancelled,
+                  ClientDisconnect: _client_left}
 
 # -- /generate: generation and scoring -----------------------------------------------------------
 generation = APIRouter()
@@ -205,8 +239,8 @@ async def weights_by_name(request: Request):
     body = await _body_of(request, "/get_weights_by_name")
     try:
         tensor = request.app.state.engine.get_weight(body["name"])
-    except KeyError as exc:
-        return JSONResponse({"error": str(exc)}, status_code=400)
+    except KeyError as exc:  # its message, not str(KeyError) (which quotes it)
+        return JSONResponse({"error": exc.args[0] if exc.args else "unknown weight"}, status_code=400)
     return tensor[: int(body.get("truncate_size", 100))].tolist()
 
 

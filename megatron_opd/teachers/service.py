@@ -77,6 +77,7 @@ class TeacherSet:
                         extra = ["--device", teacher.device] + (["--threads", str(threads)] if threads else [])
                         servers.append(start_server(Path(teacher.model), role="teacher", log_path=log, extra_args=extra))
                         urls.append(servers[-1].url)
+                    print(f"[teachers] {unit!r}: {len(urls)} embedded server(s) at {', '.join(urls)}", flush=True)
                 key = live_api_key if teacher.live else None
                 pools[unit] = TeacherPool(unit, [_scorer(unit, teacher, url, key) for url in urls], teacher.batch_size,
                                           teacher.max_concurrency, teacher.max_retries)
@@ -229,3 +230,25 @@ def _scorer(name: str, teacher: TeacherSpec, url: str, api_key: str | None = Non
     if teacher.backend == "openai":
         return OpenAIScorer(url, teacher.served_model_name, name=name, api_key=api_key, timeout=teacher.timeout_s)
     return SGLangScorer(url, name=name, api_key=api_key, timeout=teacher.timeout_s, binary=teacher.binary)
+
+
+def context_windows(teachers: dict[str, TeacherSpec], student_dir: Path) -> dict[str, int]:
+    """Each teacher's context window where it is known: ``context_window``, else its local checkpoint's
+    ``max_position_embeddings`` (``self`` / ``live``: the student's); a teacher behind ``urls`` with neither is
+    left out (its server refuses an over-long request itself)."""
+    import json
+
+    windows = {}
+    for name, teacher in teachers.items():
+        if teacher.context_window:
+            windows[name] = teacher.context_window
+            continue
+        if teacher.model is None:
+            continue
+        model = Path(student_dir) if str(teacher.model) in ("self", "live") else Path(teacher.model)
+        config = model / "config.json"
+        if config.is_file():
+            window = json.loads(config.read_text()).get("max_position_embeddings")
+            if isinstance(window, int) and window > 0:
+                windows[name] = window
+    return windows

@@ -21,7 +21,8 @@ from megatron_opd.data.chat import (
 from megatron_opd.model import load_hf_config, real_vocab_logprobs
 from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.forward import run_pipeline
-from megatron_opd.platform.faults import maybe_kill
+from megatron_opd.platform.faults import maybe_kill, maybe_wait_for_signal
+from megatron_opd.platform.signals import clear_stopped, stop_agreed, write_stopped
 from megatron_opd.records import SFTMicroBatch
 from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.optim import optimizer_step
@@ -71,6 +72,7 @@ class SFTResult:
     eval_before: float | None
     eval_after: float | None
     final_step: int
+    stopped: bool = False  # on a signal, with a checkpoint at final_step (the same command resumes)
 
 
 def _load_data(cfg: SFTStageConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[TokenizedExample], dict]:
@@ -108,6 +110,7 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
     train, held_out, data_report = _load_data(cfg, tokenizer)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "sft")
     if session.is_rank0:
+        clear_stopped(out)
         print(f"[sft] data: {data_report['train']}" + (f"; eval: {data_report['eval']}" if "eval" in data_report else ""), flush=True)
         for problem in data_report["train_problems"]:
             print(f"[sft]   skipped {problem}", flush=True)
@@ -123,6 +126,7 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
     progress = StepProgress("sft", tcfg.steps, session.start_step, session.is_rank0)
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
+        maybe_wait_for_signal(step + 1, session.info.rank)
         indices = global_batch_indices(len(train), tcfg.seed, step, tcfg.global_batch_size)
         mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         micro = sft_micro_batches(train, mine, tcfg.micro_batch_size, pad_id, tcfg.max_tokens_per_micro_batch)
@@ -137,8 +141,15 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
         if done % tcfg.log_interval == 0 or done == tcfg.steps:
             session.metrics.log(done, record)
             progress.update(done, f"loss {record['train/loss']:.4f} grad_norm {result.grad_norm:.4f} lr {result.lr:.2e}")
-        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
-            save_step(session, done, done * tcfg.global_batch_size, tcfg.keep_last, tcfg.hf_snapshots)
+        stopping = stop_agreed()  # collective: a signal on any rank stops every rank after this step
+        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps or stopping:
+            saved = save_step(session, done, done * tcfg.global_batch_size, tcfg.keep_last, tcfg.hf_snapshots)
+            if stopping:
+                progress.close()
+                if session.is_rank0:
+                    write_stopped(out, done, saved, "sft")
+                session.metrics.close()
+                return SFTResult(out, None, None, done, stopped=True)
     progress.close()
     return _finish(session, cfg, eval_loss() if held_out else None, data_report)
 

@@ -65,6 +65,10 @@ def test_unreadable_or_missing_files_raise_clear_errors(tmp_path):
     with pytest.raises(DataError, match="unsupported data file type"):
         (tmp_path / "x.csv").write_text("a,b\n")
         load_rows(str(tmp_path / "x.csv"))
+    for name, text in [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", ""), ("empty.parquet", "")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{name}: the file is empty \\(no rows\\)$"):  # was: a blank reason
+            load_rows(str(tmp_path / name))
 
 
 def test_batches_are_deterministic_and_cover_each_epoch():

@@ -80,6 +80,35 @@ def test_eval_context_shows_each_row_its_template(tmp_path):
     assert seen[-1].startswith(f"<|im_start|>user\n{first['messages'][0]['content']} {json.loads(first['meta'])[meta_key]}<|im_end|>")
 
 
+def test_eval_counts_the_rows_a_context_pushes_past_the_window(tmp_path):
+    """A `--context` template that grows some prompts past the model's window less the completion budget: those
+    rows are counted apart (not scored, not silently truncated), the table says so; all of them: an error."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.data.chat import DataError, chat_ids
+    from megatron_opd.eval.domains import evaluate_with, format_table
+
+    tokenizer = AutoTokenizer.from_pretrained(str(WORLD / "student_init"))
+    asked = []
+
+    def answer_nothing(prompts, temperature):
+        asked.append([len(p) for p in prompts])
+        return [[tokenizer.eos_token_id] for _ in prompts]
+
+    prompts = [len(chat_ids(tokenizer, [json.loads(line)["messages"][0]], add_generation_prompt=True))
+               for line in (WORLD / "data" / "arithmetic" / "test.jsonl").read_text().splitlines()[:20]]
+    limit = sorted(prompts)[10]  # about half the rows fit
+    table = evaluate_with(answer_nothing, tokenizer, WORLD, ["arithmetic"], 20, sampled=False, context="{prompt}",
+                          max_prompt_tokens=limit)
+    fit = sum(n <= limit for n in prompts)
+    assert table["arithmetic"]["n"] == fit and table["arithmetic"]["skipped"] == 20 - fit > 0
+    assert max(asked[-1]) <= limit and len(asked[-1]) == fit
+    assert f"not scored (prompt + completion budget over the model's context window): {{'arithmetic': {20 - fit}}}" \
+        in format_table(table)
+    with pytest.raises(DataError, match="every prompt is longer than the 3 tokens .*the --context template makes them longer"):
+        evaluate_with(answer_nothing, tokenizer, WORLD, ["arithmetic"], 20, sampled=False, context="{prompt}", max_prompt_tokens=3)
+
+
 def test_eval_context_errors(tmp_path):
     student = WORLD / "student_init"
     _fails(opd("eval", str(student), "--context", "{answer}", check=False), "--context: context template: unknown field {answer}")

@@ -82,7 +82,38 @@ def test_single_group_job_for_sft_uses_the_head_node(tmp_path):
     assert "hetjob" not in sbatch and "#SBATCH --nodes=2" in sbatch
     assert "export OPD_TRAINER_HEAD=$head_node_ip" in sbatch
     assert "--nnodes=2 --nproc-per-node=8" in trainer and "wait-servers" not in trainer
-    assert trainer.rstrip().endswith("train.steps=10")  # the command line's overrides reach the job
+    launch = next(line for line in trainer.splitlines() if "torch.distributed.run" in line)
+    assert launch.endswith("train.steps=10 || rc=$?")  # the command line's overrides reach the job
+
+
+def test_the_trainer_checkpoints_on_slurms_warning_and_requeues_the_job(tmp_path):
+    """`--signal=USR1@<grace>` asks Slurm for the warning; the trainer's script ignores it itself (the ranks
+    handle it), and requeues the job when they stopped on it: exit 75, or rank 0's marker (torchrun's own
+    exit code hides the ranks'). Run with a stand-in torchrun and scontrol: each way out, what the script does."""
+    sbatch, (trainer, rollout, teacher) = _dry_run(tmp_path, QWEN3_OPD, "launch.slurm.signal_grace_s=120")
+    assert sbatch.count("#SBATCH --signal=USR1@120") == 3
+    for script in (trainer, rollout, teacher):
+        assert "trap '' USR1" in script
+    body = trainer.replace("cd /lustre/code/megatron-opd", f"cd {tmp_path}").replace("/lustre/runs/qwen3-1.7b-opd-math",
+                                                                                      str(tmp_path / "run"))
+    body = re.sub(r"^python -m megatron_opd.cli wait-servers.*$", "", body, flags=re.M)
+    (tmp_path / "run").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text("#!/bin/bash\n[ -n \"$MARK\" ] && touch \"$MARK\"\nexit $CODE\n")
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho \"scontrol $*\" >> \"$CALLS\"\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    for code, mark, requeued, rc in [(0, "", False, 0), (2, "", False, 2), (75, "", True, 0), (1, "stopped.json", True, 0)]:
+        calls = tmp_path / f"calls-{code}"
+        env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "CODE": str(code), "CALLS": str(calls), "SLURM_JOB_ID": "42",
+               "OPD_TRAINER_HEAD": "node1", "OPD_ROLLOUT_URLS": "http://node2:30000", "OPD_TEACHER_MATH_URLS": "http://node3:31000",
+               "MARK": str(tmp_path / "run" / mark) if mark else ""}
+        done = subprocess.run(["bash", "-c", body], env=env, capture_output=True, text=True)
+        assert done.returncode == rc, (code, done.stderr)
+        assert (calls.read_text() if calls.exists() else "") == ("scontrol requeue 42\n" if requeued else ""), code
+        assert not (tmp_path / "run" / "stopped.json").exists() or mark  # the script clears an earlier marker first
+        (tmp_path / "run" / "stopped.json").unlink(missing_ok=True)
 
 
 SLURM_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
@@ -113,8 +144,11 @@ def test_a_cascade_dry_runs_to_one_job_per_stage(tmp_path, recipe):
         sbatch = path.read_text()
         assert "hetjob" not in sbatch and "#SBATCH --nodes=1" in sbatch and "--dependency" not in sbatch
         (script,) = path.parent.glob(f"{stage.name}/scripts/*.sh")
-        # every job runs the cascade with the command line's overrides, through its own stage
-        assert script.read_text().rstrip().endswith(f"run {recipe} stages.train.steps=3 --through {stage.name}")
+        # every job runs the cascade with the command line's overrides, through its own stage (and requeues itself
+        # when the stage stopped on Slurm's warning with a checkpoint: exit 75)
+        text = script.read_text()
+        assert f"run {recipe} stages.train.steps=3 --through {stage.name} || rc=$?" in text
+        assert '[ "$rc" = 75 ]; then' in text and "trap '' USR1" in text
     # a chain places no server groups of its own (each stage starts its servers in its allocation)
     with pytest.raises(ConfigError, match="launch.slurm.rollout / launch.slurm.teachers"):
         load_recipe(recipe, ["launch.slurm.teachers.x.nodes=1"])

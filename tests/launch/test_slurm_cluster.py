@@ -2,7 +2,7 @@
 `tools/local_slurm.sh` (slurmctld + three slurmd on this machine; `.ci/run` brings it up and down).
 The tiny CPU recipe's heterogeneous job runs the trainer (torchrun, TP2 over gloo), the rollout server
 and two teacher replicas on three different nodes; the trainer syncs its weights into the rollout
-server across groups and writes its results."""
+server across groups, checkpoints on Slurm's warning signal, requeues itself, and writes its results."""
 import json
 import os
 import re
@@ -70,6 +70,12 @@ def _poll(predicate, timeout, what, every=1.0, job=None):
         time.sleep(every)
 
 
+def _queue(job_id: str, env: dict) -> list[str]:
+    """The controller's state of each component of a job."""
+    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                          env={**os.environ, **env}).stdout.split()
+
+
 def _in_queue(job_id: str, env: dict) -> bool:
     states = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                             env={**os.environ, **env}).stdout.split()
@@ -91,62 +97,60 @@ def _kill_listener(port: int) -> int:
     raise AssertionError(f"nothing listens on port {port}")
 
 
-@pytest.mark.timeout(2700)  # two jobs one after the other on a 2-core machine, each polled with its own bound
+@pytest.mark.timeout(2700)  # a job, its requeue, on a 2-core machine, each polled with its own bound
 @pytest.mark.slow
-def test_het_job_on_three_nodes_survives_scancel_and_a_dead_teacher_replica(tmp_path, slurm):
-    """Job A is cancelled mid-run (scancel); job B, the same submission, resumes from A's last
-    checkpoint, loses one of the two teacher replicas mid-run (SIGKILL) and finishes on the other."""
+def test_het_job_on_three_nodes_saves_on_usr1_requeues_itself_and_survives_a_dead_teacher_replica(tmp_path, slurm):
+    """Slurm's warning signal (`scancel --signal=USR1`, what `--signal=USR1@N` sends before the time limit)
+    reaches the job while its step 4 runs: the trainer finishes that step, checkpoints and requeues the job
+    itself; the requeued job resumes from step 4, loses one of the two teacher replicas mid-run (SIGKILL)
+    and finishes on the other. Every step is trained once, every prompt of it once."""
     out, jobs = tmp_path / "run", tmp_path / "jobs"
-    first = _submit(out, jobs, slurm)
-    _poll(lambda: 3 in _steps(out / "metrics.jsonl"), 900, "job A's third step", job=(first, slurm, jobs))
-    subprocess.run(["scancel", first], check=True, env={**os.environ, **slurm})
-    _wait_for(first, slurm, timeout=300)
-    latest = int((out / "checkpoints" / "latest").read_text().strip().split("-")[1])
-    assert latest in (2, 4)
-    audit_a = {json.loads(line)["step"]: json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()}
-
-    # job B runs a longer schedule (a resumable change): several steps still to score after the kill,
-    # however late the kill lands on a loaded machine
-    second = _submit(out, jobs, slurm, "train.steps=10")
-    # kill once job B has trained its first step: its teachers have passed their start-up health check
-    # (a replica dead by then would only be left out of the rotation, never failing a request) and at
-    # least five steps, each sending batches to both replicas, are still to come
-    _poll(lambda: f"step {latest + 1}/10" in _trainer_log(jobs, second), 900, "job B's first step", every=0.05,
-          job=(second, slurm, jobs))
+    # rank 0 waits before step 4 for the signal, so it lands in a known step however loaded the machine is
+    job = _submit(out, jobs, {**slurm, "OPD_FAULT_INJECT": "signal:4"}, "train.steps=10")
+    _poll(lambda: "waits for a stop signal before step 4" in _trainer_log(jobs, job), 900, "step 4",
+          job=(job, slurm, jobs))
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, env={**os.environ, **slurm})
+    _poll(lambda: "stopped on SIGUSR1 after step 4" in _trainer_log(jobs, job), 300, "the checkpoint on the signal",
+          job=(job, slurm, jobs))
+    # Slurm holds a requeued job for two minutes (its begin time, against requeue loops); let it start now
+    _poll(lambda: _queue(job, slurm) == ["PENDING"] * 3, 300, "the requeued job pending")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env={**os.environ, **slurm})
+    # the requeued job (the same id, its logs numbered by SLURM_RESTART_COUNT) resumes at step 4; kill a teacher
+    # replica once it has trained a step: its teachers have passed their start-up health check (a replica dead
+    # by then would only be left out of the rotation, never failing a request) and five steps are still to come
+    _poll(lambda: "step 5/10" in _trainer_log(jobs, job), 900, "the requeued job's first step", every=0.05)
     _kill_listener(31101)  # one teacher replica dies; the other one serves on
-    info = _wait_for(second, slurm, timeout=900)
+    info = _wait_for(job, slurm, timeout=900)
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(jobs.rglob("*.out")))
     assert (out / "results.json").is_file(), f"no results.json\n{info}\n{logs}"
-    assert "JobState=COMPLETED" in info, f"{info}\n{logs}"
+    assert "JobState=COMPLETED" in info and "Restarts=1" in info, f"{info}\n{logs}"
     # each het component on its own node: trainer, rollout, teacher
     nodes = re.findall(r"^\s*NodeList=(\S+)", info, flags=re.M)
     assert sorted(nodes) == ["node1", "node2", "node3"], info
-    assert re.search(rf"resumed from \S+ at step {latest}\b", _trainer_log(jobs, second))
+    log = _trainer_log(jobs, job)
+    assert "requeueing job" in log and re.search(r"resumed from \S+ at step 4\b", log)
     assert "a teacher server on" in logs and "1 still serving" in logs
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["eval"]) == {"before", "after"} and "arithmetic" in results["eval"]["after"]
     counters = results["teacher_counters"]["arithmetic"]
     assert counters["failures"] >= 1 and counters["retries"] >= 1  # the dead replica's batches, retried
-    # job A's counters went into its checkpoint, job B went on from them: every sample of the ten steps
-    # scored once (the outage of job B is counted on top of job A's record)
+    # the counters went into the checkpoint taken on the signal and the requeued job went on from them:
+    # every sample of the ten steps scored once
     assert counters["samples"] == 10 * 8 * 2
     # the retries are in the trainer's log and its metrics as they happen, not only in results.json
-    assert "[teacher 'arithmetic'] http://" in _trainer_log(jobs, second)  # the failover policy's retry line
+    assert "[teacher 'arithmetic'] http://" in log  # the failover policy's retry line
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert rows[-1]["teachers/arithmetic/retries"] == counters["retries"] >= 1
     for r in rows:  # every step sampled by the weights of the step before, synced across the groups
         assert r["rollout/staleness_0"] == 1.0
         assert r["opd/train_inference_mismatch"] <= 1e-5  # the rollout server holds exactly the trainer's weights
-    # no prompt repeated or lost: steps 1..10 once each, 16 samples each, and the steps job A had
-    # trained past its checkpoint were redone on the same prompts
+    # no step redone, no prompt repeated or lost: steps 1..10 once each, 16 samples each, 80 distinct prompt draws
     audit = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [a["step"] for a in audit] == list(range(1, 11))
     assert all(len(a["prompt_rows"]) == 16 for a in audit)
-    for a in audit:
-        if a["step"] in audit_a:
-            assert a["prompt_rows"] == audit_a[a["step"]]["prompt_rows"], a["step"]
+    assert len({row for a in audit for row in a["prompt_rows"]}) == 10 * 8  # of the first epoch's prompts, each once
 
 
 def _sacct(job_id: str, env: dict) -> dict:

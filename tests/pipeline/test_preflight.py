@@ -93,3 +93,58 @@ def test_an_engine_or_teacher_on_cuda_without_a_gpu_stops_before_anything_starts
     _fails(proc, "teachers.teachers.arithmetic.device, rollout.device: cuda, but this machine has no NVIDIA GPU")
     proc = opd("serve", "--model", "assets/tiny/student_init", "--device", "tpu", check=False)
     _fails(proc, "--device 'tpu': expected 'cpu' or 'cuda'")
+
+
+def _tmpfs(path, *options):
+    """A small tmpfs mounted at ``path`` (root only), or skip: the tests that fill or freeze a file system."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    return path
+
+
+def test_an_output_dir_that_cannot_hold_the_run_stops_it_before_anything_starts(tiny_world, tmp_path):
+    import subprocess
+
+    recipe = _recipe(tiny_world, tmp_path)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    _fails(opd("run", str(recipe), "run.output_dir=/", check=False), "run.output_dir /: a system directory")
+    _fails(opd("run", str(recipe), "run.output_dir=/usr/lib/opd-run", check=False), "a system directory (/usr/lib/opd-run)")
+    _fails(opd("run", str(recipe), f"run.output_dir={a_file}", check=False), "exists and is not a directory")
+    _fails(opd("run", str(recipe), f"run.output_dir={a_file}/run", check=False), "not writable")
+    frozen = _tmpfs(tmp_path / "frozen", "ro", "size=1m")
+    full = _tmpfs(tmp_path / "full", "size=64k")  # the tiny student's checkpoint is ~1 MiB
+    try:
+        _fails(opd("run", str(recipe), f"run.output_dir={frozen}/run", check=False), "not writable (Read-only file system)")
+        _fails(opd("run", str(recipe), f"run.output_dir={full}/run", check=False), "MiB free on its file system, and one "
+               "checkpoint of this model needs about")
+    finally:
+        subprocess.run(["umount", str(frozen)], check=False)
+        subprocess.run(["umount", str(full)], check=False)
+
+
+def test_a_second_run_into_a_locked_directory_stops_at_once_naming_the_holder(tiny_world, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    recipe = _recipe(tiny_world, tmp_path)
+    run_dir = tmp_path / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_opd.platform.run_lock import lock_run_dir; "
+                               "lock_run_dir(sys.argv[1]); print('held', flush=True); time.sleep(120)", str(run_dir)],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = opd("run", str(recipe), f"run.output_dir={run_dir}", check=False)
+        _fails(refused, f"run.output_dir {run_dir} is in use by another run (pid {holder.pid} on host")
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, and the kernel frees the lock
+        holder.wait()
+    taken = subprocess.run([sys.executable, "-c", "import sys; from megatron_opd.platform.run_lock import lock_run_dir; "
+                            "lock_run_dir(sys.argv[1]); print('taken')", str(run_dir)], capture_output=True, text=True, cwd=REPO)
+    assert taken.stdout.strip() == "taken", taken.stderr

@@ -97,6 +97,13 @@ def test_no_tracebacks_and_the_server_still_serves(server):
     assert "Traceback" not in log.read_text()
 
 
+def test_an_unknown_weight_name_is_a_plain_400_message(server):
+    url, _ = server
+    r = httpx.post(url + "/get_weights_by_name", json={"name": "model.nope.weight"}, timeout=30)
+    assert r.status_code == 400  # the message itself, not a quoted repr of a KeyError
+    assert r.json() == {"error": "weight 'model.nope.weight' does not exist in the rollout model"}
+
+
 def test_body_over_the_limit_is_413(server):
     url, _ = server
     big = json.dumps({"input_ids": [5] * 400_000})  # ~1.2 MB against a 1 MB limit
@@ -132,12 +139,19 @@ def test_weight_update_group_fails_fast(server):
     url, _ = server
     from megatron_opd.platform.net import free_port
 
-    started = time.monotonic()  # nothing listens on the master port: gives up after --group-timeout-s 2
-    r = httpx.post(url + "/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": free_port(),
-                                                            "rank_offset": 1, "world_size": 2, "backend": "gloo"},
-                   timeout=60)
-    assert r.status_code == 200 and r.json()["success"] is False
-    assert time.monotonic() - started < 20
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections and never answers: not a torch store
+    try:
+        for port, says in [(free_port(), "no weight-update master listening"), (silent.getsockname()[1], "did not finish")]:
+            started = time.monotonic()  # gives up after --group-timeout-s 2, within a second or two of it
+            r = httpx.post(url + "/init_weights_update_group", json={"master_address": "127.0.0.1", "master_port": port,
+                                                                    "rank_offset": 1, "world_size": 2, "backend": "gloo"},
+                           timeout=60)
+            assert r.status_code == 200 and r.json()["success"] is False and says in r.json()["message"], r.json()
+            assert time.monotonic() - started < 5
+    finally:
+        silent.close()
 
 
 def _weights(url: str, name: str) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The SFT stage, run for real through `opd run` (torchrun + gloo when it needs several processes)."""
 import json
+import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import opd, read_metrics, sft_recipe
+from helpers import opd, opd_signalled, read_metrics, sft_recipe
 
 
 @pytest.mark.slow
@@ -29,7 +30,7 @@ def _final_weights(out):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tiny_world, tmp_path):
+def test_resume_after_sigkill_and_after_sigint_is_exact(tiny_world, tmp_path):
     common = dict(steps=20, save_interval=5, keep_last=2)
     straight = tmp_path / "straight"
     opd("run", str(sft_recipe(tiny_world, straight, pp=2, **common)))
@@ -49,8 +50,16 @@ def test_resume_after_sigkill_is_exact(tiny_world, tmp_path):
     assert not (resumed / "checkpoints" / "step-00000015").exists()
     opd("export-hf", str(resumed / "checkpoints"), str(tmp_path / "from_step10"))
     assert (tmp_path / "from_step10" / "model.safetensors").is_file()
-    # 3) resumed again: finishes
-    opd("run", str(recipe))
+    # 3) resumed, then Ctrl-C (SIGINT) while step 13 runs: that step finishes, is checkpointed, and the run
+    # exits with 75 (the same command resumes it); no step after 10 is redone
+    stopped = opd_signalled("run", str(recipe), signum=signal.SIGINT, before_step=13)
+    assert stopped.returncode == 75, stopped.stdout[-3000:]
+    assert "stopped on SIGINT after step 13: checkpoint" in stopped.stdout and "Traceback" not in stopped.stdout
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000013"
+    assert json.loads((resumed / "stopped.json").read_text())["step"] == 13
+    # 4) resumed again: finishes
+    finished = opd("run", str(recipe))
+    assert "at step 13" in finished.stdout and not (resumed / "stopped.json").exists()
 
     def losses(out):
         return {r["step"]: r["train/loss"] for r in read_metrics(out) if "train/loss" in r}
@@ -92,3 +101,28 @@ def test_sft_halves_held_out_loss(tiny_world, tmp_path):
             nll -= float((picked * mask).sum())
             tokens += int(mask.sum())
     assert abs(nll / tokens - summary["eval_loss_after"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_save_stops_every_rank_and_leaves_no_partial_step(tiny_world, tmp_path):
+    """A real file system that fills up during the second checkpoint (a 2.4 MB tmpfs; the tiny student's
+    checkpoint is ~1.5 MB): both ranks stop with the path and the free space, the partial step is removed, and
+    the first checkpoint stays the one to resume from."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2400k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "run"
+        full = opd("run", str(sft_recipe(tiny_world, out, pp=2, steps=3, save_interval=1)), check=False)
+        assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+        assert "writing checkpoint step 2 under" in full.stderr and "No space left on device" in full.stderr
+        assert "MiB free there); the partial step was removed and step-00000001 stays the latest checkpoint" in full.stderr
+        assert "Traceback" not in full.stderr
+        ckpts = out / "checkpoints"
+        assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000001"]
+        assert (ckpts / "latest").read_text().strip() == "step-00000001"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -12,7 +12,8 @@ file each phase lives in, in this order:
    and pads it into micro-batches;
 3. update: ``update.py``, forward/backward over TP x PP x DP with the OPD loss, optimizer step;
 4. sync: the new weights to the rollout engine (``engine.py``'s sink, ``train/weight_export.py``);
-5. log: ``step_log.py``.
+5. log: ``step_log.py``; then a checkpoint when one is due, or when a stop signal reached any rank
+   (``platform/signals.py``: the run then exits with 75 and the same command resumes it).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from megatron_opd.data.chat import check_tokenizer_fits
 from megatron_opd.data.prompts import load_prompts
 from megatron_opd.model import load_hf_config
 from megatron_opd.model.bridge import save_hf_checkpoint
-from megatron_opd.platform.faults import maybe_kill
-from megatron_opd.teachers.service import TeacherSet
+from megatron_opd.platform.faults import maybe_kill, maybe_wait_for_signal
+from megatron_opd.platform.signals import clear_stopped, stop_agreed, write_stopped
+from megatron_opd.teachers.service import TeacherSet, context_windows
 from megatron_opd.train.batches import distribute, micro_batches
 from megatron_opd.train.memory import MemoryProbe
 from megatron_opd.train.opd.engine import RolloutEngine, weight_sink
@@ -67,10 +69,12 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
     specs = cfg.teachers.teachers if cfg.teachers else {}
     own = {name: AutoTokenizer.from_pretrained(str(t.tokenizer or t.model)) for name, t in specs.items() if t.cross_tokenizer}
     contexts = {name: t.context for name, t in specs.items() if t.context or name in own}  # a teacher's own prompt ids
+    room = {name: window - cfg.rollout.max_new_tokens for name, window in context_windows(specs, cfg.model.hf_path).items()}
     prompts, skipped, problems = [], {}, []
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 samples; a bad file stops it, and it the job, here
         prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
-                                                  cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own)
+                                                  cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own,
+                                                  room, cfg.data.over_teacher_window)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
                            optimizer_steps=cfg.train.steps * cfg.loss.epochs)
     rank0 = session.is_rank0
@@ -79,6 +83,7 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
     wall = time.perf_counter()
     try:
         if rank0:
+            clear_stopped(out)
             print(f"[opd] {len(prompts)} prompts" + (f"; skipped {skipped} (first: {problems})" if skipped else ""), flush=True)
             (out / "config.yaml").write_text(dump_config(cfg))
             engine = RolloutEngine.start(cfg.rollout, cfg.model.hf_path, tokenizer.eos_token_id, out, cfg.run.cpu_threads)
@@ -105,6 +110,10 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         loop = Loop(cfg, session, producer, partial(_sync, sink, session, producer), pad_id, evaluate,
                     partial(pool_counters, teachers, engine))
         result = _train(loop, tables)
+        if "stopped" in result:  # a signal: the checkpoint is written; the evaluation and export wait for the resume
+            if rank0:
+                write_stopped(out, result["stopped"]["step"], Path(result["stopped"]["checkpoint"]), "opd")
+            return result
         if evaluator:
             tables["after"] = evaluate()
         counters = pool_counters(teachers, engine)
@@ -147,6 +156,7 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
     began = time.perf_counter()
     for step in range(session.start_step, tcfg.steps):
         maybe_kill("step", step + 1, session.info.rank)
+        maybe_wait_for_signal(step + 1, session.info.rank)
         produced = loop.producer.get(step) if loop.producer else None                    # sample -> score
         share = distribute(produced.batch if produced else None, cfg.parallel.dp)          # this rank's samples
         micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id, tcfg.max_tokens_per_micro_batch)  # collate
@@ -162,11 +172,15 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
             tables[f"step-{done}"] = loop.evaluate()
             metrics.update({f"eval/{d}/accuracy": r["accuracy"] for d, r in tables[f"step-{done}"].items()})
         log.write(done, metrics)
-        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps:
+        stopping = stop_agreed()  # collective: a signal on any rank stops every rank after this step
+        if (tcfg.save_interval and done % tcfg.save_interval == 0) or done == tcfg.steps or stopping:
             saving = time.perf_counter()
-            save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last, tcfg.hf_snapshots,
-                      loop.counters())
+            saved = save_step(session, done, done * tcfg.prompts_per_step * cfg.rollout.n, tcfg.keep_last,
+                              tcfg.hf_snapshots, loop.counters())
             saves.append(time.perf_counter() - saving)
+            if stopping:
+                log.close()
+                return {"steps": tcfg.steps, "stopped": {"step": done, "checkpoint": str(saved)}}
         began = time.perf_counter()
     log.close()
     return {"steps": tcfg.steps, "time_by_phase_s": log.times, "checkpoint_save_s": saves,

@@ -1,14 +1,17 @@
 """The OPD loop end to end: TP2 x PP2 over gloo, embedded engine, an embedded teacher server,
-SIGKILL + resume reproducing the unbroken run exactly, and the same checkpoint resumed at
+SIGKILL + resume, then SIGTERM (a checkpoint on the signal) + resume, reproducing the unbroken run exactly, and the same checkpoint resumed at
 TP1 x PP2 (resharded by megatron's dist_checkpointing) giving the same losses; a resume that changes the
 pipeline layout too (TP2 x PP1 -> TP1 x PP2) is tests/bench/test_real_shapes.py's."""
 import json
+import re
 import shutil
+import signal
 
+import httpx
 import pytest
 import torch
 
-from helpers import REPO, opd
+from helpers import REPO, opd, opd_signalled
 from megatron_opd.config import ConfigError, load_recipe
 
 RECIPE = REPO / "recipes" / "tiny" / "opd_arith.yaml"
@@ -52,12 +55,25 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
             assert x["step"] == y["step"] and x["train/tokens"] == y["train/tokens"]
             for key in ("train/loss", "opd/reverse_kl", "train/grad_norm"):
                 assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (tp, pp, x["step"], key)
+    # resumed from step 2, then SIGTERM while step 3 runs (what Slurm sends at a time limit): step 3 finishes,
+    # is checkpointed, the teacher server is stopped and the run exits with 75
+    stopped = opd_signalled("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}", signum=signal.SIGTERM, before_step=3)
+    assert stopped.returncode == 75, stopped.stdout[-3000:]
+    assert "resumed from" in stopped.stdout and "at step 2" in stopped.stdout
+    seconds = float(re.search(r"stopped on SIGTERM after step 3: checkpoint \S+ written ([\d.]+) s after the signal",
+                              stopped.stdout).group(1))
+    assert seconds < 120
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    assert not (resumed / "results.json").exists()  # the evaluation and export wait for the resume
+    for url in re.findall(r"embedded server\(s\) at (\S+)", stopped.stdout):
+        with pytest.raises(httpx.TransportError):  # stopped with the run
+            httpx.get(url.rstrip(",") + "/health", timeout=5)
     again = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}")
-    assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    assert "resumed from" in again.stdout and "at step 3" in again.stdout
     resumed_results = json.loads((resumed / "results.json").read_text())
     assert set(resumed_results["eval"]) == {"before", "after"}
-    # the teacher's counters went into the step-2 checkpoint and went on from there: the resumed run's
-    # totals are the unbroken run's (steps 1-2 counted before the kill, 3-4 after the resume)
+    # the teacher's counters went into the checkpoints and went on from there: the resumed run's totals are
+    # the unbroken run's (steps 1-2 counted before the kill, 3 before the signal, 4 after the last resume)
     for key in ("samples", "tokens", "requests"):
         assert resumed_results["teacher_counters"]["arithmetic"][key] == results["teacher_counters"]["arithmetic"][key], key
     keys = ("train/loss", "opd/reverse_kl", "rollout/response_length", "train/grad_norm", "opd/advantage_mean")

@@ -28,7 +28,8 @@ def test_context_templates_name_row_fields():
     assert render_template(HINT, {"prompt": "add 1 + 2", "response": "3", "meta": {"a": 1}}) == "add 1 + 2\nhint: 3 (a=1)"
     assert render_template("{{literal}} {prompt}", {"prompt": "p"}) == "{literal} p"
     for bad, says in [("{answer}", "unknown field {answer}"), ("{meta}", "unknown field {meta}"),
-                      ("{prompt!r}", "unknown field"), ("no field at all", "names no field"), ("{prompt", "brace")]:
+                      ("{prompt!r}", r"\{prompt!r\}: conversions \(!r\) and format specs"),
+                      ("{meta.a:>5}", r"\{meta.a:>5\}: conversions"), ("no field at all", "names no field"), ("{prompt", "brace")]:
         with pytest.raises(ValueError, match=says):
             template_fields(bad)
     with pytest.raises(KeyError, match="meta.b"):
@@ -74,6 +75,33 @@ def test_a_row_without_the_templates_field_stops_the_run_naming_both(tmp_path):
     prompts, skipped, _ = load_prompts([str(rows), ARITH], tok, "messages", "domain", 64, need_reference=True)
     assert skipped == {"no assistant turn (rollout.on_policy_fraction < 1 trains on the rows' own responses)": 1}
     assert len(prompts) == 2000
+
+
+def test_rows_over_a_teachers_context_window_are_counted_and_skipped_or_stop_the_run(tmp_path):
+    """The hinted prompt (the context template over the row) is checked against the teacher's window less the
+    completion budget before the run starts: rows over it counted and skipped, or the first named (a setting)."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.data.prompts import load_prompts
+    from megatron_opd.teachers.service import context_windows
+
+    tok = AutoTokenizer.from_pretrained(str(STUDENT))
+    rows = tmp_path / "rows.jsonl"
+    short, long = "add 1 + 2", "add " + " + ".join(["12345"] * 60)  # ~480 characters: its hinted prompt ~1,300 tokens
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "3"}],
+                                        "meta": {"a": 1}}) + "\n" for q in [short, long, short]))
+    cfg = load_recipe(STAGE, SMALL)
+    window = context_windows(cfg.teachers.teachers, STUDENT)["hinted"]  # `self`: the student's max_position_embeddings
+    assert window == json.loads((STUDENT / "config.json").read_text())["max_position_embeddings"]
+    contexts = {"hinted": "{prompt}\n" + "hint: {response} " * 40 + "{prompt}"}
+    room = {"hinted": 600}  # the short rows' hinted prompts are ~360 tokens (a character tokenizer)
+    prompts, skipped, problems = load_prompts([str(rows)], tok, "messages", "domain", 512, contexts, teacher_room=room)
+    assert len(prompts) == 2 and [p.row for p in prompts] == [0, 1]
+    assert skipped == {"over the context window of teacher 'hinted'": 1}
+    assert "row 1: over the context window of teacher 'hinted': its prompt of" in problems[0]
+    assert all(len(p.contexts["hinted"]) <= 600 for p in prompts)
+    with pytest.raises(DataError, match=r"row 1: over the context window of teacher 'hinted'.*data.over_teacher_window: error"):
+        load_prompts([str(rows)], tok, "messages", "domain", 512, contexts, teacher_room=room, over_teacher_window="error")
 
 
 def _hf_logprobs(model, context: list[int], completion: list[int]) -> torch.Tensor:

@@ -13,6 +13,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/llama3.2-1b-opd/llama3.2-1b-opd_<ID>/llama3.2-1b-opd/sbatch_llama3.2-1b-opd-llama3.2-1b-opd-0_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=08:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -23,6 +24,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/llama3.2-1b-opd/llama3.2-1b-opd_<ID>/llama3.2-1b-opd/sbatch_llama3.2-1b-opd-llama3.2-1b-opd-1_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=08:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -33,6 +35,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/llama3.2-1b-opd/llama3.2-1b-opd_<ID>/llama3.2-1b-opd/sbatch_llama3.2-1b-opd-llama3.2-1b-opd-2_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=08:00:00
 
 set -evx

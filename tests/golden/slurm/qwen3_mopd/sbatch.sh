@@ -13,6 +13,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-mopd/qwen3-1.7b-mopd_<ID>/qwen3-1.7b-mopd/sbatch_qwen3-1.7b-mopd-qwen3-1.7b-mopd-0_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=12:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -23,6 +24,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-mopd/qwen3-1.7b-mopd_<ID>/qwen3-1.7b-mopd/sbatch_qwen3-1.7b-mopd-qwen3-1.7b-mopd-1_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=12:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -33,6 +35,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-mopd/qwen3-1.7b-mopd_<ID>/qwen3-1.7b-mopd/sbatch_qwen3-1.7b-mopd-qwen3-1.7b-mopd-2_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=12:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -43,6 +46,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-mopd/qwen3-1.7b-mopd_<ID>/qwen3-1.7b-mopd/sbatch_qwen3-1.7b-mopd-qwen3-1.7b-mopd-3_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=12:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -53,6 +57,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-mopd/qwen3-1.7b-mopd_<ID>/qwen3-1.7b-mopd/sbatch_qwen3-1.7b-mopd-qwen3-1.7b-mopd-4_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=12:00:00
 
 set -evx

@@ -13,6 +13,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-opd-math/qwen3-1.7b-opd-math_<ID>/qwen3-1.7b-opd-math/sbatch_qwen3-1.7b-opd-math-qwen3-1.7b-opd-math-0_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=08:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -23,6 +24,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-opd-math/qwen3-1.7b-opd-math_<ID>/qwen3-1.7b-opd-math/sbatch_qwen3-1.7b-opd-math-qwen3-1.7b-opd-math-1_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=08:00:00
 #SBATCH hetjob
 #SBATCH --account=my_account
@@ -33,6 +35,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-opd-math/qwen3-1.7b-opd-math_<ID>/qwen3-1.7b-opd-math/sbatch_qwen3-1.7b-opd-math-qwen3-1.7b-opd-math-2_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=08:00:00
 
 set -evx

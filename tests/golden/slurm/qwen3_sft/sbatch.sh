@@ -13,6 +13,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=<JOB_DIR>/experiments/qwen3-1.7b-sft/qwen3-1.7b-sft_<ID>/qwen3-1.7b-sft/sbatch_qwen3-1.7b-sft-qwen3-1.7b-sft_%j.out
 #SBATCH --partition=batch
+#SBATCH --signal=USR1@300
 #SBATCH --time=06:00:00
 
 set -evx

@@ -1,5 +1,6 @@
 #!/usr/bin/bash
 set -u
+trap '' USR1
 pids=()
 CUDA_VISIBLE_DEVICES=0 python -m sglang.launch_server --model-path /lustre/models/Llama-3.2-1B-Instruct --host 0.0.0.0 --port 30000 --tp-size 1 --mem-fraction-static 0.7 --dtype bfloat16 --random-seed 0 --skip-tokenizer-init --api-key "$OPD_SERVER_KEY" & pids+=($!)
 CUDA_VISIBLE_DEVICES=1 python -m sglang.launch_server --model-path /lustre/models/Llama-3.2-1B-Instruct --host 0.0.0.0 --port 30001 --tp-size 1 --mem-fraction-static 0.7 --dtype bfloat16 --random-seed 0 --skip-tokenizer-init --api-key "$OPD_SERVER_KEY" & pids+=($!)

@@ -1,5 +1,6 @@
 #!/usr/bin/bash
 set -u
+trap '' USR1
 pids=()
 CUDA_VISIBLE_DEVICES=0,1 python -m sglang.launch_server --model-path /lustre/models/Llama-3.1-8B-Instruct --host 0.0.0.0 --port 31000 --tp-size 2 --mem-fraction-static 0.7 --dtype bfloat16 --random-seed 0 --skip-tokenizer-init --api-key "$OPD_SERVER_KEY" & pids+=($!)
 CUDA_VISIBLE_DEVICES=2,3 python -m sglang.launch_server --model-path /lustre/models/Llama-3.1-8B-Instruct --host 0.0.0.0 --port 31001 --tp-size 2 --mem-fraction-static 0.7 --dtype bfloat16 --random-seed 0 --skip-tokenizer-init --api-key "$OPD_SERVER_KEY" & pids+=($!)

@@ -1,4 +1,11 @@
 #!/usr/bin/bash
 set -euo pipefail
 cd /lustre/code/megatron-opd
-python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$OPD_TRAINER_HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m megatron_opd.cli run recipes/qwen3/sft.yaml  
+trap '' USR1
+rm -f /lustre/runs/qwen3-1.7b-sft/stopped.json
+rc=0; python -m torch.distributed.run --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$OPD_TRAINER_HEAD:29500 --rdzv-id=$SLURM_JOB_ID -m megatron_opd.cli run recipes/qwen3/sft.yaml || rc=$?
+if [ "$rc" = 75 ] || [ -f /lustre/runs/qwen3-1.7b-sft/stopped.json ]; then
+  echo "[opd] stopped on a signal with a checkpoint: requeueing job $SLURM_JOB_ID to resume" >&2
+  scontrol requeue "$SLURM_JOB_ID"; exit 0
+fi
+exit "$rc"
