@@ -37,6 +37,27 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+# Seconds each of the longest test files took in CI (2026-12-05, 2 workers on 2 cores). The suite runs a file per
+# worker (`--dist loadfile`), handing files out in collection order: the longest go first, so that no long file is
+# left to run alone at the end while the other worker idles (longest-processing-time-first scheduling).
+LONGEST_FILES = {
+    "train/opd/test_run.py": 400, "launch/test_slurm_cluster.py": 340, "data/test_world.py": 200,
+    "eval/test_domains.py": 160, "pipeline/test_cascade.py": 150, "bench/test_real_shapes.py": 150,
+    "train/test_sft.py": 150, "train/opd/test_producer.py": 130, "bench/test_benches.py": 100,
+    "serve/test_rollout_server.py": 90, "train/opd/test_self_distill.py": 90, "pipeline/test_compare.py": 80,
+    "train/test_dp.py": 75, "test_sockets.py": 70, "serve/test_bad_input.py": 70, "model/test_bridge.py": 70,
+}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    tests = Path(__file__).resolve().parent
+
+    def weight(item) -> int:
+        return LONGEST_FILES.get(Path(str(item.fspath)).resolve().relative_to(tests).as_posix(), 0)
+
+    items.sort(key=lambda item: -weight(item))  # stable: a file's tests, and the other files, keep their order
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """The slow (real-process, end-to-end) tests and the quick ones, shown apart: count and test time."""
     totals: dict[str, tuple[int, float]] = {}

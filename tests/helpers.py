@@ -80,24 +80,28 @@ def opd(*args: str, timeout: int = 900, env: dict | None = None, check: bool = T
     return proc
 
 
-def opd_signalled(*args: str, signum: int, before_step: int, timeout: int = 900,
-                  env: dict | None = None) -> subprocess.CompletedProcess:
+def opd_signalled(*args: str, signum: int, before_step: int, timeout: int = 900, env: dict | None = None,
+                  process_group: bool = False) -> subprocess.CompletedProcess:
     """Run the real `opd` CLI and send its process ``signum`` while training: rank 0 waits before step
-    ``before_step`` for the signal (``OPD_FAULT_INJECT=signal:N``), so it lands in a known step. stderr is
-    merged into stdout."""
+    ``before_step`` for the signal (``OPD_FAULT_INJECT=signal:N``), so it lands in a known step. With
+    ``process_group``, the command runs in its own process group and the signal goes to all of it, as a
+    terminal's Ctrl-C does. stderr is merged into stdout."""
     import signal as signals
     import time
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "OPD_FAULT_INJECT": f"signal:{before_step}",
                 **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO)
+                            stderr=subprocess.STDOUT, text=True, env=full_env, cwd=REPO, start_new_session=process_group)
     lines, deadline = [], time.monotonic() + timeout
     try:
         for line in proc.stdout:
             lines.append(line)
             if f"waits for a stop signal before step {before_step}" in line:
-                proc.send_signal(signum)
+                if process_group:
+                    os.killpg(proc.pid, signum)
+                else:
+                    proc.send_signal(signum)
                 break
             if time.monotonic() > deadline:
                 raise AssertionError("timed out before the step to signal")

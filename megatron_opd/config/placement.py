@@ -71,6 +71,9 @@ class SlurmConfig(Strict):
         300, ge=60, description="Slurm sends the trainer SIGUSR1 this many seconds before the time limit (sbatch "
         "--signal=USR1@N; Slurm may send it up to 60 s earlier): the run finishes its step, writes a checkpoint and "
         "exits. Cover one step plus one checkpoint save. None: no warning (the limit's SIGTERM is then the only one)")
+    monitor_interval_s: int = Field(60, ge=1, description="a het job's batch script checks its groups this often; "
+                                    "when one has ended it waits this long again, then stops the others (nemo-run's "
+                                    "monitor): a finished job ends up to twice this after its trainer")
     requeue: bool = Field(True, description="a job that stopped on a signal with a checkpoint requeues itself "
                           "(scontrol requeue) and resumes from that checkpoint; Slurm caps the requeues of a job "
                           "at its MaxBatchRequeue (5 by default)")

@@ -181,6 +181,7 @@ def _experiment(title: str, slurm: SlurmConfig, jobs: list[tuple[str, list[Group
     def executor(group: Group, hetero: bool) -> Any:
         return run.SlurmExecutor(  # signal: Slurm's warning before the limit (the servers' scripts ignore it)
             signal=f"USR1@{slurm.signal_grace_s}" if slurm.signal_grace_s is not None else None,
+            monitor_group_job_wait_time=slurm.monitor_interval_s,
             account=slurm.account, partition=slurm.partition, time=slurm.time, nodes=group.nodes, ntasks_per_node=1,
             gpus_per_node=group.gpus_per_node or None, container_image=slurm.container_image,
             container_mounts=list(slurm.container_mounts), env_vars=group.env or dict(slurm.env), heterogeneous=hetero,

@@ -44,9 +44,12 @@ def start_server(model: Path, role: str = "rollout", host: str = "127.0.0.1", po
     for attempt in range(attempts):
         bind = port or free_port()
         with open(log_path, "w") as log:  # the child keeps its own handle
+            # its own session: a terminal's Ctrl-C reaches the run, which finishes its step with the server still
+            # up, then stops it (and a run that dies takes it along: die_with_parent)
             proc = subprocess.Popen([sys.executable, "-m", "megatron_opd.cli", "serve", "--role", role, "--model",
                                      str(model), "--host", host, "--port", str(bind), *(extra_args or [])],
-                                    stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent, env=env)
+                                    stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent, env=env,
+                                    start_new_session=True)
         url = f"http://{host}:{bind}"
         try:
             wait_healthy(url, timeout, headers=headers, proc=proc, interval=0.5, request_timeout=2.0)

@@ -50,9 +50,10 @@ def test_resume_after_sigkill_and_after_sigint_is_exact(tiny_world, tmp_path):
     assert not (resumed / "checkpoints" / "step-00000015").exists()
     opd("export-hf", str(resumed / "checkpoints"), str(tmp_path / "from_step10"))
     assert (tmp_path / "from_step10" / "model.safetensors").is_file()
-    # 3) resumed, then Ctrl-C (SIGINT) while step 13 runs: that step finishes, is checkpointed, and the run
-    # exits with 75 (the same command resumes it); no step after 10 is redone
-    stopped = opd_signalled("run", str(recipe), signum=signal.SIGINT, before_step=13)
+    # 3) resumed, then Ctrl-C (SIGINT to the whole process group, as a terminal sends it: each rank gets it from
+    # the terminal and again from the launcher) while step 13 runs: that step finishes, is checkpointed, and the
+    # run exits with 75 (the same command resumes it); no step after 10 is redone
+    stopped = opd_signalled("run", str(recipe), signum=signal.SIGINT, before_step=13, process_group=True)
     assert stopped.returncode == 75, stopped.stdout[-3000:]
     assert "stopped on SIGINT after step 13: checkpoint" in stopped.stdout and "Traceback" not in stopped.stdout
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000013"
