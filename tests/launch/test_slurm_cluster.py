@@ -198,7 +198,8 @@ def test_cascade_as_a_chain_of_jobs(tmp_path, slurm):
     """A two-stage cascade as two jobs: the OPD stage's job waits on the SFT stage's (afterok), runs
     after it ended, and starts from the SFT stage's output; the last job writes the results."""
     out, jobs = tmp_path / "cascade", tmp_path / "jobs"
-    launched = opd("launch", "recipes/tiny/slurm_cascade.yaml", f"run.output_dir={out}", "--executor", "slurm",
+    shorter = ["sft.train.steps=20", "sft.train.save_interval=10", "eval.samples=8"]  # what is tested is the chain
+    launched = opd("launch", "recipes/tiny/slurm_cascade.yaml", f"run.output_dir={out}", *shorter, "--executor", "slurm",
                    "--job-dir", str(jobs), env=slurm)
     ids = _chain_ids(launched.stdout)
     assert [name for name, _ in ids] == ["sft", "opd"] and f"(afterok:{ids[0][1]})" in launched.stdout
@@ -214,7 +215,7 @@ def test_cascade_as_a_chain_of_jobs(tmp_path, slurm):
 
     state = json.loads((out / "cascade_state.json").read_text())
     assert state["opd"]["init"] == state["sft"]["hf"] == str(out / "sft" / "hf")
-    assert _steps(out / "sft" / "metrics.jsonl")[-1] == 60
+    assert _steps(out / "sft" / "metrics.jsonl")[-1] == 20
     assert _steps(out / "opd" / "metrics.jsonl") == [1, 2, 3, 4]
     results = json.loads((out / "results.json").read_text())
     assert [s["name"] for s in results["stages"]] == ["sft", "opd"]

@@ -12,6 +12,6 @@ for step in range(1, 11):
     if dist.get_rank() == 1 and step == 3:
         os.kill(os.getpid(), signal.SIGUSR1)
     if stop_agreed():
-        print(f"rank {dist.get_rank()} stopped after step {step}", flush=True)
+        os.write(1, f"rank {dist.get_rank()} stopped after step {step}\n".encode())  # one write: lines never interleave
         break
 dist.destroy_process_group()

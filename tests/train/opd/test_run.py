@@ -1,10 +1,9 @@
 """The OPD loop end to end: TP2 x PP2 over gloo, embedded engine, an embedded teacher server,
-SIGKILL + resume, then SIGTERM (a checkpoint on the signal) + resume, reproducing the unbroken run exactly, and the same checkpoint resumed at
-TP1 x PP2 (resharded by megatron's dist_checkpointing) giving the same losses; a resume that changes the
-pipeline layout too (TP2 x PP1 -> TP1 x PP2) is tests/bench/test_real_shapes.py's."""
+SIGKILL + resume, then SIGTERM (a checkpoint on the signal) + resume, reproducing the unbroken run exactly. A
+resume at another layout (resharded by megatron's dist_checkpointing: TP2 x PP1 -> TP1 x PP2) is
+tests/bench/test_real_shapes.py's."""
 import json
 import re
-import shutil
 import signal
 
 import httpx
@@ -46,15 +45,6 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
     killed = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}", env={"OPD_FAULT_INJECT": "step:4"}, check=False)
     assert killed.returncode != 0
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000002"
-    for tp, pp in [(1, 2)]:  # the same checkpoint, resumed at another layout (a PP change: tests/bench/test_real_shapes.py)
-        other = tmp_path / f"resharded-tp{tp}pp{pp}"
-        shutil.copytree(resumed, other)
-        proc = opd("run", str(RECIPE), *SMALL, f"run.output_dir={other}", f"parallel.tp={tp}", f"parallel.pp={pp}")
-        assert "at step 2 (saved at another layout: resharded, RNG fresh)" in proc.stdout
-        for x, y in zip(_metrics(straight)[2:], _metrics(other)[2:], strict=True):  # steps 3 and 4
-            assert x["step"] == y["step"] and x["train/tokens"] == y["train/tokens"]
-            for key in ("train/loss", "opd/reverse_kl", "train/grad_norm"):
-                assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (tp, pp, x["step"], key)
     # resumed from step 2, then SIGTERM while step 3 runs (what Slurm sends at a time limit): step 3 finishes,
     # is checkpointed, the teacher server is stopped and the run exits with 75
     stopped = opd_signalled("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}", signum=signal.SIGTERM, before_step=3)
