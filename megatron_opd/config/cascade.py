@@ -17,11 +17,12 @@ class SelectSpec(Strict):
     held-out eval on rows disjoint from the reported ones (Cascade-RL teacher choice, recovery)."""
 
     candidates: list[str] = Field(min_length=1, description="earlier stages whose final and snapshot checkpoints compete")
-    domains: list[str] = Field(min_length=1)
-    metric: Literal["accuracy", "format_score"] = "accuracy"
+    domains: list[str] = Field(min_length=1, description="the domains to pick a checkpoint for, one pick each")
+    metric: Literal["accuracy", "format_score"] = Field(
+        "accuracy", description="what the pick maximises on the selection rows: greedy accuracy or format score")
     include_inputs: bool = Field(True, description="the candidates' starting checkpoints compete too")
     offset: int = Field(100, ge=0, description="selection rows: test[offset : offset + samples]")
-    samples: int = Field(100, ge=1)
+    samples: int = Field(100, ge=1, description="selection rows per domain (from offset)")
 
 
 class CompareSpec(Strict):
@@ -31,17 +32,18 @@ class CompareSpec(Strict):
     ``offset..offset+samples-1`` and reported on the cascade's eval rows, with an accuracy-vs-tokens
     curve from its HF snapshots (training stages need ``train.hf_snapshots`` and ``log_interval=1``)."""
 
-    domain: str
+    domain: str = Field(description="the domain the methods are compared on")
     methods: dict[str, list[str]] = Field(min_length=2, description="method -> its grid: earlier training stages")
     focus: str = Field("opd", description="the method whose goals are checked against the others")
     reach: str | None = Field("grpo", description="tokens for `focus` to reach this method's accuracy at the budget")
     reach_fraction: float = Field(1 / 9, gt=0, le=1, description="goal: focus needs <= this share of reach's tokens")
     teacher: Path | None = Field(None, description="HF dir of the focus method's teacher (goal: >= teacher_fraction of it)")
-    teacher_fraction: float = Field(0.9, gt=0, le=1)
+    teacher_fraction: float = Field(0.9, gt=0, le=1, description="goal (with `teacher`): focus reaches >= this "
+                                    "share of the teacher's accuracy")
     token_budget: int | None = Field(None, ge=1, description="None: the largest total any grid point of the "
                                      "method with the fewest tokens reached")
     offset: int = Field(100, ge=0, description="grid-choice rows: test[offset : offset + samples]")
-    samples: int = Field(100, ge=1)
+    samples: int = Field(100, ge=1, description="grid-choice rows (from offset)")
 
     @model_validator(mode="after")
     def _names(self) -> "CompareSpec":
@@ -78,15 +80,21 @@ class SpecialistsSpec(Strict):
 
 
 class CascadeStage(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$", description="the stage's name (unique; not 'start'): its run "
+                      "directory under run.output_dir, and how later stages and `<name>.key=value` overrides "
+                      "refer to it")
     recipe: Path | None = Field(None, description="stage recipe (sft/opd/grpo), relative to the cascade file")
-    overrides: list[str] = Field(default_factory=list)
+    overrides: list[str] = Field(default_factory=list, description="dotted key=value overrides of the stage "
+                                 "recipe (training stages only)")
     init: str | None = Field(None, description="student: None = the previous training stage's output; "
                              "a stage name = its output; 'select:<stage>/<domain>' = a pick; else an HF directory")
     teachers_from: str | None = Field(None, description="a select stage: its picks become teachers.teachers.<domain>.model")
-    select: SelectSpec | None = None
-    compare: CompareSpec | None = None
-    specialists: SpecialistsSpec | None = None
+    select: SelectSpec | None = Field(None, description="a select stage: picks a checkpoint per domain by held-out "
+                                      "eval")
+    compare: CompareSpec | None = Field(None, description="a compare stage: methods side by side at an equal token "
+                                        "budget")
+    specialists: SpecialistsSpec | None = Field(None, description="a specialists stage: a multi-domain student "
+                                                "against single-domain specialists")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "CascadeStage":
@@ -112,7 +120,8 @@ class TeacherGoal(Strict):
     """The goal that the cascade's final student reaches ``fraction`` of each domain's teacher in
     held-out greedy accuracy (each teacher measured on its own domain, on the reported rows)."""
 
-    fraction: float = Field(0.9, gt=0, le=1)
+    fraction: float = Field(0.9, gt=0, le=1, description="goal: the final student's accuracy >= this share of "
+                            "each teacher's")
     teachers: dict[str, Path] = Field(min_length=1, description="domain -> the HF teacher it is held to")
 
 
@@ -120,11 +129,14 @@ class CascadeConfig(Strict):
     """A chain of stages run in order, each starting from the previous one's output (SFT -> OPD ->
     MOPD; GRPO per domain -> pick teachers -> MOPD; mid-train -> regression -> recovery OPD)."""
 
-    kind: Literal["cascade"]
-    run: RunConfig = RunConfig()
+    kind: Literal["cascade"] = Field(description="cascade: a chain of stages (a stage recipe's kind is sft, opd "
+                                     "or grpo)")
+    run: RunConfig = Field(RunConfig(), description="the cascade's name and run directory (its state, results and "
+                           "one subdirectory per stage)")
     start: Path = Field(description="HF directory of the first student")
-    eval: EvalConfig
-    stages: list[CascadeStage] = Field(min_length=1)
+    eval: EvalConfig = Field(description="the held-out eval of the start and of every training stage's output "
+                             "(world_dir required)")
+    stages: list[CascadeStage] = Field(min_length=1, description="the stages, run in order")
     expect_rises: bool = Field(False, description="goal: every domain's greedy accuracy rises at every training "
                                "stage; the run prints and reports whether it did (leave off for cascades with a "
                                "stage built to fall, such as recovery's regression, or side-by-side comparisons)")

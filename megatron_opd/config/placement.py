@@ -13,8 +13,9 @@ class ServerGroup(Strict):
     """Servers on their own nodes of a Slurm job (rollout engines or one teacher): SGLang on GPUs, or
     the embedded engine (``opd serve``) on CPU nodes."""
 
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=0)
+    nodes: int = Field(1, ge=1, description="nodes of this group, each running servers_per_node servers")
+    gpus_per_node: int = Field(8, ge=0, description="GPUs requested per node (sglang: split evenly among the "
+                               "node's servers, each tensor-parallel over its share); 0: CPU nodes (engine embedded)")
     servers_per_node: int = Field(1, ge=1, description="servers per node (SGLang: each on gpus_per_node / servers_per_node GPUs)")
     port: int = Field(30000, ge=1024, le=65535, description="first port; server i on a node listens on port + i")
     model: str | None = Field(None, description="checkpoint to serve (default: the student / the teacher's `model`)")
@@ -36,8 +37,10 @@ class ServerGroup(Strict):
 
 
 class TrainerGroup(Strict):
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(8, ge=0)
+    nodes: int = Field(1, ge=1, description="trainer nodes (torchrun --nnodes); nodes x processes per node must be "
+                        "tp x pp x dp")
+    gpus_per_node: int = Field(8, ge=0, description="GPUs requested per trainer node, one process each unless "
+                               "procs_per_node says otherwise (0: CPU nodes)")
     procs_per_node: int | None = Field(None, ge=1, description="trainer processes per node (default: one per GPU; "
                                        "CPU nodes: set it, with gpus_per_node 0)")
 
@@ -55,15 +58,20 @@ class TrainerGroup(Strict):
 class SlurmConfig(Strict):
     """One heterogeneous Slurm job: trainer nodes (torchrun), rollout servers, teacher servers."""
 
-    account: str | None = None
-    partition: str | None = None
-    time: str = "04:00:00"
-    container_image: str | None = None
-    container_mounts: list[str] = Field(default_factory=list)
+    account: str | None = Field(None, description="Slurm account the job is charged to (None: the user's default)")
+    partition: str | None = Field(None, description="Slurm partition (None: the cluster's default)")
+    time: str = Field("04:00:00", description="the job's time limit (sbatch --time, e.g. HH:MM:SS); in a cascade, "
+                      "each stage's job")
+    container_image: str | None = Field(None, description="container image every group runs in (pyxis "
+                                        "--container-image; None: on the host)")
+    container_mounts: list[str] = Field(default_factory=list, description="container mounts, "
+                                        "'host_path:container_path' each")
     workdir: str = Field(".", description="this repository on the cluster (inside the container)")
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables set for every group (trainer "
+                                "and servers)")
     job_dir: str = Field("slurm_jobs", description="where the sbatch script and logs go (on the submitting host)")
-    trainer: TrainerGroup = TrainerGroup()
+    trainer: TrainerGroup = Field(TrainerGroup(), description="the trainer's nodes (torchrun); a cascade's stage "
+                                  "jobs use one node")
     rollout: ServerGroup | None = Field(None, description="rollout.engine 'servers': SGLang rollout servers")
     teachers: dict[str, ServerGroup] = Field(default_factory=dict, description="teacher name -> its SGLang servers")
     server_timeout_s: int = Field(1800, ge=1, description="how long the trainer waits for every server's /health")
@@ -80,4 +88,5 @@ class SlurmConfig(Strict):
 
 
 class LaunchConfig(Strict):
-    slurm: SlurmConfig | None = None
+    slurm: SlurmConfig | None = Field(None, description="the Slurm job `opd launch --executor slurm` submits (None: "
+                                      "no Slurm placement)")

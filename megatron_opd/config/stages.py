@@ -14,7 +14,9 @@ from megatron_opd.config.teachers import RoutingSpec
 
 class ModelConfig(Strict):
     hf_path: Path = Field(description="HF checkpoint directory (config, safetensors, tokenizer) to start from")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the student's parameter dtype (bfloat16: megatron's mixed-precision optimizer, Adam "
+        "on fp32 main copies); also the dtype of the SGLang servers `opd launch` places")
     vocab_divisible_by: int = Field(128, ge=1, description="pad the vocabulary to a multiple of this")
     recompute: Literal["none", "full"] = Field(
         "none", description="activation recomputation (megatron's recompute_granularity 'full', one layer at a time): "
@@ -23,9 +25,11 @@ class ModelConfig(Strict):
 
 
 class ParallelConfig(Strict):
-    tp: int = Field(1, ge=1)
-    pp: int = Field(1, ge=1)
-    dp: int = Field(1, ge=1)
+    tp: int = Field(1, ge=1, description="tensor-parallel size: each layer's weights (and the vocabulary) split "
+                    "over this many ranks")
+    pp: int = Field(1, ge=1, description="pipeline-parallel size: the layers split into this many consecutive stages")
+    dp: int = Field(1, ge=1, description="data-parallel size: model replicas, each training on its share of a "
+                    "step's batch; the run needs tp x pp x dp processes")
 
     @property
     def world_size(self) -> int:
@@ -35,38 +39,49 @@ class ParallelConfig(Strict):
 class ChatDataConfig(Strict):
     train: str | list[str] = Field(description="jsonl/json/parquet file(s) (or hub id when online) with chat 'messages'")
     eval: str | None = Field(None, description="held-out file for eval loss")
-    messages_field: str = "messages"
-    max_length: int = Field(512, ge=2)
-    overlong: Literal["truncate", "drop"] = "drop"
-    eval_max_rows: int = Field(256, ge=1)
+    messages_field: str = Field("messages", description="the row key holding the chat messages ({role, content} "
+                                "objects)")
+    max_length: int = Field(512, ge=2, description="most tokens of a conversation as the chat template renders it; "
+                            "longer ones are handled by `overlong`")
+    overlong: Literal["truncate", "drop"] = Field(
+        "drop", description="a conversation over max_length: drop: skipped (counted); truncate: cut to its first "
+        "max_length tokens (skipped when no assistant token is left)")
+    eval_max_rows: int = Field(256, ge=1, description="the eval loss uses at most this many held-out examples (the "
+                               "first ones)")
 
 
 class OptimConfig(Strict):
-    lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-4, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = Field(1.0, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr: float = Field(1e-3, gt=0, description="peak learning rate, reached at the end of warmup")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate the decay ends at, on the last optimizer step")
+    weight_decay: float = Field(0.0, ge=0, description="Adam's decoupled weight decay (AdamW), constant over the run")
+    adam_beta1: float = Field(0.9, description="Adam's first-moment decay")
+    adam_beta2: float = Field(0.95, description="Adam's second-moment decay")
+    adam_eps: float = Field(1e-8, description="Adam's epsilon (added to the denominator)")
+    clip_grad: float = Field(1.0, gt=0, description="clip the global gradient norm (L2, all parameters) to this")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0 to lr (0: start at lr)")
+    decay_style: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay from lr to min_lr over the optimizer steps after warmup (the run's "
+        "last step ends it); constant: lr throughout")
 
 
 class TrainConfig(Strict):
-    steps: int = Field(ge=1)
-    global_batch_size: int = Field(ge=1)
-    micro_batch_size: int = Field(1, ge=1)
+    steps: int = Field(ge=1, description="optimizer steps to train (the learning-rate schedule's length)")
+    global_batch_size: int = Field(ge=1, description="examples per optimizer step over all data-parallel ranks, drawn "
+                                   "from reshuffled epochs of data.train")
+    micro_batch_size: int = Field(1, ge=1, description="examples per forward/backward on a rank (gradients accumulate "
+                                  "over the rank's share of the step); also the eval loss's micro-batch")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="micro-batches by token budget: each rank's examples of the step, longest first, fill a "
         "micro-batch while its rows x its longest row stay within this many tokens (a longer example trains alone); "
         "None: train.micro_batch_size rows each, in draw order")
-    seed: int = 1234
+    seed: int = Field(1234, description="seed of the data order (each epoch's shuffle) and of megatron's RNG")
     save_interval: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_last: int = Field(2, ge=1, description="complete checkpoints kept on disk")
     eval_interval: int = Field(0, ge=0, description="eval every N steps (0: only before and after)")
-    log_interval: int = Field(1, ge=1)
-    resume: bool = True
+    log_interval: int = Field(1, ge=1, description="write metrics (metrics.jsonl, TensorBoard) every N steps and at "
+                              "the last")
+    resume: bool = Field(True, description="continue from the newest checkpoint in run.output_dir/checkpoints when "
+                         "there is one (false: start from model.hf_path)")
     resume_changed_config: bool = Field(False, description="resume even though the run directory's config differs "
                                         "from this one (by default the run stops, naming the keys)")
     hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N), "
@@ -74,8 +89,10 @@ class TrainConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = "run"
-    output_dir: Path = Path("outputs/run")
+    name: str = Field("run", description="the run's name: `opd launch` titles its Slurm jobs and nemo-run "
+                      "experiment with it; a cascade records it in results.json")
+    output_dir: Path = Field(Path("outputs/run"), description="the run directory: checkpoints, metrics, config.yaml, "
+                             "the final HF export (hf/); a cascade puts each stage in <output_dir>/<stage name>")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads of every trainer process and of every "
                                     "server the run starts (None: torch's default, one per core); on a small CPU box "
                                     "with rollout, teachers and trainer in their own processes, 1 each")
@@ -92,11 +109,12 @@ class RunConfig(Strict):
 class StageBase(Strict):
     """What every training stage has: where it writes, the student, its layout and optimizer."""
 
-    run: RunConfig = RunConfig()
-    model: ModelConfig
-    parallel: ParallelConfig = ParallelConfig()
-    optim: OptimConfig = OptimConfig()
-    launch: LaunchConfig = LaunchConfig()
+    run: RunConfig = Field(RunConfig(), description="where the run writes, and process-level settings")
+    model: ModelConfig = Field(description="the student: its starting checkpoint and how it is built")
+    parallel: ParallelConfig = Field(ParallelConfig(), description="the trainer's layout: tp x pp x dp processes")
+    optim: OptimConfig = Field(OptimConfig(), description="Adam and its learning-rate schedule")
+    launch: LaunchConfig = Field(LaunchConfig(), description="placement on a cluster, for `opd launch --executor "
+                                 "slurm`")
 
     @model_validator(mode="after")
     def _placement(self) -> "StageBase":
@@ -111,9 +129,9 @@ class StageBase(Strict):
 
 
 class SFTStageConfig(StageBase):
-    kind: Literal["sft"]
-    data: ChatDataConfig
-    train: TrainConfig
+    kind: Literal["sft"] = Field(description="sft: supervised fine-tuning (next-token loss on assistant tokens)")
+    data: ChatDataConfig = Field(description="the chat data to train (and evaluate the loss) on")
+    train: TrainConfig = Field(description="steps, batch sizes, checkpoints and logging")
 
     @model_validator(mode="after")
     def _batch_layout(self) -> "SFTStageConfig":
@@ -129,9 +147,13 @@ class SFTStageConfig(StageBase):
 
 class PromptDataConfig(Strict):
     train: list[str] = Field(min_length=1, description="jsonl/json/parquet files with chat 'messages' (+ 'domain' tags)")
-    messages_field: str = "messages"
-    domain_field: str = "domain"
-    max_prompt_length: int = Field(256, ge=2)
+    messages_field: str = Field("messages", description="the row key holding the chat messages; the prompt is the "
+                                "conversation through its last user turn (a last assistant turn is the row's own "
+                                "response)")
+    domain_field: str = Field("domain", description="the row key holding the domain tag that routes a prompt to its "
+                              "teachers (teachers.routes / default) and, with `reward`, to its verifier")
+    max_prompt_length: int = Field(256, ge=2, description="prompts longer than this many tokens (chat template and "
+                                   "generation prompt included) are skipped (counted)")
     over_teacher_window: Literal["skip", "error"] = Field(
         "skip", description="a row whose prompt as a teacher sees it (its context included) plus rollout.max_new_tokens "
         "is over that teacher's context window: skip: counted and skipped; error: the run stops before it starts, "
@@ -143,21 +165,27 @@ class RolloutConfig(Strict):
         "embedded", description="embedded: in-process on trainer rank 0; embedded_server: the run starts `replicas` x "
         "`opd serve --role rollout` on 127.0.0.1 (generation beside the trainer, not in it); servers: SGLang / "
         "`opd serve --role rollout` already running at `urls`")
-    urls: list[str] = Field(default_factory=list)
+    urls: list[str] = Field(default_factory=list, description="servers: base URLs of the running rollout servers "
+                            "(http://host:port; launch.slurm.rollout fills them)")
     api_key_env: str | None = Field(None, description="servers: environment variable holding their API key")
     replicas: int = Field(1, ge=1, description="embedded_server: servers to start")
     max_staleness: int = Field(0, ge=0, description="how many optimizer steps older than the weights being trained the "
                                "weights that sampled a batch may be: 0 = strictly on-policy (exact reproduction); 1 = "
                                "batch k+1 is generated and scored while step k trains (one step off-policy, corrected "
                                "by truncated importance sampling against the sampler's log-probs)")
-    sync: Literal["in_process", "disk", "distributed"] = "in_process"
+    sync: Literal["in_process", "disk", "distributed"] = Field(
+        "in_process", description="how the student's weights reach the engine after each update: in_process: copied "
+        "into the embedded engine (engine 'embedded' only); disk: safetensors buckets under <run dir>/sync, loaded by "
+        "each server; distributed: broadcast over a weight-update group rank 0 forms with the servers")
     device: Literal["cpu", "cuda"] = Field("cpu", description="embedded engine (in process or its servers): where its "
                                            "model and KV cache live; cuda puts it on the rank's GPU (the GPU check)")
     n: int = Field(4, ge=1, description="samples per prompt")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = -1
-    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (0: greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: the smallest set of tokens whose probability "
+                         "reaches this (1: off)")
+    top_k: int = Field(-1, description="sample among the k most likely tokens (-1: off)")
+    max_new_tokens: int = Field(96, ge=1, description="most tokens sampled per completion; one that reaches it is cut "
+                                "(counted in the truncation rate, see guard)")
     batch_size: int = Field(256, ge=1, description="embedded engine: most sequences in one decode loop (a step's "
                             "batch up to this runs as one)")
     bucket_mb: int = Field(64, ge=1, description="weight-sync bucket size")
@@ -188,13 +216,19 @@ class LossConfig(Strict):
         "teacher", description="the ids a top-k loss compares on, per position: the teacher's top-k; the student's "
         "top-k (from the rollout engine, loss.top_k of them; the teachers report their log-probs at those ids); "
         "or the union of both (Li et al. 2026, 'Rethinking OPD')")
-    clip_low: float = Field(0.2, ge=0)
-    clip_high: float = Field(0.2, ge=0)
-    dual_clip: float | None = Field(None, gt=1)
+    clip_low: float = Field(0.2, ge=0, description="sampled_token: PPO clips the ratio from below at 1 - clip_low")
+    clip_high: float = Field(0.2, ge=0, description="sampled_token: PPO clips the ratio from above at 1 + clip_high "
+                             "(above clip_low: DAPO's clip-higher)")
+    dual_clip: float | None = Field(None, gt=1, description="sampled_token: dual clip c bounds a negative-advantage "
+                                    "token's loss by -c x A (None: off)")
     tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap (None: off)")
-    kl_discount: float = Field(0.0, ge=0, le=1)
-    logratio_clamp: float | None = Field(20.0, gt=0)
-    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    kl_discount: float = Field(0.0, ge=0, le=1, description="sampled_token: discount gamma of the teacher advantage: "
+                               "a token's advantage is the gamma-discounted sum of its own and the later tokens' "
+                               "log-ratios (0: its own only)")
+    logratio_clamp: float | None = Field(20.0, gt=0, description="clamp each token's teacher/student log-ratio to "
+                                         "[-c, c] before it forms the teacher advantage (None: no clamp)")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="jsd: beta of beta KL(T || M) + (1 - beta) KL(S || M), "
+                            "M = beta T + (1 - beta) S")
     chunk_mib: float = Field(16.0, gt=0, description="the loss head works on as many positions at a time as fit "
                              "this many MiB of fp32 vocabulary shard (recomputed in the backward): its extra memory "
                              "is the logits' gradient plus one chunk's temporaries, whatever the response length")
@@ -217,7 +251,8 @@ class LossConfig(Strict):
 class RewardConfig(Strict):
     """Verifiable rewards (GRPO): each completion is checked by its domain's verifier."""
 
-    kind: Literal["verifier"] = "verifier"
+    kind: Literal["verifier"] = Field("verifier", description="verifier (the only kind): the prompt's domain "
+                                      "verifier checks the completion against the row's `meta` (correct: 1, else 0)")
     normalize_std: bool = Field(True, description="GRPO: divide group-centred rewards by the group std")
     lambda_opd: float = Field(0.0, ge=0, description="with teachers too: A = A_task + lambda_opd * A_opd")
     format_weight: float = Field(0.0, ge=0, description="reward = correct + format_weight * format_score")
@@ -225,25 +260,32 @@ class RewardConfig(Strict):
 
 class GuardConfig(Strict):
     min_abs_advantage: float = Field(1e-4, ge=0, description="warn when mean |A| stays below this (teacher == student?)")
-    patience: int = Field(3, ge=1)
+    patience: int = Field(3, ge=1, description="consecutive steps a guard's condition must hold before it acts (the "
+                          "|A| warning; the truncation warning or stop)")
     max_truncation_rate: float = Field(0.9, gt=0, le=1, description="stop when this share of samples hits max_new_tokens ...")
     stop_on_guard: bool = Field(False, description="... for `patience` steps (else warn)")
 
 
 class OPDTrainConfig(Strict):
-    steps: int = Field(ge=1)
-    prompts_per_step: int = Field(ge=1)
-    micro_batch_size: int = Field(4, ge=1)
+    steps: int = Field(ge=1, description="training steps, each sampling and scoring a batch and taking loss.epochs "
+                       "optimizer steps on it")
+    prompts_per_step: int = Field(ge=1, description="prompts drawn per step (reshuffled epochs of data.train), each "
+                                  "sampled rollout.n times")
+    micro_batch_size: int = Field(4, ge=1, description="samples per forward/backward on a rank (gradients "
+                                  "accumulate over the rank's share of the step)")
     max_tokens_per_micro_batch: int | None = Field(
         None, ge=1, description="micro-batches by token budget: the samples, longest first, fill a micro-batch while "
         "its rows x its longest row stay within this many tokens (a longer sample trains alone); None: "
         "train.micro_batch_size rows each")
-    seed: int = 1234
-    save_interval: int = Field(0, ge=0)
-    keep_last: int = Field(2, ge=1)
+    seed: int = Field(1234, description="seed of the prompt order, the rollouts' sampling (per step), eval "
+                      "sampling and megatron's RNG")
+    save_interval: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept on disk")
     eval_interval: int = Field(0, ge=0, description="eval every N steps (0: before and after only)")
-    log_interval: int = Field(1, ge=1)
-    resume: bool = True
+    log_interval: int = Field(1, ge=1, description="write metrics (metrics.jsonl, TensorBoard) every N steps and at "
+                              "the last")
+    resume: bool = Field(True, description="continue from the newest checkpoint in run.output_dir/checkpoints when "
+                         "there is one (false: start from model.hf_path)")
     resume_changed_config: bool = Field(False, description="resume even though the run directory's config differs "
                                         "from this one (by default the run stops, naming the keys)")
     hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N)")
@@ -251,24 +293,31 @@ class OPDTrainConfig(Strict):
 
 class EvalConfig(Strict):
     world_dir: Path | None = Field(None, description="tiny-world directory with data/<domain>/test.jsonl (None: no eval)")
-    domains: list[str] = Field(default_factory=list)
-    samples: int = Field(100, ge=1)
-    max_new_tokens: int = Field(96, ge=1)
+    domains: list[str] = Field(default_factory=list, description="domains to evaluate (empty: every domain under "
+                               "world_dir/data)")
+    samples: int = Field(100, ge=1, description="held-out rows per domain: the first `samples` of its test.jsonl (in "
+                         "a cascade, the reported rows)")
+    max_new_tokens: int = Field(96, ge=1, description="most tokens generated per eval completion")
 
 
 class OPDStageConfig(StageBase):
     """On-policy distillation (one teacher), MOPD (several, routed by domain tag), or GRPO
     (``kind: grpo``: verifier rewards, optionally plus a teacher's advantage)."""
 
-    kind: Literal["opd", "grpo"]
-    data: PromptDataConfig
-    rollout: RolloutConfig = RolloutConfig()
-    teachers: RoutingSpec | None = None
-    reward: RewardConfig | None = None
-    loss: LossConfig = LossConfig()
-    guard: GuardConfig = GuardConfig()
-    train: OPDTrainConfig
-    eval: EvalConfig = EvalConfig()
+    kind: Literal["opd", "grpo"] = Field(description="opd: distillation from `teachers` (several, routed by domain "
+                                         "tag: MOPD); grpo: verifier rewards (`reward`), optionally plus the "
+                                         "teachers' advantage")
+    data: PromptDataConfig = Field(description="the prompts to sample completions for")
+    rollout: RolloutConfig = Field(RolloutConfig(), description="the engine that samples the completions, and how")
+    teachers: RoutingSpec | None = Field(None, description="the teachers and which of them score each domain tag "
+                                         "(kind opd needs them; None: GRPO on rewards alone)")
+    reward: RewardConfig | None = Field(None, description="verifiable rewards (kind grpo needs them)")
+    loss: LossConfig = Field(LossConfig(), description="the training loss")
+    guard: GuardConfig = Field(GuardConfig(), description="checks on every step: no learning signal, truncated "
+                               "samples")
+    train: OPDTrainConfig = Field(description="steps, batch sizes, checkpoints and logging")
+    eval: EvalConfig = Field(EvalConfig(), description="held-out domain accuracy before and after training (and "
+                             "every train.eval_interval steps)")
 
     @model_validator(mode="after")
     def _layout(self) -> "OPDStageConfig":

@@ -20,7 +20,10 @@ class TeacherSpec(Strict):
                                 "empty; with urls, the model they must serve (checked against /model_info first); "
                                 "`self`: the student's starting weights (model.hf_path), for self-distillation; "
                                 "`live`: the rollout engine's current weights (its servers score)")
-    backend: Literal["sglang", "openai"] = "sglang"
+    backend: Literal["sglang", "openai"] = Field(
+        "sglang", description="the API of the teacher's servers: sglang: SGLang's /generate scoring (also `opd "
+        "serve`); openai: OpenAI-compatible /v1/completions with vLLM's prompt_logprobs (needs urls and "
+        "served_model_name)")
     served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
     tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
     replicas: int = Field(1, ge=1, description="embedded servers to launch (model only)")
@@ -30,7 +33,9 @@ class TeacherSpec(Strict):
     max_concurrency: int = Field(4, ge=1, description="requests in flight per teacher")
     timeout_s: float = Field(600.0, gt=0, description="one scoring request (a batch of samples) gives up after this; "
                              "a timed-out request counts as the replica failing")
-    max_retries: int = Field(3, ge=0)
+    max_retries: int = Field(3, ge=0, description="a scoring request that failed retryably (unreachable, timed out, "
+                             "rate-limited, server error) is retried on another replica up to this many times, then "
+                             "the run stops")
     binary: bool = Field(True, description="accept the embedded server's binary score payload")
     cross_tokenizer: bool = Field(False, description="the teacher has its own tokenizer and chat template: each "
                                   "completion is re-tokenized for it and its log-probs mapped back onto the student's "
@@ -129,20 +134,29 @@ def render_template(template: str, fields: dict) -> str:
 
 
 class RouteTarget(Strict):
-    teacher: str
-    weight: float = Field(1.0, gt=0)
+    teacher: str = Field(description="a teacher's name (a key of teachers)")
+    weight: float = Field(1.0, gt=0, description="its weight in the route (a sample's weights are normalised to sum "
+                          "to 1)")
 
 
 Route = Annotated[list[RouteTarget], Field(min_length=1)]
 
 
 class RoutingSpec(Strict):
-    teachers: dict[str, TeacherSpec]
+    teachers: dict[str, TeacherSpec] = Field(description="teacher name -> its servers or checkpoint; routes, "
+                                             "default and launch.slurm.teachers refer to these names")
     routes: dict[str, Route] = Field(default_factory=dict, description="domain tag -> teachers with weights")
     default: Route | None = Field(None, description="teachers for samples whose tag has no route")
-    weighting: Literal["fixed", "confidence"] = "fixed"
-    confidence_temperature: float = Field(1.0, gt=0)
-    allow_tokenizer_mismatch: bool = False
+    weighting: Literal["fixed", "confidence"] = Field(
+        "fixed", description="fixed: a sample's teachers weigh as its route says (normalised to sum to 1); "
+        "confidence: per token, proportional to weight x exp(-H / confidence_temperature), H the teacher's entropy "
+        "there from its top-k (needs loss.top_k >= 1)")
+    confidence_temperature: float = Field(1.0, gt=0, description="confidence weighting's temperature: lower gives "
+                                          "each position more fully to the surest teacher; higher tends to the "
+                                          "fixed weights")
+    allow_tokenizer_mismatch: bool = Field(False, description="run even when a teacher's vocabulary, special tokens "
+                                           "or chat template differ from the student's (only if the ids really "
+                                           "mean the same)")
     max_nonfinite_fraction: float = Field(0.01, ge=0, le=1, description="a step whose teacher scored more than this "
                                           "fraction of its tokens as NaN/Inf stops the run (below it, those tokens are "
                                           "masked out of the loss and counted)")

@@ -1,0 +1,125 @@
+"""Write the recipe configuration reference (docs/configuration.md) from the pydantic models themselves.
+
+    python tools/make_config_reference.py            # (re)write docs/configuration.md
+    python tools/make_config_reference.py --check    # exit 1 if the committed file is stale, or a field has no description
+
+One section per recipe kind (``sft``, ``opd`` / ``grpo``, ``cascade``): every field by its dotted key, with its type,
+default, constraints and description. tests/test_tools.py runs ``--check``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import typing
+from pathlib import Path
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "docs" / "configuration.md"
+sys.path.insert(0, str(REPO))
+
+from megatron_opd.config import CascadeConfig, OPDStageConfig, SFTStageConfig  # noqa: E402
+
+KINDS = [("sft", "SFT stage (`kind: sft`)", SFTStageConfig),
+         ("opd", "OPD / MOPD / GRPO stage (`kind: opd` or `kind: grpo`)", OPDStageConfig),
+         ("cascade", "Cascade (`kind: cascade`)", CascadeConfig)]
+
+
+def _models(annotation) -> list[type[BaseModel]]:
+    """The recipe models a field's type holds (itself, or inside Optional / list / dict / Union / Annotated)."""
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+
+
+def _type(annotation) -> str:
+    text = getattr(annotation, "__name__", None) if inspect.isclass(annotation) else None
+    text = text or str(annotation)
+    for noise in ("typing.", "pathlib.", "megatron_opd.config.stages.", "megatron_opd.config.cascade.",
+                  "megatron_opd.config.teachers.", "megatron_opd.config.placement.", "NoneType"):
+        text = text.replace(noise, "None" if noise == "NoneType" else "")
+    return text
+
+
+def _default(field) -> str:
+    if field.default_factory is not None:
+        value = field.default_factory()
+    elif field.default is PydanticUndefined:
+        return "required"
+    else:
+        value = field.default
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, Path):
+        value = str(value)
+    return f"`{value!r}`" if value not in (None, "") else ("`None`" if value is None else "`''`")
+
+
+def _constraints(field) -> str:
+    shown = []
+    for item in field.metadata:
+        for name in ("ge", "gt", "le", "lt", "min_length", "max_length"):
+            value = getattr(item, name, None)
+            if value is not None:
+                shown.append(f"{ {'ge': '>=', 'gt': '>', 'le': '<=', 'lt': '<'}.get(name, name + ' ')}{value}")
+    return ", ".join(shown)
+
+
+def rows(model: type[BaseModel], prefix: str = "", seen: tuple = ()) -> list[tuple[str, str, str, str, str]]:
+    """(dotted key, type, default, constraints, description) of every field, depth first."""
+    out = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        description = (field.description or "").replace("\n", " ").replace("|", "\\|")
+        out.append((key, _type(field.annotation).replace("|", "\\|"), _default(field), _constraints(field), description))
+        for sub in _models(field.annotation):
+            if sub not in seen:
+                many = typing.get_origin(field.annotation) in (list, dict) or any(
+                    typing.get_origin(a) in (list, dict) for a in typing.get_args(field.annotation))
+                out += rows(sub, f"{key}{'.<name>' if many and 'dict' in str(field.annotation) else '[]' if many else ''}.",
+                            seen + (model,))
+    return out
+
+
+def undescribed() -> list[str]:
+    return sorted({key for _, _, model in KINDS for key, _, _, _, text in rows(model) if not text})
+
+
+def render() -> str:
+    lines = ["# Configuration reference", "",
+             "Every field of every recipe model, generated from the pydantic models by `tools/make_config_reference.py`",
+             "(a test fails when this file is stale). Keys are dotted as the command line takes them",
+             "(`opd run RECIPE key.sub=value`); `[]` marks a list of sections, `<name>` a mapping of them.", ""]
+    for kind, title, model in KINDS:
+        lines += [f"## {title}", "", "| key | type | default | constraints | description |", "|---|---|---|---|---|"]
+        lines += [f"| `{key}` | {kind_} | {default} | {constraints} | {text} |"
+                  for key, kind_, default, constraints, text in rows(model)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if docs/configuration.md is stale or a field lacks a description")
+    args = parser.parse_args()
+    missing = undescribed()
+    if missing:
+        print(f"fields without a description: {missing}")
+        return 1
+    text = render()
+    if args.check:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT.relative_to(REPO)} is stale: run python tools/make_config_reference.py")
+            return 1
+        print(f"{OUT.relative_to(REPO)} is up to date")
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
