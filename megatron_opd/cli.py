@@ -17,9 +17,9 @@ from typing import List, Optional
 import typer
 
 from megatron_opd import __version__
-from megatron_opd.config import ConfigError, load_recipe
+from megatron_opd.config import ConfigError, dump_config, load_recipe
 from megatron_opd.pipeline.preflight import (checkpoint_bytes, preflight_cascade, preflight_model, preflight_opd,
-                                             preflight_output_dir, preflight_resume, readable_weights)
+                                             preflight_output_dir, preflight_resume, preflight_tracking, readable_weights)
 from megatron_opd.platform.net import is_loopback
 from megatron_opd.platform.run_lock import RunDirInUse
 
@@ -56,9 +56,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from megatron_opd.teachers.parity import TokenizerMismatch
     from megatron_opd.teachers.router import NoRouteError
     from megatron_opd.teachers.scorer import TeacherError
+    from megatron_opd.train.opd.step_log import GuardStop
 
     return (ConfigError, DataError, CheckpointError, UnsupportedArchitectureError, ParallelLayoutError, FileNotFoundError,
-            TeacherError, TokenizerMismatch, NoRouteError, FloatingPointError)
+            TeacherError, TokenizerMismatch, NoRouteError, FloatingPointError, GuardStop)
 
 
 def _guarded(work, *args):
@@ -89,20 +90,34 @@ def _distributed(nproc: int, argv: list[str]) -> bool:
 @app.command()
 def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value"),
         through: Optional[str] = typer.Option(None, "--through", help="cascade: stop after this stage (earlier "
-                                              "stages run or are kept); a Slurm chain runs one stage per job")) -> None:
+                                              "stages run or are kept); a Slurm chain runs one stage per job"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate the recipe and overrides (a cascade: every "
+                                     "stage's recipe too), print the resolved config, start nothing")) -> None:
     """Run a recipe: one stage (``opd run recipes/tiny/sft.yaml train.steps=50``) or a cascade of them."""
     from megatron_opd.config import CascadeConfig
 
     try:
         cfg = load_recipe(recipe, overrides or [])
+        missing = None
         if isinstance(cfg, CascadeConfig):
-            preflight_cascade(cfg)
+            try:
+                preflight_cascade(cfg)
+            except ValueError as exc:  # inputs an earlier run makes (a cold start) may not exist yet
+                if not dry_run:
+                    raise
+                missing = str(exc)
             if through is not None and through not in [s.name for s in cfg.stages]:
                 raise ValueError(f"--through {through!r}: not a stage of this cascade (stages: {[s.name for s in cfg.stages]})")
         elif through is not None:
             raise ValueError("--through names a cascade stage; this recipe is a single stage")
     except (ConfigError, ValueError, OSError) as exc:
         _fail(str(exc))
+    if dry_run:
+        typer.echo(dump_config(cfg), nl=False)
+        stages = f", stages {[s.name for s in cfg.stages]}" if isinstance(cfg, CascadeConfig) else ""
+        typer.echo(f"{recipe}: a valid {cfg.kind} recipe{stages} (--dry-run: nothing started)"
+                   + (f"; not ready to run: {missing}" if missing else ""))
+        return
     if isinstance(cfg, CascadeConfig):
         try:
             preflight_output_dir(cfg.run.output_dir)
@@ -113,6 +128,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         return
     try:
         preflight_resume(cfg)
+        preflight_tracking(cfg)
         preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp)
         sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
         if cfg.kind == "sft":

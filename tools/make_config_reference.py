@@ -68,13 +68,18 @@ def _constraints(field) -> str:
     return ", ".join(shown)
 
 
+def _md(text: str) -> str:
+    """Table-cell safe: pipes escaped, and ``<`` / ``>`` outside code spans as entities (else HTML tags)."""
+    parts = text.replace("\n", " ").replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
+
+
 def rows(model: type[BaseModel], prefix: str = "", seen: tuple = ()) -> list[tuple[str, str, str, str, str]]:
     """(dotted key, type, default, constraints, description) of every field, depth first."""
     out = []
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
-        description = (field.description or "").replace("\n", " ").replace("|", "\\|")
-        out.append((key, _type(field.annotation).replace("|", "\\|"), _default(field), _constraints(field), description))
+        out.append((key, _md(_type(field.annotation)), _default(field), _constraints(field), _md(field.description or "")))
         for sub in _models(field.annotation):
             if sub not in seen:
                 many = typing.get_origin(field.annotation) in (list, dict) or any(

@@ -88,6 +88,16 @@ class TrainConfig(Strict):
                                "kept for a later stage to evaluate and pick from")
 
 
+class WandbConfig(Strict):
+    project: str = Field(min_length=1, description="the Weights & Biases project the run logs to")
+    mode: Literal["offline", "online"] = Field(
+        "offline", description="offline: the run is written under <run.output_dir>/wandb/ and needs no network "
+        "(`wandb sync` uploads it later); online: streamed to the W&B server (needs WANDB_API_KEY)")
+    entity: str | None = Field(None, description="the W&B team or user (None: the API key's default)")
+    name: str | None = Field(None, description="the W&B run's display name (None: run.name)")
+    tags: list[str] = Field(default_factory=list, description="W&B tags of the run")
+
+
 class RunConfig(Strict):
     name: str = Field("run", description="the run's name: `opd launch` titles its Slurm jobs and nemo-run "
                       "experiment with it; a cascade records it in results.json")
@@ -104,6 +114,9 @@ class RunConfig(Strict):
         "the same command to resume; a second signal exits at once): a Slurm time limit or preemption (SIGTERM), "
         "Ctrl-C (SIGINT), Slurm's warning before the limit (SIGUSR1, `opd launch` asks for it); [] keeps the "
         "default actions")
+    wandb: WandbConfig | None = Field(
+        None, description="also log to Weights & Biases (rank 0; the same metric names and steps as TensorBoard and "
+        "metrics.jsonl; a resumed run continues the same W&B run id); None: TensorBoard and metrics.jsonl only")
 
 
 class StageBase(Strict):
@@ -209,8 +222,9 @@ class RolloutConfig(Strict):
 class LossConfig(Strict):
     kind: Literal["sampled_token", "topk_forward_kl", "topk_reverse_kl", "jsd"] = Field(
         "sampled_token", description="sampled_token: policy gradient on A_t = log p_T - log p_S; the others: "
-        "differentiable divergences over the teacher's top-k (topk_forward_kl with a tail bucket for the rest; "
-        "topk_reverse_kl and jsd with both distributions renormalised over the top-k)")
+        "differentiable divergences over each position's token set (loss.token_set; the teacher's top-k by default): "
+        "topk_forward_kl with a tail bucket for the rest, topk_reverse_kl and jsd with both distributions "
+        "renormalised over the set)")
     top_k: int = Field(0, ge=0, description="teacher top-k to request (needed by top-k losses and confidence weights)")
     token_set: Literal["teacher", "student", "union"] = Field(
         "teacher", description="the ids a top-k loss compares on, per position: the teacher's top-k; the student's "
@@ -221,7 +235,9 @@ class LossConfig(Strict):
                              "(above clip_low: DAPO's clip-higher)")
     dual_clip: float | None = Field(None, gt=1, description="sampled_token: dual clip c bounds a negative-advantage "
                                     "token's loss by -c x A (None: off)")
-    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap (None: off)")
+    tis_cap: float | None = Field(2.0, gt=0, description="truncated importance sampling cap: every token's loss is weighted by "
+                                  "min(p_old / p_sampler, cap), p_old the trainer's probability before the update and p_sampler the engine's, at any max_staleness "
+                                  "(the engine's numerics differ from the trainer's even on-policy); None: off")
     kl_discount: float = Field(0.0, ge=0, le=1, description="sampled_token: discount gamma of the teacher advantage: "
                                "a token's advantage is the gamma-discounted sum of its own and the later tokens' "
                                "log-ratios (0: its own only)")
@@ -262,8 +278,11 @@ class GuardConfig(Strict):
     min_abs_advantage: float = Field(1e-4, ge=0, description="warn when mean |A| stays below this (teacher == student?)")
     patience: int = Field(3, ge=1, description="consecutive steps a guard's condition must hold before it acts (the "
                           "|A| warning; the truncation warning or stop)")
-    max_truncation_rate: float = Field(0.9, gt=0, le=1, description="stop when this share of samples hits max_new_tokens ...")
-    stop_on_guard: bool = Field(False, description="... for `patience` steps (else warn)")
+    max_truncation_rate: float = Field(0.9, gt=0, le=1, description="the length-inflation guard: acts when more than "
+                                       "this share of a step's samples runs to rollout.max_new_tokens, `patience` steps "
+                                       "in a row (rollout/truncation_rate)")
+    stop_on_guard: bool = Field(False, description="the length-inflation guard stops the run (else it warns and the "
+                                "run goes on)")
 
 
 class OPDTrainConfig(Strict):

@@ -39,7 +39,8 @@ class TeacherSpec(Strict):
     binary: bool = Field(True, description="accept the embedded server's binary score payload")
     cross_tokenizer: bool = Field(False, description="the teacher has its own tokenizer and chat template: each "
                                   "completion is re-tokenized for it and its log-probs mapped back onto the student's "
-                                  "tokens by character offsets (sampled-token losses only; no parity check)")
+                                  "tokens by character offsets, its top-k through the shared vocabulary (every loss.kind; not with student "
+                                  "token sets or confidence weighting; no parity check)")
     context_window: int | None = Field(None, ge=2, description="the teacher's context window in tokens (default: "
                                        "`model`'s max_position_embeddings where it is a local checkpoint): a prompt as "
                                        "the teacher sees it plus rollout.max_new_tokens must fit (data.over_teacher_window)")

@@ -94,6 +94,12 @@ class CascadeRunner:
     def _stage_args(self, stage: CascadeStage, init: Path) -> tuple[Any, list[str]]:
         """The stage's resolved config and the overrides the runner adds to its recipe."""
         extra = [f"run.output_dir={self.out / stage.name}", f"model.hf_path={init}"]
+        tracking = self.cfg.run.wandb
+        if tracking is not None:  # every training stage its own W&B run, named after the cascade and the stage
+            extra += [f"run.wandb.project={tracking.project}", f"run.wandb.mode={tracking.mode}",
+                      f"run.wandb.name={tracking.name or self.cfg.run.name}/{stage.name}",
+                      *([f"run.wandb.entity={tracking.entity}"] if tracking.entity else []),
+                      *([f"run.wandb.tags={json.dumps(tracking.tags)}"] if tracking.tags else [])]
         if stage.teachers_from:
             extra += [f"teachers.teachers.{d}.model={p['path']}" for d, p in self.state[stage.teachers_from]["picks"].items()]
         stage_cfg = load_stage_recipe(self.recipe_path, stage, extra)

@@ -63,6 +63,15 @@ def preflight_resume(cfg) -> None:
                          "to resume it anyway")
 
 
+def preflight_tracking(cfg) -> None:
+    """``run.wandb`` needs the wandb package (an extra): say so before any process starts."""
+    import importlib.util
+
+    if cfg.run.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ValueError("run.wandb is set but the wandb package is not installed: pip install 'megatron-opd[wandb]' "
+                         "(or pip install wandb), or unset run.wandb")
+
+
 def preflight_cascade(cfg) -> None:
     from megatron_opd.data.world import available_domains
 

@@ -54,31 +54,74 @@ def plot_accuracy_by_stage(tables: dict[str, dict[str, dict[str, Any]]], path: P
     return path
 
 
-def plot_series(segments: list[tuple[str, list[dict[str, Any]]]], keys: list[str], path: Path, title: str,
-                ylabel: str, logy: bool = False) -> Path | None:
-    """Metrics over steps; several stages are laid end to end with their boundaries marked."""
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average over ``window`` points (odd), shrinking at the ends: the same length as ``values``."""
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        span = values[max(0, i - half): i + half + 1]
+        out.append(sum(span) / len(span))
+    return out
+
+
+def smoothing_window(n_points: int) -> int:
+    """About 1/20 of a series, odd, at least 1 (no smoothing under 10 points)."""
+    return 1 if n_points < 10 else (n_points // 20) | 1
+
+
+def series_figure(segments: list[tuple[str, list[dict[str, Any]]]], keys: list[str], title: str, ylabel: str,
+                  yscale: str = "linear", linthresh: float = 1e-2) -> Any | None:
+    """Metrics over steps, each drawn faint point by point with its moving average over it; several stages
+    are laid end to end with their boundaries marked (each smoothed within its own stage). ``yscale``
+    "symlog" is logarithmic beyond +-``linthresh`` and linear inside it, so values that fall to ~0 or
+    slightly below (a sampled KL estimate once the student matches its teacher) stay on the plot."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    offset, drawn = 0, False
+    offset = 0
     colors: dict[str, Any] = {}
+    drawn_keys: list[str] = []
     for name, rows in segments:
         for key in keys:
             for k in sorted({k for r in rows for k in r if _matches(k, key)}):
                 points = [(offset + r["step"], r[k]) for r in rows if k in r]
-                if points:
-                    label = k if k not in colors else None
-                    line = ax.plot(*zip(*points), label=label, color=colors.get(k), linewidth=1)[0]
-                    colors.setdefault(k, line.get_color())
-                    drawn = True
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                window = smoothing_window(len(values))
+                if window > 1:  # the steps themselves, faint, under their moving average
+                    faint = ax.plot(steps, values, color=colors.get(k), linewidth=0.7, alpha=0.25)[0]
+                    colors.setdefault(k, faint.get_color())
+                    values = smooth(list(values), window)
+                line = ax.plot(steps, values, label=None if k in drawn_keys else k,
+                               color=colors.get(k), linewidth=1.4)[0]
+                colors.setdefault(k, line.get_color())
+                drawn_keys.append(k)
         if rows and len(segments) > 1:
             ax.axvline(offset, color="grey", linewidth=0.5)
             ax.text(offset, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
         offset += max((r["step"] for r in rows), default=0)
-    if not drawn:
+    if not drawn_keys:
         plt.close(fig)
         return None
-    if logy:
-        ax.set_yscale("log")
-    return _save(fig, ax, path, "optimizer step", ylabel, title)
+    if yscale == "symlog":
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.axhline(0.0, color="black", linewidth=0.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_series(segments: list[tuple[str, list[dict[str, Any]]]], keys: list[str], path: Path, title: str,
+                ylabel: str, yscale: str = "linear") -> Path | None:
+    fig = series_figure(segments, keys, title, ylabel, yscale)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _save(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
@@ -103,8 +146,10 @@ def _matches(name: str, pattern: str) -> bool:
 
 def training_plots(segments: list[tuple[str, list[dict[str, Any]]]], out: Path) -> list[tuple[str, Path]]:
     plots = [
-        ("Reverse KL to each teacher (nats/token, on the student's samples)",
-         plot_series(segments, ["teacher/*/reverse_kl"], out / "reverse_kl.png", "reverse KL per teacher", "nats / token", logy=True)),
+        ("Reverse KL to each teacher (nats/token, the sampled estimate on the student's own tokens: it goes slightly "
+         "below 0 once the student matches a teacher; the axis is logarithmic beyond +-0.01 and linear inside)",
+         plot_series(segments, ["teacher/*/reverse_kl"], out / "reverse_kl.png", "reverse KL per teacher",
+                     "nats / token (symlog)", yscale="symlog")),
         ("Response length and truncation",
          plot_series(segments, ["rollout/response_length"], out / "response_length.png", "mean response length", "tokens")),
         ("Truncation and repetition rates",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from megatron_opd.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from megatron_opd.model import ModelBundle, build_model, load_hf_config, load_hf_weights
 from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.checkpoint import find_latest, load_checkpoint, save_checkpoint
@@ -53,9 +53,10 @@ def optim_settings(optim: OptimConfig, total_steps: int) -> OptimSettings:
 
 def open_student(
     model: ModelConfig, parallel: ParallelConfig, optim: OptimConfig, train: TrainConfig, out_dir: Path, tag: str,
-    optimizer_steps: int | None = None,
+    optimizer_steps: int | None = None, run: RunConfig | None = None, recipe: dict | None = None,
 ) -> StudentSession:
-    """``optimizer_steps``: the LR schedule's length when it differs from ``train.steps`` (OPD with
+    """``run`` / ``recipe``: the run's settings and resolved recipe, for the metrics sink (W&B's run name
+    and config). ``optimizer_steps``: the LR schedule's length when it differs from ``train.steps`` (OPD with
     ``loss.epochs`` optimizer steps per rollout batch)."""
     info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
@@ -78,7 +79,8 @@ def open_student(
         load_hf_weights(bundle, model.hf_path)
     if saved is None:  # fresh weights: bf16 optimizers' fp32 main params start as copies of them
         state.optimizer.reload_model_params()
-    metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step)
+    metrics = MetricsLogger(out_dir, info.rank == 0, resume_step=start_step, wandb=run.wandb if run else None,
+                            run_name=run.name if run else tag, run_config=recipe)
     return StudentSession(info, bundle, state, start_step, out_dir, metrics, Path(model.hf_path),
                           dict((saved or {}).get("counters") or {}), load_seconds)
 

@@ -108,7 +108,8 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
     check_tokenizer_fits(tokenizer, load_hf_config(cfg.model.hf_path).vocab_size, str(cfg.model.hf_path))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train, held_out, data_report = _load_data(cfg, tokenizer)
-    session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "sft")
+    session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "sft", run=cfg.run,
+                           recipe=cfg.model_dump(mode="json"))
     if session.is_rank0:
         clear_stopped(out)
         print(f"[sft] data: {data_report['train']}" + (f"; eval: {data_report['eval']}" if "eval" in data_report else ""), flush=True)

@@ -76,7 +76,7 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
                                                   cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own,
                                                   room, cfg.data.over_teacher_window)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
-                           optimizer_steps=cfg.train.steps * cfg.loss.epochs)
+                           optimizer_steps=cfg.train.steps * cfg.loss.epochs, run=cfg.run, recipe=cfg.model_dump(mode="json"))
     rank0 = session.is_rank0
     teachers = engine = producer = None
     sink = None

@@ -13,6 +13,11 @@ from megatron_opd.train.common import sum_from_last_stage
 from megatron_opd.train.progress import StepProgress
 from megatron_opd.train.session import StudentSession
 
+
+class GuardStop(RuntimeError):
+    """A guard with ``guard.stop_on_guard`` stopped the run (a user-facing stop: one line, no traceback)."""
+
+
 PHASES = ("rollout", "scoring", "train", "sync")
 LOSS_SUMS = ("loss_sum", "tokens", "sampled_tokens", "adv_sum", "adv_abs_sum", "adv_sq_sum", "kl_sum", "mismatch_abs_sum", "entropy_sum",
              "positions_sum", "real_positions_sum", "real_positions_sq_sum")
@@ -91,6 +96,7 @@ class StepLog:
             message = (f"[opd] guard: more than {guard.max_truncation_rate:.0%} of samples hit rollout.max_new_tokens "
                        f"for {self.truncated} steps (length inflation / repetition)")
             if guard.stop_on_guard:
-                raise RuntimeError(message)
+                raise GuardStop(message.removeprefix("[opd] ") + ": stopped (guard.stop_on_guard); the last "
+                                "checkpoint is kept")
             if rank0:
                 print(message, flush=True)

@@ -87,7 +87,7 @@ def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch
         metrics["clipped_tokens"] = pg["clipped_tokens"]
     else:  # sum over top-k slots of weight x divergence to that slot's teacher
         per_token = (features[..., 1:] * batch.top_w[:, 1:]).sum(-1) * mask
-        if cfg.tis_cap is not None:  # samples from older weights (rollout.max_staleness > 0): truncated IS
+        if cfg.tis_cap is not None:  # truncated IS against the sampler (older weights, or only other numerics)
             per_token = per_token * torch.exp(old - sampler).clamp(max=cfg.tis_cap).detach()
         metrics["topk_overlap_sum"] = (overlap * mask).sum()
         present = (~torch.isneginf(batch.top_lp[:, 1:, 0])).sum(-1)  # ids in the first slot's token set
