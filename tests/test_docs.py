@@ -122,3 +122,28 @@ def test_the_configuration_reference_covers_every_field_of_every_recipe_model():
             assert any(k == name or k.endswith(f".{name}") for k in keys), f"{model.__name__}.{name} is not in the reference"
     rows = {key for _, _, model in _reference_tool().KINDS for key, *_ in _reference_tool().rows(model)}
     assert rows == keys  # and the reference holds nothing else
+
+
+def test_the_readme_is_a_front_page_with_the_three_commands_and_every_page_is_in_the_site():
+    import yaml
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines()  # the first block: set up, run, test
+    assert [line.split("  #")[0].strip() for line in block] == [
+        'python3 -m venv .venv && . .venv/bin/activate && pip install "torch==2.13.0" -e ".[dev]"',
+        "opd run recipes/tiny/cascade.yaml",
+        "ruff check . && pytest -q",
+    ]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install "torch==2.13.0" -e ".[dev]"' in ci and "ruff check . && pytest -q" in ci
+    site = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+
+    def pages(nav):
+        for item in nav:
+            for value in item.values():
+                yield from pages(value) if isinstance(value, list) else [value]
+
+    assert sorted(pages(site["nav"])) == sorted(p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").glob("**/*.md"))
+    for link in re.findall(r"\]\((docs/[^)#]+)", readme):  # the README's links into the docs resolve
+        assert (REPO / link).is_file(), link
