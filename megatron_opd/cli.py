@@ -7,7 +7,6 @@ same command line works on a laptop and inside a Slurm allocation.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from megatron_opd import __version__
 from megatron_opd.config import ConfigError, dump_config, load_recipe
 from megatron_opd.pipeline.preflight import (checkpoint_bytes, preflight_cascade, preflight_model, preflight_opd,
                                              preflight_output_dir, preflight_resume, preflight_tracking, readable_weights)
-from megatron_opd.platform.net import is_loopback
+from megatron_opd.platform.exit import fail
 from megatron_opd.platform.run_lock import RunDirInUse
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation with a megatron-core student.")
@@ -41,11 +40,6 @@ def _print_version(value: bool) -> None:
 def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                           help="Print the version and exit.")) -> None:
     """On-policy distillation with a megatron-core student."""
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -73,7 +67,7 @@ def _guarded(work, *args):
         return result
     except _user_errors() as exc:
         rank = os.environ.get("RANK")
-        _fail(f"[rank {rank}] {exc}" if rank is not None else str(exc))
+        fail(f"[rank {rank}] {exc}" if rank is not None else str(exc))
 
 
 def _distributed(nproc: int, argv: list[str]) -> bool:
@@ -82,7 +76,7 @@ def _distributed(nproc: int, argv: list[str]) -> bool:
 
     if under_launcher() or nproc == 1:
         if under_launcher() and int(os.environ["WORLD_SIZE"]) != nproc:
-            _fail(f"this job needs {nproc} processes but {os.environ['WORLD_SIZE']} were started")
+            fail(f"this job needs {nproc} processes but {os.environ['WORLD_SIZE']} were started")
         return True
     raise typer.Exit(relaunch_local(nproc, argv))
 
@@ -111,7 +105,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         elif through is not None:
             raise ValueError("--through names a cascade stage; this recipe is a single stage")
     except (ConfigError, ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if dry_run:
         typer.echo(dump_config(cfg), nl=False)
         stages = f", stages {[s.name for s in cfg.stages]}" if isinstance(cfg, CascadeConfig) else ""
@@ -123,7 +117,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
             preflight_output_dir(cfg.run.output_dir)
             _lock_run_dir(cfg.run.output_dir)
         except (ValueError, RunDirInUse) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         _run_cascade(cfg, recipe, through)
         return
     try:
@@ -141,7 +135,7 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
         preflight_output_dir(cfg.run.output_dir, checkpoint_bytes(cfg.model.hf_path, cfg.model.dtype))
         _lock_run_dir(cfg.run.output_dir)
     except (ConfigError, ValueError, OSError, RunDirInUse) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if _distributed(cfg.parallel.world_size, ["run", str(recipe), *(overrides or [])]):
         from megatron_opd.platform.cpu_compat import import_megatron_core
         from megatron_opd.platform.signals import EXIT_STOPPED, install_stop_signals
@@ -196,7 +190,7 @@ def _run_cascade(cfg, recipe: Path, through: str | None = None) -> None:
         typer.echo(str(exc), err=True)
         raise typer.Exit(EXIT_STOPPED)
     except StageFailed as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if results is None:  # stopped after --through
         return
     typer.echo(format_table(results["start_eval"], "[cascade] held-out accuracy at the start:"))
@@ -216,7 +210,7 @@ def report(run_dir: Path) -> None:
 
     results = run_dir / "results.json"
     if not run_dir.is_dir():
-        _fail(f"{run_dir}: not a run directory")
+        fail(f"{run_dir}: not a run directory")
     import json
 
     data = json.loads(results.read_text()) if results.is_file() else {}
@@ -233,11 +227,11 @@ def hf_to_megatron(
 ) -> None:
     """HF safetensors directory -> sharded megatron-opd checkpoint for TP x PP."""
     if dst.exists() and not dst.is_dir():
-        _fail(f"{dst}: exists and is not a directory")
+        fail(f"{dst}: exists and is not a directory")
     try:
         preflight_model(src, tp, pp)
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     argv = ["convert", "hf-to-megatron", str(src), str(dst), "--tp", str(tp), "--pp", str(pp),
             "--vocab-divisible-by", str(vocab_divisible_by)]
     if _distributed(tp * pp, argv):
@@ -265,7 +259,7 @@ def export_hf(
         read_meta(step_dir)
         preflight_model(step_dir / "hf", tp, pp)
     except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if _distributed(tp * pp, ["export-hf", str(src), str(dst), "--tp", str(tp), "--pp", str(pp), "--shard-mb", str(shard_mb)]):
         from megatron_opd.model.convert import megatron_to_hf
         from megatron_opd.platform import init_distributed
@@ -300,10 +294,10 @@ def eval_cmd(
 
     have = available_domains(world) if world.is_dir() else []
     if not have:
-        _fail(f"--world {world}: no domains there (expected data/<domain>/test.jsonl)")
+        fail(f"--world {world}: no domains there (expected data/<domain>/test.jsonl)")
     unknown = [d.strip() for d in (domains or "").split(",") if d.strip() and d.strip() not in have]
     if unknown:
-        _fail(f"--domains: unknown domain(s) {unknown} in {world} (has {have})")
+        fail(f"--domains: unknown domain(s) {unknown} in {world} (has {have})")
 
     if context is not None:
         context = context.replace("\\n", "\n")
@@ -312,7 +306,7 @@ def eval_cmd(
         try:
             readable_weights(ckpt)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = ckpt
         if not (ckpt / "config.json").is_file():
@@ -320,7 +314,7 @@ def eval_cmd(
                 if find_latest(ckpt) is None:
                     raise CheckpointError(f"{ckpt}: neither an HF directory nor a megatron-opd checkpoint")
             except CheckpointError as exc:
-                _fail(str(exc))
+                fail(str(exc))
             model_dir = Path(tmp) / "hf"
             code = _run_cli(["export-hf", str(ckpt), str(model_dir)])
             if code:
@@ -335,129 +329,6 @@ def eval_cmd(
         json_out.write_text(json.dumps(results, indent=1))
 
 
-@app.command()
-def serve(
-    role: str = typer.Option("rollout", help="rollout (generation + weight updates) or teacher (scoring; read-only weights)"),
-    model: Path = typer.Option(..., help="HF checkpoint directory"),
-    host: str = typer.Option("127.0.0.1", help="bind address (loopback unless told otherwise)"),
-    port: int = typer.Option(30000),
-    api_key: Optional[str] = typer.Option(None, envvar="OPD_API_KEY", help="require 'Authorization: Bearer KEY' "
-                                          "(or set OPD_API_KEY: a flag shows in the process list)"),
-    insecure: bool = typer.Option(False, "--insecure", help="allow a non-loopback --host without an API key"),
-    batch_size: int = typer.Option(256, help="sequences per decode loop / scoring chunk bound"),
-    kv_cache_mib: int = typer.Option(4096, min=1, help="KV cache one decode loop may hold (more rows run as more loops)"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: one per core)"),
-    device: str = typer.Option("cpu", help="where the model runs: cpu, or cuda (one GPU: the GPU check)"),
-    weights_root: Optional[List[Path]] = typer.Option(None, help="a directory /update_weights_from_disk may read "
-                                                      "from (repeatable; default: the working dir and --model)"),
-    allow_nonfinite_weights: bool = typer.Option(False, help="accept weight updates holding NaN / Inf"),
-    max_request_tokens: int = typer.Option(131_072, min=1, help="per-request budget: prompt tokens x n + outputs x max_new_tokens"),
-    max_body_mb: float = typer.Option(16.0, min=0.001, help="largest request body accepted (HTTP 413 above)"),
-    pause_wait_s: float = typer.Option(120.0, min=0.0, help="a /generate waits this long on a paused server, then 503"),
-    group_timeout_s: float = typer.Option(60.0, min=0.1, help="joining a weight-update group gives up after this"),
-    body_timeout_s: float = typer.Option(30.0, min=0.1, help="a request body must arrive in full within this (HTTP "
-                                         "408 otherwise)"),
-    max_waiting: int = typer.Option(256, min=1, help="/generate requests in progress before new ones get a 503 "
-                                    "(and /health says overloaded)"),
-) -> None:
-    """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
-    from megatron_opd.platform.signals import ignore_stop_signals_here
-
-    ignore_stop_signals_here()  # Slurm's SIGUSR1 warning reaches every process of a job: a server has nothing to save
-    if role not in ("rollout", "teacher"):
-        _fail(f"--role {role!r}: expected 'rollout' or 'teacher'")
-    if device not in ("cpu", "cuda"):
-        _fail(f"--device {device!r}: expected 'cpu' or 'cuda'")
-    if not (model / "config.json").is_file():
-        _fail(f"--model {model}: not an HF checkpoint directory (no config.json)")
-    if not api_key and not insecure and not is_loopback(host):
-        _fail(f"--host {host}: a server reachable from other machines needs an API key (--api-key or OPD_API_KEY); "
-              "--insecure runs it without one")
-    missing = [str(p) for p in weights_root or [] if not p.is_dir()]
-    if missing:
-        _fail(f"--weights-root: {missing} are not directories")
-    import uvicorn
-
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    from megatron_opd.rollout.embedded import EmbeddedEngine
-    from megatron_opd.serve.requests import Limits
-    from megatron_opd.serve.rollout_server import create_app
-
-    engine = EmbeddedEngine(model, batch_size=batch_size, allow_nonfinite_weights=allow_nonfinite_weights,
-                            weights_roots=[Path.cwd(), model, *(weights_root or [])], kv_cache_mib=kv_cache_mib,
-                            device=device)
-    limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
-                    max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
-                    pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting,
-                    body_timeout_s=body_timeout_s)
-    app = create_app(engine, api_key, role=role, limits=limits)
-    typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
-    # SIGTERM: in-flight generations stop at their next token (the app's shutdown hook), then exit
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-
-
-@app.command()
-def launch(
-    recipe: Optional[Path] = typer.Argument(None, help="a stage recipe or a cascade"),
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value"),
-    executor: str = typer.Option("local", help="local (nemo-run LocalExecutor on this machine) or slurm"),
-    dry_run: bool = typer.Option(False, "--dry-run", help="write the job script(s), submit nothing"),
-    job_dir: Path = typer.Option(Path("slurm_jobs"), help="where nemo-run writes the job script(s), logs and records"),
-    status: Optional[Path] = typer.Option(None, "--status", help="JOB_DIR: the state of each job of its latest experiment"),
-    cancel: Optional[Path] = typer.Option(None, "--cancel", help="JOB_DIR: cancel the unfinished jobs of its latest experiment"),
-) -> None:
-    """Run a recipe through nemo-run: locally, or on Slurm - a stage as one heterogeneous job (trainer
-    nodes, rollout servers, teacher servers placed by its ``launch.slurm``), a cascade as a chain of
-    one job per stage, each ``--dependency=afterok`` on the one before."""
-    if status is not None or cancel is not None:
-        from megatron_opd.launch.slurm import cancel as cancel_jobs, status as job_status
-
-        try:
-            rows = cancel_jobs(cancel) if cancel is not None else job_status(status)
-        except (ValueError, OSError) as exc:
-            _fail(str(exc))
-        for row in rows:
-            typer.echo(f"{row['name']}: Slurm job {row['job_id'] or '?'} {row['state']}"
-                       + (" -> cancelled" if cancel is not None and row["state"] in ("PENDING", "SUBMITTED", "RUNNING", "UNKNOWN") else ""))
-        return
-    if recipe is None:
-        _fail("opd launch: give a RECIPE (or --status / --cancel JOB_DIR)")
-    if executor not in ("local", "slurm"):
-        _fail(f"--executor {executor!r}: expected 'local' or 'slurm'")
-    try:
-        cfg = load_recipe(recipe, overrides or [])
-        if executor == "slurm":
-            from megatron_opd.launch.slurm import SubmitFailed, render_sbatch, submit
-
-            if not dry_run and shutil.which("sbatch") is None:
-                raise ConfigError("--executor slurm submits with `sbatch`, which is not on PATH (not a Slurm login "
-                                  "node?); use --dry-run to write the script only")
-            if dry_run:
-                out = render_sbatch(cfg, str(recipe), list(overrides or []), job_dir)
-                for path in out["paths"]:
-                    typer.echo(f"wrote {path}" + (f" (groups: {', '.join(out['groups'])})" if len(out["paths"]) == 1 else ""))
-                return
-            try:
-                jobs = submit(cfg, str(recipe), list(overrides or []), job_dir)
-            except SubmitFailed as exc:
-                _fail(str(exc))
-            previous = None
-            for job in jobs:
-                after = f" (afterok:{previous})" if previous else ""
-                typer.echo(f"{job['name']}: Submitted batch job {job['job_id']}{after}")
-                previous = job["job_id"]
-            typer.echo(f"nemo-run experiment {jobs[0]['experiment']}; `opd launch --status {job_dir}` for its state")
-            return
-    except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
-    from megatron_opd.launch.local import run_local
-
-    raise typer.Exit(run_local(str(recipe), list(overrides or []), job_dir, dry_run, echo=typer.echo))
-
-
 @app.command("wait-servers")
 def wait_servers(
     urls: List[str] = typer.Argument(..., help="server URLs (comma-separated lists allowed)"),
@@ -469,14 +340,21 @@ def wait_servers(
 
     key = os.environ.get(api_key_env, "") if api_key_env else ""
     if api_key_env and not key:
-        _fail(f"--api-key-env {api_key_env}: not set")
+        fail(f"--api-key-env {api_key_env}: not set")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         wait_healthy([u.strip().rstrip("/") for item in urls for u in item.split(",") if u.strip()], timeout,
                      headers=headers, interval=2.0, request_timeout=5.0)
     except NotHealthy as exc:
-        _fail(f"servers not healthy after {timeout:.0f}s: {', '.join(exc.pending)}")
+        fail(f"servers not healthy after {timeout:.0f}s: {', '.join(exc.pending)}")
     typer.echo("all servers healthy")
+
+
+from megatron_opd.launch.cli import launch  # noqa: E402  (in its own module, registered here)
+from megatron_opd.serve.cli import serve  # noqa: E402
+
+app.command()(serve)
+app.command()(launch)
 
 
 def _run_cli(argv: list[str]) -> int:

@@ -77,6 +77,9 @@ def test_the_docs_name_opd_commands():
 def test_every_opd_line_of_the_docs_is_a_real_command(where, command):
     tokens = shlex.split(command.replace("\\|", "|"))
     tokens, optional = _without_optional(tokens)
+    if len(tokens) > 1 and PLACEHOLDER.search(tokens[1]):  # `opd COMMAND --help`: any command
+        assert tokens[2:] == ["--help"], f"{where}: `{command}`"
+        return
     target, path, rest = _resolve(tokens)
     if hasattr(target, "commands"):  # a group named as a whole (`opd bench`), or with its own options (`opd --version`)
         assert all(t.startswith("-") for t in rest) and (path or rest), f"{where}: `{command}`: no such command"
@@ -147,3 +150,25 @@ def test_the_readme_is_a_front_page_with_the_three_commands_and_every_page_is_in
     assert sorted(pages(site["nav"])) == sorted(p.relative_to(REPO / "docs").as_posix() for p in (REPO / "docs").glob("**/*.md"))
     for link in re.findall(r"\]\((docs/[^)#]+)", readme):  # the README's links into the docs resolve
         assert (REPO / link).is_file(), link
+
+
+def test_every_yaml_recipe_fragment_of_the_docs_validates():
+    """A ```yaml block whose keys are recipe sections is validated section by section against the models."""
+    import yaml
+
+    from megatron_opd.config import OPDStageConfig
+
+    checked = 0
+    for path in DOC_FILES:
+        for block in re.findall(r"^```yaml\n(.*?)^```", path.read_text(), re.S | re.M):
+            fragment = yaml.safe_load(block)
+            if not isinstance(fragment, dict) or "kind" in fragment:
+                continue
+            for section, value in fragment.items():
+                field = OPDStageConfig.model_fields.get(section)
+                assert field is not None, f"{path.name}: `{section}:` is not a recipe section"
+                model = next(m for m in [field.annotation, *getattr(field.annotation, "__args__", ())]
+                             if inspect.isclass(m) and issubclass(m, BaseModel))
+                model.model_validate(value)
+                checked += 1
+    assert checked >= 1

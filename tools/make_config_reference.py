@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -36,12 +37,19 @@ def _models(annotation) -> list[type[BaseModel]]:
 
 
 def _type(annotation) -> str:
-    text = getattr(annotation, "__name__", None) if inspect.isclass(annotation) else None
-    text = text or str(annotation)
-    for noise in ("typing.", "pathlib.", "megatron_opd.config.stages.", "megatron_opd.config.cascade.",
-                  "megatron_opd.config.teachers.", "megatron_opd.config.placement.", "NoneType"):
-        text = text.replace(noise, "None" if noise == "NoneType" else "")
-    return text
+    """A field's type as a reader writes it: ``list[RouteTarget]`` (Annotated constraints and module paths dropped)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type(a) for a in args)
+    if origin is typing.Literal:
+        return "Literal[" + ", ".join(repr(a) for a in args) + "]"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type(a) for a in args)}]"
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
 
 
 def _default(field) -> str:
@@ -74,6 +82,20 @@ def _md(text: str) -> str:
     return "`".join(p if i % 2 else p.replace("<", "&lt;").replace(">", "&gt;") for i, p in enumerate(parts))
 
 
+def _container_suffix(annotation) -> str:
+    """How a key continues into a nested section: ``.<name>`` for a mapping, ``[]`` for a list (nested as typed)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _container_suffix(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return next((suffix for suffix in map(_container_suffix, args) if suffix), "")
+    if origin is dict:
+        return ".<name>" + _container_suffix(args[1])
+    if origin is list:
+        return "[]" + _container_suffix(args[0])
+    return ""
+
+
 def rows(model: type[BaseModel], prefix: str = "", seen: tuple = ()) -> list[tuple[str, str, str, str, str]]:
     """(dotted key, type, default, constraints, description) of every field, depth first."""
     out = []
@@ -82,10 +104,7 @@ def rows(model: type[BaseModel], prefix: str = "", seen: tuple = ()) -> list[tup
         out.append((key, _md(_type(field.annotation)), _default(field), _constraints(field), _md(field.description or "")))
         for sub in _models(field.annotation):
             if sub not in seen:
-                many = typing.get_origin(field.annotation) in (list, dict) or any(
-                    typing.get_origin(a) in (list, dict) for a in typing.get_args(field.annotation))
-                out += rows(sub, f"{key}{'.<name>' if many and 'dict' in str(field.annotation) else '[]' if many else ''}.",
-                            seen + (model,))
+                out += rows(sub, f"{key}{_container_suffix(field.annotation)}.", seen + (model,))
     return out
 
 

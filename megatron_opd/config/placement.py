@@ -69,7 +69,8 @@ class SlurmConfig(Strict):
     workdir: str = Field(".", description="this repository on the cluster (inside the container)")
     env: dict[str, str] = Field(default_factory=dict, description="environment variables set for every group (trainer "
                                 "and servers)")
-    job_dir: str = Field("slurm_jobs", description="where the sbatch script and logs go (on the submitting host)")
+    job_dir: str = Field("slurm_jobs", description="where `opd launch` has nemo-run write the sbatch script, the logs and "
+                         "the experiment's records, on the submitting host (`opd launch --job-dir` overrides it)")
     trainer: TrainerGroup = Field(TrainerGroup(), description="the trainer's nodes (torchrun); a cascade's stage "
                                   "jobs use one node")
     rollout: ServerGroup | None = Field(None, description="rollout.engine 'servers': SGLang rollout servers")

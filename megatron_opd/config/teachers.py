@@ -146,8 +146,10 @@ Route = Annotated[list[RouteTarget], Field(min_length=1)]
 class RoutingSpec(Strict):
     teachers: dict[str, TeacherSpec] = Field(description="teacher name -> its servers or checkpoint; routes, "
                                              "default and launch.slurm.teachers refer to these names")
-    routes: dict[str, Route] = Field(default_factory=dict, description="domain tag -> teachers with weights")
-    default: Route | None = Field(None, description="teachers for samples whose tag has no route")
+    routes: dict[str, Route] = Field(default_factory=dict, description="domain tag -> a teacher's name (`math: math`), or a list "
+                                                  "of `{teacher, weight}` (`mixed: [{teacher: a, weight: 3}, {teacher: b}]`)")
+    default: Route | None = Field(None, description="teachers for samples whose tag has no route "
+                                         "(a name or a list, as in routes)")
     weighting: Literal["fixed", "confidence"] = Field(
         "fixed", description="fixed: a sample's teachers weigh as its route says (normalised to sum to 1); "
         "confidence: per token, proportional to weight x exp(-H / confidence_temperature), H the teacher's entropy "

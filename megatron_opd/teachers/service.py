@@ -199,7 +199,7 @@ def check_endpoint(name: str, teacher: TeacherSpec, scorer: Any) -> None:
     except ServerError as exc:
         if exc.status in (401, 403):
             raise TeacherError(f"teacher {name!r}: {scorer.url} refused the API key (HTTP {exc.status}): check "
-                               f"teachers.{name}.api_key_env ({teacher.api_key_env or 'not set'})") from None
+                               f"teachers.teachers.{name}.api_key_env ({teacher.api_key_env or 'not set'})") from None
         raise TeacherError(f"teacher {name!r}: {scorer.url} does not say which model it serves ({exc})") from None
     if teacher.backend == "openai":
         expected = teacher.served_model_name
@@ -213,7 +213,7 @@ def check_endpoint(name: str, teacher: TeacherSpec, scorer: Any) -> None:
         return
     if not ok:
         raise TeacherError(f"teacher {name!r}: {scorer.url} serves {served}, the recipe expects {expected!r} "
-                           f"(teachers.{name}.{'served_model_name' if teacher.backend == 'openai' else 'model'}); "
+                           f"(teachers.teachers.{name}.{'served_model_name' if teacher.backend == 'openai' else 'model'}); "
                            "is the URL the right teacher's?")
 
 

@@ -264,3 +264,12 @@ def test_the_job_makes_one_api_key_and_every_server_requires_it(tmp_path):
     twice = subprocess.run(["bash", "-c", f"{exports[0]}; a=$OPD_SERVER_KEY; {exports[0]}; echo $a $OPD_SERVER_KEY"],
                            capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, check=True).stdout.split()
     assert twice[0] == twice[1] and re.fullmatch(r"[0-9a-f]{48}", twice[0])
+
+
+def test_the_recipes_job_dir_is_where_the_scripts_go_unless_the_command_line_says_otherwise(tmp_path):
+    from_recipe = tmp_path / "from_recipe"
+    run = opd("launch", str(QWEN3_OPD), f"launch.slurm.job_dir={from_recipe}", "--executor", "slurm", "--dry-run")
+    assert Path(re.search(r"wrote (\S+)", run.stdout).group(1)).is_relative_to(from_recipe)
+    run = opd("launch", str(QWEN3_OPD), f"launch.slurm.job_dir={from_recipe}", "--executor", "slurm", "--dry-run",
+              "--job-dir", str(tmp_path / "flag"))
+    assert Path(re.search(r"wrote (\S+)", run.stdout).group(1)).is_relative_to(tmp_path / "flag")

@@ -216,13 +216,13 @@ def test_a_teacher_url_is_checked_for_its_model_and_key_before_scoring(teacher_s
         assert teachers.pools["arithmetic"].replicas[0].served_models() == [str(TEACHER)]
     wrong = REPO / "assets" / "tiny" / "original"
     with pytest.raises(TeacherError, match=rf"teacher 'arithmetic': {teacher_server} serves \['{TEACHER}'\], the "
-                                           rf"recipe expects '{wrong}' \(teachers.arithmetic.model\)"):
+                                           rf"recipe expects '{wrong}' \(teachers.teachers.arithmetic.model\)"):
         TeacherSet.start(spec(urls=[teacher_server], model=str(wrong)))
 
     keyed = start_server(TEACHER, role="teacher", api_key="the-right-key")
     try:
         monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "a-wrong-key")
-        with pytest.raises(TeacherError, match=r"refused the API key \(HTTP 401\): check teachers.arithmetic.api_key_env "
+        with pytest.raises(TeacherError, match=r"refused the API key \(HTTP 401\): check teachers.teachers.arithmetic.api_key_env "
                                                r"\(OPD_TEST_TEACHER_KEY\)"):
             TeacherSet.start(spec(urls=[keyed.url], model=str(TEACHER), api_key_env="OPD_TEST_TEACHER_KEY"))
         monkeypatch.setenv("OPD_TEST_TEACHER_KEY", "the-right-key")
