@@ -123,7 +123,7 @@ def save_checkpoint(
         if rank == 0:
             save_hf_config(bundle.hf_config, tmp / "hf")
             copy_tokenizer_files(tokenizer_src, tmp / "hf")
-        maybe_fail_write("save", step)
+        maybe_fail_write("save", step, _rank())
     except (Exception, CheckpointException) as exc:  # OSError, or DCP's CheckpointException (a BaseException)
         failure = exc
     if not _all_ok(failure):  # every rank learns that one failed: none publishes, none waits forever
@@ -171,11 +171,37 @@ def _failed_save(root: Path, tmp: Path, step: int, failure: BaseException | None
     except OSError:
         free = "free space unknown"
     latest = find_latest(root)
-    elsewhere = failure is None or getattr(failure, "failures", None) == {}  # DCP tells only its coordinator why
-    cause = "failed on another rank" if elsewhere else _last_line(failure)
+    cause = _shared_cause(failure)
     kept = f"{latest.name} stays the latest checkpoint" if latest is not None else "no earlier checkpoint"
     raise CheckpointError(f"writing checkpoint step {step} under {root} failed: {cause} ({free}); the partial "
                           f"step was removed and {kept}")
+
+
+def _shared_cause(failure: BaseException | None) -> str:
+    """Collective: why the save failed, as the first rank that knows says it — on every rank, so whichever rank's
+    message the user sees names the cause (the launcher stops the others when the first rank exits)."""
+    knows = failure is not None and getattr(failure, "failures", None) != {}  # DCP tells only its coordinator why
+    mine = _last_line(failure) if knows else ""
+    if not dist.is_initialized():
+        return mine or "failed"
+    from megatron_opd.platform.dist import comm_device
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    who = torch.tensor([rank if mine else world], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(who, op=dist.ReduceOp.MIN)
+    source = int(who.item())
+    if source == world:
+        return "failed (no rank reported why)"
+    text = torch.zeros(_CAUSE_BYTES, dtype=torch.uint8, device=comm_device())
+    if rank == source:
+        encoded = mine.encode()[:_CAUSE_BYTES]
+        text[:len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+    dist.broadcast(text, src=source)
+    said = bytes(text.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+    return said if rank == source else f"{said} (on rank {source})"
+
+
+_CAUSE_BYTES = 1024
 
 
 def _write_latest(root: Path, name: str) -> None:

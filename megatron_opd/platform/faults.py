@@ -3,7 +3,7 @@
 Points: ``step`` (before training step N), ``save`` (while checkpoint N is being written): global
 rank 0 kills itself (SIGKILL, no cleanup); torchrun then tears the job down. ``write`` makes every
 rank's write of checkpoint N fail with ENOSPC after its shards are written (where no small file
-system can be mounted to fill for real). ``signal`` parks rank 0 before step N until a stop signal
+system can be mounted to fill for real); ``write@R`` only rank R's. ``signal`` parks rank 0 before step N until a stop signal
 arrives (at most two minutes), so a test's signal lands in a known step however fast the steps run.
 """
 
@@ -21,8 +21,8 @@ def maybe_kill(point: str, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_fail_write(point: str, step: int) -> None:
-    if os.environ.get(ENV) == f"write:{step}" and point == "save":
+def maybe_fail_write(point: str, step: int, rank: int) -> None:
+    if point == "save" and os.environ.get(ENV) in (f"write:{step}", f"write@{rank}:{step}"):
         import errno
 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(injected)")

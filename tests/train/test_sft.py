@@ -127,3 +127,17 @@ def test_a_full_disk_mid_save_stops_every_rank_and_leaves_no_partial_step(tiny_w
         assert (ckpts / "latest").read_text().strip() == "step-00000001"
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_rank_only_is_explained_by_every_rank(tiny_world, tmp_path):
+    """Rank 1 alone cannot write (injected ENOSPC), rank 0 wrote its part: the first rank to exit prints the
+    cause, whichever it is (the launcher stops the others), because every rank learns it from the one that knows."""
+    out = tmp_path / "run"
+    full = opd("run", str(sft_recipe(tiny_world, out, pp=2, steps=2, save_interval=1)),
+               env={"OPD_FAULT_INJECT": "write@1:2"}, check=False)
+    assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
+    assert "writing checkpoint step 2 under" in full.stderr and "No space left on device" in full.stderr
+    assert "(on rank 1)" in full.stderr or "[rank 1]" in full.stderr
+    assert "step-00000001 stays the latest checkpoint" in full.stderr and "Traceback" not in full.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000001"
