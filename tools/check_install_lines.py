@@ -44,6 +44,7 @@ def main() -> None:
         del args[at:at + 2]
     files = [Path(a) for a in args] or [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
     lines = [(f, line) for f in files for line in install_lines(f.read_text())]
+    checked: set[str] = set()
     if not lines:
         raise SystemExit(f"no `pip install` line in {[str(f) for f in files]}")
     failed = 0
@@ -51,6 +52,10 @@ def main() -> None:
         if line in installed:
             print(f"installed for real by the caller: {line}   [{file.relative_to(REPO)}]")
             continue
+        if line in checked:
+            print(f"resolves (checked above): {line}   [{file.relative_to(REPO)}]")
+            continue
+        checked.add(line)
         began = time.perf_counter()
         done = dry_run(line)
         ok = done.returncode == 0
