@@ -51,9 +51,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from megatron_opd.teachers.router import NoRouteError
     from megatron_opd.teachers.scorer import TeacherError
     from megatron_opd.train.opd.step_log import GuardStop
+    from megatron_opd.train.weight_export import ReloadCheckFailed
 
     return (ConfigError, DataError, CheckpointError, UnsupportedArchitectureError, ParallelLayoutError, FileNotFoundError,
-            TeacherError, TokenizerMismatch, NoRouteError, FloatingPointError, GuardStop)
+            TeacherError, TokenizerMismatch, NoRouteError, FloatingPointError, GuardStop,
+            ReloadCheckFailed)
 
 
 def _guarded(work, *args):

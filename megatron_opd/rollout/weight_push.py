@@ -20,11 +20,13 @@ import json
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+
+from megatron_opd.platform.faults import skips_reload
 
 
 @dataclass
@@ -34,6 +36,7 @@ class SyncReport:
     bytes: int
     seconds: float
     version: str
+    failed: dict[int, str] = field(default_factory=dict)  # server index -> why it missed this sync (tolerated)
 
     @property
     def mb_per_s(self) -> float:
@@ -77,20 +80,46 @@ def write_safetensors_dir(stream: Iterable[tuple[str, torch.Tensor]], out_dir: P
 
 
 def push_to_servers_via_disk(clients: list[Any], stream: Iterable[tuple[str, torch.Tensor]], version: str,
-                             work_dir: Path, bucket_bytes: int = 64 << 20) -> SyncReport:
+                             work_dir: Path, bucket_bytes: int = 64 << 20, tolerate_unreachable: bool = False,
+                             indices: list[int] | None = None) -> SyncReport:
+    """Write the weights once, then pause -> reload -> new version -> resume every server. With
+    ``tolerate_unreachable``, a server that cannot be reached (dead, or failing server-side) is left out and named
+    in the report's ``failed`` (by its index in ``indices``, default its position), as long as one server took the
+    weights; any other error stops the sync."""
+    from megatron_opd.wire.client import ServerError
+
     start = time.perf_counter()
+    indices = list(range(len(clients))) if indices is None else indices
     out_dir = Path(work_dir) / f"weights-v{version}"
     count, total = write_safetensors_dir(stream, out_dir, bucket_bytes)
-    try:
-        for client in clients:
-            client.pause()
-        for client in clients:
+    failed: dict[int, str] = {}
+
+    def each(step) -> None:
+        for index, client in zip(indices, clients):
+            if index in failed:
+                continue
+            try:
+                step(index, client)
+            except ServerError as exc:
+                if not (tolerate_unreachable and exc.retryable):
+                    raise
+                failed[index] = str(exc)
+
+    def reload(index: int, client: Any) -> None:
+        if skips_reload(version, index):  # fault injection: the version moves, the weights do not
+            client.update_weight_version(version)
+        else:
             client.update_weights_from_disk(str(out_dir.resolve()), version)
+
+    try:
+        each(lambda index, client: client.pause())
+        each(reload)
     finally:
-        for client in clients:
-            client.resume()
+        each(lambda index, client: client.resume())
         shutil.rmtree(out_dir, ignore_errors=True)
-    return SyncReport("disk", count, total, time.perf_counter() - start, version)
+    if clients and len(failed) == len(clients):
+        raise ServerError(f"weight sync {version}: no server took the weights ({'; '.join(failed.values())})")
+    return SyncReport("disk", count, total, time.perf_counter() - start, version, failed)
 
 
 def _in_thread(fn, *args) -> tuple[threading.Thread, list[BaseException]]:

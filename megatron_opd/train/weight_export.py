@@ -21,6 +21,7 @@ from megatron_opd.rollout.weight_push import DistributedPusher, SyncReport, push
 
 if TYPE_CHECKING:
     from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.wire.failover import Failover
     from megatron_opd.wire.client import SGLangClient
 
 
@@ -73,14 +74,24 @@ class InProcessSink:
 
 
 class DiskSink:
-    """Safetensors buckets in ``work_dir`` + ``/update_weights_from_disk`` on every server."""
+    """Safetensors buckets in ``work_dir`` + a reload from them on every server. Given the pool's ``failover``,
+    only the servers in rotation take the weights, and one that cannot be reached leaves the pool for good (its
+    weights would be stale), as long as another took them."""
 
-    def __init__(self, clients: list[SGLangClient], work_dir: Path, bucket_bytes: int = 64 << 20) -> None:
-        self.clients, self.work_dir, self.bucket_bytes = clients, Path(work_dir), bucket_bytes
+    def __init__(self, clients: list[SGLangClient], work_dir: Path, bucket_bytes: int = 64 << 20,
+                 failover: Failover | None = None) -> None:
+        self.clients, self.work_dir, self.bucket_bytes, self.failover = clients, Path(work_dir), bucket_bytes, failover
 
     def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
-        return _sync(bundle, lambda stream: push_to_servers_via_disk(self.clients, stream, version, self.work_dir,
-                                                                     self.bucket_bytes))
+        return _sync(bundle, lambda stream: self._push(stream, version))
+
+    def _push(self, stream: Iterator[tuple[str, torch.Tensor]], version: str) -> SyncReport:
+        live = self.failover.in_rotation() if self.failover is not None else list(range(len(self.clients)))
+        report = push_to_servers_via_disk([self.clients[i] for i in live], stream, version, self.work_dir,
+                                          self.bucket_bytes, tolerate_unreachable=self.failover is not None, indices=live)
+        for index, why in report.failed.items():
+            self.failover.retire(index, f"it missed the weight sync to {version} ({why})")
+        return report
 
     def close(self) -> None:
         pass
@@ -147,3 +158,43 @@ def mismatch_probe(bundle: ModelBundle, client: SGLangClient | None, input_ids: 
     served = torch.tensor(client.score(input_ids.tolist(), start=1), dtype=torch.float64)
     diff = (served - ours).abs()
     return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
+
+
+class ReloadCheckFailed(RuntimeError):
+    """A server's weights after a sync are not the trainer's: its reload did not take effect."""
+
+
+class CheckedSink:
+    """A sink whose every push is verified (the engine's reload check): each server's log-probs of a fixed
+    probe sequence must equal the trainer's within ``tol``, else the run stops naming the server and the version.
+    Catches a reload that silently did nothing, which a checksum cannot on engines that repack weights."""
+
+    PROBE_TOKENS = 32
+
+    def __init__(self, inner: WeightSink, clients: list, tol: float, failover: Failover | None = None) -> None:
+        self.inner, self.clients, self.tol, self.failover = inner, clients, tol, failover
+        self.last_check: dict[str, float] = {}
+
+    def push(self, bundle: ModelBundle, version: str) -> SyncReport | None:
+        report = self.inner.push(bundle, version)
+        generator = torch.Generator().manual_seed(0)  # the same probe on every rank, at every sync
+        probe = torch.randint(0, bundle.vocab_size, (1, self.PROBE_TOKENS), generator=generator)
+        ours = student_logprobs(bundle, probe)[0]
+        if (dist.get_rank() if dist.is_initialized() else 0) != 0:
+            return report
+        worst = 0.0
+        live = self.failover.in_rotation() if self.failover is not None else range(len(self.clients))
+        for client in [self.clients[i] for i in live]:
+            served = torch.tensor(client.score(probe.tolist(), start=1)[0], dtype=torch.float64)
+            diff = float((served - ours).abs().max())
+            worst = max(worst, diff)
+            if not diff <= self.tol:
+                raise ReloadCheckFailed(
+                    f"rollout server {client.base_url}: after the weight sync to {version} its log-probs of the probe "
+                    f"sequence differ from the trainer's by up to {diff:.3g} (rollout.reload_check_tol {self.tol:g}): "
+                    "its reload did not take effect")
+        self.last_check = {"sync/reload_max_abs_diff": worst}
+        return report
+
+    def close(self) -> None:
+        self.inner.close()

@@ -67,6 +67,7 @@ class Failover:
         self.counters = counters if counters is not None else PoolCounters()
         self.log = log or (lambda line: print(line, flush=True))
         self.cooling_until: dict[int, float] = {}  # server -> end of its cooldown
+        self.retired: dict[int, str] = {}  # server -> why it left for good (it missed a weight sync)
         self._next = 0
         self._lock = threading.Lock()
 
@@ -81,9 +82,17 @@ class Failover:
     def _cool(self, server: int) -> None:
         self.cooling_until[server] = time.monotonic() + self.cooldown_s
 
+    def retire(self, server: int, why: str) -> None:
+        """Out of the pool for good (its weights are no longer the trainer's): never picked or probed again."""
+        with self._lock:
+            self.retired[server] = why
+        self.log(f"[{self.name}] {self.label(server)} leaves the pool: {why}")
+
     def _probe(self) -> list[int]:
         answering = []
         for i, server in enumerate(self.servers):
+            if i in self.retired:
+                continue
             if server.health():
                 self.cooling_until.pop(i, None)
                 answering.append(i)
@@ -104,7 +113,7 @@ class Failover:
         """Servers not cooling down; with none left, the ones that answer ``/health`` now."""
         with self._lock:
             cooling = self.cooling_down
-            alive = [i for i in range(len(self.servers)) if i not in cooling]
+            alive = [i for i in range(len(self.servers)) if i not in cooling and i not in self.retired]
             if not alive:
                 alive = self._probe()
             if not alive:

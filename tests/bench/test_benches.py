@@ -51,7 +51,9 @@ def test_bench_step_sweeps_and_prints_the_phase_ratio_last():
     assert lines[-2].startswith("batch 4, <= 8 new tokens") and lines[-2].endswith(f"= {ratio:.2f} x the longest phase")
     phases = dict(part.split(" ", 1) for part in lines[-2].split(": ", 1)[1].split("; ")[0].split(", "))
     assert set(phases) == {"rollout", "scoring", "train", "sync"}
-    assert ratio >= 0.99  # every step holds its phases, so the median step is at least the median phase
+    # a step holds its own train and sync phases, but with max_staleness 1 its batch was generated and scored while
+    # the step before trained, so a loaded machine can stretch those past the step (0.92 measured under load 12)
+    assert ratio >= 0.75
 
 
 @pytest.mark.skipif(not os.environ.get("OPD_TRL_PYTHON"), reason="needs a TRL venv (bash tools/setup_trl_venv.sh)")

@@ -17,7 +17,7 @@ import torch
 from megatron_opd.config import RolloutConfig
 from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.rollout.rollout_pool import RolloutPool
-from megatron_opd.train.weight_export import DiskSink, DistributedSink, InProcessSink, WeightSink
+from megatron_opd.train.weight_export import CheckedSink, DiskSink, DistributedSink, InProcessSink, WeightSink
 
 if TYPE_CHECKING:
     from megatron_opd.rollout.embedded import EmbeddedEngine
@@ -61,6 +61,8 @@ class RolloutEngine:
                     log = Path(log_dir) / f"rollout-{r}.log" if log_dir else None
                     servers.append(start_server(Path(model_dir), role="rollout", log_path=log, extra_args=extra))
                 urls = [s.url for s in servers]
+            if rcfg.engine == "vllm":
+                return cls._start_vllm(rcfg, model_dir, eos_token_id, urls, servers, log_dir, threads)
             api_key = None
             if rcfg.api_key_env:
                 api_key = os.environ.get(rcfg.api_key_env)
@@ -73,6 +75,29 @@ class RolloutEngine:
             for server in servers:
                 server.stop()
             raise
+
+    @classmethod
+    def _start_vllm(cls, rcfg: RolloutConfig, model_dir: Path, eos_token_id: int, urls: list[str],
+                    servers: list[ServerProcess], log_dir: Path | None, threads: int | None) -> "RolloutEngine":
+        """vLLM servers at ``urls``, or ``rollout.replicas`` of them started here (appended to ``servers``, which
+        the caller stops if this fails)."""
+        from megatron_opd.wire.vllm import VLLMClient, start_vllm_server, vllm_python
+
+        if not urls:
+            from megatron_opd.wire.process import wait_started
+
+            python = vllm_python(rcfg.vllm_python)
+            for r in range(rcfg.replicas):  # ~1 minute each to start: all at once
+                log = Path(log_dir) / f"rollout-vllm-{r}.log" if log_dir else None
+                servers.append(start_vllm_server(Path(model_dir), python, served_name="student", log_path=log,
+                                                 threads=threads or 1, wait=False))
+            wait_started(servers, f"vLLM ({python}) serving {model_dir}", 600.0)
+            urls = [s.url for s in servers]
+            print(f"[rollout] {len(servers)} vLLM server(s) at {', '.join(urls)}", flush=True)
+        api_key = os.environ.get(rcfg.api_key_env) if rcfg.api_key_env else None
+        clients = [VLLMClient(url, model=None if rcfg.urls else "student", api_key=api_key, timeout=rcfg.timeout_s)
+                   for url in urls]
+        return cls(RolloutPool(clients), eos_token_id, clients, servers, api_key)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
@@ -129,5 +154,8 @@ def weight_sink(rcfg: RolloutConfig, engine: RolloutEngine | None, work_dir: Pat
     if rcfg.sync == "in_process":
         return InProcessSink(engine.engine if engine else None)
     if rcfg.sync == "disk":
-        return DiskSink(clients, Path(work_dir) / "sync", bucket)
+        failover = engine.engine.failover if engine is not None and isinstance(engine.engine, RolloutPool) else None
+        disk = DiskSink(clients, Path(work_dir) / "sync", bucket, failover)
+        # vLLM repacks its weights on CPU, so only log-probs can tell that a reload took effect
+        return CheckedSink(disk, clients, rcfg.reload_check_tol, failover) if rcfg.engine == "vllm" else disk
     return DistributedSink(clients, bucket)

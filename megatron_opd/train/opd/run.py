@@ -138,7 +138,8 @@ class Loop:
     cfg: OPDStageConfig
     session: StudentSession
     producer: RolloutProducer | None  # rank 0 only
-    sync: Callable[[int], tuple[float, float]]  # collective: push step N's weights; (seconds waited, seconds pushing)
+    sync: Callable[[int], tuple[float, float, dict]]  # collective: push step N's weights; (seconds waited, seconds
+    #                                                   pushing, the sink's check: {} or sync/reload_max_abs_diff)
     pad_id: int
     evaluate: Callable[[], dict[str, Any]]  # collective; {} without an evaluator
     counters: Callable[[], dict[str, Any]]  # the server pools' counters (rank 0; {} elsewhere), checkpointed
@@ -162,10 +163,11 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
         micro = micro_batches(share, tcfg.micro_batch_size, loop.pad_id, tcfg.max_tokens_per_micro_batch)  # collate
         waited = time.perf_counter() - began
         update = update_student(session, micro, loss_fn, lcfg.epochs, step)              # update
-        sync_wait, sync = loop.sync(step + 1)                                             # sync
+        sync_wait, sync, checked = loop.sync(step + 1)                                    # sync
         done = step + 1
         metrics = log.step(done, produced, update, {"wait": waited, "sync_wait": sync_wait, "sync": sync,  # log
                                                     "step": time.perf_counter() - began})
+        metrics.update(checked)
         if probe is not None:
             metrics.update(probe.step_metrics())
         if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps:
@@ -187,14 +189,15 @@ def _train(loop: Loop, tables: dict[str, Any]) -> dict[str, Any]:
             "checkpoint_load_s": session.load_seconds}
 
 
-def _sync(sink: WeightSink, session: StudentSession, producer: RolloutProducer | None, version: int) -> tuple[float, float]:
+def _sync(sink: WeightSink, session: StudentSession, producer: RolloutProducer | None,
+          version: int) -> tuple[float, float, dict]:
     """Collective: wait until no batch still needs the old weights, then push version ``step-N``."""
     waited = producer.before_sync(version) if producer is not None else 0.0
     began = time.perf_counter()
     sink.push(session.bundle, f"step-{version}")
     if producer is not None:
         producer.after_sync(version)
-    return waited, time.perf_counter() - began
+    return waited, time.perf_counter() - began, dict(getattr(sink, "last_check", {}))
 
 
 def _evaluate(evaluator: Evaluator, engine: RolloutEngine | None, cfg: OPDStageConfig, rank0: bool) -> dict[str, Any]:
