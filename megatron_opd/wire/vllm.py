@@ -175,9 +175,9 @@ class VLLMClient:
         return str(self._request("GET", "/weight_info")["weight_version"])
 
     def health(self, timeout: float = 10.0) -> bool:
-        try:
-            import httpx
+        import httpx
 
+        try:
             return self._http.get("/health", timeout=timeout).status_code == 200
         except httpx.HTTPError:
             return False
