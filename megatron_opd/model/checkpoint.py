@@ -23,6 +23,7 @@ torch_dist checkpoint, ``dist/.metadata`` is a pickle: load checkpoints you (or 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -119,7 +120,7 @@ def save_checkpoint(
         with cpu_compat():
             dist_checkpointing.save(_sharded(bundle, optimizer, is_loading=False), str(tmp / "dist"))
         if train_state is not None:
-            torch.save(train_state, tmp / "train" / f"rank{rank:05d}.pt")
+            write_train_state(train_state, tmp / "train" / f"rank{rank:05d}.pt")
         if rank == 0:
             save_hf_config(bundle.hf_config, tmp / "hf")
             copy_tokenizer_files(tokenizer_src, tmp / "hf")
@@ -147,6 +148,16 @@ def save_checkpoint(
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def write_train_state(state: dict, path: Path) -> None:
+    """torch.save into memory, then one write of ours: a full disk raises OSError ENOSPC ("No space left on
+    device"), where torch.save to the path raises "[enforce fail at inline_container.cc] unexpected pos", which
+    names no cause. The train state is small (counters, RNG states, data positions)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def _all_ok(failure: BaseException | None) -> bool:

@@ -129,6 +129,28 @@ def test_a_full_disk_mid_save_stops_every_rank_and_leaves_no_partial_step(tiny_w
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_a_train_state_written_to_a_full_disk_says_no_space(tmp_path):
+    """torch.save to a path on a full disk says only "unexpected pos"; the checkpoint's writer names ENOSPC (the
+    full-disk test above sees whichever write fills the disk first: this one, DCP's shards or the HF config)."""
+    import errno
+    import subprocess
+
+    import torch
+
+    from megatron_opd.model.checkpoint import write_train_state
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        with pytest.raises(OSError) as raised:
+            write_train_state({"rng": torch.zeros(100_000)}, disk / "rank00000.pt")
+        assert raised.value.errno == errno.ENOSPC and "No space left on device" in str(raised.value)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.mark.slow
 def test_a_save_that_fails_on_one_rank_only_is_explained_by_every_rank(tiny_world, tmp_path):
     """Rank 1 alone cannot write (injected ENOSPC), rank 0 wrote its part: the first rank to exit prints the
