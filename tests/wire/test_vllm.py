@@ -59,6 +59,25 @@ def test_samples_by_token_ids_with_the_models_own_logprobs_and_seeds(vllm_server
         assert max(abs(a - b) for a, b in zip(rollout.logprobs, ref)) < 1e-4  # the unmodified (T=1) distribution
 
 
+def test_scores_like_the_embedded_teacher(vllm_server):
+    """A vLLM teacher (OpenAIScorer: prompt_logprobs) scores the same sequences like the embedded teacher: the
+    sampled tokens' log-probs and the top-k, ids and values, from position ``start`` on."""
+    from megatron_opd.rollout.embedded import EmbeddedEngine
+    from megatron_opd.teachers.backends import OpenAIScorer
+
+    server, _ = vllm_server
+    scorer = OpenAIScorer(server.url, "student")
+    torch.manual_seed(1)
+    seqs = [torch.randint(4, 90, (30,)).tolist() for _ in range(3)]
+    starts = [10, 12, 20]
+    embedded = EmbeddedEngine(STUDENT).score(seqs, starts, top_k=5)
+    for got, ref in zip(scorer.score(seqs, starts, top_k=5), embedded, strict=True):
+        assert len(got.logprobs) == len(ref["logprobs"])
+        assert (got.logprobs - ref["logprobs"]).abs().max() <= 1e-4
+        assert (got.top_logprobs - ref["top_logprobs"]).abs().max() <= 1e-4
+        assert torch.equal(got.top_ids, ref["top_ids"].to(got.top_ids.dtype))
+
+
 def test_a_reload_takes_effect_and_the_version_is_named(vllm_server, tmp_path):
     from safetensors.torch import load_file, save_file
 
