@@ -68,7 +68,8 @@ class Failover:
         self.log = log or (lambda line: print(line, flush=True))
         self.cooling_until: dict[int, float] = {}  # server -> end of its cooldown
         self.retired: dict[int, str] = {}  # server -> why it left for good (it missed a weight sync)
-        self.last_error: dict[int, str] = {}  # server -> its last failed request or probe, for the final error
+        self.last_error: dict[int, str] = {}  # server -> its last failed request's error, for the final error
+        self.silent: set[int] = set()  # servers whose last /health probe got no answer
         self._next = 0
         self._lock = threading.Lock()
 
@@ -96,16 +97,22 @@ class Failover:
                 continue
             if server.health():
                 self.cooling_until.pop(i, None)
+                self.silent.discard(i)
                 answering.append(i)
             else:
                 self._cool(i)
-                self.last_error[i] = "no answer to GET /health" + (f" after: {self.last_error[i]}" if i in self.last_error
-                                                                 and "/health" not in self.last_error[i] else "")
+                self.silent.add(i)
         return answering
 
     def _no_server(self, what: str) -> Exception:
         def said(i: int) -> str:
-            why = self.retired.get(i) or self.last_error.get(i)
+            failed = self.last_error.get(i)
+            if i in self.retired:
+                why = self.retired[i]
+            elif i in self.silent:
+                why = "no answer to GET /health" + (f" after: {failed}" if failed else "")
+            else:
+                why = failed
             return f"{self.label(i)}: {why}" if why else self.label(i)
 
         return self.error(f"{self.name}: none of its {len(self.servers)} servers {what} "

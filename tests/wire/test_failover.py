@@ -72,8 +72,11 @@ def test_the_last_server_failing_is_named_with_what_it_last_said():
     pool = Failover("rollout", [lone], max_retries=3, backoff_s=0.0, log=lambda _: None)
     with pytest.raises(PoolError) as raised:
         pool.run([0], lambda s, p: pool.servers[s].handle(p))
-    assert str(raised.value) == ("rollout: none of its 1 servers answers (http://a: no answer to GET /health "
-                                 "after: ReadTimeout: no answer in 600s)")
+    said = "rollout: none of its 1 servers answers (http://a: no answer to GET /health after: ReadTimeout: no answer in 600s)"
+    assert str(raised.value) == said
+    with pytest.raises(PoolError) as again:  # probed again: the request's error is still named
+        pool.check_health()
+    assert str(again.value) == said.replace("servers answers (", "servers answers /health (")
 
 
 def test_both_pools_use_the_one_policy_and_counters_round_trip():
