@@ -108,14 +108,12 @@ def preflight_opd(cfg) -> None:
     for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
         if not teacher.urls and teacher.model is not None and not teacher.live and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
-    if cfg.rollout.engine == "vllm" and not cfg.rollout.urls:
-        from megatron_opd.wire.vllm import vllm_python
+    from megatron_opd.wire.vllm import vllm_python  # the vLLM venvs the run would start servers from exist
 
+    if cfg.rollout.engine == "vllm" and not cfg.rollout.urls:
         vllm_python(cfg.rollout.vllm_python)
     for name, teacher in (cfg.teachers.teachers.items() if cfg.teachers else []):
         if teacher.engine == "vllm":
-            from megatron_opd.wire.vllm import vllm_python
-
             vllm_python(teacher.vllm_python, f"teachers.teachers.{name}.vllm_python")
     on_gpu = [f"teachers.teachers.{n}.device" for n, t in (cfg.teachers.teachers.items() if cfg.teachers else [])
               if t.device == "cuda" and t.model is not None and not t.urls]

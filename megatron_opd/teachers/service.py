@@ -72,16 +72,13 @@ class TeacherSet:
                         raise TeacherError(f"teacher {unit!r} (model: live) needs the rollout servers' URLs")
                     urls = list(live_urls)
                 elif not urls and teacher.engine == "vllm":
-                    from megatron_opd.wire.vllm import start_vllm_server, vllm_python
-
-                    from megatron_opd.wire.process import wait_started
+                    from megatron_opd.wire.vllm import start_vllm_servers, vllm_python
 
                     python = vllm_python(teacher.vllm_python, f"teachers.teachers.{unit}.vllm_python")
-                    started = [start_vllm_server(Path(teacher.model), python, served_name=teacher.served_model_name,
-                                                 log_path=Path(log_dir) / f"teacher-{unit}-vllm-{r}.log" if log_dir else None,
-                                                 threads=threads or 1, wait=False) for r in range(teacher.replicas)]
+                    started = start_vllm_servers(Path(teacher.model), python, teacher.served_model_name, teacher.replicas,
+                                                 f"vLLM ({python}) serving teacher {unit!r}", log_dir,
+                                                 f"teacher-{unit}-vllm", threads or 1)
                     servers += started
-                    wait_started(started, f"vLLM ({python}) serving teacher {unit!r}", 600.0)
                     urls += [s.url for s in started]
                     print(f"[teachers] {unit!r}: {len(urls)} vLLM server(s) at {', '.join(urls)}", flush=True)
                 elif not urls:

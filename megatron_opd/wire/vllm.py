@@ -61,6 +61,26 @@ def start_vllm_server(model: Path, python: str, served_name: str = "model", max_
                          prefix="opd-vllm-", wait=wait)
 
 
+def start_vllm_servers(model: Path, python: str, served_name: str, replicas: int, what: str,
+                       log_dir: Path | None = None, log_stem: str = "vllm", threads: int = 1) -> list[ServerProcess]:
+    """``replicas`` vLLM servers for ``model``, started together (each takes ~1 minute on CPU) and waited for;
+    if any fails, none is left running. Their logs: ``log_dir/{log_stem}-{r}.log``."""
+    from megatron_opd.wire.process import wait_started
+
+    started: list[ServerProcess] = []
+    try:
+        for r in range(replicas):
+            log = Path(log_dir) / f"{log_stem}-{r}.log" if log_dir else None
+            started.append(start_vllm_server(Path(model), python, served_name=served_name, log_path=log,
+                                             threads=threads, wait=False))
+    except BaseException:
+        for server in started:
+            server.stop(timeout=10)
+        raise
+    wait_started(started, what, 600.0)
+    return started
+
+
 class VLLMClient:
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, timeout: float = 3600.0,
                  concurrency: int = 64) -> None:

@@ -81,17 +81,12 @@ class RolloutEngine:
                     servers: list[ServerProcess], log_dir: Path | None, threads: int | None) -> "RolloutEngine":
         """vLLM servers at ``urls``, or ``rollout.replicas`` of them started here (appended to ``servers``, which
         the caller stops if this fails)."""
-        from megatron_opd.wire.vllm import VLLMClient, start_vllm_server, vllm_python
+        from megatron_opd.wire.vllm import VLLMClient, start_vllm_servers, vllm_python
 
         if not urls:
-            from megatron_opd.wire.process import wait_started
-
             python = vllm_python(rcfg.vllm_python)
-            for r in range(rcfg.replicas):  # ~1 minute each to start: all at once
-                log = Path(log_dir) / f"rollout-vllm-{r}.log" if log_dir else None
-                servers.append(start_vllm_server(Path(model_dir), python, served_name="student", log_path=log,
-                                                 threads=threads or 1, wait=False))
-            wait_started(servers, f"vLLM ({python}) serving {model_dir}", 600.0)
+            servers += start_vllm_servers(Path(model_dir), python, "student", rcfg.replicas,
+                                          f"vLLM ({python}) serving {model_dir}", log_dir, "rollout-vllm", threads or 1)
             urls = [s.url for s in servers]
             print(f"[rollout] {len(servers)} vLLM server(s) at {', '.join(urls)}", flush=True)
         api_key = os.environ.get(rcfg.api_key_env) if rcfg.api_key_env else None
