@@ -174,18 +174,32 @@ def _all_ok(failure: BaseException | None) -> bool:
 def _failed_save(root: Path, tmp: Path, step: int, failure: BaseException | None) -> None:
     """A checkpoint write failed on some rank (a full disk, an I/O error): remove the partial step (rank 0)
     and stop with a message naming the path and the free space; the last complete step stays ``latest``."""
+    free_at_failure = _free_bytes(root)  # every rank has written or failed (the collective check came first)
+    _barrier()
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()  # every rank reached this point (after the collective check): the free space below is after the removal
-    try:
-        free = f"{shutil.disk_usage(root).free / 2**20:.1f} MiB free there"
-    except OSError:
-        free = "free space unknown"
+    _barrier()
+    after = _free_bytes(root)
+    free = "free space unknown" if after is None else f"{after / 2**20:.1f} MiB free there"
     latest = find_latest(root)
     cause = _shared_cause(failure)
+    if "No space left on device" not in cause and free_at_failure is not None and free_at_failure < _FULL_BYTES:
+        # torch.save into a stream (DCP's shard writer) reports a cut-short write as "unexpected pos", not ENOSPC
+        cause += (f"; the file system was full: No space left on device ({free_at_failure / 2**10:.0f} KiB free "
+                  "when the write failed)")
     kept = f"{latest.name} stays the latest checkpoint" if latest is not None else "no earlier checkpoint"
     raise CheckpointError(f"writing checkpoint step {step} under {root} failed: {cause} ({free}); the partial "
                           f"step was removed and {kept}")
+
+
+_FULL_BYTES = 256 * 2**10  # less free than this after a failed write: the write ran out of space
+
+
+def _free_bytes(root: Path) -> int | None:
+    try:
+        return shutil.disk_usage(root).free
+    except OSError:
+        return None
 
 
 def _shared_cause(failure: BaseException | None) -> str:

@@ -119,7 +119,10 @@ def test_a_full_disk_mid_save_stops_every_rank_and_leaves_no_partial_step(tiny_w
         out = disk / "run"
         full = opd("run", str(sft_recipe(tiny_world, out, pp=2, steps=3, save_interval=1)), check=False)
         assert full.returncode == 2, full.stdout[-2000:] + full.stderr[-3000:]
-        assert "writing checkpoint step 2 under" in full.stderr and "No space left on device" in full.stderr
+        said = full.stderr[-3000:]
+        # DCP's shard writer may be the write that fills the disk: its torch.save says "unexpected pos", and the
+        # message adds what the free space at the failure shows
+        assert "writing checkpoint step 2 under" in said and "No space left on device" in said, said
         assert "MiB free there); the partial step was removed and step-00000001 stays the latest checkpoint" in full.stderr
         assert "Traceback" not in full.stderr
         ckpts = out / "checkpoints"
