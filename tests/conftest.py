@@ -61,11 +61,17 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 def pytest_terminal_summary(terminalreporter) -> None:
     """The slow (real-process, end-to-end) tests and the quick ones, shown apart: count and test time."""
     totals: dict[str, tuple[int, float]] = {}
+    by_file: dict[str, float] = {}
     for reports in terminalreporter.stats.values():
         for report in reports:
+            if getattr(report, "when", None) in ("setup", "call", "teardown"):
+                path = report.nodeid.split("::")[0].removeprefix("tests/")
+                by_file[path] = by_file.get(path, 0.0) + report.duration
             if getattr(report, "when", None) == "call":
                 kind = "slow" if "slow" in report.keywords else "quick"
                 count, seconds = totals.get(kind, (0, 0.0))
                 totals[kind] = (count + 1, seconds + report.duration)
     for kind, (count, seconds) in sorted(totals.items()):
         terminalreporter.write_line(f"{kind} tests: {count} run, {seconds:.0f} s of test time")
+    longest = sorted(by_file.items(), key=lambda kv: -kv[1])[:20]  # LONGEST_FILES above is kept from these
+    terminalreporter.write_line("longest files (s): " + ", ".join(f"{path} {seconds:.0f}" for path, seconds in longest))

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from megatron_opd.platform.exit import exit_now
 from megatron_opd.platform.net import free_port
 from megatron_opd.platform.run_lock import held_fds
 
@@ -127,7 +128,7 @@ def fork_ranks(nproc: int, argv: list[str]) -> int:
     for env in envs:
         rank = ForkedRank.start(env)
         if rank is None:  # this is the new rank's process
-            return run_cli_here(argv)
+            exit_now(run_cli_here(argv))
         procs.append(rank)
     return supervise(procs, grace_s=30.0)
 
@@ -190,9 +191,11 @@ def run_cli_here(argv: list[str]) -> int:
     try:
         runpy.run_module("megatron_opd.cli", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
+        if isinstance(exc.code, str):  # sys.exit("why"): the interpreter would print it (exit_now does not)
+            print(exc.code, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     return 0
 
 
 if __name__ == "__main__":  # the forking process of relaunch_local: python -m megatron_opd.platform.local_ranks N ARGV...
-    sys.exit(fork_ranks(int(sys.argv[1]), sys.argv[2:]))
+    exit_now(fork_ranks(int(sys.argv[1]), sys.argv[2:]))
