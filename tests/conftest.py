@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_hf")
-    return {arch: make_tiny_hf(root / arch, arch, seed=i) for i, arch in enumerate(["qwen3", "qwen2", "llama"])}
+    return {arch: make_tiny_hf(root / arch, arch, seed=i) for i, arch in enumerate(["qwen3", "qwen2", "llama", "qwen3_moe"])}
 
 
 @pytest.fixture(scope="session")
@@ -37,15 +37,17 @@ def tiny_world(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-# Seconds each of the longest test files took in CI (2026-12-05, 2 workers on 2 cores). The suite runs a file per
-# worker (`--dist loadfile`), handing files out in collection order: the longest go first, so that no long file is
-# left to run alone at the end while the other worker idles (longest-processing-time-first scheduling).
+# Seconds each of the longest test files took in CI (2026-12-06, 2 workers on 2 cores; the suite prints them). The
+# suite runs a file per worker (`--dist loadfile`), handing files out in collection order: the longest go first, so
+# that no long file is left to run alone at the end while the other worker idles (longest-processing-time-first).
 LONGEST_FILES = {
-    "train/opd/test_run.py": 400, "launch/test_slurm_cluster.py": 340, "data/test_world.py": 200,
-    "eval/test_domains.py": 160, "pipeline/test_cascade.py": 150, "bench/test_real_shapes.py": 150,
-    "train/test_sft.py": 150, "train/opd/test_producer.py": 130, "bench/test_benches.py": 100,
-    "serve/test_rollout_server.py": 90, "train/opd/test_self_distill.py": 90, "pipeline/test_compare.py": 80,
-    "train/test_dp.py": 75, "test_sockets.py": 70, "serve/test_bad_input.py": 70, "model/test_bridge.py": 70,
+    "train/opd/test_run.py": 295, "launch/test_slurm_cluster.py": 227, "data/test_world.py": 182,
+    "bench/test_real_shapes.py": 149, "model/test_bridge.py": 132, "serve/test_bad_input.py": 114,
+    "train/test_sft.py": 110, "launch/test_slurm.py": 107, "bench/test_benches.py": 101,
+    "train/opd/test_self_distill.py": 90, "pipeline/test_cascade.py": 89, "serve/test_rollout_server.py": 80,
+    "eval/test_domains.py": 69, "train/opd/test_producer.py": 68, "model/test_moe.py": 60, "pipeline/test_compare.py": 59,
+    "model/test_convert.py": 52, "train/test_dp.py": 48, "algo/test_vocab_parallel.py": 37,
+    "teachers/test_cross_tokenizer.py": 33, "test_sockets.py": 33,
 }
 
 

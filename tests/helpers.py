@@ -40,6 +40,15 @@ def make_tiny_hf(out: Path, arch: str, seed: int = 0, **overrides) -> Path:
         model = Qwen2ForCausalLM(Qwen2Config(**{"tie_word_embeddings": False, **common}))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**{"tie_word_embeddings": False, "rope_theta": 50000.0, **common}))
+    elif arch == "qwen3_moe":  # every layer routed: 4 experts, top 2 renormalised, untied
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        moe = dict(head_dim=16, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                   moe_intermediate_size=48, decoder_sparse_step=1, mlp_only_layers=[])
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**{**moe, **common}))
+        with torch.no_grad():  # a router at init scores the experts almost alike: spread it
+            for layer in model.model.layers:
+                layer.mlp.gate.weight.normal_(0.0, 0.5)
     elif arch == "llama3":  # Llama 3.1 / 3.2's RoPE scaling (frequency bands); theta low enough that it shows
         scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 8192}

@@ -24,7 +24,10 @@ from typing import Any, Iterator
 import torch
 
 from megatron_opd.model.hf_config import (
-    UnsupportedArchitectureError, check_architecture, check_parallel_fit, rope_arguments,
+    UnsupportedArchitectureError, check_architecture, check_parallel_fit, num_experts, rope_arguments,
+)
+from megatron_opd.model.moe import (
+    LOCAL_EXPERT, MOE_BRIDGE_METHODS, export_expert, moe_overrides, router_without_te,
 )
 from megatron_opd.platform.cpu_compat import cpu_compat, cuda_available, import_megatron_core
 
@@ -89,6 +92,9 @@ def save_hf_config(hf_config: Any, out_dir: Path) -> None:
     hf_config.save_pretrained(str(out_dir))
     file = Path(out_dir) / "config.json"
     written = json.loads(file.read_text())
+    if num_experts(hf_config) and "num_experts" not in written:  # transformers 5 writes num_local_experts only
+        written["num_experts"] = num_experts(hf_config)
+        file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     params = written.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" in params and "rope_theta" not in written:
         written["rope_theta"] = params["rope_theta"]
@@ -137,6 +143,8 @@ def _bridge_class(model_type: str) -> type:
         "_get_transformer_layer_spec": layer_spec,
         "_get_gptmodel_args": gptmodel_args,
     }
+    if model_type == "qwen3_moe":
+        attrs.update(MOE_BRIDGE_METHODS)
     return type(f"Opd{base.__name__}", (base,), attrs)
 
 
@@ -186,7 +194,10 @@ def build_model(
 
     model_type = check_architecture(getattr(hf_config, "architectures", None), hf_config.model_type)
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    check_parallel_fit(hf_config, tp, parallel_state.get_pipeline_model_parallel_world_size())
+    check_parallel_fit(hf_config, tp, parallel_state.get_pipeline_model_parallel_world_size(),
+                       ep=parallel_state.get_expert_model_parallel_world_size())
+    if num_experts(hf_config):
+        router_without_te()
     cls = _bridge_class(model_type)
     bridge = cls(
         hf_config,
@@ -194,7 +205,7 @@ def build_model(
         parallel_states=ParallelStates.get_parallel_state(),
         make_vocab_size_divisible_by=vocab_divisible_by,
     )
-    bridge.set_extra_args(**{**_cpu_overrides(), **transformer_overrides})
+    bridge.set_extra_args(**{**_cpu_overrides(), **moe_overrides(hf_config, transformer_engine_available()), **transformer_overrides})
     provider = bridge._model_provider([])
     with cpu_compat():
         model = provider(
@@ -222,7 +233,10 @@ def export_hf_weights(bundle: ModelBundle) -> Iterator[tuple[str, torch.Tensor]]
     from megatron.core import parallel_state as ps
 
     with torch.no_grad():
-        local = ps.get_pipeline_model_parallel_world_size() == 1 and ps.get_expert_model_parallel_world_size() == 1
+        local = ps.get_pipeline_model_parallel_world_size() == 1
+        if not local and ps.get_expert_model_parallel_world_size() > 1:
+            raise UnsupportedArchitectureError("exporting an MoE student at pp > 1 with ep > 1 is not supported: "
+                                               "use pp = 1 (any ep) or ep = 1")
         stream = _export_without_pipeline(bundle) if local else bundle.bridge.export_weights(bundle.chunks)
         while True:
             with cpu_compat():
@@ -238,11 +252,13 @@ def _export_without_pipeline(bundle: ModelBundle) -> Iterator[tuple[str, torch.T
     over the pipeline group by pickled objects (measured: 50 of the ~75 ms of a tiny student's
     weight sync), and TP shards are gathered to TP rank 0 only (every rank holding the whole largest
     tensor, 0.6 GB for Qwen3-0.6B's embedding, was a second copy on each). The same mbridge name
-    mapping, TP merge and HF conversion, in the same order."""
+    mapping, TP merge and HF conversion, in the same order. An MoE student's experts at EP > 1 are
+    gathered over the expert-parallel group (every rank of it gets them all)."""
     from mbridge.core.util import unwrap_model
     from megatron.core import parallel_state as ps
 
     bridge, tp = bundle.bridge, ps.get_tensor_model_parallel_world_size()
+    ep = ps.get_expert_model_parallel_world_size()
     gatherer = ps.get_tensor_model_parallel_rank() == 0
     for model in [unwrap_model(chunk) for chunk in bundle.chunks]:
         if any("expert_bias" in key for key in model.state_dict()):
@@ -250,6 +266,9 @@ def _export_without_pipeline(bundle: ModelBundle) -> Iterator[tuple[str, torch.T
         local_to_global = bridge._weight_name_mapping_mcore_local_to_global(model, consider_ep=False)
         for local_name, param in model.named_parameters():
             name = local_to_global[local_name]
+            if ep > 1 and LOCAL_EXPERT in name:
+                yield from export_expert(bridge, name, param)
+                continue
             merged = param
             if getattr(param, "tensor_model_parallel", False):
                 shards = [param]

@@ -13,6 +13,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -49,9 +50,44 @@ def read_config_json(path: str | Path) -> SimpleNamespace:
     return SimpleNamespace(**raw)
 
 
-def check_parallel_fit(hf_config: Any, tp: int, pp: int, where: str = "") -> None:
-    """Heads must split over TP ranks and layers over PP stages (needs only the HF config)."""
+def num_experts(hf_config: Any) -> int:
+    """Routed experts of a mixture-of-experts config (0 for a dense model). transformers 5 writes Qwen3-MoE's
+    count as ``num_local_experts``; 4 reads ``num_experts``."""
+    for key in ("num_experts", "num_local_experts"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def check_moe_layout(hf_config: Any, where: str = "") -> None:
+    """The MoE layouts megatron-core builds from one layer spec: every layer an MoE layer."""
     prefix = f"{where}: " if where else ""
+    if not num_experts(hf_config):
+        return
+    dense_layers = list(getattr(hf_config, "mlp_only_layers", None) or [])
+    step = getattr(hf_config, "decoder_sparse_step", 1)
+    if dense_layers or step != 1:
+        raise UnsupportedArchitectureError(f"{prefix}an MoE model with dense layers (mlp_only_layers={dense_layers}, "
+                                           f"decoder_sparse_step={step}) is not supported; every layer must be MoE "
+                                           "(mlp_only_layers: [], decoder_sparse_step: 1)")
+    top_k = getattr(hf_config, "num_experts_per_tok", None)
+    if not isinstance(top_k, int) or not 1 <= top_k <= num_experts(hf_config):
+        raise ValueError(f"{prefix}num_experts_per_tok must be an integer in [1, {num_experts(hf_config)}], got {top_k!r}")
+
+
+def check_parallel_fit(hf_config: Any, tp: int, pp: int, where: str = "", ep: int = 1) -> None:
+    """Heads must split over TP ranks, layers over PP stages and experts over EP ranks (needs only the HF config)."""
+    prefix = f"{where}: " if where else ""
+    experts = num_experts(hf_config)
+    if experts:
+        check_moe_layout(hf_config, where)
+        if experts % ep:
+            raise ValueError(f"{prefix}num_experts ({experts}) must be divisible by ep={ep}")
+        if tp > 1:  # megatron-core asks sequence parallelism of MoE at TP > 1, which its CPU path does not run
+            raise ValueError(f"{prefix}an MoE student at tp={tp}: MoE runs at tp=1 here (expert parallelism: ep)")
+    elif ep > 1:
+        raise ValueError(f"{prefix}ep={ep} needs an MoE model; this one has no experts")
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads
     if heads % tp or groups % tp:
         raise ValueError(f"{prefix}num_attention_heads ({heads}) and num_key_value_heads ({groups}) "

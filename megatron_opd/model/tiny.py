@@ -45,3 +45,46 @@ def make_tiny_qwen3(out_dir: str | Path, vocab_size: int, size: str = "nano", se
     model.save_pretrained(str(out_dir), safe_serialization=True)
     copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir
+
+
+MOE_SIZES = {
+    # name: hidden, expert intermediate, layers, heads, kv heads, experts, experts per token
+    "nano_moe": (64, 48, 2, 4, 2, 4, 2),
+    "micro_moe": (96, 96, 4, 4, 2, 8, 2),  # 8 experts, top 2: about the "micro" dense student's active MLP
+}
+
+
+def make_tiny_qwen3_moe(out_dir: str | Path, vocab_size: int, size: str = "nano_moe", seed: int = 0,
+                        tokenizer_dir: str | Path | None = None, max_positions: int = 512, tied: bool = True,
+                        norm_topk_prob: bool = True) -> Path:
+    """Save a randomly initialised Qwen3-MoE (every layer routed: softmax top-k, renormalised over the k when
+    ``norm_topk_prob``) to ``out_dir``; ``config.json`` carries ``num_experts`` for transformers 4."""
+    import json
+
+    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    hidden, ffn, layers, heads, kv, experts, top_k = MOE_SIZES[size]
+    pad, eos = 0, 3
+    if tokenizer_dir is not None:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        pad, eos = tok.pad_token_id, tok.eos_token_id
+    config = Qwen3MoeConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, moe_intermediate_size=ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+        num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob, decoder_sparse_step=1,
+        mlp_only_layers=[], max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=tied,
+        pad_token_id=pad, eos_token_id=eos, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(config)
+    with torch.no_grad():  # a router at init scores every expert alike; spread it so top-k picks differ
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0.0, 0.5)
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    file = out_dir / "config.json"
+    written = json.loads(file.read_text())
+    written.setdefault("num_experts", experts)
+    file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    copy_tokenizer_files(tokenizer_dir, out_dir)
+    return out_dir

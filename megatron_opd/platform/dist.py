@@ -53,17 +53,20 @@ def gloo_device_for(host: str):
     return dist.ProcessGroupGloo.create_device(hostname="127.0.0.1") if is_loopback(host) else None
 
 
-def check_layout(world_size: int, tp: int, pp: int, dp: int = 1) -> None:
-    if tp < 1 or pp < 1 or dp < 1:
-        raise ParallelLayoutError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} dp={dp}")
+def check_layout(world_size: int, tp: int, pp: int, dp: int = 1, ep: int = 1) -> None:
+    if tp < 1 or pp < 1 or dp < 1 or ep < 1:
+        raise ParallelLayoutError(f"parallel sizes must be >= 1, got tp={tp} pp={pp} dp={dp} ep={ep}")
     if tp * pp * dp != world_size:
         raise ParallelLayoutError(
             f"tp({tp}) x pp({pp}) x dp({dp}) = {tp * pp * dp} does not match the "
             f"{world_size} process(es) started; launch exactly tp*pp*dp processes"
         )
+    if dp % ep:  # megatron-core carves the expert-parallel groups out of the data-parallel ranks
+        raise ParallelLayoutError(f"ep({ep}) must divide dp({dp}): expert-parallel ranks are data-parallel ranks "
+                                  "for the attention")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) -> DistInfo:
+def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234, ep: int = 1) -> DistInfo:
     """Join (or create, for a lone process) the process group and build megatron's groups.
 
     RANK/WORLD_SIZE/MASTER_* come from the launcher; a plain single process gets a private
@@ -74,7 +77,7 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
     from megatron.core import parallel_state, tensor_parallel
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(world_size, tp, pp, dp)
+    check_layout(world_size, tp, pp, dp, ep)
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if cuda_available() else "gloo"
@@ -93,7 +96,7 @@ def init_distributed(tp: int = 1, pp: int = 1, dp: int = 1, seed: int = 1234) ->
         install_cpu_patches()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return DistInfo(rank, world_size, local_rank, tp, pp, dp, backend)

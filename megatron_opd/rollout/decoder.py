@@ -1,4 +1,4 @@
-"""A lean batched forward of the Llama family (Llama, Qwen2, Qwen3) over a loaded HF model's own
+"""A lean batched forward of the Llama family (Llama, Qwen2, Qwen3, Qwen3-MoE) over a loaded HF model's own
 weights, with a pre-allocated KV cache: the compute core of the embedded engine's generation and
 scoring.
 
@@ -6,7 +6,8 @@ Why not ``model(...)`` per token: at the sizes the CPU engine serves, a decode s
 ``transformers`` model is mostly Python (mask construction, cache objects, attention dispatch),
 measured at ~5 ms per step for the tiny student against ~1 ms here. The math is the model's own:
 RMSNorm, (optional q/k norm), rotary embedding from the model's ``rotary_emb`` module (so every
-RoPE scaling variant it implements carries over), grouped-query SDPA, SwiGLU. Parameters are read
+RoPE scaling variant it implements carries over), grouped-query SDPA, SwiGLU (Qwen3-MoE: the router's
+softmax top-k, renormalised when ``norm_topk_prob``, and each chosen expert's SwiGLU). Parameters are read
 from the HF modules at every call, so a weight update of the HF model is seen at once. Tests hold
 it to ``transformers``: greedy ids equal to ``model.generate``, log-probs equal to a teacher-forced
 forward within float tolerance.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("llama", "qwen2", "qwen3")
+SUPPORTED = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -66,6 +67,11 @@ class Decoder:
             raise UnsupportedModelError(f"{kind}: sliding-window attention is not supported by the embedded engine")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{kind}: hidden_act {config.hidden_act!r} (the embedded engine runs SwiGLU / silu)")
+        self.experts = getattr(config, "num_experts", 0) if kind == "qwen3_moe" else 0
+        if self.experts and (getattr(config, "mlp_only_layers", None) or getattr(config, "decoder_sparse_step", 1) != 1):
+            raise UnsupportedModelError(f"{kind}: dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step)")
+        self.top_k = getattr(config, "num_experts_per_tok", 0)
+        self.norm_topk_prob = bool(getattr(config, "norm_topk_prob", False))
         self.model = model
         self.config = config
         self.vocab_size = config.vocab_size
@@ -105,13 +111,13 @@ class Decoder:
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, column: int,
-                attend: torch.Tensor, store: bool = True) -> torch.Tensor:
+                attend: torch.Tensor, store: bool = True, routed: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run ``ids`` [B, S] (at ``positions`` [B, S]) after cache columns ``:column``; ``attend``
         [B, 1, S, column+S] (True: may attend) covers those columns and the new ones. With ``store``
         the new keys/values are written to cache columns ``column .. column+S-1`` (generation);
         without, they are used in each layer and dropped (scoring a block: the cache then needs only
         the prefix's columns, not the block's at every layer). Returns the final-normed hidden
-        states [B, S, hidden]."""
+        states [B, S, hidden]. An MoE model appends each layer's chosen experts [B, S, top_k] to ``routed``."""
         batch, length = ids.shape
         end = column + length
         ids, positions, attend = ids.to(self.device), positions.to(self.device), attend.to(self.device)
@@ -140,8 +146,31 @@ class Decoder:
             hidden = hidden + self.linear(out, attn.o_proj)
             x = _rms(hidden, layer.post_attention_layernorm, self.eps)
             mlp = layer.mlp
+            if self.experts:
+                out, chosen = self._moe(x, mlp)
+                hidden = hidden + out
+                if routed is not None:
+                    routed.append(chosen)
+                continue
             hidden = hidden + self.linear(F.silu(self.linear(x, mlp.gate_proj)) * self.linear(x, mlp.up_proj), mlp.down_proj)
         return _rms(hidden, self.model.model.norm, self.eps)
+
+    def _moe(self, x: torch.Tensor, mlp) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen3-MoE's sparse block: softmax over all experts (float32), the top k, renormalised over them
+        when ``norm_topk_prob``; each chosen expert's SwiGLU weighted and summed in expert order, as
+        ``transformers`` does. -> (output [B, S, hidden], chosen experts [B, S, k])."""
+        batch, length, width = x.shape
+        flat = x.reshape(-1, width)
+        probs = torch.softmax(F.linear(flat, mlp.gate.weight), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(flat)
+        for expert in chosen.unique().tolist():
+            rows, slot = torch.where(chosen == expert)
+            out.index_add_(0, rows, _expert_swiglu(mlp.experts, expert, flat[rows]) * weights[rows, slot, None])
+        return out.view(batch, length, width), chosen.view(batch, length, self.top_k)
 
     def linear(self, x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
         packed = self._packed.get(module) if self._packed is not None else None
@@ -157,8 +186,9 @@ class Decoder:
         if self._packed is not None or not packing_available() or self.dtype != torch.float32 or self.device.type != "cpu":
             return
         linears = [m for layer in self.layers for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                   layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
-                   layer.mlp.down_proj)] + [self.model.lm_head]
+                   layer.self_attn.v_proj, layer.self_attn.o_proj)] + [self.model.lm_head]
+        if not self.experts:  # experts run on a few rows each: left as they are
+            linears += [m for layer in self.layers for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
         self._packed = {m: torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_size=8) for m in linears}
 
     def unpack(self) -> None:
@@ -193,6 +223,16 @@ class Decoder:
 def packing_available() -> bool:
     """oneDNN's weight-packed linear (what torch.compile's CPU freezing uses) is in this torch build."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def _expert_swiglu(experts, index: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert's SwiGLU on rows ``x``, from either ``transformers`` layout: 5 keeps every expert in 3-D
+    tensors (``gate_up_proj`` [E, 2F, H], ``down_proj`` [E, H, F]), 4 a module list of MLPs."""
+    if hasattr(experts, "gate_up_proj"):
+        gate, up = F.linear(x, experts.gate_up_proj[index]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, experts.down_proj[index])
+    mlp = experts[index]
+    return mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
 def _rms(x: torch.Tensor, norm, eps: float) -> torch.Tensor:

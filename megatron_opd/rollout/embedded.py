@@ -143,17 +143,25 @@ class EmbeddedEngine:
 
     # -- weights ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.model.state_dict(keep_vars=True))
+        """The model's tensors by their checkpoint names (an MoE model's experts as views, see expert_views)."""
+        tensors = dict(self.model.state_dict(keep_vars=True))
+        views = expert_views(self.model)
+        for fused in {name.rsplit(".", 3)[0] for name in views}:
+            for part in ("gate_up_proj", "down_proj"):
+                tensors.pop(f"{fused}.{part}", None)
+        return {**tensors, **views}
 
     def _required(self) -> set[str]:
         """The names a full update must cover: every parameter, counting tied ones once (an HF save
         leaves out ``lm_head.weight`` when it is the embedding)."""
         seen, names = set(), set()
+        views = expert_views(self.model)
+        fused = {name.rsplit(".", 3)[0] for name in views}
         for name, param in self.model.named_parameters():  # tied parameters are listed once
-            if id(param) not in seen:
+            if id(param) not in seen and name.rsplit(".", 1)[0] not in fused:
                 seen.add(id(param))
                 names.add(name)
-        return names
+        return names | set(views)
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterator[tuple[str, torch.Tensor]], version: str, full: bool = False,
@@ -172,7 +180,7 @@ class EmbeddedEngine:
             for name, tensor in items:
                 param = params[name]
                 incoming = tensor.to(device=param.device, dtype=param.dtype)
-                if (owned or incoming is not tensor) and incoming.is_contiguous():
+                if (owned or incoming is not tensor) and incoming.is_contiguous() and isinstance(param, torch.nn.Parameter):
                     param.data = incoming  # no copy: nothing else holds it
                 else:
                     param.data.copy_(incoming)
@@ -314,6 +322,27 @@ class EmbeddedEngine:
         self._closing.set()
         with self._lock:
             self._lock.notify_all()
+
+
+def expert_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """transformers 5 holds a Qwen3-MoE layer's experts in two 3-D parameters (``mlp.experts.gate_up_proj``
+    [E, 2F, H], ``mlp.experts.down_proj`` [E, H, F]); checkpoints, the trainer's export and transformers 4
+    name each expert's matrices (``mlp.experts.{e}.gate_proj.weight`` ...). Views of those names into the
+    3-D parameters: a weight update copied into one changes the model (empty for other models)."""
+    views: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        prefix, _, part = name.rpartition(".")
+        if not prefix.endswith("mlp.experts") or part not in ("gate_up_proj", "down_proj") or param.dim() != 3:
+            continue
+        tensor = param.detach()
+        for expert in range(tensor.shape[0]):
+            if part == "down_proj":
+                views[f"{prefix}.{expert}.down_proj.weight"] = tensor[expert]
+            else:
+                half = tensor.shape[1] // 2
+                views[f"{prefix}.{expert}.gate_proj.weight"] = tensor[expert, :half]
+                views[f"{prefix}.{expert}.up_proj.weight"] = tensor[expert, half:]
+    return views
 
 
 def _finite(tensor: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ def _teacher_forced(model, prompt, completion):
     return torch.log_softmax(logits, -1)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "qwen3_moe"])
 def test_greedy_ids_equal_transformers_generate_across_a_ragged_batch(tiny_hf, arch):
     model = _model(tiny_hf[arch])
     torch.manual_seed(1)
@@ -57,13 +57,14 @@ def test_sampled_rows_that_stop_early_leave_the_batch_and_the_rest_stay_exact(ti
         assert torch.allclose(torch.tensor(completion.logprobs), picked, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_bytes", [None, 4 * 131 * 5])  # the vocabulary's logits 5 positions at a time
-def test_prefix_shared_scoring_equals_a_full_forward(tiny_hf, monkeypatch, chunk_bytes):
+@pytest.mark.parametrize("arch,chunk_bytes", [("llama", None), ("llama", 4 * 131 * 5), ("qwen3_moe", None)])
+def test_prefix_shared_scoring_equals_a_full_forward(tiny_hf, monkeypatch, arch, chunk_bytes):
+    """(chunk_bytes: the vocabulary's logits 5 positions at a time)"""
     from megatron_opd.rollout import generation
 
     if chunk_bytes:
         monkeypatch.setattr(generation, "LOGITS_CHUNK_BYTES", chunk_bytes)
-    model = _model(tiny_hf["llama"])
+    model = _model(tiny_hf[arch])
     torch.manual_seed(3)
     prefixes = [torch.randint(1, 131, (n,)).tolist() for n in (9, 4, 15)]
     group = [0, 0, 1, 2, 2, 2]
@@ -98,6 +99,24 @@ def test_packed_weights_give_the_plain_forward(tiny_hf):
     packed = continuation_hidden(decoder, [prompts[0]], [0, 0], [prompts[1], prompts[1][:3]], pad_id=0)
     decoder.unpack()
     assert torch.allclose(plain, packed, atol=1e-5) and not torch.equal(plain, torch.zeros_like(plain))
+
+
+def test_moe_routing_is_the_routers_own_choice_token_by_token(tiny_hf):
+    """The experts the decoder runs for each token are the ones transformers' router picks, layer by layer."""
+    model = _model(tiny_hf["qwen3_moe"])
+    decoder = Decoder(model)
+    ids = torch.randint(1, 131, (2, 9), generator=torch.Generator().manual_seed(4))
+    positions = torch.arange(9)[None].expand(2, 9)
+    routed: list[torch.Tensor] = []
+    decoder.forward(ids, positions, decoder.new_cache(2, 9), 0, prefill_mask(torch.ones(2, 9, dtype=torch.bool)),
+                    routed=routed)
+    with torch.no_grad():
+        router_logits = model(ids, output_router_logits=True).router_logits
+    assert len(routed) == len(router_logits) == 4
+    for ours, theirs in zip(routed, router_logits):
+        expected = theirs.view(2, 9, 4).topk(2, dim=-1).indices
+        assert torch.equal(ours, expected)
+    assert len(torch.cat([r.flatten() for r in routed]).unique()) == 4  # every expert served some token
 
 
 def test_prefill_mask_never_leaves_a_row_empty():

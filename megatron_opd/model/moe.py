@@ -1,0 +1,113 @@
+"""Mixture-of-experts students (Qwen3-MoE) on top of mbridge's bridge, for :mod:`megatron_opd.model.bridge`.
+
+Without transformer-engine megatron-core runs the experts as a ``SequentialMLP``
+(``mlp.experts.local_experts.{j}.linear_fc{1,2}.weight``, j local to this EP rank); mbridge maps only the
+grouped-GEMM names (``mlp.experts.linear_fc1.weight{j}``), so the bridge methods here map the sequential ones,
+number the experts globally over the expert-parallel ranks, and gather them for export.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from megatron_opd.model.hf_config import num_experts
+
+LOCAL_EXPERT = ".mlp.experts.local_experts."
+
+
+def _expert_offset(bridge: Any) -> int:
+    return bridge.config.num_moe_experts // bridge.mpu.ep_size * bridge.mpu.ep_rank
+
+
+def expert_hf_names(name: str) -> list[str]:
+    """HF names of a (global-numbered) SequentialMLP expert weight: fc1 = [gate; up], fc2 = down."""
+    layer = name.split(".")[2]
+    expert = name.split(LOCAL_EXPERT)[1].split(".")[0]
+    prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+    if name.endswith("linear_fc1.weight"):
+        return [f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"]
+    if name.endswith("linear_fc2.weight"):
+        return [f"{prefix}.down_proj.weight"]
+    raise NotImplementedError(f"Unsupported parameter name: {name}")
+
+
+def _moe_local_to_global(self: Any, model: torch.nn.Module, consider_ep: bool = True) -> dict[str, str]:
+    names = super(type(self), self)._weight_name_mapping_mcore_local_to_global(model, consider_ep)
+    if not consider_ep or self.mpu.ep_size == 1:
+        return names
+    offset = _expert_offset(self)
+
+    def to_global(name: str) -> str:
+        head, tail = name.split(LOCAL_EXPERT)
+        local, rest = tail.split(".", 1)
+        return f"{head}{LOCAL_EXPERT}{int(local) + offset}.{rest}"
+
+    return {k: to_global(v) if LOCAL_EXPERT in v else v for k, v in names.items()}
+
+
+def _moe_mlp_names(self: Any, name: str) -> list[str]:
+    if LOCAL_EXPERT in name:
+        return expert_hf_names(name)
+    return super(type(self), self)._weight_name_mapping_mlp(name)
+
+
+def _moe_adjust_tied(self: Any) -> None:  # mbridge's Qwen2-MoE bridge ignores tie_word_embeddings
+    if getattr(self.hf_config, "tie_word_embeddings", False):
+        self._DIRECT_MAPPING["output_layer.weight"] = "model.embed_tokens.weight"
+
+
+def _moe_tied_keys(self: Any) -> list[str]:
+    return ["model.embed_tokens.weight"] if getattr(self.hf_config, "tie_word_embeddings", False) else []
+
+
+MOE_BRIDGE_METHODS = {
+    "_weight_name_mapping_mcore_local_to_global": _moe_local_to_global,
+    "_weight_name_mapping_mlp": _moe_mlp_names,
+    "_adjust_mapping_for_shared_weights": _moe_adjust_tied,
+    "_get_hf_shared_weight_keys": _moe_tied_keys,
+}
+
+
+def moe_overrides(hf_config: Any, te: bool) -> dict[str, Any]:
+    """megatron-core's MoE settings for a Qwen3-MoE config. HF routes by softmax over all experts, then top-k,
+    renormalised over the k when ``norm_topk_prob``: megatron's top-k on the logits then a softmax over the k
+    is the renormalised form (``moe_router_pre_softmax=False``), a softmax before the top-k the other."""
+    if not num_experts(hf_config):
+        return {}
+    return dict(
+        num_moe_experts=num_experts(hf_config),
+        moe_router_pre_softmax=not getattr(hf_config, "norm_topk_prob", False),
+        moe_router_dtype="fp32",  # HF's router softmax is in float32
+        moe_shared_expert_overlap=False,
+        moe_grouped_gemm=te,  # without transformer-engine: SequentialMLP (mapped above)
+        moe_token_dispatcher_type="alltoall" if te else "allgather",  # gloo has no all_to_all
+        # megatron-core refuses the allgather dispatcher with varying shapes (it gathers the EP ranks' tokens);
+        # model.forward.run_pipeline still says when one pipeline run's micro-batches differ in shape
+        **({} if te else {"variable_seq_lengths": False}),
+    )
+
+
+def router_without_te() -> None:
+    """megatron-core 0.16.1's router GEMM names ``te_general_gemm``, defined only when transformer-engine
+    imports: without it, ``None`` selects its torch path."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def export_expert(bridge: Any, local_name: str, param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Local expert j of every EP rank r is global expert j + r * experts_per_rank (tp = 1 for MoE here)."""
+    from megatron.core import parallel_state as ps
+
+    ep = ps.get_expert_model_parallel_world_size()
+    per_rank = bridge.config.num_moe_experts // ep
+    gathered = [torch.empty_like(param) for _ in range(ep)]
+    torch.distributed.all_gather(gathered, param.contiguous(), group=ps.get_expert_model_parallel_group())
+    head, tail = local_name.split(LOCAL_EXPERT)
+    local, rest = tail.split(".", 1)
+    for rank, tensor in enumerate(gathered):
+        name = f"{head}{LOCAL_EXPERT}{int(local) + rank * per_rank}.{rest}"
+        yield from zip(*bridge._weight_to_hf_format(name, tensor))

@@ -1,0 +1,69 @@
+"""Qwen3-MoE students: built by megatron-core from an HF checkpoint at (TP, PP, DP, EP) on CPU, their logits
+held to transformers' own Qwen3-MoE model, their export to the checkpoint they were loaded from, bit for bit."""
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, torchrun
+from megatron_opd.model.hf_config import UnsupportedArchitectureError, check_parallel_fit, read_config_json
+
+WORKERS = REPO / "tests" / "workers"
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+    from megatron_opd.model.tiny import make_tiny_qwen3_moe
+
+    root = tmp_path_factory.mktemp("moe")
+    return {
+        # renormalised top-k, tied embeddings (the tiny world's form)
+        "norm_tied": make_tiny_qwen3_moe(root / "norm_tied", 96, seed=1, tied=True, norm_topk_prob=True),
+        # the softmax weights of the top k as they are, untied
+        "plain_untied": make_tiny_qwen3_moe(root / "plain_untied", 96, seed=2, tied=False, norm_topk_prob=False),
+    }
+
+
+def _reference(hf_dir, input_ids):
+    """transformers' logits and the experts its router picked (per layer, over all tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(input_ids, output_router_logits=True)
+    top_k = model.config.num_experts_per_tok
+    return out.logits, [set(layer.topk(top_k, dim=-1).indices.flatten().tolist()) for layer in out.router_logits]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp,ep", [(1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2)])
+@pytest.mark.parametrize("variant", ["norm_tied", "plain_untied"])
+def test_logits_equal_transformers_and_the_export_is_the_checkpoint(moe_checkpoints, tmp_path, variant, tp, pp, dp, ep):
+    hf_dir = moe_checkpoints[variant]
+    input_ids = torch.randint(4, 96, (2, 13), generator=torch.Generator().manual_seed(7))
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    torchrun(tp * pp * dp, [str(WORKERS / "moe_worker.py"), str(tp), str(pp), str(ep), str(hf_dir), str(tmp_path)])
+    ours = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    reference, picked = _reference(hf_dir, input_ids)
+    assert picked == [set(range(4))] * 2  # every expert of every layer served some token: all of them were held
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=2e-5, rtol=1e-5), (ours - reference).abs().max()
+    original = load_file(str(hf_dir / "model.safetensors"))
+    exported = load_file(str(tmp_path / "exported.safetensors"))
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_layouts_an_moe_student_cannot_take_are_refused_before_any_process(moe_checkpoints, tmp_path):
+    config = read_config_json(moe_checkpoints["norm_tied"])
+    assert config.num_experts == 4
+    with pytest.raises(ValueError, match=r"num_experts \(4\) must be divisible by ep=3"):
+        check_parallel_fit(config, 1, 1, ep=3)
+    with pytest.raises(ValueError, match="an MoE student at tp=2"):
+        check_parallel_fit(config, 2, 1)
+    dense = read_config_json(REPO / "assets" / "tiny" / "student_init")
+    with pytest.raises(ValueError, match="ep=2 needs an MoE model"):
+        check_parallel_fit(dense, 1, 1, ep=2)
+    config.mlp_only_layers = [1]
+    with pytest.raises(UnsupportedArchitectureError, match=r"mlp_only_layers=\[1\]"):
+        check_parallel_fit(config, 1, 1)

@@ -1,0 +1,44 @@
+"""torchrun worker: build a Qwen3-MoE student at (tp, pp, ep), load its HF weights, save its logits on fixed
+tokens (the last stage) and its exported HF weights (rank 0)."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from megatron_opd.model import build_model, export_hf_weights, load_hf_config, load_hf_weights
+from megatron_opd.model.forward import run_pipeline
+from megatron_opd.platform import init_distributed
+from megatron_opd.records import TokenBatch
+
+tp, pp, ep, hf_dir, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+init_distributed(tp, pp, int(os.environ["WORLD_SIZE"]) // (tp * pp), ep=ep)
+from megatron.core import parallel_state as ps  # noqa: E402
+
+bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8)
+load_hf_weights(bundle, hf_dir)
+for chunk in bundle.chunks:
+    chunk.eval()
+input_ids = torch.load(out / "input_ids.pt", weights_only=True)
+seen = []
+
+
+def keep_logits(logits, batch):
+    seen.append(logits.detach()[..., :bundle.vocab_size].clone())
+    return logits.sum() * 0, torch.tensor(1), {}
+
+
+run_pipeline(bundle.chunks, [TokenBatch(input_ids=input_ids)], keep_logits, forward_only=True)
+if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0:
+    save_file({"logits": seen[0].contiguous()}, str(out / "logits.safetensors"))
+exported = [(name, t.clone()) for name, t in export_hf_weights(bundle)]
+if dist.get_rank() == 0:
+    (out / "names.txt").write_text("\n".join(n for n, _ in exported))
+    save_file({n: t.contiguous() for n, t in exported if n != "lm_head.weight" or not bundle.hf_config.tie_word_embeddings},
+              str(out / "exported.safetensors"))
+
+from megatron_opd.platform import destroy  # noqa: E402
+
+destroy()
