@@ -30,6 +30,15 @@ class ParallelConfig(Strict):
     pp: int = Field(1, ge=1, description="pipeline-parallel size: the layers split into this many consecutive stages")
     dp: int = Field(1, ge=1, description="data-parallel size: model replicas, each training on its share of a "
                     "step's batch; the run needs tp x pp x dp processes")
+    ep: int = Field(1, ge=1, description="expert-parallel size (MoE students): each rank holds num_experts / ep of "
+                    "every layer's experts; carved out of the data-parallel ranks, so ep divides dp")
+
+    @model_validator(mode="after")
+    def _experts_over_replicas(self) -> "ParallelConfig":
+        if self.dp % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide dp ({self.dp}): expert-parallel ranks are data-parallel "
+                             "ranks for the attention")
+        return self
 
     @property
     def world_size(self) -> int:

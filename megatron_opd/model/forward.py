@@ -7,6 +7,7 @@ forward-only collector of the student's own token log-probs.
 
 from __future__ import annotations
 
+from dataclasses import fields, replace
 from functools import partial
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -56,6 +57,7 @@ def run_pipeline(
         raise ValueError("run_pipeline needs at least one micro-batch")
     from megatron.core.utils import get_model_config
 
+    micro_batches = even_for_experts(micro_batches)
     micro_batch_size, seq_length = micro_batches[0].input_ids.shape
     # pipeline stages exchange activations of a fixed shape unless told shapes vary (rows or lengths)
     get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b.input_ids.shape) for b in micro_batches}) > 1
@@ -70,6 +72,50 @@ def run_pipeline(
             micro_batch_size=micro_batch_size,
             forward_only=forward_only,
         )
+
+
+def even_for_experts(micro_batches: Sequence[Batch]) -> list[Batch]:
+    """Collective over the data-parallel group when experts are split over ranks (EP > 1): megatron-core's
+    all-gather token dispatcher gathers every EP rank's tokens at each MoE layer, so every rank must run as
+    many micro-batches as the others, all of one shape. Rows and columns of zeros (zero loss masks and weights:
+    nothing to learn, and causal attention keeps them out of the real tokens) and all-zero micro-batches make
+    up the difference. Unchanged at EP 1."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+        return list(micro_batches)
+    import torch.distributed as dist
+
+    from megatron_opd.platform.dist import comm_device
+
+    sizes = torch.tensor([len(micro_batches), max(b.input_ids.shape[0] for b in micro_batches),
+                          max(b.input_ids.shape[1] for b in micro_batches)], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    count, rows, width = sizes.tolist()
+    padded = [_zero_padded(b, rows, width) for b in micro_batches]
+    filler = _zero_padded(_zero_padded(micro_batches[0], 0, 0), rows, width)
+    return padded + [filler] * (count - len(padded))
+
+
+def _zero_padded(batch: Batch, rows: int, width: int) -> Batch:
+    """``batch`` with its per-row tensors ([b, ...]) and per-position ones ([b, s, ...]) cut or zero-padded to
+    ``rows`` rows and ``width`` positions."""
+    b, s = batch.input_ids.shape
+    changed = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != b:
+            continue
+        per_position = value.dim() >= 2 and value.shape[1] == s
+        shape = (rows, width, *value.shape[2:]) if per_position else (rows, *value.shape[1:])
+        out = value.new_zeros(shape)
+        keep_rows, keep_cols = min(b, rows), min(s, width)
+        if per_position:
+            out[:keep_rows, :keep_cols] = value[:keep_rows, :keep_cols]
+        else:
+            out[:keep_rows] = value[:keep_rows]
+        changed[f.name] = out
+    return replace(batch, **changed)
 
 
 def student_token_logprobs(vocab_size: int, logits_shard: torch.Tensor, batch: TokenBatch):

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def preflight_model(hf_path: Path, tp: int, pp: int) -> None:
+def preflight_model(hf_path: Path, tp: int, pp: int, ep: int = 1) -> None:
     """Checks that need only config.json and the weight files' headers, done before any process starts."""
     from megatron_opd.model.hf_config import check_parallel_fit, read_config_json
 
-    check_parallel_fit(read_config_json(hf_path), tp, pp, where=str(hf_path))
+    check_parallel_fit(read_config_json(hf_path), tp, pp, where=str(hf_path), ep=ep)
     readable_weights(Path(hf_path))
 
 

@@ -139,4 +139,26 @@ def install_cpu_patches() -> None:
     torch.cuda.synchronize = _noop()
     torch.cuda.empty_cache = _noop()
     torch.cuda.current_device = lambda: 0  # an ordinal; cpu_compat() maps it to the CPU
+    _gathers_in_the_mode()
     _PATCHED = True
+
+
+def _gathers_in_the_mode() -> None:
+    """The backward pass runs inside the mode's own handler (``torch.autograd.backward`` is a torch function),
+    where a mode is off: megatron-core's sequence gathers and scatters, which allocate their output on
+    ``torch.cuda.current_device()``, run in a mode of their own (an MoE layer's token dispatcher calls them
+    in its backward)."""
+    from megatron.core.tensor_parallel import mappings
+
+    def in_mode(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with _CudaToCpu():
+                return fn(*args, **kwargs)
+
+        return call
+
+    for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim", "_gather_along_last_dim",
+                 "_reduce_scatter_along_last_dim"):
+        if hasattr(mappings, name):
+            setattr(mappings, name, in_mode(getattr(mappings, name)))

@@ -58,7 +58,7 @@ def open_student(
     """``run`` / ``recipe``: the run's settings and resolved recipe, for the metrics sink (W&B's run name
     and config). ``optimizer_steps``: the LR schedule's length when it differs from ``train.steps`` (OPD with
     ``loss.epochs`` optimizer steps per rollout batch)."""
-    info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed)
+    info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed, ep=parallel.ep)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if model.recompute == "full" else {}

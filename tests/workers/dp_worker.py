@@ -1,5 +1,5 @@
 """torchrun worker: three optimizer steps of the real trainer on one fixed step of samples at a
-layout TP x PP x DP — OPD sampled-token, OPD top-k forward KL, SFT — each DP rank training on its
+layout TP x PP x DP (x EP for an MoE student) — OPD sampled-token, OPD top-k forward KL, SFT — each DP rank training on its
 share (sent by ``train.batches.distribute``, as in the loop). Rank 0 writes each step's loss, token count and
 gradient norm, and the loss after the last step."""
 import json
@@ -23,7 +23,8 @@ from megatron_opd.train.batches import micro_batches
 from megatron_opd.train.opd.step_maker import build_step_batch
 
 tp, pp, dp, out, hf = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
-info = init_distributed(tp, pp, dp)
+ep = int(sys.argv[6]) if len(sys.argv) > 6 else 1
+info = init_distributed(tp, pp, dp, ep=ep)
 bundle = build_model(load_hf_config(hf), vocab_divisible_by=2)
 load_hf_weights(bundle, hf)
 state = wrap_for_training(bundle, OptimSettings(lr=1e-3, min_lr=1e-3, decay_steps=10))
@@ -58,5 +59,5 @@ with torch.no_grad():
                                  ("nll_sum", "tokens"))
 report["after"] = {"loss": totals["nll_sum"] / totals["tokens"], "tokens": totals["tokens"]}
 if info.rank == 0:
-    (out / f"dp-{tp}x{pp}x{dp}.json").write_text(json.dumps(report))
+    (out / f"dp-{tp}x{pp}x{dp}{f'-ep{ep}' if ep > 1 else ''}.json").write_text(json.dumps(report))
 destroy()
