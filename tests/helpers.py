@@ -168,3 +168,30 @@ def hf_token_scores(model_dir: Path, seqs, starts, top_k):
             values, ids = torch.topk(lp, top_k, -1)
             out.append((lp.gather(-1, torch.tensor(seq[start:])[:, None])[:, 0], values, ids))
     return out
+
+
+def train_at_layouts(tmp_path: Path, hf_dir: Path, layouts: list[tuple[int, int, int, int]]) -> dict:
+    """tests/workers/dp_worker.py's three optimizer steps on one fixed step of 8 samples at each (tp, pp, dp, ep)
+    layout, and the single rank's reference checks: their reports by layout."""
+    import json
+
+    reports = {}
+    for tp, pp, dp, ep in layouts:
+        torchrun(tp * pp * dp, [str(WORKERS / "dp_worker.py"), str(tp), str(pp), str(dp), str(tmp_path), str(hf_dir), str(ep)])
+        reports[(tp, pp, dp, ep)] = json.loads((tmp_path / f"dp-{tp}x{pp}x{dp}{f'-ep{ep}' if ep > 1 else ''}.json").read_text())
+    reference = reports[layouts[0]]
+    assert list(reference) == ["opd_sampled_token", "opd_topk_forward_kl", "sft", "after"]
+    assert reference["sft"]["tokens"] == 9 + 14 + 4 + 11 + 7 + 16 + 6 + 10  # every completion token, once
+    assert reference["after"]["loss"] != reference["sft"]["loss"]  # the steps changed the weights
+    return reports
+
+
+def assert_trains_like(got: dict, want: dict, layout) -> None:
+    """Each step's token count equal, its loss and gradient norm within 1e-5 (relative)."""
+    import pytest
+
+    for step, expected in want.items():
+        assert got[step]["tokens"] == expected["tokens"], (layout, step)
+        assert got[step]["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-6), (layout, step)
+        if "grad_norm" in expected:
+            assert got[step]["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5), (layout, step)

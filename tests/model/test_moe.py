@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, torchrun
+from helpers import REPO, assert_trains_like, torchrun, train_at_layouts
 from megatron_opd.model.hf_config import UnsupportedArchitectureError, check_parallel_fit, read_config_json
 
 WORKERS = REPO / "tests" / "workers"
@@ -75,25 +75,10 @@ def test_ep2_layouts_train_like_one_rank(tmp_path, tiny_hf):
     sampled-token, OPD top-k forward KL, SFT: three optimizer steps) on a Qwen3-MoE student at DP2 x EP2 and
     PP2 x DP2 x EP2 gives the single rank's losses, token counts and gradient norms. The DP ranks' shares differ in
     rows and lengths; the all-gather dispatcher needs them even (model.forward.even_for_experts)."""
-    import json
-
     layouts = [(1, 1, 1, 1), (1, 1, 2, 2), (1, 2, 2, 2)]
-    for tp, pp, dp, ep in layouts:
-        torchrun(tp * pp * dp, [str(WORKERS / "dp_worker.py"), str(tp), str(pp), str(dp), str(tmp_path),
-                                str(tiny_hf["qwen3_moe"]), str(ep)])
-    name = "dp-{}x{}x{}{}.json"
-    reports = {(tp, pp, dp, ep): json.loads((tmp_path / name.format(tp, pp, dp, f"-ep{ep}" if ep > 1 else "")).read_text())
-               for tp, pp, dp, ep in layouts}
-    reference = reports[(1, 1, 1, 1)]
-    assert reference["sft"]["tokens"] == 9 + 14 + 4 + 11 + 7 + 16 + 6 + 10
-    assert reference["after"]["loss"] != reference["sft"]["loss"]
+    reports = train_at_layouts(tmp_path, tiny_hf["qwen3_moe"], layouts)
     for layout in layouts[1:]:
-        for step, want in reference.items():
-            got = reports[layout][step]
-            assert got["tokens"] == want["tokens"], (layout, step)
-            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), (layout, step)
-            if "grad_norm" in want:
-                assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5), (layout, step)
+        assert_trains_like(reports[layout], reports[layouts[0]], layout)
 
 
 def test_a_recipe_names_ep_that_does_not_divide_dp():
