@@ -367,7 +367,17 @@ def main() -> None:
     # SIGTERM (torchrun stopping a worker, Slurm, `kill`) unwinds like Ctrl-C: finally blocks stop the
     # servers this process started and no half-written state is left behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    app()
+    try:
+        app()  # click ends every command with SystemExit(code); an error it does not handle propagates
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # sys.exit("why"): what the interpreter would print
+            print(exc.code, file=sys.stderr)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    else:
+        code = 0
+    from megatron_opd.platform.exit import exit_now
+
+    exit_now(code)  # the command finished and closed what it wrote: no module teardown (seconds of CPU)
 
 
 if __name__ == "__main__":
