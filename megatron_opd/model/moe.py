@@ -17,8 +17,11 @@ from megatron_opd.model.hf_config import num_experts
 LOCAL_EXPERT = ".mlp.experts.local_experts."
 
 
-def _expert_offset(bridge: Any) -> int:
-    return bridge.config.num_moe_experts // bridge.mpu.ep_size * bridge.mpu.ep_rank
+def _renumbered(name: str, offset: int) -> str:
+    """A SequentialMLP expert weight's name with its expert index moved by ``offset``."""
+    head, tail = name.split(LOCAL_EXPERT)
+    local, rest = tail.split(".", 1)
+    return f"{head}{LOCAL_EXPERT}{int(local) + offset}.{rest}"
 
 
 def expert_hf_names(name: str) -> list[str]:
@@ -37,14 +40,8 @@ def _moe_local_to_global(self: Any, model: torch.nn.Module, consider_ep: bool = 
     names = super(type(self), self)._weight_name_mapping_mcore_local_to_global(model, consider_ep)
     if not consider_ep or self.mpu.ep_size == 1:
         return names
-    offset = _expert_offset(self)
-
-    def to_global(name: str) -> str:
-        head, tail = name.split(LOCAL_EXPERT)
-        local, rest = tail.split(".", 1)
-        return f"{head}{LOCAL_EXPERT}{int(local) + offset}.{rest}"
-
-    return {k: to_global(v) if LOCAL_EXPERT in v else v for k, v in names.items()}
+    offset = self.config.num_moe_experts // self.mpu.ep_size * self.mpu.ep_rank
+    return {k: _renumbered(v, offset) if LOCAL_EXPERT in v else v for k, v in names.items()}
 
 
 def _moe_mlp_names(self: Any, name: str) -> list[str]:
@@ -106,8 +103,5 @@ def export_expert(bridge: Any, local_name: str, param: torch.Tensor) -> Iterator
     per_rank = bridge.config.num_moe_experts // ep
     gathered = [torch.empty_like(param) for _ in range(ep)]
     torch.distributed.all_gather(gathered, param.contiguous(), group=ps.get_expert_model_parallel_group())
-    head, tail = local_name.split(LOCAL_EXPERT)
-    local, rest = tail.split(".", 1)
     for rank, tensor in enumerate(gathered):
-        name = f"{head}{LOCAL_EXPERT}{int(local) + rank * per_rank}.{rest}"
-        yield from zip(*bridge._weight_to_hf_format(name, tensor))
+        yield from zip(*bridge._weight_to_hf_format(_renumbered(local_name, rank * per_rank), tensor))

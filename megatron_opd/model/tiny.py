@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_opd.model.bridge import copy_tokenizer_files
+from megatron_opd.model.bridge import copy_tokenizer_files, save_hf_config
 
 SIZES = {
     # name: hidden, intermediate, layers, heads, kv heads[, head_dim (default hidden / heads)]
@@ -59,8 +59,6 @@ def make_tiny_qwen3_moe(out_dir: str | Path, vocab_size: int, size: str = "nano_
                         norm_topk_prob: bool = True) -> Path:
     """Save a randomly initialised Qwen3-MoE (every layer routed: softmax top-k, renormalised over the k when
     ``norm_topk_prob``) to ``out_dir``; ``config.json`` carries ``num_experts`` for transformers 4."""
-    import json
-
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     hidden, ffn, layers, heads, kv, experts, top_k = MOE_SIZES[size]
@@ -82,9 +80,6 @@ def make_tiny_qwen3_moe(out_dir: str | Path, vocab_size: int, size: str = "nano_
             layer.mlp.gate.weight.normal_(0.0, 0.5)
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir), safe_serialization=True)
-    file = out_dir / "config.json"
-    written = json.loads(file.read_text())
-    written.setdefault("num_experts", experts)
-    file.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    save_hf_config(model.config, out_dir)
     copy_tokenizer_files(tokenizer_dir, out_dir)
     return out_dir

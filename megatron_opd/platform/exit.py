@@ -16,7 +16,8 @@ def fail(message: str) -> NoReturn:
 
 
 def exit_now(code: int) -> NoReturn:
-    """End a forked rank, the forking process or a server without the interpreter's teardown. Each has torch,
+    """End ``opd`` (every command: a forked rank, a server, a one-process run) or the process that forks the
+    ranks without the interpreter's teardown. Each has torch,
     megatron-core and transformers loaded, whose module teardown costs seconds of CPU a process (~3 s a rank,
     measured on these 2 cores: 12 s for a 4-rank job's exit) and does nothing a finished run needs: what a
     run writes is written and closed by the code that opened it (``with`` blocks, the metrics logger's

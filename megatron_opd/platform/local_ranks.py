@@ -128,7 +128,7 @@ def fork_ranks(nproc: int, argv: list[str]) -> int:
     for env in envs:
         rank = ForkedRank.start(env)
         if rank is None:  # this is the new rank's process
-            exit_now(run_cli_here(argv))
+            return run_cli_here(argv)  # (its cli main() ends the process; this module's __main__ otherwise)
         procs.append(rank)
     return supervise(procs, grace_s=30.0)
 
@@ -191,8 +191,6 @@ def run_cli_here(argv: list[str]) -> int:
     try:
         runpy.run_module("megatron_opd.cli", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
-        if isinstance(exc.code, str):  # sys.exit("why"): the interpreter would print it (exit_now does not)
-            print(exc.code, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     return 0
 

@@ -144,21 +144,17 @@ class EmbeddedEngine:
     # -- weights ------------------------------------------------------------------------------
     def _tensors(self) -> dict[str, torch.Tensor]:
         """The model's tensors by their checkpoint names (an MoE model's experts as views, see expert_views)."""
-        tensors = dict(self.model.state_dict(keep_vars=True))
-        views = expert_views(self.model)
-        for fused in {name.rsplit(".", 3)[0] for name in views}:
-            for part in ("gate_up_proj", "down_proj"):
-                tensors.pop(f"{fused}.{part}", None)
+        views, fused = expert_views(self.model)
+        tensors = {name: t for name, t in self.model.state_dict(keep_vars=True).items() if name not in fused}
         return {**tensors, **views}
 
     def _required(self) -> set[str]:
         """The names a full update must cover: every parameter, counting tied ones once (an HF save
         leaves out ``lm_head.weight`` when it is the embedding)."""
         seen, names = set(), set()
-        views = expert_views(self.model)
-        fused = {name.rsplit(".", 3)[0] for name in views}
+        views, fused = expert_views(self.model)
         for name, param in self.model.named_parameters():  # tied parameters are listed once
-            if id(param) not in seen and name.rsplit(".", 1)[0] not in fused:
+            if id(param) not in seen and name not in fused:
                 seen.add(id(param))
                 names.add(name)
         return names | set(views)
@@ -324,16 +320,19 @@ class EmbeddedEngine:
             self._lock.notify_all()
 
 
-def expert_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def expert_views(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], set[str]]:
     """transformers 5 holds a Qwen3-MoE layer's experts in two 3-D parameters (``mlp.experts.gate_up_proj``
     [E, 2F, H], ``mlp.experts.down_proj`` [E, H, F]); checkpoints, the trainer's export and transformers 4
     name each expert's matrices (``mlp.experts.{e}.gate_proj.weight`` ...). Views of those names into the
-    3-D parameters: a weight update copied into one changes the model (empty for other models)."""
+    3-D parameters: a weight update copied into one changes the model; and the 3-D parameters' own names
+    (both empty for other models)."""
     views: dict[str, torch.Tensor] = {}
+    fused: set[str] = set()
     for name, param in model.named_parameters():
         prefix, _, part = name.rpartition(".")
         if not prefix.endswith("mlp.experts") or part not in ("gate_up_proj", "down_proj") or param.dim() != 3:
             continue
+        fused.add(name)
         tensor = param.detach()
         for expert in range(tensor.shape[0]):
             if part == "down_proj":
@@ -342,7 +341,7 @@ def expert_views(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 half = tensor.shape[1] // 2
                 views[f"{prefix}.{expert}.gate_proj.weight"] = tensor[expert, :half]
                 views[f"{prefix}.{expert}.up_proj.weight"] = tensor[expert, half:]
-    return views
+    return views, fused
 
 
 def _finite(tensor: torch.Tensor) -> bool:

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from megatron_opd.platform.exit import exit_now, fail
+from megatron_opd.platform.exit import fail
 from megatron_opd.platform.net import is_loopback
 
 
@@ -71,11 +71,4 @@ def serve(
     server = create_app(engine, api_key, role=role, limits=limits)
     typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
     # SIGTERM: in-flight generations stop at their next token (the app's shutdown hook), then exit
-    code = 0
-    try:
-        uvicorn.run(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
-    except SystemExit as exc:  # uvicorn re-raises a SIGTERM after its graceful shutdown: main()'s sys.exit(143)
-        code = exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:
-        code = 130
-    exit_now(code)  # shut down gracefully; no module teardown after it (whoever stops a server waits for its exit)
+    uvicorn.run(server, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
