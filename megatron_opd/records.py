@@ -79,6 +79,9 @@ class Rollout:
     weight_version: str  # the weights that sampled it ("step-N": N optimizer steps)
     prompt_index: int = 0
     sample_index: int = 0
+    # MoE with routing replay: the experts the sampler's every layer chose at each token it ran,
+    # [prompt + completion - 1, layers, top_k] uint8/int16 (the last sampled token never ran)
+    routed_experts: torch.Tensor | None = None
 
 
 def version_number(version: str) -> int:
@@ -182,6 +185,9 @@ class StepBatch:
     domain_names: list[str] = field(default_factory=list)
     topk: TeacherTopK | None = None
     opd_weight: float = 1.0  # lambda on the teacher advantage (0: no teacher term)
+    # routing replay: the sampler's experts at every token [N, layers, top_k] uint8/int16 (each sample's last
+    # token, which the sampler never ran, holds experts 0..k-1: nothing after it reads its output)
+    routed_experts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.sample_lens.numel())
@@ -203,7 +209,7 @@ class StepBatch:
                          self.sampler_logprobs[c0:c1], self.teacher_logprobs[c0:c1], self.task_advantages[lo:hi],
                          self.loss_weights[lo:hi], self.weight_versions[lo:hi], self.prompt_rows[lo:hi],
                          self.domains[lo:hi], self.token_mask[c0:c1], self.on_policy[lo:hi], list(self.domain_names), topk,
-                         self.opd_weight)
+                         self.opd_weight, None if self.routed_experts is None else self.routed_experts[t0:t1])
 
     # -- wire form: named tensors + a JSON header (nothing pickled) ----------------------------
     def to_wire(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
@@ -298,6 +304,7 @@ class MicroBatch(TokenBatch):
     top_lp: torch.Tensor | None = None  # [b, s, slots, k] float32: their log-probs
     top_w: torch.Tensor | None = None  # [b, s, slots] float32: each slot's routing weight
     old_lp: torch.Tensor | None = None  # [b, s] float32: log-probs before the step's first update (loss.epochs > 1)
+    routed: torch.Tensor | None = None  # [b, s, layers, top_k] uint8/int16: the sampler's experts (routing replay)
 
 
 @dataclass

@@ -12,6 +12,29 @@ from megatron_opd.config.placement import LaunchConfig
 from megatron_opd.config.teachers import RoutingSpec
 
 
+class MoEConfig(Strict):
+    load_balancing: Literal["none", "aux_loss", "seq_aux_loss", "global_aux_loss"] = Field(
+        "none", description="megatron-core's load-balancing loss (moe_router_load_balancing_type): aux_loss = the Switch "
+        "Transformer's E * sum_e f_e P_e over a micro-batch's tokens, seq_aux_loss per sequence, global_aux_loss over "
+        "the data-parallel ranks' tokens; none: no balancing term")
+    aux_loss_coeff: float = Field(0.0, ge=0, description="weight of the load-balancing loss (moe_aux_loss_coeff; "
+                                  "1e-3 to 1e-2 is usual); needs load_balancing other than none")
+    z_loss_coeff: float = Field(0.0, ge=0, description="router z-loss weight (moe_z_loss_coeff, ST-MoE: the mean "
+                                "squared log-sum-exp of the router logits; 1e-3 is usual); 0: off")
+
+    @model_validator(mode="after")
+    def _balancing(self) -> "MoEConfig":
+        if (self.load_balancing == "none") != (self.aux_loss_coeff == 0):
+            raise ValueError(f"model.moe: load_balancing {self.load_balancing!r} with aux_loss_coeff "
+                             f"{self.aux_loss_coeff}: a load-balancing loss needs both a type and a positive weight")
+        return self
+
+    def overrides(self) -> dict:
+        """megatron-core's TransformerConfig fields for these settings."""
+        return dict(moe_router_load_balancing_type=self.load_balancing, moe_aux_loss_coeff=self.aux_loss_coeff,
+                    moe_z_loss_coeff=self.z_loss_coeff or None)
+
+
 class ModelConfig(Strict):
     hf_path: Path = Field(description="HF checkpoint directory (config, safetensors, tokenizer) to start from")
     dtype: Literal["float32", "bfloat16"] = Field(
@@ -22,6 +45,8 @@ class ModelConfig(Strict):
         "none", description="activation recomputation (megatron's recompute_granularity 'full', one layer at a time): "
         "keep only each layer's input and recompute the layer in the backward pass — ~1/3 more compute, and the "
         "activations of a long sequence no longer grow with the layer count")
+    moe: MoEConfig = Field(MoEConfig(), description="mixture-of-experts students: the "
+                             "router's auxiliary losses (ignored for a dense model)")
 
 
 class ParallelConfig(Strict):
@@ -327,6 +352,11 @@ class OPDTrainConfig(Strict):
     resume_changed_config: bool = Field(False, description="resume even though the run directory's config differs "
                                         "from this one (by default the run stops, naming the keys)")
     hf_snapshots: bool = Field(False, description="also export an HF directory at every save (snapshots/step-N)")
+    routing_replay: bool = Field(False, description="MoE students: the rollout engine returns the experts each layer "
+                                 "chose at every token (SGLang: return_routed_experts, its servers started with "
+                                 "--enable-return-routed-experts) and the trainer's forward uses them (megatron-core's "
+                                 "RouterReplay) in place of its own routing, so trainer and sampler compute the same "
+                                 "experts; false: the trainer routes again")
 
 
 class EvalConfig(Strict):
@@ -405,6 +435,16 @@ class OPDStageConfig(StageBase):
             raise ValueError("kind 'grpo' trains with loss.kind 'sampled_token' (a policy gradient)")
         if self.reward is not None and self.reward.lambda_opd > 0 and self.teachers is None:
             raise ValueError("reward.lambda_opd > 0 needs `teachers`")
+        if self.train.routing_replay:
+            if self.rollout.engine == "vllm":
+                raise ValueError("train.routing_replay: the experts are asked of the engine in SGLang's API "
+                                 "(return_routed_experts), which vLLM's server does not have; use an SGLang or embedded engine")
+            if self.model.recompute != "none":
+                raise ValueError("train.routing_replay with model.recompute 'full': the recomputed forward would route "
+                                 "again; set model.recompute 'none'")
+            if self.rollout.on_policy_fraction < 1:
+                raise ValueError("train.routing_replay: the rows' own responses (rollout.on_policy_fraction < 1) were "
+                                 "not sampled, so no engine routed them; use on_policy_fraction 1")
         slurm = self.launch.slurm
         if self.rollout.engine == "servers" and not self.rollout.urls and (slurm is None or slurm.rollout is None):
             raise ValueError("rollout.engine 'servers' needs rollout.urls (or launch.slurm.rollout, whose servers fill them)")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 import torch
 
 from megatron_opd.model.logits import real_vocab_logprobs
+from megatron_opd.model.moe import replay_routing
 from megatron_opd.platform.cpu_compat import cpu_compat
 from megatron_opd.records import TokenBatch
 
@@ -28,10 +29,14 @@ def causal_mask(seq_len: int, device: torch.device | str = "cpu") -> torch.Tenso
 
 
 def _forward_step(loss_fn: LossFn, data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
+    from megatron.core.utils import get_model_config
+
     batch = next(data_iterator).to(next(model.parameters()).device)  # no-op on CPU
     input_ids = batch.input_ids
     seq_len = input_ids.shape[1]
     position_ids = torch.arange(seq_len, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+    if get_model_config(model).moe_enable_routing_replay:
+        replay_routing(model, getattr(batch, "routed", None))
     output = model(input_ids, position_ids, causal_mask(seq_len, input_ids.device))
     return output, partial(_reduce, loss_fn, batch)
 

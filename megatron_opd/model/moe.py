@@ -105,3 +105,31 @@ def export_expert(bridge: Any, local_name: str, param: torch.Tensor) -> Iterator
     torch.distributed.all_gather(gathered, param.contiguous(), group=ps.get_expert_model_parallel_group())
     for rank, tensor in enumerate(gathered):
         yield from zip(*bridge._weight_to_hf_format(_renumbered(local_name, rank * per_rank), tensor))
+
+
+def replay_routing(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
+    """Routing replay (megatron-core's ``RouterReplay``, built with ``moe_enable_routing_replay``): every router of
+    ``chunk`` takes its layer's experts from ``routed`` [b, s, layers, top_k] (global layer index, the sampler's
+    choice) in place of its own top-k; the router's scores still weight them (and carry the gradient). A token
+    routed k times to one expert is padding: it gets experts 0..k-1. ``routed`` None: the routers choose again."""
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    routers = [m for m in chunk.modules() if getattr(m, "router_replay", None) is not None]
+    if routed is None:
+        for router in routers:
+            router.router_replay.clear_indices()
+            router.router_replay.clear_router_replay_action()
+        return
+    if not routers:
+        raise ValueError("routing replay: this student's routers were not built to replay (a dense model, or "
+                         "train.routing_replay off when the model was built)")
+    b, s, layers, k = routed.shape
+    experts = routed.long().transpose(0, 1).reshape(s * b, layers, k)  # megatron's token order: [s, b] flattened
+    if k > 1:
+        padding = (experts == experts[..., :1]).all(-1, keepdim=True)
+        experts = torch.where(padding, torch.arange(k).expand_as(experts), experts)
+    for router in routers:
+        replay = router.router_replay
+        replay.clear_indices()
+        replay.set_target_indices(experts[:, router.layer_number - 1].contiguous())
+        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)

@@ -90,7 +90,7 @@ class EmbeddedEngine:
 
             def rollout(j: int, c) -> Rollout:
                 i, k, p = expanded[j]
-                return Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k)
+                return Rollout(list(p), c.token_ids, c.logprobs, c.finish_reason, version, i, k, c.routed_experts)
 
             try:
                 completions = generate(

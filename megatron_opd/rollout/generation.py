@@ -27,6 +27,9 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" (hit EOS / a stop token) or "length"
     logprobs: list[float] = field(default_factory=list)
+    # MoE, when asked: each layer's chosen experts [prompt + completion - 1, layers, top_k] at every token the
+    # model ran (the last sampled token never ran)
+    routed_experts: torch.Tensor | None = None
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -76,12 +79,14 @@ def generate(
     on_complete: Callable[[int, Completion], None] | None = None,
     cancelled: Callable[[], bool] | None = None,
     kv_cache_bytes: int = KV_CACHE_BYTES,
+    routed_experts: bool = False,
 ) -> list[Completion]:
     """Complete each prompt (an HF model or its ``decoder``); temperature 0 is greedy.
     ``on_complete(i, completion)`` is called as soon as prompt i's completion has ended (streaming);
     ``cancelled()`` is asked before every token: True raises :class:`GenerationCancelled`. A decode
     loop runs at most ``batch_size`` rows, and no more than fit ``kv_cache_bytes`` of KV cache at the
-    longest prompt plus ``max_new_tokens`` (at least one)."""
+    longest prompt plus ``max_new_tokens`` (at least one). ``routed_experts`` (an MoE model): each completion
+    also carries the experts every layer chose at its tokens (routing replay)."""
     decoder = decoder or Decoder(model)
     generator = torch.Generator().manual_seed(seed)
     stops = torch.tensor(sorted({eos_token_id, *stop_token_ids}))
@@ -92,43 +97,59 @@ def generate(
         chunk = prompts[start:start + batch_size]
         finished = None
         if on_complete is not None:
-            def finished(rows, ids, logprobs, lengths, stopped, offset=start):
+            def finished(rows, ids, logprobs, lengths, stopped, routes, offset=start, chunk=chunk):
                 for r in rows:
-                    on_complete(offset + r, _completion(ids[r], logprobs[r], int(lengths[r]), bool(stopped[r])))
-        ids, logprobs, lengths, stopped = decode_batch(decoder, chunk, max_new_tokens, stops, pad_token_id,
-                                                       (temperature, top_k, top_p), generator, finished, cancelled)
-        for row_ids, row_lp, n, hit in zip(ids.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
-            out.append(Completion(row_ids[:n], "stop" if hit else "length", row_lp[:n]))
+                    on_complete(offset + r, _completion(ids, logprobs, lengths, stopped, routes, r, len(chunk[r])))
+        ids, logprobs, lengths, stopped, routes = decode_batch(
+            decoder, chunk, max_new_tokens, stops, pad_token_id, (temperature, top_k, top_p), generator, finished,
+            cancelled, routed_experts)
+        out += [_completion(ids, logprobs, lengths, stopped, routes, r, len(p)) for r, p in enumerate(chunk)]
     return out
 
 
-def _completion(ids: torch.Tensor, logprobs: torch.Tensor, length: int, stopped: bool) -> Completion:
-    return Completion(ids[:length].tolist(), "stop" if stopped else "length", logprobs[:length].tolist())
+def _completion(ids: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor, stopped: torch.Tensor,
+                routes: torch.Tensor | None, row: int, prompt_len: int) -> Completion:
+    n = int(lengths[row])
+    routed = None
+    if routes is not None:  # the row's prompt ends at the block's prompt width (left padding)
+        prompt_width = routes.shape[1] - ids.shape[1]
+        routed = routes[row, prompt_width - prompt_len: prompt_width + n - 1].clone()
+    return Completion(ids[row, :n].tolist(), "stop" if bool(stopped[row]) else "length", logprobs[row, :n].tolist(), routed)
 
 
 def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int, stops: torch.Tensor, pad_id: int,
                  sampling: tuple[float, int, float], generator: torch.Generator, finished: Callable | None = None,
-                 cancelled: Callable[[], bool] | None = None):
-    """One decode loop: returns ids / log-probs [B, max_new] (valid up to ``lengths`` [B]) and
-    ``stopped`` [B] (True: ended on a stop token; False: hit max_new_tokens). Finished rows leave
-    the running batch once they are half of it (their cache rows are dropped), so a long tail of
-    a few long samples runs at the cost of a few rows. ``finished(rows, ids, logprobs, lengths,
-    stopped)`` hears of rows (original indices) as soon as they end."""
+                 cancelled: Callable[[], bool] | None = None, routed_experts: bool = False):
+    """One decode loop: returns ids / log-probs [B, max_new] (valid up to ``lengths`` [B]),
+    ``stopped`` [B] (True: ended on a stop token; False: hit max_new_tokens) and, with ``routed_experts``
+    (an MoE model), the experts each layer chose at every column the model ran [B, prompt width + max_new,
+    layers, top_k] (else None). Finished rows leave the running batch once they are half of it (their
+    cache rows are dropped), so a long tail of a few long samples runs at the cost of a few rows.
+    ``finished(rows, ids, logprobs, lengths, stopped, routes)`` hears of rows (original indices) as soon
+    as they end."""
     temperature, top_k, top_p = sampling
     batch = len(prompts)
+    ids, valid_prompt = _left_padded(prompts, pad_id)  # every row's next token goes to the same column
+    width = ids.shape[1]
+    routes = routed = None
+    if routed_experts:
+        if not decoder.experts:
+            raise ValueError("routed experts were asked of a model without experts (a dense model)")
+        routes = torch.zeros(batch, width + max_new_tokens, len(decoder.layers), decoder.top_k, dtype=expert_dtype(decoder.experts))
+        routed = []
     if max_new_tokens == 0:
         empty = (torch.zeros(batch, 0, dtype=torch.long), torch.zeros(batch, 0), torch.zeros(batch, dtype=torch.long),
-                 torch.zeros(batch, dtype=torch.bool))
+                 torch.zeros(batch, dtype=torch.bool), routes)
         if finished is not None:
             finished(list(range(batch)), *empty)
         return empty
-    ids, valid_prompt = _left_padded(prompts, pad_id)  # every row's next token goes to the same column
-    width = ids.shape[1]
     valid = torch.zeros(batch, width + max_new_tokens, dtype=torch.bool)
     valid[:, :width] = valid_prompt
     cache = decoder.new_cache(batch, width + max_new_tokens)
     positions = (valid_prompt.long().cumsum(-1) - 1).clamp(min=0)
-    logits = decoder.logits(decoder.forward(ids, positions, cache, 0, prefill_mask(valid_prompt))[:, -1])
+    logits = decoder.logits(decoder.forward(ids, positions, cache, 0, prefill_mask(valid_prompt), routed=routed)[:, -1])
+    if routes is not None:
+        routes[:, :width] = torch.stack(routed, 2).to(routes.dtype)
     position = positions[:, -1:]
     out_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
     out_lp = torch.zeros(batch, max_new_tokens)
@@ -153,7 +174,7 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
             lengths[rows[hit]] = t + 1
             alive &= ~hit
             if finished is not None:
-                finished(rows[hit].tolist(), out_ids, out_lp, lengths, stopped)
+                finished(rows[hit].tolist(), out_ids, out_lp, lengths, stopped, routes)
             if not bool(alive.any()):
                 break
             if 2 * int(alive.sum()) <= len(rows):  # compact: drop the stopped rows and their cache
@@ -162,14 +183,22 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
                 next_ids, alive = next_ids[keep], alive[keep]
         if t == max_new_tokens - 1:
             if finished is not None:  # the rest ran to the length limit
-                finished(rows[alive].tolist(), out_ids, out_lp, lengths, stopped)
+                finished(rows[alive].tolist(), out_ids, out_lp, lengths, stopped, routes)
             break
         column = width + t
         valid[:, column] = True
         position = position + 1
-        hidden = decoder.forward(next_ids[:, None], position, cache, column, valid[:, None, None, :column + 1])
+        step_routes = [] if routes is not None else None
+        hidden = decoder.forward(next_ids[:, None], position, cache, column, valid[:, None, None, :column + 1], routed=step_routes)
+        if routes is not None:
+            routes[rows, column] = torch.stack(step_routes, 2)[:, 0].to(routes.dtype)
         logits = decoder.logits(hidden[:, 0])
-    return out_ids, out_lp, lengths, stopped
+    return out_ids, out_lp, lengths, stopped, routes
+
+
+def expert_dtype(num_experts: int) -> torch.dtype:
+    """The compact integer type of expert ids (routing replay carries one per token x layer x top-k)."""
+    return torch.uint8 if num_experts <= 256 else torch.int16
 
 
 @torch.no_grad()

@@ -95,7 +95,8 @@ def _broadcast(batch: StepBatch | None, src: int, group) -> StepBatch:
     return batch if batch is not None else StepBatch.from_wire(header, [t.cpu() for t in moved])
 
 
-_DTYPES = {str(d): d for d in (torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16, torch.uint8)}
+_DTYPES = {str(d): d for d in (torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16, torch.uint8,
+                                  torch.int16)}
 
 
 def _empty(shape: list[int], dtype: str) -> torch.Tensor:
@@ -125,6 +126,12 @@ def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
         # completion values of these rows, in the row-major order of `mask`'s True entries
         take = torch.cat([torch.arange(comp_start[i], comp_start[i + 1]) for i in rows])
         topk = batch.topk
+        routed = None
+        if batch.routed_experts is not None:  # padding holds experts 0..k-1, as each sample's last token does
+            layers, k = batch.routed_experts.shape[1:]
+            routed = torch.arange(k, dtype=batch.routed_experts.dtype).expand(b, width, layers, k).clone()
+            for r, i in enumerate(rows):
+                routed[r, : int(batch.sample_lens[i])] = batch.routed_experts[seq_start[i]: seq_start[i + 1]]
         out.append(MicroBatch(
             input_ids, loss_mask=_scatter(mask, batch.token_mask[take]),
             sampler_lp=_scatter(mask, batch.sampler_logprobs[take]), teacher_lp=_scatter(mask, batch.teacher_logprobs[take]),
@@ -133,7 +140,7 @@ def micro_batches(batch: StepBatch, micro_batch_size: int, pad_id: int,
             on_policy=batch.on_policy[rows],
             top_ids=_scatter(mask, topk.ids[take].long()) if topk is not None else None,
             top_lp=_scatter(mask, topk.logprobs[take]) if topk is not None else None,
-            top_w=_scatter(mask, topk.weights[take]) if topk is not None else None))
+            top_w=_scatter(mask, topk.weights[take]) if topk is not None else None, routed=routed))
     return out
 
 

@@ -15,6 +15,7 @@ import torch
 from megatron_opd.config import ModelConfig, OptimConfig, ParallelConfig, RunConfig, TrainConfig
 from megatron_opd.model import ModelBundle, build_model, load_hf_config, load_hf_weights
 from megatron_opd.model.bridge import save_hf_checkpoint
+from megatron_opd.model.hf_config import num_experts
 from megatron_opd.model.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from megatron_opd.platform import DistInfo, init_distributed
 from megatron_opd.train.common import capture_train_state, restore_train_state
@@ -60,9 +61,12 @@ def open_student(
     ``loss.epochs`` optimizer steps per rollout batch)."""
     info = init_distributed(parallel.tp, parallel.pp, parallel.dp, train.seed, ep=parallel.ep)
     dtype = torch.bfloat16 if model.dtype == "bfloat16" else torch.float32
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+    overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if model.recompute == "full" else {}
-    bundle = build_model(load_hf_config(model.hf_path), dtype=dtype, vocab_divisible_by=model.vocab_divisible_by, **recompute)
+    hf_config = load_hf_config(model.hf_path)
+    if num_experts(hf_config):
+        overrides.update(model.moe.overrides(), moe_enable_routing_replay=getattr(train, "routing_replay", False))
+    bundle = build_model(hf_config, dtype=dtype, vocab_divisible_by=model.vocab_divisible_by, **overrides)
     state = wrap_for_training(bundle, optim_settings(optim, optimizer_steps or train.steps))
     ckpt_root = out_dir / "checkpoints"
     latest = find_latest(ckpt_root) if train.resume and ckpt_root.exists() else None

@@ -87,3 +87,57 @@ def test_a_recipe_names_ep_that_does_not_divide_dp():
     with pytest.raises(ConfigError, match=r"ep \(2\) must divide dp \(1\)"):
         load_recipe(REPO / "recipes" / "tiny" / "sft.yaml", ["parallel.ep=2"])
     assert load_recipe(REPO / "recipes" / "tiny" / "sft.yaml", ["parallel.pp=1", "parallel.dp=2", "parallel.ep=2"]).parallel.ep == 2
+
+
+def _forced_reference(hf_dir, input_ids, routed):
+    """transformers' logits with every layer's router made to pick ``routed`` [b, s, layers, k]: its softmax
+    weights at those experts (renormalised over them when ``norm_topk_prob``), as routing replay computes."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    k = routed.shape[-1]
+    for index, layer in enumerate(model.model.layers):
+        gate = layer.mlp.gate
+
+        def forced(hidden, gate=gate, chosen=routed[:, :, index].reshape(-1, k).long()):
+            logits = torch.nn.functional.linear(hidden.reshape(-1, gate.weight.shape[1]), gate.weight)
+            weights = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, chosen)
+            if gate.norm_topk_prob:
+                weights = weights / weights.sum(-1, keepdim=True)
+            return logits, weights.to(logits.dtype), chosen
+
+        gate.forward = forced
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant,tp,pp,dp,ep", [("norm_tied", 1, 1, 1, 1), ("plain_untied", 1, 2, 1, 1),
+                                                 ("norm_tied", 1, 1, 2, 2), ("plain_untied", 1, 1, 2, 2)])
+def test_routing_replay_runs_every_token_through_the_experts_it_is_given(moe_checkpoints, tmp_path, variant, tp, pp, dp, ep):
+    """Experts drawn at random per token and layer (not the router's choice): megatron's forward with them
+    replayed equals transformers' with its routers forced to them, and each expert received exactly the
+    tokens routed to it."""
+    import json
+
+    hf_dir = moe_checkpoints[variant]
+    input_ids = torch.randint(4, 96, (2, 13), generator=torch.Generator().manual_seed(7))
+    layers, experts, k = 2, 4, 2
+    routed = torch.rand(2, 13, layers, experts, generator=torch.Generator().manual_seed(3)).argsort(-1)[..., :k]
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    torch.save(routed.to(torch.uint8), tmp_path / "routed.pt")
+    torchrun(tp * pp * dp, [str(WORKERS / "moe_worker.py"), str(tp), str(pp), str(ep), str(hf_dir), str(tmp_path), "replay"])
+    ours = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    forced = _forced_reference(hf_dir, input_ids, routed)
+    assert torch.allclose(ours, forced, atol=2e-5, rtol=1e-5), (ours - forced).abs().max()
+    free, _ = _reference(hf_dir, input_ids)
+    assert (ours - free).abs().max() > 1e-2  # the given experts are not the ones the routers would pick
+    per_layer = {layer: [0] * experts for layer in range(1, layers + 1)}
+    for path in tmp_path.glob("received-*.json"):
+        ep_rank = int(path.stem.split("-ep")[1].split("-")[0])
+        for layer, counts in json.loads(path.read_text()).items():
+            for j, n in enumerate(counts):  # local expert j of EP rank r: global j + r * experts / ep
+                per_layer[int(layer)][j + ep_rank * experts // ep] += n / dp  # every DP rank ran the same tokens
+    for layer in range(1, layers + 1):
+        want = torch.bincount(routed[:, :, layer - 1].flatten(), minlength=experts).tolist()
+        assert per_layer[layer] == want, (layer, per_layer[layer], want)

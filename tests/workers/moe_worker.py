@@ -1,7 +1,10 @@
 """torchrun worker: build a Qwen3-MoE student at (tp, pp, ep), load its HF weights, save its logits on fixed
-tokens (the last stage) and its exported HF weights (rank 0)."""
+tokens (the last stage) and its exported HF weights (rank 0). With a sixth argument ``replay`` the forward
+replays the experts in ``routed.pt`` [b, s, layers, k] (routing replay), and each rank saves how many tokens
+each of its experts received, per layer."""
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,15 +17,29 @@ from megatron_opd.platform import init_distributed
 from megatron_opd.records import TokenBatch
 
 tp, pp, ep, hf_dir, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
+replay = sys.argv[6:] == ["replay"]
 init_distributed(tp, pp, int(os.environ["WORLD_SIZE"]) // (tp * pp), ep=ep)
 from megatron.core import parallel_state as ps  # noqa: E402
 
-bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8)
+
+@dataclass
+class RoutedBatch(TokenBatch):
+    routed: torch.Tensor
+
+
+bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8, moe_enable_routing_replay=replay)
 load_hf_weights(bundle, hf_dir)
 for chunk in bundle.chunks:
     chunk.eval()
 input_ids = torch.load(out / "input_ids.pt", weights_only=True)
+batch = RoutedBatch(input_ids, torch.load(out / "routed.pt", weights_only=True)) if replay else TokenBatch(input_ids)
 seen = []
+received = {}  # global layer number -> tokens per local expert, as the experts' forward was given them
+for module in bundle.chunks[0].modules():
+    if type(module).__name__ == "MoELayer":
+        def count(experts, args, layer=module.layer_number):
+            received[layer] = args[1].tolist()
+        module.experts.register_forward_pre_hook(count)
 
 
 def keep_logits(logits, batch):
@@ -30,7 +47,12 @@ def keep_logits(logits, batch):
     return logits.sum() * 0, torch.tensor(1), {}
 
 
-run_pipeline(bundle.chunks, [TokenBatch(input_ids=input_ids)], keep_logits, forward_only=True)
+run_pipeline(bundle.chunks, [batch], keep_logits, forward_only=True)
+if replay:
+    import json
+
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(), ps.get_data_parallel_rank())
+    (out / "received-pp{}-ep{}-dp{}.json".format(*ranks)).write_text(json.dumps(received))
 if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0:
     save_file({"logits": seen[0].contiguous()}, str(out / "logits.safetensors"))
 exported = [(name, t.clone()) for name, t in export_hf_weights(bundle)]
