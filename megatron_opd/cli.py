@@ -125,7 +125,8 @@ def run(recipe: Path, overrides: Optional[List[str]] = typer.Argument(None, help
     try:
         preflight_resume(cfg)
         preflight_tracking(cfg)
-        preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep)
+        preflight_model(cfg.model.hf_path, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.ep,
+                        getattr(cfg.train, "routing_replay", False))
         sources = [("train", s) for s in ([cfg.data.train] if isinstance(cfg.data.train, str) else cfg.data.train)]
         if cfg.kind == "sft":
             sources.append(("eval", cfg.data.eval))

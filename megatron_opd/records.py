@@ -84,6 +84,11 @@ class Rollout:
     routed_experts: torch.Tensor | None = None
 
 
+def expert_dtype(num_experts: int) -> torch.dtype:
+    """The compact integer type of expert ids (routing replay carries one per token x layer x top-k)."""
+    return torch.uint8 if num_experts <= 256 else torch.int16
+
+
 def version_number(version: str) -> int:
     """``"step-12"`` -> 12: the trainer names every weight version it syncs this way."""
     prefix, _, number = str(version).partition("-")
@@ -315,6 +320,7 @@ class Update:
     grad_norm: float
     lr: float
     seconds: float
+    router: dict[str, float] = field(default_factory=dict)  # MoE: the routers' auxiliary losses (last pass)
 
 
 def _spans(lengths: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ def _env_name(name: str) -> str:
 
 
 KEY_VAR = "OPD_SERVER_KEY"
+ROUTED_FLAG = "--enable-return-routed-experts"  # SGLang's (and opd serve's): experts per token on request
 # one random key per job, made by the batch script with coreutils (the host may have no python); the
 # default keeps a re-export of the group's environment from making a second one
 KEY_EXPR = f"${{{KEY_VAR}:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')}}"
@@ -145,6 +146,8 @@ def plan(cfg: SFTStageConfig | OPDStageConfig, recipe: str, overrides: list[str]
     dtype = cfg.model.dtype
     for name, group, model, _ in servers:
         role = "rollout" if name == "rollout" else "teacher"
+        if role == "rollout" and getattr(cfg.train, "routing_replay", False) and ROUTED_FLAG not in group.extra_args:
+            group = group.model_copy(update={"extra_args": [*group.extra_args, ROUTED_FLAG]})
         groups.append(Group(name, group.nodes, group.gpus_per_node, _server_script(group, model, dtype, role, _workdir(slurm)), {}))
     return groups
 

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import torch
 
 from megatron_opd.model.hf_config import num_experts
+from megatron_opd.wire.client import RoutedShape
 
 LOCAL_EXPERT = ".mlp.experts.local_experts."
 
@@ -107,6 +108,11 @@ def export_expert(bridge: Any, local_name: str, param: torch.Tensor) -> Iterator
         yield from zip(*bridge._weight_to_hf_format(_renumbered(local_name, rank * per_rank), tensor))
 
 
+def routed_shape(hf_config: Any) -> RoutedShape:
+    """What an MoE student's routed experts look like per token (routing replay asks the engine for them)."""
+    return RoutedShape(hf_config.num_hidden_layers, hf_config.num_experts_per_tok, num_experts(hf_config))
+
+
 def replay_routing(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
     """Routing replay (megatron-core's ``RouterReplay``, built with ``moe_enable_routing_replay``): every router of
     ``chunk`` takes its layer's experts from ``routed`` [b, s, layers, top_k] (global layer index, the sampler's
@@ -133,3 +139,34 @@ def replay_routing(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
         replay.clear_indices()
         replay.set_target_indices(experts[:, router.layer_number - 1].contiguous())
         replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+
+
+def router_losses(num_micro_batches: int) -> dict[str, float]:
+    """The routers' auxiliary losses of the last forward-backward (megatron-core's tracker, unscaled by their
+    coefficients: ``load_balancing_loss``, ``seq_load_balancing_loss``, ``global_load_balancing_loss``,
+    ``z_loss``), each the mean over MoE layers and micro-batches; summed over pipeline stages (a collective
+    over the PP group), then cleared. {} when no auxiliary loss is on."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    out = {}
+    for name in sorted(tracker):
+        values = tracker[name]["values"].detach().float().cpu()
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(values, group=ps.get_pipeline_model_parallel_group())
+        out[f"moe/{name}"] = float(values.sum()) / (len(values) * max(num_micro_batches, 1))
+    clear_aux_losses_tracker()
+    return out
+
+
+def expert_load(routed: list[torch.Tensor], experts: int) -> dict[str, float]:
+    """Each expert's share of the routed (token, layer, slot) picks in ``routed`` ([tokens, layers, k] each),
+    and the imbalance: the busiest expert's share x the expert count (1 = perfectly even)."""
+    counts = torch.zeros(experts, dtype=torch.long)
+    for r in routed:
+        counts += torch.bincount(r.long().flatten(), minlength=experts)[:experts]
+    share = counts.double() / max(int(counts.sum()), 1)
+    out = {f"moe/expert_load/{e:03d}": float(share[e]) for e in range(experts)}
+    out["moe/load_imbalance"] = float(share.max()) * experts
+    return out

@@ -6,11 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def preflight_model(hf_path: Path, tp: int, pp: int, ep: int = 1) -> None:
+def preflight_model(hf_path: Path, tp: int, pp: int, ep: int = 1, routing_replay: bool = False) -> None:
     """Checks that need only config.json and the weight files' headers, done before any process starts."""
-    from megatron_opd.model.hf_config import check_parallel_fit, read_config_json
+    from megatron_opd.model.hf_config import check_parallel_fit, num_experts, read_config_json
 
-    check_parallel_fit(read_config_json(hf_path), tp, pp, where=str(hf_path), ep=ep)
+    config = read_config_json(hf_path)
+    check_parallel_fit(config, tp, pp, where=str(hf_path), ep=ep)
+    if routing_replay and not num_experts(config):
+        raise ValueError(f"train.routing_replay: {hf_path} is a dense model (no experts to replay); set it false")
     readable_weights(Path(hf_path))
 
 

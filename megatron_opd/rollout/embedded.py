@@ -65,8 +65,9 @@ class EmbeddedEngine:
     # -- generation ---------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  on_rollout: Callable[[int, Rollout], None] | None = None, cancel: threading.Event | None = None,
-                 pause_wait_s: float | None = None) -> list[Rollout]:
-        """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version.
+                 pause_wait_s: float | None = None, routed_experts: bool = False) -> list[Rollout]:
+        """``sampling.n`` completions per prompt, grouped by prompt, each tagged with its version (and, with
+        ``routed_experts``, an MoE model's experts at every token it ran: routing replay).
         ``on_rollout(j, rollout)`` hears of output j as soon as it has ended (streaming). ``cancel``
         set (or :meth:`shutdown`) stops it at the next token; a pause longer than ``pause_wait_s``
         raises :class:`EngineBusy`."""
@@ -99,7 +100,7 @@ class EmbeddedEngine:
                     batch_size=self.batch_size, top_k=sampling.top_k, top_p=sampling.top_p,
                     stop_token_ids=sampling.stop_token_ids, decoder=self.decoder,
                     on_complete=(lambda j, c: on_rollout(j, rollout(j, c))) if on_rollout else None,
-                    cancelled=cancelled, kv_cache_bytes=self.kv_cache_bytes,
+                    cancelled=cancelled, kv_cache_bytes=self.kv_cache_bytes, routed_experts=routed_experts,
                 )
             finally:
                 if packed:

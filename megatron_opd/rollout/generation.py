@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from megatron_opd.records import expert_dtype
 from megatron_opd.rollout.decoder import Decoder, prefill_mask
 
 MAX_BATCH = 256  # rows per decode loop; a step's batch is one loop up to this ...
@@ -194,11 +195,6 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
             routes[rows, column] = torch.stack(step_routes, 2)[:, 0].to(routes.dtype)
         logits = decoder.logits(hidden[:, 0])
     return out_ids, out_lp, lengths, stopped, routes
-
-
-def expert_dtype(num_experts: int) -> torch.dtype:
-    """The compact integer type of expert ids (routing replay carries one per token x layer x top-k)."""
-    return torch.uint8 if num_experts <= 256 else torch.int16
 
 
 @torch.no_grad()

@@ -34,6 +34,9 @@ def serve(
                                          "408 otherwise)"),
     max_waiting: int = typer.Option(256, min=1, help="/generate requests in progress before new ones get a 503 "
                                     "(and /health says overloaded)"),
+    enable_return_routed_experts: bool = typer.Option(False, "--enable-return-routed-experts", help="MoE models: a "
+                                                      "/generate may ask for each token's experts (return_routed_experts, "
+                                                      "as SGLang's flag of this name; routing replay)"),
 ) -> None:
     """Serve the embedded engine with SGLang's HTTP API (/generate incl. scoring, weight updates, /health, ...)."""
     from megatron_opd.platform.signals import ignore_stop_signals_here
@@ -67,7 +70,7 @@ def serve(
     limits = Limits(context_len=int(getattr(engine.config, "max_position_embeddings", 0) or 1 << 30),
                     max_body_bytes=int(max_body_mb * (1 << 20)), max_request_tokens=max_request_tokens,
                     pause_wait_s=pause_wait_s, group_timeout_s=group_timeout_s, max_waiting=max_waiting,
-                    body_timeout_s=body_timeout_s)
+                    body_timeout_s=body_timeout_s, routed_experts=enable_return_routed_experts)
     server = create_app(engine, api_key, role=role, limits=limits)
     typer.echo(f"serving {model} as {role} on http://{host}:{port}", err=True)
     # SIGTERM: in-flight generations stop at their next token (the app's shutdown hook), then exit

@@ -15,6 +15,7 @@ from megatron_opd.rollout.embedded import EmbeddedEngine, EngineBusy
 from megatron_opd.rollout.generation import GenerationCancelled
 from megatron_opd.serve.requests import Limits, check_cost, token_ids
 from megatron_opd.wire import score_codec
+from megatron_opd.wire.client import encode_routed_experts
 from megatron_opd.wire.contract import ContractError
 
 
@@ -95,14 +96,37 @@ def score_prompts(engine: EmbeddedEngine, prompts: list[list[int]], starts: list
     return engine.score(prompts, [min(s + 1, len(p)) for p, s in zip(prompts, starts)], top_k, token_ids)
 
 
+def routed_experts_start(engine: EmbeddedEngine, body: dict[str, Any], prompts: list[list[int]],
+                         sampling: SamplingParams, limits: Limits) -> int | None:
+    """SGLang's ``return_routed_experts``: None when not asked; else ``routed_experts_start_len``, the first
+    position whose experts are returned (they cover ``[start, prompt + completion - 1)``)."""
+    if not body.get("return_routed_experts"):
+        return None
+    if not limits.routed_experts:
+        raise ContractError("/generate: return_routed_experts: this server was started without "
+                            "--enable-return-routed-experts")
+    if not engine.decoder.experts:
+        raise ContractError("/generate: return_routed_experts: the served model has no experts (a dense model)")
+    if sampling.max_new_tokens == 0:
+        raise ContractError("/generate: return_routed_experts: needs max_new_tokens > 0 here (generation)")
+    start = body.get("routed_experts_start_len") or 0
+    too_long = [len(p) for p in prompts if start > len(p)]
+    if too_long:
+        raise ContractError(f"/generate: routed_experts_start_len {start}: expected 0 .. the prompt's length "
+                            f"({min(too_long)} tokens)")
+    return start
+
+
 def generate_response(engine: EmbeddedEngine, body: dict[str, Any], limits: Limits,
                       cancel: threading.Event | None = None) -> Any:
     """Answer a ``/generate`` body (already type-checked) with SGLang-shaped output."""
     prompts, single, sampling, starts, top_k = parse_generate(engine, body, limits)
     token_ids = parse_token_ids(engine, body, len(prompts))
+    routed_from = routed_experts_start(engine, body, prompts, sampling, limits)
     want_logprobs = bool(body.get("return_logprob"))
     rollouts = ([None] * (len(prompts) * sampling.n) if sampling.max_new_tokens == 0 else
-                engine.generate(prompts, sampling, cancel=cancel, pause_wait_s=limits.pause_wait_s))
+                engine.generate(prompts, sampling, cancel=cancel, pause_wait_s=limits.pause_wait_s,
+                                routed_experts=routed_from is not None))
     needs_scores = want_logprobs and any(len(p) > s + 1 for p, s in zip(prompts, starts))
     scores = score_prompts(engine, prompts, starts, top_k, token_ids) if needs_scores else None
     out = []
@@ -130,21 +154,24 @@ def generate_response(engine: EmbeddedEngine, body: dict[str, Any], limits: Limi
                 ids = token_ids[prompt_index]
                 rows = record["ids_logprobs"].tolist() if record else []
                 meta["input_token_ids_logprobs"] = ([None] + [[[v, t, None] for v, t in zip(vs, ids)] for vs in rows])[: len(prompt[start:])]
+        if routed_from is not None:
+            meta["routed_experts"] = encode_routed_experts(rollout.routed_experts[routed_from:])
         out.append({"text": "", "output_ids": completion, "meta_info": meta})
     return out[0] if single and sampling.n == 1 else out
 
 
-def parse_stream(engine: EmbeddedEngine, body: dict[str, Any], limits: Limits) -> tuple[list[list[int]], SamplingParams]:
+def parse_stream(engine: EmbeddedEngine, body: dict[str, Any], limits: Limits) -> tuple[list[list[int]], SamplingParams, int | None]:
+    """(prompts, sampling, the routed experts' start or None) of a streamed generation."""
     prompts, _, sampling, starts, top_k = parse_generate(engine, body, limits)
     if (sampling.max_new_tokens == 0 or top_k or body.get("token_ids_logprob") is not None
             or any(len(p) > s + 1 for p, s in zip(prompts, starts))):
         raise ContractError("/generate: stream: streams generation only (max_new_tokens > 0, no prompt log-probs: "
                             "set logprob_start_len to the prompt length and top_logprobs_num to 0)")
-    return prompts, sampling
+    return prompts, sampling, routed_experts_start(engine, body, prompts, sampling, limits)
 
 
 async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampling: SamplingParams, with_logprobs: bool,
-                         limits: Limits):
+                         limits: Limits, routed_from: int | None = None):
     """SGLang's streaming form of a batch ``/generate``: server-sent events ``data: {...}``, one per
     output as soon as it has ended (its ``index`` says which), then ``data: [DONE]``. A client that
     leaves mid-stream cancels the rest of the generation."""
@@ -155,13 +182,13 @@ async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampl
     def work() -> None:
         try:
             engine.generate(prompts, sampling, on_rollout=lambda j, r: loop.call_soon_threadsafe(queue.put_nowait, (j, r)),
-                            cancel=cancel, pause_wait_s=limits.pause_wait_s)
+                            cancel=cancel, pause_wait_s=limits.pause_wait_s, routed_experts=routed_from is not None)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
     task = loop.run_in_executor(None, work)
     try:
-        async for chunk in _stream_events(queue, with_logprobs):
+        async for chunk in _stream_events(queue, with_logprobs, routed_from):
             yield chunk
     finally:  # the client went away (or the stream ended): stop generating for it
         cancel.set()
@@ -172,7 +199,7 @@ async def stream_outputs(engine: EmbeddedEngine, prompts: list[list[int]], sampl
     yield "data: [DONE]\n\n"
 
 
-async def _stream_events(queue: asyncio.Queue, with_logprobs: bool):
+async def _stream_events(queue: asyncio.Queue, with_logprobs: bool, routed_from: int | None):
     while (item := await queue.get()) is not None:
         index, rollout = item
         meta = {"id": secrets.token_hex(8), "finish_reason": _finish_reason(rollout.finish_reason, rollout.completion_ids),
@@ -181,6 +208,8 @@ async def _stream_events(queue: asyncio.Queue, with_logprobs: bool):
         if with_logprobs:
             meta["input_token_logprobs"] = []
             meta["output_token_logprobs"] = _logprob_entries(rollout.logprobs, rollout.completion_ids)
+        if routed_from is not None:
+            meta["routed_experts"] = encode_routed_experts(rollout.routed_experts[routed_from:])
         yield f"data: {json.dumps({'text': '', 'output_ids': rollout.completion_ids, 'meta_info': meta, 'index': index})}\n\n"
 
 

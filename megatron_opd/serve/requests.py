@@ -37,6 +37,7 @@ class Limits:
     group_timeout_s: float = 60.0  # joining a weight-update group: give up (and say so) after this
     max_waiting: int = 256  # /generate requests in progress (queued or running); more get a 503 at once
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (an unfinished one: HTTP 408)
+    routed_experts: bool = False  # --enable-return-routed-experts: a request may ask for each token's experts
 
 
 class _Strict(BaseModel):
@@ -55,6 +56,8 @@ class SamplingBody(_Strict):
 
 class GenerateBody(_Strict):
     return_logprob: bool | None = None
+    return_routed_experts: bool | None = None
+    routed_experts_start_len: int | None = Field(None, ge=0)
     logprob_start_len: int | list[int] | None = None
     top_logprobs_num: int | list[int] | None = None
     stream: bool | None = None

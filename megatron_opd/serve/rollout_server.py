@@ -180,8 +180,9 @@ async def _generate(request: Request):
         payload = await run_in_threadpool(binary_scores, engine, body, top_dtype, limits)
         return Response(payload, media_type=score_codec.MEDIA_TYPE)
     if body.get("stream"):
-        prompts, sampling = parse_stream(engine, body, limits)  # a bad body is a 400 before the stream starts
-        return StreamingResponse(_counted(state, stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob")), limits)),
+        prompts, sampling, routed_from = parse_stream(engine, body, limits)  # a bad body is a 400 before the stream starts
+        return StreamingResponse(_counted(state, stream_outputs(engine, prompts, sampling, bool(body.get("return_logprob")), limits,
+                                                                routed_from)),
                                  media_type="text/event-stream")
     return await _watching_client(request, generate_response, engine, body, limits)
 

@@ -6,12 +6,16 @@ a real SGLang server fails here first, with the field named.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from megatron_opd.records import Rollout, SamplingParams
+import torch
+
+from megatron_opd.records import Rollout, SamplingParams, expert_dtype
 from megatron_opd.wire.contract import validate_request
 
 
@@ -70,13 +74,54 @@ def wait_healthy(urls: str | Sequence[str], timeout: float, headers: dict[str, s
         time.sleep(interval)
 
 
-def _rollout(out: dict[str, Any], index: int, prompts: list[list[int]], n: int) -> Rollout:
+def encode_routed_experts(experts: torch.Tensor) -> str:
+    """SGLang's ``meta_info["routed_experts"]``: the int32 bytes of [tokens, layers, top_k], base64."""
+    return base64.b64encode(experts.to(torch.int32).contiguous().numpy().tobytes()).decode()
+
+
+def decode_routed_experts(text: str, shape: "RoutedShape", tokens: int) -> torch.Tensor:
+    """[tokens, layers, top_k] in the compact dtype from SGLang's base64 int32 form; a clear error on a
+    wrong size or an expert id out of range."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ServerError(f"meta_info.routed_experts: not base64 ({exc})") from None
+    want = tokens * shape.layers * shape.top_k
+    if len(raw) != 4 * want:
+        raise ServerError(f"meta_info.routed_experts: {len(raw) // 4} values, expected {want} ({tokens} tokens x "
+                          f"{shape.layers} layers x top-{shape.top_k}: prompt + completion - 1 tokens)")
+    values = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(tokens, shape.layers, shape.top_k)
+    if want and (int(values.min()) < 0 or int(values.max()) >= shape.experts):
+        raise ServerError(f"meta_info.routed_experts: expert ids {int(values.min())}..{int(values.max())} outside "
+                          f"0..{shape.experts - 1}")
+    return values.to(expert_dtype(shape.experts))
+
+
+@dataclass(frozen=True)
+class RoutedShape:
+    """What a rollout's routed experts look like (from the student's config): asked with every request."""
+
+    layers: int
+    top_k: int
+    experts: int
+
+
+def _rollout(out: dict[str, Any], index: int, prompts: list[list[int]], n: int,
+             routed: RoutedShape | None = None) -> Rollout:
     meta = out["meta_info"]
     entries = meta.get("output_token_logprobs") or []
-    return Rollout(prompt_ids=list(prompts[index // n]), completion_ids=list(out["output_ids"]),
+    prompt, completion = list(prompts[index // n]), list(out["output_ids"])
+    experts = None
+    if routed is not None:
+        if not isinstance(meta.get("routed_experts"), str):
+            raise ServerError("the server returned no meta_info.routed_experts though the request asked for them "
+                              "(return_routed_experts): start SGLang with --enable-return-routed-experts")
+        experts = decode_routed_experts(meta["routed_experts"], routed, len(prompt) + len(completion) - 1)
+    return Rollout(prompt_ids=prompt, completion_ids=completion,
                    logprobs=[float(e[0]) for e in entries],
                    finish_reason=meta["finish_reason"]["type"] if meta.get("finish_reason") else "abort",
-                   weight_version=str(meta.get("weight_version", "")), prompt_index=index // n, sample_index=index % n)
+                   weight_version=str(meta.get("weight_version", "")), prompt_index=index // n, sample_index=index % n,
+                   routed_experts=experts)
 
 
 def _merge_stream_event(part: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
@@ -92,9 +137,12 @@ def _merge_stream_event(part: dict[str, Any], event: dict[str, Any]) -> dict[str
 
 
 class SGLangClient:
-    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 300.0,
+                 routed_experts: RoutedShape | None = None) -> None:
+        """``routed_experts``: ask every generation for the experts each layer chose (routing replay)."""
         import httpx
 
+        self.routed_experts = routed_experts
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
@@ -136,6 +184,8 @@ class SGLangClient:
         ``stream: true``) and ``on_rollout(j, rollout)`` hears of output j as soon as it has ended."""
         body = {"input_ids": prompts, "sampling_params": sampling.to_sglang(), "return_logprob": True,
                 "logprob_start_len": max(len(p) for p in prompts) if prompts else 0}
+        if self.routed_experts is not None:
+            body["return_routed_experts"] = True
         expected = len(prompts) * sampling.n
         if on_rollout is not None:
             return self._generate_stream(body, prompts, sampling.n, on_rollout)
@@ -144,7 +194,7 @@ class SGLangClient:
             outputs = [outputs]
         if len(outputs) != expected:
             raise ServerError(f"{self.base_url}/generate: expected {expected} outputs, got {len(outputs)}")
-        return [_rollout(out, index, prompts, sampling.n) for index, out in enumerate(outputs)]
+        return [_rollout(out, index, prompts, sampling.n, self.routed_experts) for index, out in enumerate(outputs)]
 
     def _generate_stream(self, body: dict[str, Any], prompts: list[list[int]], n: int,
                          on_rollout: Callable[[int, Rollout], None]) -> list[Rollout]:
@@ -173,7 +223,7 @@ class SGLangClient:
                     index = int(event.get("index", 0))
                     merged = _merge_stream_event(parts.setdefault(index, {"output_ids": [], "entries": []}), event)
                     if merged["meta_info"].get("finish_reason") and index not in done:
-                        done[index] = _rollout(merged, index, prompts, n)
+                        done[index] = _rollout(merged, index, prompts, n, self.routed_experts)
                         on_rollout(index, done[index])
         except httpx.HTTPError as exc:
             raise ServerError(f"{self.base_url}/generate (stream): {type(exc).__name__}: {exc}") from exc

@@ -20,6 +20,7 @@ from megatron_opd.wire.client import NotHealthy, SGLangClient, wait_healthy
 SGLANG_FLAGS = {
     "--model-path", "--host", "--port", "--tp-size", "--mem-fraction-static", "--api-key", "--dtype",
     "--random-seed", "--skip-tokenizer-init", "--trust-remote-code", "--context-length",
+    "--enable-return-routed-experts",  # routing replay: meta_info["routed_experts"] when a request asks
 }
 
 

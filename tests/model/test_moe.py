@@ -141,3 +141,32 @@ def test_routing_replay_runs_every_token_through_the_experts_it_is_given(moe_che
     for layer in range(1, layers + 1):
         want = torch.bincount(routed[:, :, layer - 1].flatten(), minlength=experts).tolist()
         assert per_layer[layer] == want, (layer, per_layer[layer], want)
+
+
+@pytest.mark.slow
+def test_the_routers_auxiliary_losses_equal_their_formulas(moe_checkpoints, tmp_path, pp=2):
+    """megatron-core's load-balancing loss (Switch Transformer: E / (k T^2) * sum_e P_e * n_e, P_e the softmax mass
+    and n_e the tokens routed to expert e) and z-loss (mean squared log-sum-exp of the router logits), read back per
+    layer from its tracker (summed over pipeline stages), against the same sums over transformers' router logits."""
+    import json
+
+    hf_dir = moe_checkpoints["plain_untied"]
+    input_ids = torch.randint(4, 96, (2, 13), generator=torch.Generator().manual_seed(7))
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    torchrun(pp, [str(WORKERS / "moe_worker.py"), "1", str(pp), "1", str(hf_dir), str(tmp_path), "aux"])
+    found = json.loads((tmp_path / "router_losses.json").read_text())
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        router_logits = model(input_ids, output_router_logits=True).router_logits
+    balance, z = [], []
+    for logits in router_logits:  # [T, E]
+        tokens, experts = logits.shape
+        probs = torch.softmax(logits, -1)
+        routed = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=experts)
+        balance.append(float((probs.sum(0) * routed).sum()) * experts / (2 * tokens * tokens))
+        z.append(float(torch.logsumexp(logits, -1).square().mean()))
+    assert set(found) == {"moe/load_balancing_loss", "moe/z_loss"}
+    assert found["moe/load_balancing_loss"] == pytest.approx(sum(balance) / len(balance), rel=1e-4)
+    assert found["moe/z_loss"] == pytest.approx(sum(z) / len(z), rel=1e-4)

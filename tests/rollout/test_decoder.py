@@ -119,6 +119,34 @@ def test_moe_routing_is_the_routers_own_choice_token_by_token(tiny_hf):
     assert len(torch.cat([r.flatten() for r in routed]).unique()) == 4  # every expert served some token
 
 
+def test_generation_records_every_tokens_experts_through_prefill_decode_and_compaction(tiny_hf):
+    """Sampled rows of ragged prompts that stop at many steps (the batch compacts): each completion's routed
+    experts [prompt + completion - 1, layers, k] are transformers' router choices over the finished
+    sequence, token by token (prompt tokens from the prefill, the rest from decode steps)."""
+    model = _model(tiny_hf["qwen3_moe"])
+    torch.manual_seed(3)
+    prompts = [torch.randint(1, 131, (int(n),)).tolist() for n in torch.randint(2, 14, (10,))]
+    done = {}
+    out = generate(model, prompts, 20, 9, 0, temperature=1.0, seed=5, stop_token_ids=tuple(range(10, 24)),
+                   routed_experts=True, on_complete=lambda i, c: done.__setitem__(i, c))
+    assert len({len(c.token_ids) for c in out}) > 3  # rows ended at different steps
+    for i, (prompt, completion) in enumerate(zip(prompts, out)):
+        sequence = prompt + completion.token_ids
+        routed = completion.routed_experts
+        assert routed.dtype == torch.uint8 and routed.shape == (len(sequence) - 1, 4, 2)
+        assert torch.equal(done[i].routed_experts, routed)  # streamed the same
+        with torch.no_grad():
+            router_logits = model(torch.tensor([sequence]), output_router_logits=True).router_logits
+        for layer, logits in enumerate(router_logits):
+            expected = logits[: len(sequence) - 1].topk(2, dim=-1).indices
+            assert torch.equal(routed[:, layer].long(), expected), (i, layer)
+
+
+def test_a_dense_model_has_no_experts_to_record(tiny_hf):
+    with pytest.raises(ValueError, match="without experts"):
+        generate(_model(tiny_hf["qwen3"]), [[1, 2, 3]], 4, 9, 0, routed_experts=True)
+
+
 def test_prefill_mask_never_leaves_a_row_empty():
     valid = torch.tensor([[False, False, True, True], [True, True, True, True]])
     mask = prefill_mask(valid)[:, 0]

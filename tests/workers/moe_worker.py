@@ -1,7 +1,8 @@
 """torchrun worker: build a Qwen3-MoE student at (tp, pp, ep), load its HF weights, save its logits on fixed
 tokens (the last stage) and its exported HF weights (rank 0). With a sixth argument ``replay`` the forward
 replays the experts in ``routed.pt`` [b, s, layers, k] (routing replay), and each rank saves how many tokens
-each of its experts received, per layer."""
+each of its experts received, per layer; with ``aux`` the model runs a training forward-backward with the
+load-balancing and z losses on and rank 0 saves the routers' losses (``router_losses.json``)."""
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from megatron_opd.platform import init_distributed
 from megatron_opd.records import TokenBatch
 
 tp, pp, ep, hf_dir, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], Path(sys.argv[5])
-replay = sys.argv[6:] == ["replay"]
+replay, aux = sys.argv[6:] == ["replay"], sys.argv[6:] == ["aux"]
 init_distributed(tp, pp, int(os.environ["WORLD_SIZE"]) // (tp * pp), ep=ep)
 from megatron.core import parallel_state as ps  # noqa: E402
 
@@ -27,7 +28,8 @@ class RoutedBatch(TokenBatch):
     routed: torch.Tensor
 
 
-bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8, moe_enable_routing_replay=replay)
+losses = dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001) if aux else {}
+bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8, moe_enable_routing_replay=replay, **losses)
 load_hf_weights(bundle, hf_dir)
 for chunk in bundle.chunks:
     chunk.eval()
@@ -47,6 +49,21 @@ def keep_logits(logits, batch):
     return logits.sum() * 0, torch.tensor(1), {}
 
 
+if aux:
+    import json
+
+    from megatron_opd.model.moe import router_losses
+
+    for chunk in bundle.chunks:
+        chunk.train()
+    run_pipeline(bundle.chunks, [batch], lambda logits, b: (logits.float().mean(), torch.tensor(1), {}), forward_only=False)
+    found = router_losses(1)
+    if dist.get_rank() == 0:
+        (out / "router_losses.json").write_text(json.dumps(found))
+    from megatron_opd.platform import destroy
+
+    destroy()
+    sys.exit(0)
 run_pipeline(bundle.chunks, [batch], keep_logits, forward_only=True)
 if replay:
     import json

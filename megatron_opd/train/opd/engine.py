@@ -17,6 +17,7 @@ import torch
 from megatron_opd.config import RolloutConfig
 from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.rollout.rollout_pool import RolloutPool
+from megatron_opd.wire.client import RoutedShape
 from megatron_opd.train.weight_export import CheckedSink, DiskSink, DistributedSink, InProcessSink, WeightSink
 
 if TYPE_CHECKING:
@@ -31,8 +32,10 @@ class RolloutEngine:
     (:class:`RolloutPool` over ``clients``, of which this run started ``servers``)."""
 
     def __init__(self, engine: EmbeddedEngine | RolloutPool, eos_token_id: int, clients: list[SGLangClient] | None = None,
-                 servers: list[ServerProcess] | None = None, api_key: str | None = None) -> None:
+                 servers: list[ServerProcess] | None = None, api_key: str | None = None,
+                 routed: RoutedShape | None = None) -> None:
         self.engine = engine
+        self.routed = routed  # every rollout carries its experts, of this shape (routing replay)
         self.eos_token_id = eos_token_id
         self.clients = clients or []
         self.servers = servers or []  # the `opd serve` processes this run started
@@ -41,11 +44,13 @@ class RolloutEngine:
 
     @classmethod
     def start(cls, rcfg: RolloutConfig, model_dir: Path, eos_token_id: int, log_dir: Path | None = None,
-              threads: int | None = None) -> "RolloutEngine":
+              threads: int | None = None, routed: RoutedShape | None = None) -> "RolloutEngine":
+        """``routed``: the student's experts (routing replay): every generation asks for them."""
         if rcfg.engine == "embedded":
             from megatron_opd.rollout.embedded import EmbeddedEngine
 
-            return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size, device=rcfg.device), eos_token_id)
+            return cls(EmbeddedEngine(model_dir, batch_size=rcfg.batch_size, device=rcfg.device), eos_token_id,
+                       routed=routed)
         from megatron_opd.wire.client import SGLangClient
 
         servers: list[ServerProcess] = []
@@ -55,6 +60,7 @@ class RolloutEngine:
                 from megatron_opd.wire.process import start_server
 
                 extra = ["--batch-size", str(rcfg.batch_size), "--device", rcfg.device] + (["--threads", str(threads)] if threads else [])
+                extra += ["--enable-return-routed-experts"] if routed is not None else []
                 if log_dir:  # the disk sync writes the new weights under the run directory
                     extra += ["--weights-root", str(Path(log_dir).resolve())]
                 for r in range(rcfg.replicas):
@@ -69,8 +75,8 @@ class RolloutEngine:
                 if not api_key:
                     raise RuntimeError(f"rollout.api_key_env: environment variable {rcfg.api_key_env} (the rollout "
                                        "servers' API key) is not set")
-            clients = [SGLangClient(url, api_key=api_key, timeout=rcfg.timeout_s) for url in urls]
-            return cls(RolloutPool(clients), eos_token_id, clients, servers, api_key)
+            clients = [SGLangClient(url, api_key=api_key, timeout=rcfg.timeout_s, routed_experts=routed) for url in urls]
+            return cls(RolloutPool(clients), eos_token_id, clients, servers, api_key, routed=routed)
         except BaseException:
             for server in servers:
                 server.stop()
@@ -96,9 +102,9 @@ class RolloutEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams,
                  on_rollout: Callable[[int, Rollout], None] | None = None) -> list[Rollout]:
-        if on_rollout is None:
-            return self.engine.generate(prompts, sampling)
-        return self.engine.generate(prompts, sampling, on_rollout)
+        if isinstance(self.engine, RolloutPool):  # its clients ask for the experts themselves
+            return self.engine.generate(prompts, sampling, on_rollout)
+        return self.engine.generate(prompts, sampling, on_rollout, routed_experts=self.routed is not None)
 
     def student_top_ids(self, sequences: list[list[int]], starts: list[int], k: int) -> list[torch.Tensor]:
         """The student's k most likely ids [T, k] at every completion position of each finished sequence,

@@ -34,6 +34,7 @@ from megatron_opd.data.chat import check_tokenizer_fits
 from megatron_opd.data.prompts import load_prompts
 from megatron_opd.model import load_hf_config
 from megatron_opd.model.bridge import save_hf_checkpoint
+from megatron_opd.model.moe import routed_shape
 from megatron_opd.platform.faults import maybe_kill, maybe_wait_for_signal
 from megatron_opd.platform.signals import clear_stopped, stop_agreed, write_stopped
 from megatron_opd.teachers.service import TeacherSet, context_windows
@@ -86,7 +87,8 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
             clear_stopped(out)
             print(f"[opd] {len(prompts)} prompts" + (f"; skipped {skipped} (first: {problems})" if skipped else ""), flush=True)
             (out / "config.yaml").write_text(dump_config(cfg))
-            engine = RolloutEngine.start(cfg.rollout, cfg.model.hf_path, tokenizer.eos_token_id, out, cfg.run.cpu_threads)
+            engine = RolloutEngine.start(cfg.rollout, cfg.model.hf_path, tokenizer.eos_token_id, out, cfg.run.cpu_threads,
+                                         routed_shape(session.bundle.hf_config) if cfg.train.routing_replay else None)
             if cfg.teachers is not None:  # after the engine: a `live` teacher is scored by its servers
                 teachers = TeacherSet.start(cfg.teachers, student_dir=cfg.model.hf_path, log_dir=out, threads=cfg.run.cpu_threads,
                                             live_urls=[c.base_url for c in engine.clients], live_api_key=engine.api_key)

@@ -62,6 +62,7 @@ class StepLog:
         totals = sum_from_last_stage(update.results, self.keys)
         metrics = dict(produced.metrics) if produced is not None else {}
         metrics.update(train_metrics(totals, update.grad_norm, update.lr))
+        metrics.update(update.router)
         metrics.update({f"time/{name}_s": value for name, value in seconds.items()})
         metrics.update({"time/train_s": update.seconds,
                         "throughput/train_tokens_per_s": totals["tokens"] / max(update.seconds, 1e-9)})

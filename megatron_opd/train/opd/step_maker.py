@@ -19,6 +19,7 @@ from megatron_opd.algo.advantages import grpo_advantages, mix_teacher_logprobs, 
 from megatron_opd.algo.token_sets import ids_to_score, teacher_at, token_set
 from megatron_opd.config import OPDStageConfig
 from megatron_opd.data.chat import global_batch_indices
+from megatron_opd.model.moe import expert_load
 from megatron_opd.records import (DATASET, Generated, Produced, Prompt, Rollout, Sample, SampleScores, SamplingParams,
                                   StepBatch, TeacherTopK, version_number)
 from megatron_opd.teachers.service import TeacherSet
@@ -110,6 +111,9 @@ class StepMaker:
         batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight)
         lengths = sum(len(r.completion_ids) for r in rollouts if r.finish_reason != DATASET)
         metrics.update(rollout_metrics(rollouts, generated.step, cfg.rollout.max_staleness))
+        if self.engine.routed is not None:  # the experts the sampler chose (routing replay)
+            metrics.update(expert_load([r.routed_experts for r in rollouts if r.routed_experts is not None],
+                                       self.engine.routed.experts))
         metrics.update({"time/rollout_s": generated.seconds, "time/scoring_s": t_score, "time/scoring_tail_s": t_tail,
                         "rollout/resampled_batches": float(generated.resampled), "rollout/samples": float(len(rollouts)),
                         "throughput/rollout_tokens_per_s": lengths / max(generated.seconds, 1e-9)})
@@ -222,7 +226,25 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
         domains=torch.tensor([names.index(t) if t is not None else -1 for t in tags], dtype=torch.int32),
         token_mask=token_mask.reshape(-1),
         on_policy=torch.tensor([r.finish_reason != DATASET for r in rollouts], dtype=torch.uint8),
-        domain_names=names, topk=_topk_slots(scored, lengths, top_k) if scored and top_k else None, opd_weight=opd_weight)
+        domain_names=names, topk=_topk_slots(scored, lengths, top_k) if scored and top_k else None, opd_weight=opd_weight,
+        routed_experts=_routed_experts(rollouts))
+
+
+def _routed_experts(rollouts: list[Rollout]) -> torch.Tensor | None:
+    """Every sample's routed experts, packed like its tokens [N, layers, k]; each sample's last token (never run
+    by the sampler) gets experts 0..k-1. None when the engine returned none (routing replay off)."""
+    given = [r.routed_experts for r in rollouts]
+    if all(g is None for g in given):
+        return None
+    for r, g in zip(rollouts, given):
+        expected = len(r.prompt_ids) + len(r.completion_ids) - 1
+        if g is None or g.dim() != 3 or g.shape[0] != expected:
+            raise ValueError(f"routing replay: sample {r.sample_index} of prompt {r.prompt_index} came back with routed "
+                             f"experts of shape {None if g is None else tuple(g.shape)}, expected [{expected}, layers, "
+                             "top_k] (prompt + completion - 1 tokens)")
+    layers, k = given[0].shape[1:]
+    last = torch.arange(k, dtype=given[0].dtype).expand(1, layers, k)
+    return torch.cat([part for g in given for part in (g.to(given[0].dtype), last)])
 
 
 def equal_share_weights(groups: list[Any], lengths: list[int]) -> list[float]:

@@ -22,6 +22,7 @@ from megatron_opd.algo.policy_loss import policy_gradient_loss
 from megatron_opd.algo.vocab_parallel import VocabShard, chunked_features, positions_per_chunk
 from megatron_opd.config import LossConfig
 from megatron_opd.model.forward import LossFn, run_pipeline, student_token_logprobs
+from megatron_opd.model.moe import router_losses
 from megatron_opd.records import MicroBatch, Update
 from megatron_opd.train.optim import optimizer_step
 from megatron_opd.train.session import StudentSession
@@ -42,11 +43,12 @@ def update_student(session: StudentSession, micro: list[MicroBatch], loss_fn: Lo
             batch.old_lp[:, 1:] = result["logprobs"]
     for _ in range(epochs):
         results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
+        router = router_losses(len(micro))
         result = optimizer_step(session.state)
         if not math.isfinite(result.grad_norm):  # stop before bad weights reach the engine or a checkpoint
             raise FloatingPointError(f"step {step + 1}: non-finite gradient norm ({result.grad_norm}); "
                                      f"lr={result.lr:g} — lower optim.lr or check the loss inputs")
-    return Update(results, result.grad_norm, result.lr, time.perf_counter() - began)
+    return Update(results, result.grad_norm, result.lr, time.perf_counter() - began, router)
 
 
 def opd_loss(cfg: LossConfig, vocab_size: int, logits_shard: torch.Tensor, batch: MicroBatch):

@@ -1,6 +1,6 @@
 """An MoE student in real runs at DP2 x EP2 (experts split over the two data-parallel ranks): SFT that resumes
-exactly after a SIGKILL, then OPD whose sampler (the embedded engine, synced by broadcast) serves the trainer's
-weights every step."""
+exactly after a SIGKILL; OPD with routing replay whose sampler (an `opd serve` rollout server, synced from disk)
+serves the trainer's weights every step and returns the experts it routed each token to."""
 import json
 
 import pytest
@@ -13,7 +13,7 @@ def _metrics(out):
 
 
 @pytest.mark.slow
-def test_moe_student_at_ep2_resumes_exactly_and_distils_with_its_sampler_in_sync(tmp_path):
+def test_moe_student_sft_at_ep2_resumes_exactly(tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_opd.model.tiny import make_tiny_qwen3_moe
@@ -34,14 +34,33 @@ def test_moe_student_at_ep2_resumes_exactly_and_distils_with_its_sampler_in_sync
     for x, y in zip(a, b):  # the experts' shards and optimizer state came back from the checkpoint exactly
         assert (x["train/loss"], x["train/grad_norm"]) == (y["train/loss"], y["train/grad_norm"]), x["step"]
 
-    out = tmp_path / "opd"
-    opd("run", str(REPO / "recipes" / "tiny" / "opd_arith.yaml"), f"model.hf_path={tmp_path / 'straight' / 'hf'}",
-        "parallel.tp=1", *layout, "train.prompts_per_step=4", "rollout.n=2", "train.micro_batch_size=4",
-        "rollout.max_new_tokens=24", "train.steps=3", "train.save_interval=0", "eval.world_dir=null",
-        "rollout.max_staleness=0", f"run.output_dir={out}")
-    rows = _metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for r in rows:  # the engine samples with the weights the trainer has (a sync that lost an expert would not)
-        assert r["opd/train_inference_mismatch"] <= 1e-5 and r["train/tokens"] > 0
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["weight_versions"] for s in samples] == [[step - 1] * 8 for step in (1, 2, 3)]
+
+@pytest.mark.slow
+def test_routing_replay_from_rollout_servers_at_ep2_resumes_exactly(tmp_path):
+    """OPD at DP2 x EP2 with routing replay, sampled by an `opd serve` rollout server that returns each token's
+    experts in SGLang's form: every step logs the sampler's per-expert load, the sampler stays on the trainer's
+    weights, and a run killed after its step-2 checkpoint resumes to the same numbers."""
+    from transformers import AutoTokenizer
+
+    from megatron_opd.model.tiny import make_tiny_qwen3_moe
+
+    tokenizer = REPO / "assets" / "tiny" / "tokenizer"
+    student = make_tiny_qwen3_moe(tmp_path / "student", len(AutoTokenizer.from_pretrained(str(tokenizer))),
+                                  "nano_moe", seed=0, tokenizer_dir=tokenizer)
+    run = [str(REPO / "recipes" / "tiny" / "opd_arith.yaml"), f"model.hf_path={student}", "parallel.tp=1",
+           "parallel.pp=1", "parallel.dp=2", "parallel.ep=2", "train.prompts_per_step=4", "rollout.n=2",
+           "train.micro_batch_size=4", "rollout.max_new_tokens=16", "train.steps=3", "train.save_interval=1",
+           "eval.world_dir=null", "rollout.max_staleness=0", "train.routing_replay=true",
+           "rollout.engine=embedded_server", "rollout.sync=disk"]
+    opd("run", *run, f"run.output_dir={tmp_path / 'straight'}")
+    killed = opd("run", *run, f"run.output_dir={tmp_path / 'resumed'}", env={"OPD_FAULT_INJECT": "step:3"}, check=False)
+    assert killed.returncode != 0
+    opd("run", *run, f"run.output_dir={tmp_path / 'resumed'}")
+    a, b = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in a] == [r["step"] for r in b][-3:] == [1, 2, 3]
+    b = b[-3:]
+    for x, y in zip(a, b):
+        assert (x["train/loss"], x["train/grad_norm"]) == (y["train/loss"], y["train/grad_norm"]), x["step"]
+        loads = [x[f"moe/expert_load/{e:03d}"] for e in range(4)]
+        assert abs(sum(loads) - 1) < 1e-9 and min(loads) > 0 and x["moe/load_imbalance"] >= 1
+        assert x["opd/train_inference_mismatch"] <= 1e-5
