@@ -6,6 +6,8 @@ Writes (about 15 min on 2 cores; the repository ships the result):
   tokenizer/                    char-level tokenizer (HF files, ChatML template)
   data/<domain>/{train,test}.jsonl   seeded problems with reference solutions; disjoint prompts
   student_init/                 random "micro" Qwen3 (the student; smaller than every teacher)
+  student_init_moe/             random "micro_moe" Qwen3-MoE (8 experts, top 2: about the dense student's active
+                                parameters), the mixture-of-experts student (recipes/tiny/opd_moe.yaml)
   teachers/<domain>/            "small" Qwen3 specialists, SFT on their domain's reference solutions
   original/                     "small" generalist, SFT on all domains (the pre-regression model)
   data/<domain>/cold_start.jsonl     responses *sampled* (T=1) from the domain's teacher on train
@@ -31,7 +33,7 @@ from pathlib import Path
 from megatron_opd.data.domains import DOMAINS, get_domain
 from megatron_opd.data.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 from megatron_opd.data.world import make_splits, read_rows, to_row, write_rows
-from megatron_opd.model.tiny import make_tiny_qwen3
+from megatron_opd.model.tiny import make_tiny_qwen3, make_tiny_qwen3_moe
 
 N_TRAIN, N_TEST, N_COLD = 2000, 200, 600
 HINT = "{prompt}\nhint: {response}"  # recipes/tiny/opsd.yaml's teacher context (the same template)
@@ -48,6 +50,11 @@ def build_data(out: Path) -> None:
     for name in DOMAINS:
         for split, rows in make_splits(name, N_TRAIN, N_TEST, seed=0).items():
             write_rows(rows, out / "data" / name / f"{split}.jsonl")
+
+
+def build_moe_student(out: Path) -> None:
+    vocab = len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
+    make_tiny_qwen3_moe(out / "student_init_moe", vocab, "micro_moe", seed=0, tokenizer_dir=out / "tokenizer")
 
 
 def train_teacher(out: Path, work: Path, name: str, sources: list[str], steps: int, dest: Path,
@@ -166,11 +173,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("assets/tiny"))
     parser.add_argument("--work", type=Path, default=Path("outputs/tiny/world_build"))
-    parser.add_argument("--only", choices=["data", "teachers", "cross-teacher", "vllm-pair", "cold-start", "hinted", "report"])
+    parser.add_argument("--only", choices=["data", "moe-student", "teachers", "cross-teacher", "vllm-pair", "cold-start", "hinted", "report"])
     parser.add_argument("--teachers", default=",".join([*DOMAINS, "original"]),
                         help="which teachers to (re)train, comma-separated (default: all + original)")
     args = parser.parse_args()
-    steps = {"data": lambda: build_data(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
+    steps = {"data": lambda: build_data(args.out), "moe-student": lambda: build_moe_student(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
              "cross-teacher": lambda: build_cross_teacher(args.out, args.work),
              "vllm-pair": lambda: build_vllm_pair(args.out, args.work),
              "cold-start": lambda: build_cold_start(args.out), "hinted": lambda: build_hinted(args.out),

@@ -205,7 +205,11 @@ def build_model(
         parallel_states=ParallelStates.get_parallel_state(),
         make_vocab_size_divisible_by=vocab_divisible_by,
     )
-    bridge.set_extra_args(**{**_cpu_overrides(), **moe_overrides(hf_config, transformer_engine_available()), **transformer_overrides})
+    # megatron-core trains an MoE layer at TP > 1 only with sequence parallelism (activations split over the
+    # sequence between the TP-parallel layers)
+    sequence_parallel = {"sequence_parallel": True} if num_experts(hf_config) and tp > 1 else {}
+    bridge.set_extra_args(**{**_cpu_overrides(), **moe_overrides(hf_config, transformer_engine_available()),
+                             **sequence_parallel, **transformer_overrides})
     provider = bridge._model_provider([])
     with cpu_compat():
         model = provider(

@@ -62,7 +62,7 @@ def run_pipeline(
         raise ValueError("run_pipeline needs at least one micro-batch")
     from megatron.core.utils import get_model_config
 
-    micro_batches = even_for_experts(micro_batches)
+    micro_batches = even_for_experts(micro_batches, get_model_config(chunks[0]).sequence_parallel)
     micro_batch_size, seq_length = micro_batches[0].input_ids.shape
     # pipeline stages exchange activations of a fixed shape unless told shapes vary (rows or lengths)
     get_model_config(chunks[0]).variable_seq_lengths = len({tuple(b.input_ids.shape) for b in micro_batches}) > 1
@@ -79,16 +79,21 @@ def run_pipeline(
         )
 
 
-def even_for_experts(micro_batches: Sequence[Batch]) -> list[Batch]:
+def even_for_experts(micro_batches: Sequence[Batch], sequence_parallel: bool = False) -> list[Batch]:
     """Collective over the data-parallel group when experts are split over ranks (EP > 1): megatron-core's
     all-gather token dispatcher gathers every EP rank's tokens at each MoE layer, so every rank must run as
     many micro-batches as the others, all of one shape. Rows and columns of zeros (zero loss masks and weights:
     nothing to learn, and causal attention keeps them out of the real tokens) and all-zero micro-batches make
-    up the difference. Unchanged at EP 1."""
+    up the difference. Under sequence parallelism (an MoE student at TP > 1) every width is also made a
+    multiple of TP (the sequence splits over the TP ranks). Unchanged otherwise."""
     from megatron.core import parallel_state as ps
 
-    if not ps.model_parallel_is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+    if not ps.model_parallel_is_initialized():
         return list(micro_batches)
+    multiple = ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return [_zero_padded(b, b.input_ids.shape[0], -(-b.input_ids.shape[1] // multiple) * multiple)
+                if b.input_ids.shape[1] % multiple else b for b in micro_batches]
     import torch.distributed as dist
 
     from megatron_opd.platform.dist import comm_device
@@ -97,6 +102,7 @@ def even_for_experts(micro_batches: Sequence[Batch]) -> list[Batch]:
                           max(b.input_ids.shape[1] for b in micro_batches)], dtype=torch.int64, device=comm_device())
     dist.all_reduce(sizes, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
     count, rows, width = sizes.tolist()
+    width = -(-width // multiple) * multiple
     padded = [_zero_padded(b, rows, width) for b in micro_batches]
     filler = _zero_padded(_zero_padded(micro_batches[0], 0, 0), rows, width)
     return padded + [filler] * (count - len(padded))

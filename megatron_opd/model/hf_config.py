@@ -84,8 +84,6 @@ def check_parallel_fit(hf_config: Any, tp: int, pp: int, where: str = "", ep: in
         check_moe_layout(hf_config, where)
         if experts % ep:
             raise ValueError(f"{prefix}num_experts ({experts}) must be divisible by ep={ep}")
-        if tp > 1:  # megatron-core asks sequence parallelism of MoE at TP > 1, which its CPU path does not run
-            raise ValueError(f"{prefix}an MoE student at tp={tp}: MoE runs at tp=1 here (expert parallelism: ep)")
     elif ep > 1:
         raise ValueError(f"{prefix}ep={ep} needs an MoE model; this one has no experts")
     heads, groups = hf_config.num_attention_heads, hf_config.num_key_value_heads

@@ -97,9 +97,15 @@ def router_without_te() -> None:
 
 
 def export_expert(bridge: Any, local_name: str, param: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Local expert j of every EP rank r is global expert j + r * experts_per_rank (tp = 1 for MoE here)."""
+    """Local expert j of every EP rank r is global expert j + r * experts_per_rank; at TP > 1 each expert is split
+    over the TP ranks too (expert TP = TP), merged first."""
     from megatron.core import parallel_state as ps
 
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp > 1:
+        shards = [torch.empty_like(param) for _ in range(tp)]
+        torch.distributed.all_gather(shards, param.contiguous(), group=ps.get_tensor_model_parallel_group())
+        param = bridge._weight_merge_across_tp(local_name, shards, param)
     ep = ps.get_expert_model_parallel_world_size()
     per_rank = bridge.config.num_moe_experts // ep
     gathered = [torch.empty_like(param) for _ in range(ep)]
@@ -129,6 +135,13 @@ def replay_routing(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
     if not routers:
         raise ValueError("routing replay: this student's routers were not built to replay (a dense model, or "
                          "train.routing_replay off when the model was built)")
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_model_config
+
+    if get_model_config(chunk).sequence_parallel:  # the routers see this TP rank's shard of the sequence
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        shard = routed.shape[1] // tp
+        routed = routed[:, rank * shard:(rank + 1) * shard]
     b, s, layers, k = routed.shape
     experts = routed.long().transpose(0, 1).reshape(s * b, layers, k)  # megatron's token order: [s, b] flattened
     if k > 1:

@@ -140,14 +140,39 @@ def install_cpu_patches() -> None:
     torch.cuda.empty_cache = _noop()
     torch.cuda.current_device = lambda: 0  # an ordinal; cpu_compat() maps it to the CPU
     _gathers_in_the_mode()
+    _torch_norm_with_sequence_parallel()
     _PATCHED = True
+
+
+def _torch_norm_with_sequence_parallel() -> None:
+    """megatron-core's torch norm (its CPU path: no transformer-engine or apex) refuses sequence parallelism,
+    which an MoE layer at TP > 1 needs in training. A norm is per token, so it runs on a sequence shard as on
+    the whole; its weight then has a partial gradient on each TP rank, which ``sequence_parallel=True`` has
+    megatron-core sum over the TP group (finalize_model_grads), as for transformer-engine's norms."""
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def build(cls: Any, config: Any, *args: Any, **kwargs: Any) -> Any:
+        if not config.sequence_parallel:
+            return original(cls, config, *args, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = original(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = build
 
 
 def _gathers_in_the_mode() -> None:
     """The backward pass runs inside the mode's own handler (``torch.autograd.backward`` is a torch function),
     where a mode is off: megatron-core's sequence gathers and scatters, which allocate their output on
     ``torch.cuda.current_device()``, run in a mode of their own (an MoE layer's token dispatcher calls them
-    in its backward)."""
+    in its backward), as does the TP linear layer's backward (sequence parallelism)."""
     from megatron.core.tensor_parallel import mappings
 
     def in_mode(fn: Any) -> Any:
@@ -162,3 +187,8 @@ def _gathers_in_the_mode() -> None:
                  "_reduce_scatter_along_last_dim"):
         if hasattr(mappings, name):
             setattr(mappings, name, in_mode(getattr(mappings, name)))
+    # under sequence parallelism a linear layer's backward gathers its input into a buffer it allocates there too
+    from megatron.core.tensor_parallel import layers
+
+    linear = layers.LinearWithGradAccumulationAndAsyncCommunication
+    linear.backward = staticmethod(in_mode(linear.backward))

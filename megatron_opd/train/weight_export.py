@@ -140,7 +140,7 @@ def student_logprobs(bundle: ModelBundle, input_ids: torch.Tensor) -> torch.Tens
         results = run_pipeline(bundle.chunks, [TokenBatch(input_ids)], collect, forward_only=True)
     out = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
-        out += results[0]["logprobs"].double().cpu()
+        out += results[0]["logprobs"][: out.shape[0], : out.shape[1]].double().cpu()  # less any padding for experts
     if dist.is_initialized():
         from megatron_opd.platform.dist import comm_device
 

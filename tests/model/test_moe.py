@@ -35,8 +35,9 @@ def _reference(hf_dir, input_ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp,ep", [(1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2)])
-@pytest.mark.parametrize("variant", ["norm_tied", "plain_untied"])
+@pytest.mark.parametrize("variant,tp,pp,dp,ep", [(v, *layout) for v in ("norm_tied", "plain_untied")
+                                                 for layout in ((1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2))]
+                         + [("norm_tied", 2, 1, 2, 2)])
 def test_logits_equal_transformers_and_the_export_is_the_checkpoint(moe_checkpoints, tmp_path, variant, tp, pp, dp, ep):
     hf_dir = moe_checkpoints[variant]
     input_ids = torch.randint(4, 96, (2, 13), generator=torch.Generator().manual_seed(7))
@@ -59,8 +60,7 @@ def test_layouts_an_moe_student_cannot_take_are_refused_before_any_process(moe_c
     assert config.num_experts == 4
     with pytest.raises(ValueError, match=r"num_experts \(4\) must be divisible by ep=3"):
         check_parallel_fit(config, 1, 1, ep=3)
-    with pytest.raises(ValueError, match="an MoE student at tp=2"):
-        check_parallel_fit(config, 2, 1)
+    check_parallel_fit(config, 2, 1, ep=2)  # TP x EP: sequence parallel
     dense = read_config_json(REPO / "assets" / "tiny" / "student_init")
     with pytest.raises(ValueError, match="ep=2 needs an MoE model"):
         check_parallel_fit(dense, 1, 1, ep=2)
@@ -72,10 +72,11 @@ def test_layouts_an_moe_student_cannot_take_are_refused_before_any_process(moe_c
 @pytest.mark.slow
 def test_ep2_layouts_train_like_one_rank(tmp_path, tiny_hf):
     """Expert parallelism trains what one rank trains: the dense DP test's fixed step of 8 samples (OPD
-    sampled-token, OPD top-k forward KL, SFT: three optimizer steps) on a Qwen3-MoE student at DP2 x EP2 and
-    PP2 x DP2 x EP2 gives the single rank's losses, token counts and gradient norms. The DP ranks' shares differ in
+    sampled-token, OPD top-k forward KL, SFT: three optimizer steps) on a Qwen3-MoE student at DP2 x EP2,
+    PP2 x DP2 x EP2 and TP2 x DP2 x EP2 (sequence parallel, experts split over TP too) gives the single rank's
+    losses, token counts and gradient norms. The DP ranks' shares differ in
     rows and lengths; the all-gather dispatcher needs them even (model.forward.even_for_experts)."""
-    layouts = [(1, 1, 1, 1), (1, 1, 2, 2), (1, 2, 2, 2)]
+    layouts = [(1, 1, 1, 1), (1, 1, 2, 2), (1, 2, 2, 2), (2, 1, 2, 2)]
     reports = train_at_layouts(tmp_path, tiny_hf["qwen3_moe"], layouts)
     for layout in layouts[1:]:
         assert_trains_like(reports[layout], reports[layouts[0]], layout)
@@ -112,8 +113,8 @@ def _forced_reference(hf_dir, input_ids, routed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,tp,pp,dp,ep", [("norm_tied", 1, 1, 1, 1), ("plain_untied", 1, 2, 1, 1),
-                                                 ("norm_tied", 1, 1, 2, 2), ("plain_untied", 1, 1, 2, 2)])
+@pytest.mark.parametrize("variant,tp,pp,dp,ep", [("plain_untied", 1, 2, 1, 1), ("norm_tied", 1, 1, 2, 2),
+                                                 ("plain_untied", 2, 1, 2, 2)])
 def test_routing_replay_runs_every_token_through_the_experts_it_is_given(moe_checkpoints, tmp_path, variant, tp, pp, dp, ep):
     """Experts drawn at random per token and layer (not the router's choice): megatron's forward with them
     replayed equals transformers' with its routers forced to them, and each expert received exactly the
@@ -137,9 +138,12 @@ def test_routing_replay_runs_every_token_through_the_experts_it_is_given(moe_che
         ep_rank = int(path.stem.split("-ep")[1].split("-")[0])
         for layer, counts in json.loads(path.read_text()).items():
             for j, n in enumerate(counts):  # local expert j of EP rank r: global j + r * experts / ep
-                per_layer[int(layer)][j + ep_rank * experts // ep] += n / dp  # every DP rank ran the same tokens
+                # every DP rank ran the same tokens; at TP > 1 each of an expert's TP shards got them all
+                per_layer[int(layer)][j + ep_rank * experts // ep] += n / (dp * tp)
     for layer in range(1, layers + 1):
         want = torch.bincount(routed[:, :, layer - 1].flatten(), minlength=experts).tolist()
+        padding = 2 * (-(-13 // tp) * tp - 13)  # TP 2 pads the width to a multiple of TP: experts 0..k-1 get those
+        want = [n + padding * (e < k) for e, n in enumerate(want)]
         assert per_layer[layer] == want, (layer, per_layer[layer], want)
 
 

@@ -45,7 +45,13 @@ for module in bundle.chunks[0].modules():
 
 
 def keep_logits(logits, batch):
-    seen.append(logits.detach()[..., :bundle.vocab_size].clone())
+    logits = logits.detach()
+    if tp > 1:  # each TP rank holds a slice of the vocabulary
+        parts = [torch.empty_like(logits) for _ in range(tp)]
+        dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+        logits = torch.cat(parts, -1)
+    rows, width = input_ids.shape  # less the column run_pipeline pads for sequence parallelism at TP 2
+    seen.append(logits[:rows, :width, :bundle.vocab_size].clone())
     return logits.sum() * 0, torch.tensor(1), {}
 
 
@@ -68,9 +74,10 @@ run_pipeline(bundle.chunks, [batch], keep_logits, forward_only=True)
 if replay:
     import json
 
-    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(), ps.get_data_parallel_rank())
-    (out / "received-pp{}-ep{}-dp{}.json".format(*ranks)).write_text(json.dumps(received))
-if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0:
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_expert_model_parallel_rank(), ps.get_data_parallel_rank(),
+             ps.get_tensor_model_parallel_rank())
+    (out / "received-pp{}-ep{}-dp{}-tp{}.json".format(*ranks)).write_text(json.dumps(received))
+if ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
     save_file({"logits": seen[0].contiguous()}, str(out / "logits.safetensors"))
 exported = [(name, t.clone()) for name, t in export_hf_weights(bundle)]
 if dist.get_rank() == 0:

@@ -40,7 +40,8 @@ def update_student(session: StudentSession, micro: list[MicroBatch], loss_fn: Lo
             old = run_pipeline(chunks, micro, partial(student_token_logprobs, vocab), forward_only=True)
         for batch, result in zip(micro, old):  # last stage only: the loss runs there
             batch.old_lp = torch.zeros_like(batch.loss_mask)
-            batch.old_lp[:, 1:] = result["logprobs"]
+            rows, width = batch.loss_mask.shape  # less any rows / columns run_pipeline padded for experts
+            batch.old_lp[:, 1:] = result["logprobs"][:rows, : width - 1]
     for _ in range(epochs):
         results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
         router = router_losses(len(micro))

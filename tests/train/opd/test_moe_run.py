@@ -64,3 +64,4 @@ def test_routing_replay_from_rollout_servers_at_ep2_resumes_exactly(tmp_path):
         loads = [x[f"moe/expert_load/{e:03d}"] for e in range(4)]
         assert abs(sum(loads) - 1) < 1e-9 and min(loads) > 0 and x["moe/load_imbalance"] >= 1
         assert x["opd/train_inference_mismatch"] <= 1e-5
+    assert (tmp_path / "straight" / "plots" / "expert_load.png").is_file()  # the report draws the load

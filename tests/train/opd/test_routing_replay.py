@@ -165,3 +165,19 @@ def test_a_dense_student_cannot_replay_and_the_run_says_so_before_starting(tmp_p
               f"run.output_dir={tmp_path / 'out'}", check=False)
     assert run.returncode != 0 and "is a dense model (no experts to replay)" in run.stderr
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_client_server_and_launchers_use_sglangs_recorded_names():
+    """The recorded contract (wire/contracts/sglang-0.5.23-routed-experts.json) is what every side uses."""
+    import json
+
+    from megatron_opd.launch.slurm import ROUTED_FLAG
+    from megatron_opd.wire.contract import CONTRACT
+    from megatron_opd.wire.sglang import SGLANG_FLAGS
+
+    recorded = json.loads((CONTRACT.parent / "sglang-0.5.23-routed-experts.json").read_text())
+    assert recorded["server_flag"] == ROUTED_FLAG and ROUTED_FLAG in SGLANG_FLAGS
+    schema = json.loads(CONTRACT.read_text())
+    fields = json.dumps(schema)
+    assert all(f'"{name}"' in fields for name in recorded["request"])
+    assert recorded["response"]["field"] == "meta_info.routed_experts"
