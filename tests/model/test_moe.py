@@ -37,7 +37,7 @@ def _reference(hf_dir, input_ids):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,tp,pp,dp,ep", [(v, *layout) for v in ("norm_tied", "plain_untied")
                                                  for layout in ((1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2))]
-                         + [("norm_tied", 2, 1, 2, 2)])
+                         + [("norm_tied", 2, 1, 2, 2), ("plain_untied", 2, 1, 2, 2)])
 def test_logits_equal_transformers_and_the_export_is_the_checkpoint(moe_checkpoints, tmp_path, variant, tp, pp, dp, ep):
     hf_dir = moe_checkpoints[variant]
     input_ids = torch.randint(4, 96, (2, 13), generator=torch.Generator().manual_seed(7))
