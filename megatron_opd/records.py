@@ -80,13 +80,14 @@ class Rollout:
     prompt_index: int = 0
     sample_index: int = 0
     # MoE with routing replay: the experts the sampler's every layer chose at each token it ran,
-    # [prompt + completion - 1, layers, top_k] uint8/int16 (the last sampled token never ran)
+    # [prompt + completion - 1, layers, top_k] uint8/int32 (the last sampled token never ran)
     routed_experts: torch.Tensor | None = None
 
 
 def expert_dtype(num_experts: int) -> torch.dtype:
-    """The compact integer type of expert ids (routing replay carries one per token x layer x top-k)."""
-    return torch.uint8 if num_experts <= 256 else torch.int16
+    """The compact integer type of expert ids (routing replay carries one per token x layer x top-k); int32 above
+    256 experts (NCCL broadcasts no int16)."""
+    return torch.uint8 if num_experts <= 256 else torch.int32
 
 
 def version_number(version: str) -> int:
@@ -190,7 +191,7 @@ class StepBatch:
     domain_names: list[str] = field(default_factory=list)
     topk: TeacherTopK | None = None
     opd_weight: float = 1.0  # lambda on the teacher advantage (0: no teacher term)
-    # routing replay: the sampler's experts at every token [N, layers, top_k] uint8/int16 (each sample's last
+    # routing replay: the sampler's experts at every token [N, layers, top_k] uint8/int32 (each sample's last
     # token, which the sampler never ran, holds experts 0..k-1: nothing after it reads its output)
     routed_experts: torch.Tensor | None = None
 
@@ -309,7 +310,7 @@ class MicroBatch(TokenBatch):
     top_lp: torch.Tensor | None = None  # [b, s, slots, k] float32: their log-probs
     top_w: torch.Tensor | None = None  # [b, s, slots] float32: each slot's routing weight
     old_lp: torch.Tensor | None = None  # [b, s] float32: log-probs before the step's first update (loss.epochs > 1)
-    routed: torch.Tensor | None = None  # [b, s, layers, top_k] uint8/int16: the sampler's experts (routing replay)
+    routed: torch.Tensor | None = None  # [b, s, layers, top_k] uint8/int32: the sampler's experts (routing replay)
 
 
 @dataclass

@@ -146,7 +146,7 @@ def replay_routing(chunk: torch.nn.Module, routed: torch.Tensor | None) -> None:
     experts = routed.long().transpose(0, 1).reshape(s * b, layers, k)  # megatron's token order: [s, b] flattened
     if k > 1:
         padding = (experts == experts[..., :1]).all(-1, keepdim=True)
-        experts = torch.where(padding, torch.arange(k).expand_as(experts), experts)
+        experts = torch.where(padding, torch.arange(k, device=experts.device).expand_as(experts), experts)
     for router in routers:
         replay = router.router_replay
         replay.clear_indices()
@@ -164,6 +164,10 @@ def router_losses(num_micro_batches: int) -> dict[str, float]:
 
     tracker = get_moe_layer_wise_logging_tracker()
     out = {}
+    if tracker and ps.get_expert_model_parallel_world_size() > 1:  # every DP rank ran as many as the most (fillers)
+        count = torch.tensor([num_micro_batches], dtype=torch.int64)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        num_micro_batches = int(count)
     for name in sorted(tracker):
         values = tracker[name]["values"].detach().float().cpu()
         if ps.get_pipeline_model_parallel_world_size() > 1:

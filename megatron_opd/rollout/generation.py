@@ -150,7 +150,7 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
     positions = (valid_prompt.long().cumsum(-1) - 1).clamp(min=0)
     logits = decoder.logits(decoder.forward(ids, positions, cache, 0, prefill_mask(valid_prompt), routed=routed)[:, -1])
     if routes is not None:
-        routes[:, :width] = torch.stack(routed, 2).to(routes.dtype)
+        routes[:, :width] = torch.stack(routed, 2).to(device="cpu", dtype=routes.dtype)
     position = positions[:, -1:]
     out_ids = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
     out_lp = torch.zeros(batch, max_new_tokens)
@@ -192,7 +192,7 @@ def decode_batch(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int
         step_routes = [] if routes is not None else None
         hidden = decoder.forward(next_ids[:, None], position, cache, column, valid[:, None, None, :column + 1], routed=step_routes)
         if routes is not None:
-            routes[rows, column] = torch.stack(step_routes, 2)[:, 0].to(routes.dtype)
+            routes[rows, column] = torch.stack(step_routes, 2)[:, 0].to(device="cpu", dtype=routes.dtype)
         logits = decoder.logits(hidden[:, 0])
     return out_ids, out_lp, lengths, stopped, routes
 

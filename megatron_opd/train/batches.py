@@ -95,8 +95,7 @@ def _broadcast(batch: StepBatch | None, src: int, group) -> StepBatch:
     return batch if batch is not None else StepBatch.from_wire(header, [t.cpu() for t in moved])
 
 
-_DTYPES = {str(d): d for d in (torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16, torch.uint8,
-                                  torch.int16)}
+_DTYPES = {str(d): d for d in (torch.int32, torch.int64, torch.float32, torch.float16, torch.bfloat16, torch.uint8)}
 
 
 def _empty(shape: list[int], dtype: str) -> torch.Tensor:

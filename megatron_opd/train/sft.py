@@ -21,6 +21,7 @@ from megatron_opd.data.chat import (
 from megatron_opd.model import load_hf_config, real_vocab_logprobs
 from megatron_opd.model.bridge import save_hf_checkpoint
 from megatron_opd.model.forward import run_pipeline
+from megatron_opd.model.moe import router_losses
 from megatron_opd.platform.faults import maybe_kill, maybe_wait_for_signal
 from megatron_opd.platform.signals import clear_stopped, stop_agreed, write_stopped
 from megatron_opd.records import SFTMicroBatch
@@ -132,11 +133,12 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
         mine = indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
         micro = sft_micro_batches(train, mine, tcfg.micro_batch_size, pad_id, tcfg.max_tokens_per_micro_batch)
         results = run_pipeline(chunks, micro, loss_fn, forward_only=False)
+        router = router_losses(len(micro))  # an MoE student's auxiliary losses (model.moe), if on
         result = optimizer_step(session.state)
         totals = sum_from_last_stage(results, ("nll_sum", "tokens"))
         done = step + 1
         record = {"train/loss": totals["nll_sum"] / max(totals["tokens"], 1.0), "train/tokens": totals["tokens"],
-                  "train/grad_norm": result.grad_norm, "train/lr": result.lr}
+                  "train/grad_norm": result.grad_norm, "train/lr": result.lr, **router}
         if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps and held_out:
             record["eval/loss"] = eval_loss()
         if done % tcfg.log_interval == 0 or done == tcfg.steps:

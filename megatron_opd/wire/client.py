@@ -90,8 +90,10 @@ def decode_routed_experts(text: str, shape: "RoutedShape", tokens: int) -> torch
     if len(raw) != 4 * want:
         raise ServerError(f"meta_info.routed_experts: {len(raw) // 4} values, expected {want} ({tokens} tokens x "
                           f"{shape.layers} layers x top-{shape.top_k}: prompt + completion - 1 tokens)")
+    if not want:
+        return torch.zeros(0, shape.layers, shape.top_k, dtype=expert_dtype(shape.experts))
     values = torch.frombuffer(bytearray(raw), dtype=torch.int32).view(tokens, shape.layers, shape.top_k)
-    if want and (int(values.min()) < 0 or int(values.max()) >= shape.experts):
+    if (int(values.min()) < 0 or int(values.max()) >= shape.experts):
         raise ServerError(f"meta_info.routed_experts: expert ids {int(values.min())}..{int(values.max())} outside "
                           f"0..{shape.experts - 1}")
     return values.to(expert_dtype(shape.experts))

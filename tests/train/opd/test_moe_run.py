@@ -13,7 +13,7 @@ def _metrics(out):
 
 
 @pytest.mark.slow
-def test_moe_student_sft_at_ep2_resumes_exactly(tmp_path):
+def test_moe_student_sft_at_ep2_with_router_losses_resumes_exactly(tmp_path):
     from transformers import AutoTokenizer
 
     from megatron_opd.model.tiny import make_tiny_qwen3_moe
@@ -23,7 +23,8 @@ def test_moe_student_sft_at_ep2_resumes_exactly(tmp_path):
                                   "nano_moe", seed=0, tokenizer_dir=tokenizer)
     layout = ["parallel.pp=1", "parallel.dp=2", "parallel.ep=2"]
     sft = [str(REPO / "recipes" / "tiny" / "sft.yaml"), f"model.hf_path={student}", *layout, "train.steps=4",
-           "train.save_interval=2", "train.log_interval=1", "data.eval_max_rows=8"]
+           "train.save_interval=2", "train.log_interval=1", "data.eval_max_rows=8",
+           "model.moe.load_balancing=aux_loss", "model.moe.aux_loss_coeff=0.01", "model.moe.z_loss_coeff=0.001"]
     opd("run", *sft, f"run.output_dir={tmp_path / 'straight'}")
     killed = opd("run", *sft, f"run.output_dir={tmp_path / 'resumed'}", env={"OPD_FAULT_INJECT": "step:4"}, check=False)
     assert killed.returncode != 0
@@ -33,6 +34,9 @@ def test_moe_student_sft_at_ep2_resumes_exactly(tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):  # the experts' shards and optimizer state came back from the checkpoint exactly
         assert (x["train/loss"], x["train/grad_norm"]) == (y["train/loss"], y["train/grad_norm"]), x["step"]
+        # the routers' losses, logged: E / (k T^2) sum_e P_e n_e is 1 for even routing; z-loss > 0
+        assert 0.5 < x["moe/load_balancing_loss"] < 4 and x["moe/z_loss"] > 0  # at most E (= 4): all on one expert
+        assert (x["moe/load_balancing_loss"], x["moe/z_loss"]) == (y["moe/load_balancing_loss"], y["moe/z_loss"])
 
 
 @pytest.mark.slow

@@ -68,6 +68,10 @@ def test_sglangs_routed_experts_form_decodes_and_bad_payloads_are_refused():
         decode_routed_experts(base64.b64encode((values + 2).numpy().tobytes()).decode(), shape, 2)
     with pytest.raises(ServerError, match="not base64"):
         decode_routed_experts("###", shape, 2)
+    assert decode_routed_experts("", shape, 0).shape == (0, 2, 2)  # a one-token prompt, nothing generated
+    wide = RoutedShape(layers=1, top_k=2, experts=300)  # beyond uint8: int32 (NCCL has no int16)
+    big = torch.tensor([[[299, 7]]], dtype=torch.int32)
+    assert decode_routed_experts(base64.b64encode(big.numpy().tobytes()).decode(), wide, 1).dtype == torch.int32
 
 
 @pytest.fixture(scope="module")
