@@ -21,6 +21,7 @@ from typing import Any
 
 from megatron_opd.config import CascadeConfig, OPDStageConfig, ServerGroup, SFTStageConfig, SlurmConfig
 from megatron_opd.platform.signals import EXIT_STOPPED, STOPPED_FILE
+from megatron_opd.wire.client import ROUTED_EXPERTS_FLAG as ROUTED_FLAG
 from megatron_opd.wire.sglang import SGLangServerConfig
 
 RDZV_PORT = 29500
@@ -42,7 +43,6 @@ def _env_name(name: str) -> str:
 
 
 KEY_VAR = "OPD_SERVER_KEY"
-ROUTED_FLAG = "--enable-return-routed-experts"  # SGLang's (and opd serve's): experts per token on request
 # one random key per job, made by the batch script with coreutils (the host may have no python); the
 # default keeps a re-export of the group's environment from making a second one
 KEY_EXPR = f"${{{KEY_VAR}:-$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \\n')}}"

@@ -99,6 +99,10 @@ def decode_routed_experts(text: str, shape: "RoutedShape", tokens: int) -> torch
     return values.to(expert_dtype(shape.experts))
 
 
+# SGLang's server flag (and opd serve's) that lets a /generate ask for each token's experts (routing replay)
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"
+
+
 @dataclass(frozen=True)
 class RoutedShape:
     """What a rollout's routed experts look like (from the student's config): asked with every request."""

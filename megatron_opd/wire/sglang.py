@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_opd.wire.client import NotHealthy, SGLangClient, wait_healthy
+from megatron_opd.wire.client import ROUTED_EXPERTS_FLAG, NotHealthy, SGLangClient, wait_healthy
 
 # Flags of `python -m sglang.launch_server` (sglang 0.5.x ServerArgs) that this launcher emits.
 SGLANG_FLAGS = {
     "--model-path", "--host", "--port", "--tp-size", "--mem-fraction-static", "--api-key", "--dtype",
     "--random-seed", "--skip-tokenizer-init", "--trust-remote-code", "--context-length",
-    "--enable-return-routed-experts",  # routing replay: meta_info["routed_experts"] when a request asks
+    ROUTED_EXPERTS_FLAG,  # routing replay: meta_info["routed_experts"] when a request asks
 }
 
 

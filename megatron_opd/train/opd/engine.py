@@ -17,7 +17,7 @@ import torch
 from megatron_opd.config import RolloutConfig
 from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.rollout.rollout_pool import RolloutPool
-from megatron_opd.wire.client import RoutedShape
+from megatron_opd.wire.client import ROUTED_EXPERTS_FLAG, RoutedShape
 from megatron_opd.train.weight_export import CheckedSink, DiskSink, DistributedSink, InProcessSink, WeightSink
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class RolloutEngine:
                 from megatron_opd.wire.process import start_server
 
                 extra = ["--batch-size", str(rcfg.batch_size), "--device", rcfg.device] + (["--threads", str(threads)] if threads else [])
-                extra += ["--enable-return-routed-experts"] if routed is not None else []
+                extra += [ROUTED_EXPERTS_FLAG] if routed is not None else []
                 if log_dir:  # the disk sync writes the new weights under the run directory
                     extra += ["--weights-root", str(Path(log_dir).resolve())]
                 for r in range(rcfg.replicas):
