@@ -66,9 +66,12 @@ def test_rollouts_and_teacher_on_vllm_a_killed_replica_is_survived_and_every_syn
     for r in records:  # every sync reached the servers still in the pool and the reload check passed
         assert r["sync/reload_max_abs_diff"] <= 1e-3
         assert r["opd/train_inference_mismatch"] < 1e-3
-    results = json.loads((out / "results.json").read_text())
-    assert results["rollout_counters"]["failures"] >= 1 and results["rollout_counters"]["retries"] >= 1
-    assert f"{killed} leaves the pool" in text or f"{killed}" in text  # the dead server named in the log
+    # The kill lands while step 4's rollouts run (a share fails and is retried on the live server) or after they
+    # finished (the next weight sync cannot reach it, and it leaves the pool for good): either way it is named.
+    counters = json.loads((out / "results.json").read_text())["rollout_counters"]
+    retried = counters["failures"] >= 1 and counters["retries"] >= 1 and f"[rollout] {killed} failed" in text
+    retired = f"[rollout] {killed} leaves the pool: it missed the weight sync" in text
+    assert retried or retired, (counters, text[-4000:])
 
 
 def test_a_reload_that_did_not_take_effect_stops_the_run_naming_the_server(tmp_path):
