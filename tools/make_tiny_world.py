@@ -21,6 +21,14 @@ Writes (about 15 min on 2 cores; the repository ships the result):
   vllm/{student_init,teacher_arithmetic}/   the student and the arithmetic teacher again at head size 32,
                                 which vLLM's CPU attention serves (recipes/tiny/opd_vllm.yaml)
   world_report.json             per-domain accuracy of every teacher and the original
+
+    python tools/make_tiny_world.py --world long [--only data|teachers|cold-start|report]
+
+writes the long-horizon world (assets/tiny_long, about 25 min): the same tokenizer, `multiply` (long
+multiplication, 130-340-token scratchpads) with 8,000 train rows, its "small" teacher (SFT on the
+reference solutions), and teacher samples (T=1, verified) on every train prompt: `cold_start.jsonl` (the
+first 1,500 prompts: the SFT cold start) and `fresh.jsonl` (the other prompts: the data "more SFT" continues
+on, never seen by the cold start). The student is assets/tiny/student_init.
 """
 
 import argparse
@@ -30,12 +38,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_opd.data.domains import DOMAINS, get_domain
+from megatron_opd.data.domains import LONG_WORLD, TINY_WORLD as DOMAINS, get_domain
 from megatron_opd.data.tokenizer import build_bpe_tokenizer, build_char_tokenizer
 from megatron_opd.data.world import make_splits, read_rows, to_row, write_rows
 from megatron_opd.model.tiny import make_tiny_qwen3, make_tiny_qwen3_moe
 
 N_TRAIN, N_TEST, N_COLD = 2000, 200, 600
+LONG_TRAIN, LONG_COLD, LONG_NEW_TOKENS, LONG_TEACHER_STEPS = 8000, 1500, 400, 2000
 HINT = "{prompt}\nhint: {response}"  # recipes/tiny/opsd.yaml's teacher context (the same template)
 TEACHER_STEPS, ORIGINAL_STEPS = 800, 1500
 
@@ -169,14 +178,87 @@ def report(out: Path) -> None:
     (out / "world_report.json").write_text(json.dumps(results, indent=1))
 
 
+def build_long_data(out: Path, tiny: Path) -> None:
+    shutil.copytree(tiny / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    for name in LONG_WORLD:
+        for split, rows in make_splits(name, LONG_TRAIN, N_TEST, seed=0).items():
+            write_rows(rows, out / "data" / name / f"{split}.jsonl")
+
+
+def build_long_teachers(out: Path, work: Path) -> None:
+    init = work / "init_small"
+    if not init.exists():
+        make_tiny_qwen3(init, len(json.loads((out / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]),
+                        "small", seed=1, tokenizer_dir=out / "tokenizer")
+    for name in LONG_WORLD:
+        opd("run", "recipes/tiny/teacher.yaml", f"model.hf_path={init}", f"data.train=[{out / 'data' / name / 'train.jsonl'}]",
+            f"run.output_dir={work / name}", f"train.steps={LONG_TEACHER_STEPS}", "train.resume=false",
+            "data.max_length=384")
+        shutil.rmtree(out / "teachers" / name, ignore_errors=True)
+        shutil.copytree(work / name / "hf", out / "teachers" / name)
+
+
+def build_long_samples(out: Path) -> None:
+    """Teacher samples (T=1, kept when verified) on every train prompt, in chunks: the cold start's and the fresh ones."""
+    from megatron_opd.eval.domains import load_hf_for_eval
+    from megatron_opd.rollout.generation import generate
+
+    for name in LONG_WORLD:
+        model, tok = load_hf_for_eval(out / "teachers" / name)
+        rows = read_rows(out / "data" / name / "train.jsonl")
+        kept: dict[str, list] = {"cold_start": [], "fresh": []}
+        drawn = {split: {"samples": 0, "positions": 0, "positions_sq": 0} for split in kept}  # rejected samples too
+        for start in range(0, len(rows), 250):
+            chunk = rows[start:start + 250]
+            prompts = [tok.apply_chat_template([r["messages"][0]], add_generation_prompt=True, tokenize=True) for r in chunk]
+            completions = generate(model, prompts, LONG_NEW_TOKENS, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
+                                   seed=start)
+            for i, (row, prompt, completion) in enumerate(zip(chunk, prompts, completions), start):
+                text = tok.decode(completion.token_ids, skip_special_tokens=True)
+                split = "cold_start" if i < LONG_COLD else "fresh"
+                length = len(prompt) + len(completion.token_ids)
+                drawn[split]["samples"] += 1
+                drawn[split]["positions"] += length
+                drawn[split]["positions_sq"] += length * length
+                if get_domain(name).verify(row["meta"], text).correct:
+                    kept[split].append(to_row(name, len(kept[split]), split, _problem(row, text)))
+            print(f"{name}: {start + len(chunk)}/{len(rows)} prompts sampled, "
+                  f"{sum(map(len, kept.values()))} verified", flush=True)
+        for split, split_rows in kept.items():
+            write_rows(split_rows, out / "data" / name / f"{split}.jsonl")
+            # what the rows cost the teacher to sample (the methods comparison counts it: pipeline/compare.py)
+            (out / "data" / name / f"{split}.cost.json").write_text(json.dumps(
+                {"teacher_config": f"../../teachers/{name}/config.json", **drawn[split], "kept": len(split_rows)}, indent=1))
+
+
+def long_report(out: Path) -> None:
+    from megatron_opd.eval.domains import evaluate, format_table
+
+    teachers = {name: evaluate(out / "teachers" / name, out, [name], seed=0, max_new_tokens=LONG_NEW_TOKENS)[name]
+                for name in LONG_WORLD}
+    print(format_table(teachers, "long-horizon teachers, own domain"))
+    (out / "world_report.json").write_text(json.dumps({"teachers": teachers}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("assets/tiny"))
+    parser.add_argument("--world", choices=["tiny", "long"], default="tiny")
+    parser.add_argument("--out", type=Path, default=None, help="default: assets/tiny, or assets/tiny_long")
     parser.add_argument("--work", type=Path, default=Path("outputs/tiny/world_build"))
     parser.add_argument("--only", choices=["data", "moe-student", "teachers", "cross-teacher", "vllm-pair", "cold-start", "hinted", "report"])
     parser.add_argument("--teachers", default=",".join([*DOMAINS, "original"]),
                         help="which teachers to (re)train, comma-separated (default: all + original)")
     args = parser.parse_args()
+    if args.world == "long":
+        out = args.out or Path("assets/tiny_long")
+        work = args.work / "long"
+        steps = {"data": lambda: build_long_data(out, Path("assets/tiny")), "teachers": lambda: build_long_teachers(out, work),
+                 "cold-start": lambda: build_long_samples(out), "report": lambda: long_report(out)}
+        for name, step in steps.items():
+            if args.only in (None, name):
+                step()
+        return
+    args.out = args.out or Path("assets/tiny")
     steps = {"data": lambda: build_data(args.out), "moe-student": lambda: build_moe_student(args.out), "teachers": lambda: build_teachers(args.out, args.work, args.teachers.split(",")),
              "cross-teacher": lambda: build_cross_teacher(args.out, args.work),
              "vllm-pair": lambda: build_vllm_pair(args.out, args.work),

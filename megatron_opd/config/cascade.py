@@ -26,22 +26,25 @@ class SelectSpec(Strict):
 
 
 class CompareSpec(Strict):
-    """Methods side by side on one domain at an equal budget of trained response tokens (the results
-    table: continued SFT vs OPD vs GRPO from one cold start). Every method lists its grid points
-    (earlier training stages from the same init); the grid point is picked on held-out rows
-    ``offset..offset+samples-1`` and reported on the cascade's eval rows, with an accuracy-vs-tokens
-    curve from its HF snapshots (training stages need ``train.hf_snapshots`` and ``log_interval=1``)."""
+    """Methods side by side on one domain at an equal compute budget (the results table: continued SFT vs
+    OPD vs GRPO from one SFT checkpoint). Every method lists its grid points (earlier training stages
+    from the same init); the grid point is picked on held-out rows ``offset..offset+samples-1`` and
+    reported on the cascade's eval rows, with an accuracy-vs-compute curve from its HF snapshots
+    (training stages need ``train.hf_snapshots`` and ``log_interval=1``)."""
 
     domain: str = Field(description="the domain the methods are compared on")
     methods: dict[str, list[str]] = Field(min_length=2, description="method -> its grid: earlier training stages")
     focus: str = Field("opd", description="the method whose goals are checked against the others")
-    reach: str | None = Field("grpo", description="tokens for `focus` to reach this method's accuracy at the budget")
-    reach_fraction: float = Field(1 / 9, gt=0, le=1, description="goal: focus needs <= this share of reach's tokens")
+    reach: str | None = Field("grpo", description="compute for `focus` to reach this method's accuracy at the budget")
+    reach_fraction: float = Field(1 / 9, gt=0, le=1, description="goal: focus needs <= this share of reach's compute")
     teacher: Path | None = Field(None, description="HF dir of the focus method's teacher (goal: >= teacher_fraction of it)")
     teacher_fraction: float = Field(0.9, gt=0, le=1, description="goal (with `teacher`): focus reaches >= this "
                                     "share of the teacher's accuracy")
-    token_budget: int | None = Field(None, ge=1, description="None: the largest total any grid point of the "
-                                     "method with the fewest tokens reached")
+    cost: Literal["flops", "tokens"] = Field("flops", description="what the budget and the curves count: FLOPs "
+                                             "(student training, sampling, teacher scoring and the SFT data's teacher "
+                                             "sampling; pipeline/compare.py) or trained response tokens")
+    budget: float | None = Field(None, gt=0, description="in `cost`'s unit; None: the largest total any grid point of "
+                                 "the method that spent least reached")
     offset: int = Field(100, ge=0, description="grid-choice rows: test[offset : offset + samples]")
     samples: int = Field(100, ge=1, description="grid-choice rows (from offset)")
 
@@ -87,7 +90,8 @@ class CascadeStage(Strict):
     overrides: list[str] = Field(default_factory=list, description="dotted key=value overrides of the stage "
                                  "recipe (training stages only)")
     init: str | None = Field(None, description="student: None = the previous training stage's output; "
-                             "a stage name = its output; 'select:<stage>/<domain>' = a pick; else an HF directory")
+                             "a stage name = its output; 'start' = the cascade's start; 'select:<stage>/<domain>' = a pick; "
+                             "else an HF directory")
     teachers_from: str | None = Field(None, description="a select stage: its picks become teachers.teachers.<domain>.model")
     select: SelectSpec | None = Field(None, description="a select stage: picks a checkpoint per domain by held-out "
                                       "eval")
@@ -137,6 +141,8 @@ class CascadeConfig(Strict):
     eval: EvalConfig = Field(description="the held-out eval of the start and of every training stage's output "
                              "(world_dir required)")
     stages: list[CascadeStage] = Field(min_length=1, description="the stages, run in order")
+    seed: int | None = Field(None, description="every training stage's train.seed (the whole cascade repeated at "
+                             "another seed: `seed=2 run.output_dir=...`); None: each stage recipe's own")
     expect_rises: bool = Field(False, description="goal: every domain's greedy accuracy rises at every training "
                                "stage; the run prints and reports whether it did (leave off for cascades with a "
                                "stage built to fall, such as recovery's regression, or side-by-side comparisons)")

@@ -1,7 +1,7 @@
 """Run a cascade: stages in order, each a normal ``opd run`` of its recipe in its own directory,
 starting from the previous stage's output; every stage's output is evaluated on the held-out
 splits, ``select`` stages pick per-domain teachers by measured eval, ``compare`` stages put methods
-side by side at an equal token budget, and a report is written.
+side by side at an equal compute budget, and a report is written.
 
 A stage that finished is not run again when the cascade is re-run (its evaluation is kept in
 ``cascade_state.json``) as long as its inputs are unchanged; a finished stage whose config or input
@@ -22,8 +22,9 @@ from typing import Any, Callable
 import yaml
 
 from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
-from megatron_opd.pipeline.compare import (as_dict, at_budget, comparison_goals, cumulative_tokens, specialist_rows,
-                                           stage_checkpoints)
+from megatron_opd.pipeline.compare import (COSTS, as_dict, at_budget, common_reach, comparison_goals, cumulative_flops,
+                                           cumulative_tokens, specialist_rows, stage_checkpoints, stage_cost,
+                                           step_records)
 from megatron_opd.pipeline.inputs import input_changes, stage_inputs
 from megatron_opd.pipeline.report import read_metrics, rises_verdict, teacher_goal_verdict, write_cascade_report
 from megatron_opd.platform.local_ranks import die_with_parent, supervise
@@ -73,6 +74,8 @@ class CascadeRunner:
     def _init_for(self, stage: CascadeStage, previous: Path) -> Path:
         if stage.init is None:
             return previous
+        if stage.init == "start":
+            return Path(self.cfg.start)
         if stage.init.startswith("select:"):
             return self._pick(stage.init[len("select:"):])
         if stage.init in self.state:
@@ -93,7 +96,8 @@ class CascadeRunner:
     # -- stages ------------------------------------------------------------------------------------
     def _stage_args(self, stage: CascadeStage, init: Path) -> tuple[Any, list[str]]:
         """The stage's resolved config and the overrides the runner adds to its recipe."""
-        extra = [f"run.output_dir={self.out / stage.name}", f"model.hf_path={init}"]
+        extra = [f"run.output_dir={self.out / stage.name}", f"model.hf_path={init}",
+                 *([f"train.seed={self.cfg.seed}"] if self.cfg.seed is not None else [])]
         tracking = self.cfg.run.wandb
         if tracking is not None:  # every training stage its own W&B run, named after the cascade and the stage
             extra += [f"run.wandb.project={tracking.project}", f"run.wandb.mode={tracking.mode}",
@@ -165,42 +169,55 @@ class CascadeRunner:
                 cache[key] = self.evaluate(Path(path), [spec.domain], offset, samples, False)[spec.domain]["accuracy"]
             return cache[key]
 
-        points = {}
+        unit, points, parts = spec.cost, {}, {}
         for grid in spec.methods.values():
             for name in grid:
                 done = self.state[name]
-                steps = int(yaml.safe_load((Path(done["dir"]) / "config.yaml").read_text())["train"]["steps"])
+                config = yaml.safe_load((Path(done["dir"]) / "config.yaml").read_text())
+                steps, rows = int(config["train"]["steps"]), read_metrics(done["dir"])
                 try:
-                    tokens = cumulative_tokens(read_metrics(done["dir"]), steps, name)
-                except ValueError as exc:
+                    tokens = cumulative_tokens(rows, steps, name)
+                    cost = stage_cost(config, done["init"], spec.domain) if unit == "flops" else None
+                    flops = cumulative_flops(rows, steps, name, cost) if cost else None
+                except (ValueError, KeyError, OSError) as exc:
                     raise StageFailed(f"stage {stage.name!r}: {exc}") from None
-                points[name] = stage_checkpoints(done["dir"], done["init"], steps, tokens)
+                points[name] = stage_checkpoints(done["dir"], done["init"], steps, tokens, flops)
+                parts[name] = (cost, rows)
         # every method can spend the budget with at least one grid point (a collapsed run that stopped
         # producing tokens does not shrink everyone's budget; it is judged at its own final checkpoint)
-        budget = float(spec.token_budget or min(max(points[g][-1].tokens for g in grid) for grid in spec.methods.values()))
-        self.log(f"[cascade] {stage.name}: {spec.domain} at a budget of {budget:.0f} trained response tokens")
+        budget = float(spec.budget or min(max(points[g][-1].cost(unit) for g in grid) for grid in spec.methods.values()))
+        self.log(f"[cascade] {stage.name}: {spec.domain} at a budget of {budget:.4g} {COSTS[unit]}")
         methods: dict[str, dict[str, Any]] = {}
         for method, grid in spec.methods.items():
             tried = {}
             for name in grid:
-                point = at_budget(points[name], budget)
+                point = at_budget(points[name], budget, unit)
                 tried[name] = {"checkpoint": as_dict(point), "choice_accuracy": accuracy(point.path, spec.offset, spec.samples)}
-                self.log(f"[cascade] {stage.name}: {method} grid point {name}: {point.tokens:.0f} tokens, "
+                self.log(f"[cascade] {stage.name}: {method} grid point {name}: {point.cost(unit):.4g} {COSTS[unit]}, "
                          f"accuracy {tried[name]['choice_accuracy']:.3f} on rows {spec.offset}..{spec.offset + spec.samples - 1}")
             pick = max(grid, key=lambda g: tried[g]["choice_accuracy"])  # the first listed wins a tie
-            curve = [[p.tokens, accuracy(p.path, 0, n)] for p in points[pick] if p.tokens <= budget]
-            reported = at_budget(points[pick], budget)
-            methods[method] = {"pick": pick, "grid": tried, "tokens": reported.tokens, "checkpoint": reported.path,
-                               "accuracy": accuracy(reported.path, 0, n), "curve": curve}
+            curve = [[p.cost(unit), accuracy(p.path, 0, n)] for p in points[pick] if p.cost(unit) <= budget]
+            reported = at_budget(points[pick], budget, unit)
+            methods[method] = {"pick": pick, "grid": tried, "cost": reported.cost(unit), "tokens": reported.tokens,
+                               "flops": reported.flops, "checkpoint": reported.path,
+                               "accuracy": accuracy(reported.path, 0, n), "curve": curve,
+                               "flops_by_part": _flops_by_part(*parts[pick], reported.step)}
             self.log(f"[cascade] {stage.name}: {method} -> {pick}: accuracy {methods[method]['accuracy']:.3f} "
-                     f"after {reported.tokens:.0f} tokens ({reported.tokens / budget:.1%} of the budget)")
+                     f"after {reported.cost(unit):.4g} {COSTS[unit]} ({reported.cost(unit) / budget:.1%} of the budget)"
+                     + "".join(f"; {k} {v:.3g}" for k, v in methods[method]["flops_by_part"].items()))
         teacher = accuracy(spec.teacher, 0, n) if spec.teacher else None
-        goals = comparison_goals(methods, spec.focus, spec.reach, spec.reach_fraction, teacher, spec.teacher_fraction)
+        goals = comparison_goals(methods, spec.focus, spec.reach, spec.reach_fraction, teacher, spec.teacher_fraction,
+                                 "FLOPs" if unit == "flops" else "tokens")
+        common = common_reach(methods, spec.focus)
+        self.log(f"[cascade] {stage.name}: best accuracy every method reaches {common['accuracy']:.3f}; cost to reach it: "
+                 + ", ".join(f"{m} {c:.4g} ({common['ratio_to_focus'][m]:.3g}x {spec.focus})" if c and common['ratio_to_focus'][m]
+                             else f"{m} {c}" for m, c in common["cost"].items()))
         for goal in goals:
             self.log(f"[cascade] {stage.name}: goal {goal['goal']}: {_verdict(goal['met'])} ({goal['measured']})")
-        return {"name": stage.name, "kind": "compare", "spec": spec.model_dump(mode="json"), "domain": spec.domain, "token_budget": budget, "methods": methods,
-                "teacher": str(spec.teacher) if spec.teacher else None, "teacher_accuracy": teacher, "goals": goals,
-                "rows": f"0..{n - 1}", "choice_rows": f"{spec.offset}..{spec.offset + spec.samples - 1}",
+        return {"name": stage.name, "kind": "compare", "spec": spec.model_dump(mode="json"), "domain": spec.domain,
+                "unit": unit, "budget": budget, "methods": methods,
+                "common": common, "teacher": str(spec.teacher) if spec.teacher else None, "teacher_accuracy": teacher,
+                "goals": goals, "rows": f"0..{n - 1}", "choice_rows": f"{spec.offset}..{spec.offset + spec.samples - 1}",
                 "wall_s": time.perf_counter() - began}
 
     def _specialists_stage(self, stage: CascadeStage) -> dict[str, Any]:
@@ -308,6 +325,17 @@ def _rises(start: str, start_eval: dict[str, Any], stages: list[dict[str, Any]])
             if before is not None:
                 out[s["name"]] = {d: s["eval"][d]["accuracy"] - before[d]["accuracy"] for d in s["eval"] if d in before}
             evals[s["hf"]] = s["eval"]
+    return out
+
+
+def _flops_by_part(cost, rows: list[dict[str, Any]], through: int) -> dict[str, float]:
+    """A stage's FLOPs by part over its steps 1..``through`` (empty when the comparison counts tokens)."""
+    if cost is None:
+        return {}
+    out: dict[str, float] = {}
+    for record in step_records(rows, through, "").values():
+        for part, value in cost.step(record).items():
+            out[part] = out.get(part, 0.0) + value
     return out
 
 

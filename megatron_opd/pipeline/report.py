@@ -271,7 +271,7 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     for s in results["stages"]:
         if s["kind"] == "compare":
             lines += comparison_section(s)
-            plots.append((f"Comparison {s['name']}: accuracy vs trained tokens",
+            plots.append((f"Comparison {s['name']}: accuracy vs {_unit(s)}",
                           plot_comparison(s, plots_dir / f"compare_{s['name']}.png")))
         elif s["kind"] == "specialists":
             lines += specialists_section(s)
@@ -284,25 +284,44 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
 
 
 def comparison_section(s: dict[str, Any]) -> list[str]:
-    """Markdown for a compare stage: the picked grid point of every method at the token budget,
-    what each grid tried, the teacher, and every goal with its measured numbers."""
-    lines = [f"## Comparison `{s['name']}`: {s['domain']} at {s['token_budget']:.0f} trained response tokens", "",
+    """Markdown for a compare stage: the picked grid point of every method at the budget (FLOPs or
+    tokens), its FLOPs by part, what each grid tried, the teacher, the compute each method needs to
+    reach the best accuracy all of them reach, and every goal with its measured numbers."""
+    unit = _unit(s)
+    lines = [f"## Comparison `{s['name']}`: {s['domain']} at {s['budget']:.4g} {unit}", "",
              f"Each method's grid point is picked by greedy accuracy on held-out rows {s['choice_rows']}; the table "
              f"reports rows {s['rows']} at the last checkpoint within the budget.", "",
-             "| method | picked | tokens (share of budget) | accuracy | grid tried (accuracy on the choice rows @ tokens) |",
-             "|---|---|---|---|---|"]
+             f"| method | picked | {unit} (share of budget) | trained tokens | accuracy | grid tried (accuracy on the choice rows @ {unit}) |",
+             "|---|---|---|---|---|---|"]
     for method, m in s["methods"].items():
-        tried = ", ".join(f"`{name}` {g['choice_accuracy']:.3f} @ {g['checkpoint']['tokens']:.0f}" for name, g in m["grid"].items())
-        lines.append(f"| {method} | `{m['pick']}` | {m['tokens']:.0f} ({m['tokens'] / s['token_budget']:.0%}) | "
+        tried = ", ".join(f"`{name}` {g['choice_accuracy']:.3f} @ {_cost(g['checkpoint'], s):.3g}" for name, g in m["grid"].items())
+        lines.append(f"| {method} | `{m['pick']}` | {m['cost']:.3g} ({m['cost'] / s['budget']:.0%}) | {m['tokens']:.0f} | "
                      f"{m['accuracy']:.3f} | {tried} |")
     if s.get("teacher_accuracy") is not None:
-        lines.append(f"| teacher | `{s['teacher']}` | | {s['teacher_accuracy']:.3f} | |")
+        lines.append(f"| teacher | `{s['teacher']}` | | | {s['teacher_accuracy']:.3f} | |")
+    if any(m.get("flops_by_part") for m in s["methods"].values()):
+        lines += ["", "FLOPs by part at the reported checkpoint: " + "; ".join(
+            f"{method}: " + ", ".join(f"{k} {v:.3g}" for k, v in m["flops_by_part"].items()) for method, m in s["methods"].items())]
+    common = s.get("common")
+    if common:
+        focus = s["spec"]["focus"]
+        lines += ["", f"Best accuracy every method reaches: {common['accuracy']:.3f}; {unit} to first reach it: " + ", ".join(
+            f"{m} {c:.3g}" + (f" ({common['ratio_to_focus'][m]:.3g}x {focus})" if c and common["ratio_to_focus"][m] else "")
+            for m, c in common["cost"].items())]
     lines += ["", "| goal | met | measured |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {'n/a' if g['met'] is None else 'yes' if g['met'] else '**no**'} | {g['measured']} |"
               for g in s["goals"]]
-    lines += ["", "Accuracy vs tokens of each pick: " + "; ".join(
-        f"{method} " + ", ".join(f"{t:.0f}:{a:.2f}" for t, a in m["curve"]) for method, m in s["methods"].items()), ""]
+    lines += ["", f"Accuracy vs {unit} of each pick: " + "; ".join(
+        f"{method} " + ", ".join(f"{t:.3g}:{a:.2f}" for t, a in m["curve"]) for method, m in s["methods"].items()), ""]
     return lines
+
+
+def _unit(s: dict[str, Any]) -> str:
+    return "FLOPs" if s.get("unit") == "flops" else "trained response tokens"
+
+
+def _cost(checkpoint: dict[str, Any], s: dict[str, Any]) -> float:
+    return checkpoint["flops"] if s.get("unit") == "flops" else checkpoint["tokens"]
 
 
 def plot_comparison(s: dict[str, Any], path: Path) -> Path:
@@ -311,9 +330,10 @@ def plot_comparison(s: dict[str, Any], path: Path) -> Path:
         ax.plot(*zip(*m["curve"]), marker="o", label=f"{method} ({m['pick']})")
     if s.get("teacher_accuracy") is not None:
         ax.axhline(s["teacher_accuracy"], color="grey", linestyle="--", linewidth=1, label="teacher")
+    if s.get("unit") == "flops":
+        ax.set_xscale("symlog", linthresh=max(s["budget"] / 1000, 1.0))
     ax.set_ylim(-0.02, 1.02)
-    return _save(fig, ax, path, "trained response tokens", f"{s['domain']} held-out greedy accuracy",
-                 f"{s['name']}: equal-token comparison")
+    return _save(fig, ax, path, _unit(s), f"{s['domain']} held-out greedy accuracy", f"{s['name']}: equal-compute comparison")
 
 
 def specialists_section(s: dict[str, Any]) -> list[str]:

@@ -137,7 +137,10 @@ def run_sft(cfg: SFTStageConfig) -> SFTResult:
         result = optimizer_step(session.state)
         totals = sum_from_last_stage(results, ("nll_sum", "tokens"))
         done = step + 1
+        lengths = [len(train[i].input_ids) for i in indices]  # the whole global batch's (what its compute is counted by)
         record = {"train/loss": totals["nll_sum"] / max(totals["tokens"], 1.0), "train/tokens": totals["tokens"],
+                  "train/positions": sum(lengths), "train/positions_sq": sum(n * n for n in lengths),
+                  "data/new_rows": max(0, min(len(indices), len(train) - step * tcfg.global_batch_size)),  # first epoch
                   "train/grad_norm": result.grad_norm, "train/lr": result.lr, **router}
         if tcfg.eval_interval and done % tcfg.eval_interval == 0 and done != tcfg.steps and held_out:
             record["eval/loss"] = eval_loss()

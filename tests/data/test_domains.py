@@ -5,7 +5,7 @@ import json
 import pytest
 
 from megatron_opd.data.chat import DataError
-from megatron_opd.data.domains import DOMAINS, get_domain
+from megatron_opd.data.domains import DOMAINS, Verdict, get_domain
 from megatron_opd.data.domains.arithmetic import scratchpad
 from megatron_opd.data.world import draw, make_splits, read_rows, write_rows
 
@@ -80,6 +80,29 @@ def test_arithmetic_answers_are_long_enough_to_compound(tmp_path):
     lengths = [len(tokenizer(p.response)["input_ids"]) for p in problems]
     assert min(lengths) >= 30
     assert sum("+1=" in p.response for p in problems) > 50  # carries are common
+
+
+def test_multiply_scratchpad_against_hand_worked_example_and_its_length(tmp_path):
+    from megatron_opd.data.domains.multiply import scratchpad
+    from megatron_opd.data.tokenizer import build_char_tokenizer
+
+    # 47 x 36 by hand: 47 x 6 = 282 (7x6 = 42, carry 4; 4x6 + 4 = 28), 47 x 3 = 141, 282 + 1410 = 1692
+    assert scratchpad(47, 36) == ("47*6: 7*6+0=42 4*6+4=28 -> 282\n"
+                                  "47*3: 7*3+0=21 4*3+2=14 -> 141\n"
+                                  "282+1410: 2+0+0=2 8+1+0=9 2+4+0=6 0+1+0=1 -> 1692\n"
+                                  "answer: 1692")
+    domain = get_domain("multiply")
+    meta = {"a": 47, "b": 36}
+    assert domain.verify(meta, scratchpad(47, 36)) == Verdict(True, 1.0)
+    slipped = ("47*6: 7*6+0=42 4*6+4=27 -> 272\n"  # one slip, copied into every line after it that reads it
+               "47*3: 7*3+0=21 4*3+2=14 -> 141\n"
+               "272+1410: 2+0+0=2 7+1+0=8 2+4+0=6 0+1+0=1 -> 1682\n"
+               "answer: 1682")
+    assert domain.verify(meta, slipped) == Verdict(False, 1 / 4)
+    assert domain.verify(meta, "answer: 1692").correct and domain.verify(meta, "answer: 1692").format_score == 0.0
+    tokenizer = build_char_tokenizer(tmp_path / "tok")
+    lengths = [len(tokenizer(p.response)["input_ids"]) for p in draw(domain, 300, seed=0)]
+    assert 130 <= min(lengths) and max(lengths) <= 340 and sum(lengths) / len(lengths) > 180  # a long horizon
 
 
 def test_malformed_world_rows_name_file_and_line(tmp_path):

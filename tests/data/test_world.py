@@ -5,7 +5,7 @@ import json
 import pytest
 
 from helpers import REPO, opd
-from megatron_opd.data.domains import DOMAINS, get_domain
+from megatron_opd.data.domains import TINY_WORLD as DOMAINS, get_domain
 from megatron_opd.data.world import make_splits, read_rows
 
 WORLD = REPO / "assets" / "tiny"

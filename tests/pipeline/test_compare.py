@@ -5,11 +5,19 @@ numbers are checked against the runs' own metrics and an independent evaluation.
 import json
 
 import pytest
+import torch
 
 from helpers import REPO, opd
 from megatron_opd.config import ConfigError, load_recipe
-from megatron_opd.pipeline.compare import (at_budget, comparison_goals, cumulative_tokens, specialist_rows,
-                                           stage_checkpoints, tokens_to_reach)
+from megatron_opd.model.cost import Shape
+from megatron_opd.pipeline.compare import (StageCost, at_budget, common_reach, comparison_goals, cumulative_flops,
+                                           cumulative_tokens, data_cost, specialist_rows, stage_checkpoints, tokens_to_reach)
+
+# hidden 4, ffn 8, 2 layers, 2 heads of 2, 1 kv head, vocab 10, tied: per layer 4 x (4 + 2 x 2) + 4 x 4 + 3 x 4 x 8 = 144
+# matmul weights, 2 x 144 + 10 x 4 (the LM head) = 328 in all; a forward over P positions (sum of squares Q) costs
+# 2 x 328 x P + 2 x 2 layers x 4 x Q = 656 P + 16 Q FLOPs, training three times that
+TINY = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "head_dim": 2, "vocab_size": 10, "tie_word_embeddings": True}
 
 
 def test_cumulative_tokens_sums_every_step_and_a_resume_wins():
@@ -18,6 +26,42 @@ def test_cumulative_tokens_sums_every_step_and_a_resume_wins():
     assert cumulative_tokens(rows, 3, "a") == {0: 0.0, 1: 10.0, 2: 22.0, 3: 29.0}
     with pytest.raises(ValueError, match=r"stage 'a' logged train/tokens at 3 of 4 steps \(first missing: step 4\).*log_interval=1"):
         cumulative_tokens(rows, 4, "a")
+
+
+def test_flops_per_step_by_method_against_hand_numbers(tmp_path):
+    student = Shape.of(TINY)
+    record = {"step": 1, "train/tokens": 4, "train/positions": 10, "train/positions_sq": 60, "data/new_rows": 3}
+    forward = 656 * 10 + 16 * 60  # 7,520
+    assert StageCost("grpo", student).step(record) == {"student training": 3 * forward, "student sampling": forward}
+    assert StageCost("opd", student, teacher=student).step(record) == {
+        "student training": 3 * forward, "student sampling": forward, "teacher scoring": forward}
+    assert StageCost("sft", student, data_flops_per_row=100.0).step(record) == {
+        "student training": 3 * forward, "teacher sampling (SFT data)": 300.0}
+    rows = [record, {**record, "step": 2, "data/new_rows": 0}]
+    assert cumulative_flops(rows, 2, "s", StageCost("sft", student, data_flops_per_row=100.0)) == {
+        0: 0.0, 1: 3 * forward + 300.0, 2: 6 * forward + 300.0}
+    with pytest.raises(ValueError, match=r"stage 's' did not log train/positions .* at step 1"):
+        cumulative_flops([{"step": 1, "train/tokens": 4}], 1, "s", StageCost("grpo", student))
+    # a mixture of experts counts its active experts: 2 of them 3 wide = one dense MLP 6 wide
+    moe = {**TINY, "intermediate_size": 999, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 3}
+    assert Shape.of(moe).ffn == 6
+    # an SFT data file's teacher cost: the sidecar's sampled positions through the teacher, over its rows
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "d.jsonl").write_text('{"a": 1}\n{"a": 2}\n\n')
+    (tmp_path / "d.cost.json").write_text(json.dumps({"teacher_config": "teacher/config.json", "positions": 10,
+                                                       "positions_sq": 60, "samples": 4, "kept": 2}))
+    (tmp_path / "plain.jsonl").write_text('{"a": 1}\n')
+    assert data_cost(tmp_path / "d.jsonl") == (forward, 2) and data_cost(tmp_path / "plain.jsonl") == (0.0, 1)
+
+
+def test_common_reach_is_the_best_accuracy_every_method_reaches():
+    methods = {"opd": {"curve": [(0.0, 0.1), (10.0, 0.5), (20.0, 0.8)]},
+               "sft": {"curve": [(0.0, 0.1), (50.0, 0.4), (100.0, 0.6), (150.0, 0.55)]},
+               "grpo": {"curve": [(0.0, 0.1), (40.0, 0.7)]}}
+    common = common_reach(methods, "opd")
+    assert common == {"accuracy": 0.6, "cost": {"opd": 20.0, "sft": 100.0, "grpo": 40.0},
+                      "ratio_to_focus": {"opd": 1.0, "sft": 5.0, "grpo": 2.0}}
 
 
 def test_stage_checkpoints_budget_and_reach(tmp_path):
@@ -36,16 +80,16 @@ def test_stage_checkpoints_budget_and_reach(tmp_path):
 
 def test_comparison_goals_against_hand_numbers():
     methods = {
-        "opd": {"accuracy": 0.95, "tokens": 1000.0, "curve": [(0.0, 0.0), (100.0, 0.2), (500.0, 0.95)]},
-        "sft": {"accuracy": 0.97, "tokens": 990.0, "curve": []},
-        "grpo": {"accuracy": 0.2, "tokens": 1000.0, "curve": []},
+        "opd": {"accuracy": 0.95, "cost": 1000.0, "curve": [(0.0, 0.0), (100.0, 0.2), (500.0, 0.95)]},
+        "sft": {"accuracy": 0.97, "cost": 990.0, "curve": []},
+        "grpo": {"accuracy": 0.2, "cost": 1000.0, "curve": []},
     }
     goals = {g["goal"]: g for g in comparison_goals(methods, "opd", "grpo", 1 / 9, 1.0, 0.9)}
     assert goals["opd >= 90% of the teacher's accuracy"]["met"]  # 0.95 >= 0.9
     assert not goals["opd above sft at equal tokens"]["met"]  # 0.95 < 0.97: reported, not hidden
     assert goals["opd above grpo at equal tokens"]["met"]
     reach = goals["opd reaches grpo's final accuracy with <= 0.111 of its tokens"]
-    assert reach["met"] and "after 100 tokens (0.100 of them)" in reach["measured"]  # 100 / 1000
+    assert reach["met"] and "after 100 (0.100 of them)" in reach["measured"]  # 100 / 1000
     methods["opd"]["curve"] = [(0.0, 0.0), (200.0, 0.2)]
     reach = comparison_goals(methods, "opd", "grpo", 1 / 9, None, 0.9)[-1]
     assert not reach["met"] and "(0.200 of them)" in reach["measured"]
@@ -54,9 +98,9 @@ def test_comparison_goals_against_hand_numbers():
 def test_focus_never_wins_by_more_tokens_and_a_vacuous_reach_is_not_met():
     methods = {
         # OPD is ahead at its budget checkpoint (1000 tokens) but behind at SFT's 600 tokens
-        "opd": {"accuracy": 0.9, "tokens": 1000.0, "curve": [(0.0, 0.1), (500.0, 0.4), (1000.0, 0.9)]},
-        "sft": {"accuracy": 0.5, "tokens": 600.0, "curve": []},
-        "grpo": {"accuracy": 0.1, "tokens": 1000.0, "curve": []},  # no better than the start
+        "opd": {"accuracy": 0.9, "cost": 1000.0, "curve": [(0.0, 0.1), (500.0, 0.4), (1000.0, 0.9)]},
+        "sft": {"accuracy": 0.5, "cost": 600.0, "curve": []},
+        "grpo": {"accuracy": 0.1, "cost": 1000.0, "curve": []},  # no better than the start
     }
     goals = {g["goal"]: g for g in comparison_goals(methods, "opd", "grpo", 1 / 9, None, 0.9)}
     above = goals["opd above sft at equal tokens"]
@@ -68,10 +112,12 @@ def test_focus_never_wins_by_more_tokens_and_a_vacuous_reach_is_not_met():
 def test_report_sections_have_consistent_columns():
     from megatron_opd.pipeline.report import comparison_section, specialists_section
 
-    cmp = {"name": "c", "domain": "arithmetic", "token_budget": 100.0, "choice_rows": "100..199", "rows": "0..99",
-           "teacher": "t", "teacher_accuracy": 1.0,
-           "methods": {m: {"pick": f"{m}_a", "tokens": 90.0, "accuracy": 0.5, "curve": [(0.0, 0.0), [90.0, 0.5]],
-                           "grid": {f"{m}_a": {"choice_accuracy": 0.4, "checkpoint": {"tokens": 90.0}}}}
+    cmp = {"name": "c", "domain": "arithmetic", "unit": "flops", "budget": 100.0, "choice_rows": "100..199", "rows": "0..99",
+           "teacher": "t", "teacher_accuracy": 1.0, "spec": {"focus": "opd"},
+           "common": {"accuracy": 0.5, "cost": {"opd": 45.0, "sft": 90.0}, "ratio_to_focus": {"opd": 1.0, "sft": 2.0}},
+           "methods": {m: {"pick": f"{m}_a", "cost": 90.0, "tokens": 7.0, "accuracy": 0.5, "curve": [(0.0, 0.0), [90.0, 0.5]],
+                           "flops_by_part": {"student training": 90.0},
+                           "grid": {f"{m}_a": {"choice_accuracy": 0.4, "checkpoint": {"tokens": 7.0, "flops": 90.0}}}}
                        for m in ("opd", "sft")},
            "goals": [{"goal": "g1", "met": True, "measured": "x"}, {"goal": "g2", "met": None, "measured": "n/a: y"}]}
     seq = {"consolidated": "mopd", "sequential": "seq", "margin": 0.02,
@@ -89,7 +135,8 @@ def test_report_sections_have_consistent_columns():
         for table in filter(None, tables):
             assert len({row.count("|") for row in table}) == 1, table
     text = "\n".join(comparison_section(cmp))
-    assert "| g2 | n/a | n/a: y |" in text and "90 (90%)" in text
+    assert "| g2 | n/a | n/a: y |" in text and "| 90 (90%) | 7 |" in text and "at 100 FLOPs" in text
+    assert "to first reach it: opd 45 (1x opd), sft 90 (2x opd)" in text
 
 
 def test_specialist_rows_against_hand_numbers():
@@ -106,17 +153,18 @@ def test_specialist_rows_against_hand_numbers():
 
 def test_compare_recipes_fail_at_load_not_after_training(tmp_path):
     recipe = REPO / "recipes" / "tiny" / "compare_methods.yaml"
-    cfg = load_recipe(recipe, ["methods.compare.token_budget=5000"])  # edits the measuring stage's own spec
-    assert cfg.stages[-1].compare.token_budget == 5000
-    with pytest.raises(ConfigError, match=r"stages.3 \(sft_lr3e-3\): compared by 'methods', so it needs "
-                                          r"train.log_interval=1.*\(has 10, true, 20\)"):
-        load_recipe(recipe, ["sft_lr3e-3.train.log_interval=10"])
+    cfg = load_recipe(recipe, ["methods.compare.budget=5e12"])  # edits the measuring stage's own spec
+    assert cfg.stages[-1].compare.budget == 5e12
+    assert cfg.seed == 1 and {s.init for s in cfg.stages[:-1]} == {"start"}
+    with pytest.raises(ConfigError, match=r"stages.3 \(sft_lr3e-4\): compared by 'methods', so it needs "
+                                          r"train.log_interval=1.*\(has 10, true, 40\)"):
+        load_recipe(recipe, ["sft_lr3e-4.train.log_interval=10"])
     with pytest.raises(ConfigError, match=r"offset 50 overlaps the reported rows 0..99"):
         load_recipe(recipe, ["methods.compare.offset=50"])
     with pytest.raises(ConfigError, match=r"reach: 'opd' is the focus method"):
         load_recipe(recipe, ["methods.compare.reach=opd"])
-    with pytest.raises(ConfigError, match=r"\['opd_lr3e-3'\] listed more than once"):
-        load_recipe(recipe, ["methods.compare.methods.sft=[opd_lr3e-3]"])
+    with pytest.raises(ConfigError, match=r"\['opd_lr1e-3'\] listed more than once"):
+        load_recipe(recipe, ["methods.compare.methods.sft=[opd_lr1e-3]"])
     with pytest.raises(ConfigError, match=r"\['overrides'\] only apply to training stages"):
         load_recipe(recipe, ["methods.overrides=[a=1]"])
 
@@ -174,25 +222,47 @@ def test_real_comparison_at_equal_tokens(tmp_path):
     results = json.loads((out / "results.json").read_text())
     cmp = next(s for s in results["stages"] if s["kind"] == "compare")
 
-    def tokens(stage):  # independent: sum the run's own per-step records
-        rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
-        return sum(r["train/tokens"] for r in rows if "train/tokens" in r)
+    def matmul_weights(hf_dir):  # independent of model/cost.py: transformers' own modules, the LM head included
+        from transformers import AutoModelForCausalLM
 
-    def steps_tokens(stage):  # independent: cumulative tokens per step from the run's own records
+        model = AutoModelForCausalLM.from_pretrained(hf_dir)
+        layers = sum(m.weight.numel() for name, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and ".layers." in name)
+        config = model.config
+        return layers + model.lm_head.weight.numel(), 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim
+
+    def forward(hf_dir, r):  # 2 FLOPs per weight and position, plus causal attention's two L^2/2 x d_q products per layer
+        weights, attention = matmul_weights(hf_dir)
+        return 2 * weights * r["train/positions"] + attention * r["train/positions_sq"]
+
+    student, teacher = f"{REPO}/assets/tiny/student_init", f"{REPO}/assets/tiny/teachers/arithmetic"
+    step_flops = {"opd_a": lambda r: 4 * forward(student, r) + forward(teacher, r),  # train 3 + sample 1 + teacher 1
+                  "grpo_a": lambda r: 4 * forward(student, r),  # SFT's rows are reference solutions: no sampling cost
+                  "sft_a": lambda r: 3 * forward(student, r), "sft_b": lambda r: 3 * forward(student, r)}
+
+    def cumulative(stage):  # independent: cumulative tokens and FLOPs per step from the run's own records
         rows = [json.loads(line) for line in (out / stage / "metrics.jsonl").read_text().splitlines()]
-        per_step = {r["step"]: r["train/tokens"] for r in rows if "train/tokens" in r}
-        return [sum(per_step[k] for k in range(1, s + 1)) for s in range(0, 4)]
+        per_step = {r["step"]: r for r in rows if "train/tokens" in r}
+        return ([sum(per_step[k]["train/tokens"] for k in range(1, s + 1)) for s in range(0, 4)],
+                [sum(step_flops[stage](per_step[k]) for k in range(1, s + 1)) for s in range(0, 4)])
 
     grids = {"opd": ["opd_a"], "sft": ["sft_a", "sft_b"], "grpo": ["grpo_a"]}
-    totals = {g: steps_tokens(g) for grid in grids.values() for g in grid}
-    budget = min(max(totals[g][-1] for g in grid) for grid in grids.values())
-    assert cmp["token_budget"] == budget > 0
+    tokens, flops = {}, {}
+    for g in step_flops:
+        tokens[g], flops[g] = cumulative(g)
+    budget = min(max(flops[g][-1] for g in grid) for grid in grids.values())
+    assert cmp["unit"] == "flops" and cmp["budget"] == pytest.approx(budget, rel=1e-9) and budget > 0
     for method, m in cmp["methods"].items():
         for name, tried in m["grid"].items():  # every step is a snapshot here: the last one within the budget
-            expected = max(s for s in range(4) if totals[name][s] <= budget)
-            assert (tried["checkpoint"]["step"], tried["checkpoint"]["tokens"]) == (expected, totals[name][expected])
-        assert m["tokens"] == m["grid"][m["pick"]]["checkpoint"]["tokens"] > 0
-        assert [t for t, _ in m["curve"]] == [t for t in totals[m["pick"]] if t <= budget]
+            expected = max(s for s in range(4) if flops[name][s] <= budget * (1 + 1e-9))
+            point = tried["checkpoint"]
+            assert (point["step"], point["tokens"]) == (expected, tokens[name][expected])
+            assert point["flops"] == pytest.approx(flops[name][expected], rel=1e-9)
+        assert m["cost"] == m["flops"] == m["grid"][m["pick"]]["checkpoint"]["flops"] > 0
+        assert sum(m["flops_by_part"].values()) == pytest.approx(m["flops"], rel=1e-9)
+        assert [t for t, _ in m["curve"]] == pytest.approx([f for f in flops[m["pick"]] if f <= budget * (1 + 1e-9)])
+    assert set(cmp["methods"]["opd"]["flops_by_part"]) == {"student training", "student sampling", "teacher scoring"}
+    assert cmp["common"]["ratio_to_focus"]["opd"] in (1.0, None)
     # the reported accuracy of OPD's pick, re-measured by the CLI's own evaluation of that checkpoint
     opd_point = cmp["methods"]["opd"]["grid"]["opd_a"]["checkpoint"]
     again = opd("eval", opd_point["path"], "--domains", "arithmetic", "--samples", "3",
@@ -200,7 +270,7 @@ def test_real_comparison_at_equal_tokens(tmp_path):
     assert json.loads((tmp_path / "e.json").read_text())["arithmetic"]["accuracy"] == cmp["methods"]["opd"]["accuracy"], again.stdout
     assert cmp["teacher_accuracy"] is not None and len(cmp["goals"]) == 4
     report = (out / "report.md").read_text()
-    assert "Comparison `cmp`: arithmetic at" in report and "| goal | met | measured |" in report
+    assert "Comparison `cmp`: arithmetic at" in report and "FLOPs by part at the reported checkpoint" in report and "| goal | met | measured |" in report
     assert (out / "plots" / "compare_cmp.png").read_bytes()[:4] == b"\x89PNG"
     assert "[cascade] cmp:" in run.stdout
     # the specialists table is read from the stages' own evaluations

@@ -39,9 +39,14 @@ class Shape:
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> "Shape":
+        """From an HF config.json; a mixture-of-experts config by its *active* MLP (top-k experts' width; the
+        router's hidden x experts weights, under 1% of a layer here, are not counted)."""
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
-        return cls(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"], heads,
+        ffn = config["intermediate_size"]
+        if config.get("num_experts"):
+            ffn = config["moe_intermediate_size"] * config["num_experts_per_tok"]
+        return cls(config["hidden_size"], ffn, config["num_hidden_layers"], heads,
                    config["num_key_value_heads"], head_dim, config["vocab_size"], bool(config.get("tie_word_embeddings")))
 
     @property
