@@ -221,6 +221,19 @@ def report(run_dir: Path) -> None:
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def seeds(run_dirs: List[Path] = typer.Argument(..., help="the same cascade's run directories, one per seed")) -> None:
+    """One cascade run at several seeds side by side: each stage's accuracy as mean [min..max], each comparison's
+    methods and cost ratios, and how many runs met every goal."""
+    from megatron_opd.pipeline.seeds import load_runs, seeds_summary
+
+    try:
+        lines = seeds_summary(load_runs(run_dirs))
+    except (ValueError, KeyError) as exc:
+        fail(f"opd seeds: {exc}")
+    typer.echo("\n".join(lines))
+
+
 @convert_app.command("hf-to-megatron")
 def hf_to_megatron(
     src: Path, dst: Path,
