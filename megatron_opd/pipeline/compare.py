@@ -96,7 +96,7 @@ def stage_cost(config: dict[str, Any], init: str | Path, domain: str) -> StageCo
 
 def step_records(rows: list[dict[str, Any]], steps: int, stage: str) -> dict[int, dict[str, Any]]:
     """Each step's training record (1..steps); a resumed run's later record for a step wins. Every step must be logged."""
-    per_step = {int(r["step"]): r for r in rows if "train/tokens" in r}
+    per_step = {int(r["step"]): r for r in rows if "train/tokens" in r and 0 < int(r["step"]) <= steps}
     missing = [s for s in range(1, steps + 1) if s not in per_step]
     if missing:
         raise ValueError(f"compare: stage {stage!r} logged train/tokens at {steps - len(missing)} of {steps} steps "
