@@ -200,6 +200,7 @@ def build_long_teachers(out: Path, work: Path) -> None:
 
 def build_long_samples(out: Path) -> None:
     """Teacher samples (T=1, kept when verified) on every train prompt, in chunks: the cold start's and the fresh ones."""
+    from megatron_opd.data.chat import chat_ids
     from megatron_opd.eval.domains import load_hf_for_eval
     from megatron_opd.rollout.generation import generate
 
@@ -210,7 +211,7 @@ def build_long_samples(out: Path) -> None:
         drawn = {split: {"samples": 0, "positions": 0, "positions_sq": 0} for split in kept}  # rejected samples too
         for start in range(0, len(rows), 250):
             chunk = rows[start:start + 250]
-            prompts = [tok.apply_chat_template([r["messages"][0]], add_generation_prompt=True, tokenize=True) for r in chunk]
+            prompts = [chat_ids(tok, [r["messages"][0]], add_generation_prompt=True) for r in chunk]
             completions = generate(model, prompts, LONG_NEW_TOKENS, tok.eos_token_id, tok.pad_token_id, temperature=1.0,
                                    seed=start)
             for i, (row, prompt, completion) in enumerate(zip(chunk, prompts, completions), start):

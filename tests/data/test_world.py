@@ -83,3 +83,40 @@ def test_the_other_tokenizer_teacher_masters_arithmetic_in_its_own_tokens(tmp_pa
     pieces = bpe.convert_ids_to_tokens(bpe(answer, add_special_tokens=False)["input_ids"])
     assert "answer:" in pieces and len(pieces) < len(answer)  # merges (digits stay single, as in Qwen's tokenizer)
     assert _eval(teacher, tmp_path, "bpe", "arithmetic")["arithmetic"]["accuracy"] >= 0.9
+
+
+LONG = REPO / "assets" / "tiny_long"
+
+
+def test_the_long_world_is_what_its_builder_makes_and_its_sft_data_is_the_teachers_verified_samples():
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from make_tiny_world import LONG_COLD, LONG_TRAIN
+
+    from megatron_opd.pipeline.compare import data_cost
+
+    splits = make_splits("multiply", LONG_TRAIN, 200, seed=0)
+    for split in ("train", "test"):
+        assert read_rows(LONG / "data" / "multiply" / f"{split}.jsonl") == [{**r, "meta": json.loads(r["meta"])} for r in splits[split]]
+    train = [r["messages"][0]["content"] for r in splits["train"]]
+    cold, fresh = (read_rows(LONG / "data" / "multiply" / f"{name}.jsonl") for name in ("cold_start", "fresh"))
+    assert {r["messages"][0]["content"] for r in cold} <= set(train[:LONG_COLD])  # the cold start's prompts ...
+    assert {r["messages"][0]["content"] for r in fresh} <= set(train[LONG_COLD:])  # ... never the fresh data's
+    domain = get_domain("multiply")
+    for row in cold + fresh:
+        assert domain.verify(row["meta"], row["messages"][1]["content"]).correct
+    for name, rows, prompts in (("cold_start", cold, LONG_COLD), ("fresh", fresh, LONG_TRAIN - LONG_COLD)):
+        stats = json.loads((LONG / "data" / "multiply" / f"{name}.cost.json").read_text())
+        assert stats["samples"] == prompts and stats["kept"] == len(rows) >= 0.8 * prompts  # one sample per prompt
+        assert stats["positions"] > sum(len(r["messages"][1]["content"]) for r in rows)  # rejected samples count too
+        flops, n = data_cost(LONG / "data" / "multiply" / f"{name}.jsonl")
+        assert n == len(rows) and flops > 0
+
+
+@pytest.mark.slow
+def test_the_long_horizon_teacher_masters_multiplication(tmp_path):
+    out = tmp_path / "t.json"
+    opd("eval", str(LONG / "teachers" / "multiply"), "--world", str(LONG), "--samples", str(SAMPLES), "--json", str(out),
+        "--greedy-only", "--max-new-tokens", "400")
+    assert json.loads(out.read_text())["multiply"]["accuracy"] >= 0.9
