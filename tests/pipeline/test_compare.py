@@ -157,7 +157,7 @@ def test_compare_recipes_fail_at_load_not_after_training(tmp_path):
     assert cfg.stages[-1].compare.budget == 5e12
     assert cfg.seed == 1 and {s.init for s in cfg.stages[:-1]} == {"start"}
     with pytest.raises(ConfigError, match=r"stages.3 \(sft_lr3e-4\): compared by 'methods', so it needs "
-                                          r"train.log_interval=1.*\(has 10, true, 40\)"):
+                                          r"train.log_interval=1.*\(has 10, true, 10\)"):
         load_recipe(recipe, ["sft_lr3e-4.train.log_interval=10"])
     with pytest.raises(ConfigError, match=r"offset 50 overlaps the reported rows 0..99"):
         load_recipe(recipe, ["methods.compare.offset=50"])
