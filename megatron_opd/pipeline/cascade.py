@@ -209,9 +209,10 @@ class CascadeRunner:
         goals = comparison_goals(methods, spec.focus, spec.reach, spec.reach_fraction, teacher, spec.teacher_fraction,
                                  "FLOPs" if unit == "flops" else "tokens")
         common = common_reach(methods, spec.focus)
-        self.log(f"[cascade] {stage.name}: best accuracy every method reaches {common['accuracy']:.3f}; cost to reach it: "
-                 + ", ".join(f"{m} {c:.4g} ({common['ratio_to_focus'][m]:.3g}x {spec.focus})" if c and common['ratio_to_focus'][m]
-                             else f"{m} {c}" for m, c in common["cost"].items()))
+        for other, pair in common["pairs"].items():
+            self.log(f"[cascade] {stage.name}: {spec.focus} and {other} both reach {pair['accuracy']:.3f}: {spec.focus} after "
+                     f"{pair['focus_cost']:.4g} {COSTS[unit]}, {other} after {pair['cost']:.4g}"
+                     + (f" ({pair['ratio']:.3g}x)" if pair["ratio"] is not None else " (no gain over the start: no ratio)"))
         for goal in goals:
             self.log(f"[cascade] {stage.name}: goal {goal['goal']}: {_verdict(goal['met'])} ({goal['measured']})")
         return {"name": stage.name, "kind": "compare", "spec": spec.model_dump(mode="json"), "domain": spec.domain,

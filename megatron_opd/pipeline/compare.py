@@ -164,13 +164,26 @@ def accuracy_within(curve: list[tuple[float, float]], cost: float) -> tuple[floa
 
 
 def common_reach(methods: dict[str, dict[str, Any]], focus: str) -> dict[str, Any]:
-    """The best accuracy every method's curve reaches (the source's "x times cheaper" point), what each
-    method spent to first reach it, and each method's cost over the focus method's."""
-    best = min(max(a for _, a in m["curve"]) for m in methods.values())
-    cost = {name: cost_to_reach(m["curve"], best) for name, m in methods.items()}
-    base = cost[focus]
-    ratio = {name: (c / base if base else None) for name, c in cost.items()}
-    return {"accuracy": best, "cost": cost, "ratio_to_focus": ratio}
+    """The source's "x times cheaper": the compute each method spends to first reach an accuracy another one
+    reaches too. ``accuracy``: the best accuracy every method reaches, what each spent to first reach it
+    and its cost over the focus method's; ``pairs``: the same for the focus method and each other one alone
+    (the best accuracy both reach), so a method that never left the start does not hide the others' ratio.
+    A target no better than the start (every curve's first point) has no ratio (None)."""
+    start = max(sorted(m["curve"])[0][1] for m in methods.values())
+
+    def reach(names: list[str]) -> dict[str, Any]:
+        best = min(max(a for _, a in methods[n]["curve"]) for n in names)
+        cost = {n: cost_to_reach(methods[n]["curve"], best) for n in names}
+        base = cost[focus]
+        gained = best > start + 1e-9
+        return {"accuracy": best, "cost": cost,
+                "ratio_to_focus": {n: (c / base if gained and base and c is not None else None) for n, c in cost.items()}}
+
+    everyone = reach(list(methods))
+    pairs = {name: reach([focus, name]) for name in methods if name != focus}
+    return {**everyone, "start": start, "pairs": {name: {"accuracy": r["accuracy"], "focus_cost": r["cost"][focus],
+                                                          "cost": r["cost"][name], "ratio": r["ratio_to_focus"][name]}
+                                                   for name, r in pairs.items()}}
 
 
 def comparison_goals(methods: dict[str, dict[str, Any]], focus: str, reach: str | None, reach_fraction: float,

@@ -305,9 +305,10 @@ def comparison_section(s: dict[str, Any]) -> list[str]:
     common = s.get("common")
     if common:
         focus = s["spec"]["focus"]
-        lines += ["", f"Best accuracy every method reaches: {common['accuracy']:.3f}; {unit} to first reach it: " + ", ".join(
-            f"{m} {c:.3g}" + (f" ({common['ratio_to_focus'][m]:.3g}x {focus})" if c and common["ratio_to_focus"][m] else "")
-            for m, c in common["cost"].items())]
+        lines += ["", f"{unit} to first reach the best accuracy both reach (the source's \"x times cheaper\"): " + "; ".join(
+            f"{focus} and {m} reach {p['accuracy']:.3f}: {focus} after {p['focus_cost']:.3g}, {m} after {p['cost']:.3g} "
+            + (f"({p['ratio']:.3g}x)" if p["ratio"] is not None else "(no gain over the start: no ratio)")
+            for m, p in common["pairs"].items())]
     lines += ["", "| goal | met | measured |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {'n/a' if g['met'] is None else 'yes' if g['met'] else '**no**'} | {g['measured']} |"
               for g in s["goals"]]

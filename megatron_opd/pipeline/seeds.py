@@ -82,12 +82,13 @@ def seeds_summary(runs: list[dict[str, Any]]) -> list[str]:
 def _compare_lines(name: str, stages: list[dict[str, Any]]) -> list[str]:
     unit = "FLOPs" if stages[0].get("unit") == "flops" else "tokens"
     lines = ["", f"## `{name}`: {stages[0]['domain']}, cost in {unit}", "",
-             f"| method | accuracy at the budget | {unit} at the budget | picks | {unit} to the best common accuracy "
-             f"| x the focus method's |", "|---|---|---|---|---|---|"]
+             f"| method | accuracy at the budget | {unit} at the budget | picks | best accuracy it and the focus method "
+             f"both reach | its {unit} to reach it over the focus method's |", "|---|---|---|---|---|---|"]
     for method in stages[0]["methods"]:
         ms = [s["methods"][method] for s in stages]
-        reach = [s.get("common", {}).get("cost", {}).get(method) for s in stages]
-        ratio = [s.get("common", {}).get("ratio_to_focus", {}).get(method) for s in stages]
+        pairs = [s.get("common", {}).get("pairs", {}).get(method) for s in stages]
+        reach = [p["accuracy"] if p else None for p in pairs]
+        ratio = [p["ratio"] if p else None for p in pairs]
         lines.append(f"| {method} | {spread([m['accuracy'] for m in ms])} | {spread([m.get('cost', m.get('tokens')) for m in ms])} "
                      f"| {', '.join(m['pick'] for m in ms)} | {spread(reach)} | {spread(ratio)} |")
     common = [s.get("common", {}).get("accuracy") for s in stages]

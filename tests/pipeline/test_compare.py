@@ -60,8 +60,16 @@ def test_common_reach_is_the_best_accuracy_every_method_reaches():
                "sft": {"curve": [(0.0, 0.1), (50.0, 0.4), (100.0, 0.6), (150.0, 0.55)]},
                "grpo": {"curve": [(0.0, 0.1), (40.0, 0.7)]}}
     common = common_reach(methods, "opd")
-    assert common == {"accuracy": 0.6, "cost": {"opd": 20.0, "sft": 100.0, "grpo": 40.0},
-                      "ratio_to_focus": {"opd": 1.0, "sft": 5.0, "grpo": 2.0}}
+    assert {k: common[k] for k in ("accuracy", "cost", "ratio_to_focus", "start")} == {
+        "accuracy": 0.6, "cost": {"opd": 20.0, "sft": 100.0, "grpo": 40.0},
+        "ratio_to_focus": {"opd": 1.0, "sft": 5.0, "grpo": 2.0}, "start": 0.1}
+    assert common["pairs"] == {"sft": {"accuracy": 0.6, "focus_cost": 20.0, "cost": 100.0, "ratio": 5.0},
+                               "grpo": {"accuracy": 0.7, "focus_cost": 20.0, "cost": 40.0, "ratio": 2.0}}
+    # a method that never beat the start: no ratio for everyone together, the pairs of the others still have theirs
+    methods["grpo"]["curve"] = [(0.0, 0.1), (40.0, 0.0)]
+    common = common_reach(methods, "opd")
+    assert common["accuracy"] == 0.1 and common["ratio_to_focus"] == {"opd": None, "sft": None, "grpo": None}
+    assert common["pairs"]["sft"]["ratio"] == 5.0 and common["pairs"]["grpo"]["ratio"] is None
 
 
 def test_stage_checkpoints_budget_and_reach(tmp_path):
@@ -114,7 +122,8 @@ def test_report_sections_have_consistent_columns():
 
     cmp = {"name": "c", "domain": "arithmetic", "unit": "flops", "budget": 100.0, "choice_rows": "100..199", "rows": "0..99",
            "teacher": "t", "teacher_accuracy": 1.0, "spec": {"focus": "opd"},
-           "common": {"accuracy": 0.5, "cost": {"opd": 45.0, "sft": 90.0}, "ratio_to_focus": {"opd": 1.0, "sft": 2.0}},
+           "common": {"accuracy": 0.5, "cost": {"opd": 45.0, "sft": 90.0}, "ratio_to_focus": {"opd": 1.0, "sft": 2.0},
+                      "pairs": {"sft": {"accuracy": 0.5, "focus_cost": 45.0, "cost": 90.0, "ratio": 2.0}}},
            "methods": {m: {"pick": f"{m}_a", "cost": 90.0, "tokens": 7.0, "accuracy": 0.5, "curve": [(0.0, 0.0), [90.0, 0.5]],
                            "flops_by_part": {"student training": 90.0},
                            "grid": {f"{m}_a": {"choice_accuracy": 0.4, "checkpoint": {"tokens": 7.0, "flops": 90.0}}}}
@@ -136,7 +145,7 @@ def test_report_sections_have_consistent_columns():
             assert len({row.count("|") for row in table}) == 1, table
     text = "\n".join(comparison_section(cmp))
     assert "| g2 | n/a | n/a: y |" in text and "| 90 (90%) | 7 |" in text and "at 100 FLOPs" in text
-    assert "to first reach it: opd 45 (1x opd), sft 90 (2x opd)" in text
+    assert "opd and sft reach 0.500: opd after 45, sft after 90 (2x)" in text
 
 
 def test_specialist_rows_against_hand_numbers():

@@ -14,7 +14,9 @@ def _run(seed_acc, opd_acc, sft_acc, met, ratio):
                         "methods": {"opd": {"pick": "opd_a", "accuracy": opd_acc, "cost": 2e12},
                                     "sft": {"pick": "sft_a", "accuracy": sft_acc, "cost": 1e12}},
                         "common": {"accuracy": seed_acc, "cost": {"opd": 1e11, "sft": 1e11 * ratio},
-                                   "ratio_to_focus": {"opd": 1.0, "sft": ratio}},
+                                   "ratio_to_focus": {"opd": 1.0, "sft": ratio},
+                                   "pairs": {"sft": {"accuracy": seed_acc, "focus_cost": 1e11, "cost": 1e11 * ratio,
+                                                     "ratio": ratio}}},
                         "goals": [{"goal": "opd above sft at equal FLOPs", "met": met, "measured": "x"},
                                   {"goal": "opd reaches sft", "met": None, "measured": "n/a"}]}]}
 
@@ -30,7 +32,7 @@ def test_seeds_table_against_hand_numbers(tmp_path):
     assert "| opd_a | multiply | 0.85 [0.8..0.9] (0.9, 0.8, 0.85) |" in out
     assert "| sft_a | multiply | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) |" in out
     assert "| sft | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | 1e+12 [1e+12..1e+12] (1e+12, 1e+12, 1e+12) | sft_a, sft_a, sft_a |" in out
-    assert "| 8 [3..12] (9, 12, 3) |" in out  # SFT's compute over OPD's at the common accuracy: (9 + 12 + 3) / 3
+    assert "| 0.55 [0.5..0.6] (0.5, 0.6, 0.55) | 8 [3..12] (9, 12, 3) |" in out  # SFT's compute over OPD's: (9 + 12 + 3) / 3
     assert "Best accuracy every method reaches: 0.55 [0.5..0.6] (0.5, 0.6, 0.55); teacher 0.95" in out
     assert "| methods: opd above sft at equal FLOPs | 2 of 3 | mixed |" in out
     assert "| methods: opd reaches sft | 0 of 3 | n/a |" in out
