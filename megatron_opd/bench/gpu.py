@@ -9,7 +9,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from megatron_opd.bench import cost
+from megatron_opd.model import cost
 from megatron_opd.bench.runs import REPO, opd_recipe, run_recipe
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOPS, from NVIDIA's data sheets; matched in this order

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_opd.bench import cost
+from megatron_opd.model import cost
 from megatron_opd.bench.limits import Limits, measure_limits, remeasure_gemm
 from megatron_opd.bench.runs import REPO, Run, opd_recipe, run_recipe
 from megatron_opd.data.chat import chat_ids
