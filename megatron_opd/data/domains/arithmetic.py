@@ -23,17 +23,21 @@ from megatron_opd.data.domains.base import Problem, Verdict
 _ANSWER = re.compile(r"answer: (-?\d+)\s*$")
 
 
-def scratchpad(a: int, b: int) -> str:
+def column_steps(a: int, b: int) -> list[str]:
+    """``a + b`` column by column from the units: ``x+y+carry=total`` per column."""
     da, db = str(a)[::-1], str(b)[::-1]
-    carry, lines = 0, []
+    carry, steps = 0, []
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         total = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={total}")
+        steps.append(f"{x}+{y}+{carry}={total}")
         carry = total // 10
-    lines.append(f"answer: {a + b}")
-    return "\n".join(lines)
+    return steps
+
+
+def scratchpad(a: int, b: int) -> str:
+    return "\n".join([*column_steps(a, b), f"answer: {a + b}"])
 
 
 class Arithmetic:

@@ -20,6 +20,7 @@ import random
 import re
 from typing import Any
 
+from megatron_opd.data.domains.arithmetic import column_steps
 from megatron_opd.data.domains.base import Problem, Verdict
 
 _ANSWER = re.compile(r"answer: (-?\d+)\s*$")
@@ -35,15 +36,7 @@ def _partial(a: int, digit: int) -> tuple[str, int]:
 
 
 def _column_sum(x: int, y: int) -> str:
-    dx, dy = str(x)[::-1], str(y)[::-1]
-    carry, steps = 0, []
-    for i in range(max(len(dx), len(dy))):
-        p = int(dx[i]) if i < len(dx) else 0
-        q = int(dy[i]) if i < len(dy) else 0
-        total = p + q + carry
-        steps.append(f"{p}+{q}+{carry}={total}")
-        carry = total // 10
-    return f"{x}+{y}: {' '.join(steps)} -> {x + y}"
+    return f"{x}+{y}: {' '.join(column_steps(x, y))} -> {x + y}"
 
 
 def scratchpad(a: int, b: int) -> str:
