@@ -23,8 +23,8 @@ import yaml
 
 from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
 from megatron_opd.pipeline.compare import (COSTS, as_dict, at_budget, common_reach, comparison_goals, cumulative_flops,
-                                           cumulative_tokens, specialist_rows, stage_checkpoints, stage_cost,
-                                           step_records)
+                                           cumulative_tokens, flops_by_part, specialist_rows, stage_checkpoints,
+                                           stage_cost)
 from megatron_opd.pipeline.inputs import input_changes, stage_inputs
 from megatron_opd.pipeline.report import read_metrics, rises_verdict, teacher_goal_verdict, write_cascade_report
 from megatron_opd.platform.local_ranks import die_with_parent, supervise
@@ -201,7 +201,7 @@ class CascadeRunner:
             methods[method] = {"pick": pick, "grid": tried, "cost": reported.cost(unit), "tokens": reported.tokens,
                                "flops": reported.flops, "checkpoint": reported.path,
                                "accuracy": accuracy(reported.path, 0, n), "curve": curve,
-                               "flops_by_part": _flops_by_part(*parts[pick], reported.step)}
+                               "flops_by_part": flops_by_part(*parts[pick], reported.step)}
             self.log(f"[cascade] {stage.name}: {method} -> {pick}: accuracy {methods[method]['accuracy']:.3f} "
                      f"after {reported.cost(unit):.4g} {COSTS[unit]} ({reported.cost(unit) / budget:.1%} of the budget)"
                      + "".join(f"; {k} {v:.3g}" for k, v in methods[method]["flops_by_part"].items()))
@@ -326,17 +326,6 @@ def _rises(start: str, start_eval: dict[str, Any], stages: list[dict[str, Any]])
             if before is not None:
                 out[s["name"]] = {d: s["eval"][d]["accuracy"] - before[d]["accuracy"] for d in s["eval"] if d in before}
             evals[s["hf"]] = s["eval"]
-    return out
-
-
-def _flops_by_part(cost, rows: list[dict[str, Any]], through: int) -> dict[str, float]:
-    """A stage's FLOPs by part over its steps 1..``through`` (empty when the comparison counts tokens)."""
-    if cost is None:
-        return {}
-    out: dict[str, float] = {}
-    for record in step_records(rows, through, "").values():
-        for part, value in cost.step(record).items():
-            out[part] = out.get(part, 0.0) + value
     return out
 
 

@@ -127,6 +127,17 @@ def cumulative_flops(rows: list[dict[str, Any]], steps: int, stage: str, cost: S
     return cumulative(records, lambda r: sum(cost.step(r).values()))
 
 
+def flops_by_part(cost: StageCost | None, rows: list[dict[str, Any]], through: int) -> dict[str, float]:
+    """A stage's FLOPs by part over its steps 1..``through`` (empty when the comparison counts tokens)."""
+    out: dict[str, float] = {}
+    if cost is None:
+        return out
+    for record in step_records(rows, through, "").values():
+        for part, value in cost.step(record).items():
+            out[part] = out.get(part, 0.0) + value
+    return out
+
+
 def stage_checkpoints(stage_dir: str | Path, init: str | Path, steps: int, tokens: dict[int, float],
                       flops: dict[int, float] | None = None) -> list[Checkpoint]:
     """The stage's starting checkpoint, its HF snapshots and its final output, in step order."""
