@@ -24,7 +24,7 @@ import yaml
 from megatron_opd.config import CascadeConfig, CascadeStage, dump_config, load_stage_recipe, stage_recipe_path
 from megatron_opd.pipeline.compare import (COSTS, as_dict, at_budget, common_reach, comparison_goals, cumulative_flops,
                                            cumulative_tokens, flops_by_part, specialist_rows, stage_checkpoints,
-                                           stage_cost)
+                                           stage_cost, teacher_share)
 from megatron_opd.pipeline.inputs import input_changes, stage_inputs
 from megatron_opd.pipeline.report import read_metrics, rises_verdict, teacher_goal_verdict, write_cascade_report
 from megatron_opd.platform.local_ranks import die_with_parent, supervise
@@ -226,6 +226,8 @@ class CascadeRunner:
         assert spec is not None
         evals = {name: self.state[name]["eval"] for name in spec.stages()}
         rows = specialist_rows(evals, spec.consolidated, spec.specialists, spec.sequential, spec.margin)
+        for r in rows:  # what each run's training gave the domain: its teacher's samples and the KL to it
+            r["training"] = {name: self._teacher_share(name, r["domain"]) for name in (r["specialist"], spec.consolidated)}
         for r in rows:
             self.log(f"[cascade] {stage.name}: {r['domain']}: specialist {r['specialist_accuracy']:.3f}, "
                      f"{spec.consolidated} {r['consolidated_accuracy']:.3f}"
@@ -236,6 +238,14 @@ class CascadeRunner:
                  for r in rows]
         return {"name": stage.name, "kind": "specialists", "spec": spec.model_dump(mode="json"), "consolidated": spec.consolidated, "sequential": spec.sequential,
                 "margin": spec.margin, "rows": rows, "goals": goals, "wall_s": 0.0}
+
+    def _teacher_share(self, name: str, domain: str) -> dict[str, float] | None:
+        done = self.state[name]
+        config = yaml.safe_load((Path(done["dir"]) / "config.yaml").read_text())
+        route = (config.get("teachers") or {}).get("routes", {}).get(domain) or []
+        if len(route) != 1:  # not an OPD stage, or a domain scored by a mix of teachers
+            return None
+        return teacher_share(read_metrics(done["dir"]), route[0]["teacher"], int(config["train"]["steps"]))
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self, through: str | None = None) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from statistics import mean
 from typing import Any, Callable
 
 from megatron_opd.model.cost import Shape
@@ -246,6 +247,22 @@ def specialist_rows(evals: dict[str, dict[str, dict[str, Any]]], consolidated: s
                      "sequential_accuracy": evals[sequential][domain]["accuracy"] if sequential else None,
                      "gap": mine - best, "met": mine >= best - margin - 1e-9})
     return rows
+
+
+def teacher_share(records: list[dict[str, Any]], teacher: str, steps: int, window: int = 20) -> dict[str, float] | None:
+    """One teacher's part of an OPD stage's training, from its logged steps (``metrics.jsonl``): the
+    samples it scored (``teachers/NAME/samples`` is a running count since the process started: a count
+    that falls marks a resume, and the counts before it are added) in all and per step, and the
+    student's reverse KL to it on its own tokens, mean over the first and the last ``window`` logged
+    steps that routed samples to it. None when no logged step routed a sample to this teacher."""
+    kl = [r[f"teacher/{teacher}/reverse_kl"] for r in records if f"teacher/{teacher}/reverse_kl" in r]
+    if not kl:
+        return None
+    total = last = 0.0
+    for count in (r[f"teachers/{teacher}/samples"] for r in records if f"teachers/{teacher}/samples" in r):
+        total += count - last if count >= last else count
+        last = count
+    return {"samples": total, "samples_per_step": total / steps, "kl_first": mean(kl[:window]), "kl_last": mean(kl[-window:])}
 
 
 def as_dict(point: Checkpoint) -> dict[str, Any]:

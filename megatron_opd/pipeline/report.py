@@ -348,4 +348,12 @@ def specialists_section(s: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['domain']} | `{r['specialist']}` | {r['specialist_accuracy']:.3f} | {r['consolidated_accuracy']:.3f} |"
                      + (f" {r['sequential_accuracy']:.3f} |" if seq else "")
                      + f" {r['gap']:+.3f} | {'yes' if r['met'] else '**no**'} |")
+    shares = [(r["domain"], name, t) for r in s["rows"] for name, t in (r.get("training") or {}).items() if t]
+    if shares:
+        lines += ["", "What each run's training gave the domain: the samples its teacher scored, and the student's "
+                  "reverse KL to that teacher on its own samples (mean of log p_student - log p_teacher per token), "
+                  "over the first and the last 20 logged steps.", "",
+                  "| domain | stage | samples per step | samples | reverse KL, first 20 -> last 20 steps |", "|---|---|---|---|---|"]
+        lines += [f"| {domain} | `{name}` | {t['samples_per_step']:.1f} | {t['samples']:.0f} | "
+                  f"{t['kl_first']:.3f} -> {t['kl_last']:.3f} |" for domain, name, t in shares]
     return lines + [""]

@@ -64,6 +64,8 @@ def seeds_summary(runs: list[dict[str, Any]]) -> list[str]:
         first = by_run[0][name]
         if first["kind"] == "compare":
             lines += _compare_lines(name, [s[name] for s in by_run])
+        elif first["kind"] == "specialists":
+            lines += _specialists_lines(name, [s[name] for s in by_run])
     goals: dict[str, list[bool | None]] = {}
     for stages in by_run:
         for name in names:
@@ -95,4 +97,16 @@ def _compare_lines(name: str, stages: list[dict[str, Any]]) -> list[str]:
     teacher = [s.get("teacher_accuracy") for s in stages]
     lines += ["", f"Best accuracy every method reaches: {spread(common)}"
               + (f"; teacher {spread(teacher)}" if any(t is not None for t in teacher) else "")]
+    return lines
+
+
+def _specialists_lines(name: str, stages: list[dict[str, Any]]) -> list[str]:
+    consolidated = stages[0]["consolidated"]
+    lines = ["", f"## `{name}`: `{consolidated}` vs each specialist", "",
+             f"| domain | specialist | {consolidated} | gap | runs within {stages[0]['margin']:.2f} |", "|---|---|---|---|---|"]
+    for i, row in enumerate(stages[0]["rows"]):
+        rows = [s["rows"][i] for s in stages]
+        lines.append(f"| {row['domain']} | {spread([r['specialist_accuracy'] for r in rows])} "
+                     f"| {spread([r['consolidated_accuracy'] for r in rows])} | {spread([r['gap'] for r in rows])} "
+                     f"| {sum(r['met'] for r in rows)} of {len(rows)} |")
     return lines

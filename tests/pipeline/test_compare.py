@@ -11,7 +11,8 @@ from helpers import REPO, opd
 from megatron_opd.config import ConfigError, load_recipe
 from megatron_opd.model.cost import Shape
 from megatron_opd.pipeline.compare import (StageCost, at_budget, common_reach, comparison_goals, cumulative_flops,
-                                           cumulative_tokens, data_cost, specialist_rows, stage_checkpoints, tokens_to_reach)
+                                           cumulative_tokens, data_cost, specialist_rows, stage_checkpoints, teacher_share,
+                                           tokens_to_reach)
 
 # hidden 4, ffn 8, 2 layers, 2 heads of 2, 1 kv head, vocab 10, tied: per layer 4 x (4 + 2 x 2) + 4 x 4 + 3 x 4 x 8 = 144
 # matmul weights, 2 x 144 + 10 x 4 (the LM head) = 328 in all; a forward over P positions (sum of squares Q) costs
@@ -131,7 +132,9 @@ def test_report_sections_have_consistent_columns():
            "goals": [{"goal": "g1", "met": True, "measured": "x"}, {"goal": "g2", "met": None, "measured": "n/a: y"}]}
     seq = {"consolidated": "mopd", "sequential": "seq", "margin": 0.02,
            "rows": [{"domain": "a", "specialist": "sa", "specialist_accuracy": 0.5, "consolidated_accuracy": 0.4,
-                     "sequential_accuracy": 0.1, "gap": -0.1, "met": False}]}
+                     "sequential_accuracy": 0.1, "gap": -0.1, "met": False,
+                     "training": {"sa": {"samples_per_step": 32.0, "samples": 6400.0, "kl_first": 0.9, "kl_last": 0.2},
+                                  "mopd": None}}]}
     for lines in (comparison_section(cmp), specialists_section(seq), specialists_section({**seq, "sequential": None})):
         tables: list[list[str]] = []
         for line in lines:  # consecutive "|" lines form one table: every row has the header's cells
@@ -143,6 +146,7 @@ def test_report_sections_have_consistent_columns():
                 tables.append([])
         for table in filter(None, tables):
             assert len({row.count("|") for row in table}) == 1, table
+    assert "| a | `sa` | 32.0 | 6400 | 0.900 -> 0.200 |" in "\n".join(specialists_section(seq))
     text = "\n".join(comparison_section(cmp))
     assert "| g2 | n/a | n/a: y |" in text and "| 90 (90%) | 7 |" in text and "at 100 FLOPs" in text
     assert "opd and sft reach 0.500: opd after 45, sft after 90 (2x)" in text
@@ -158,6 +162,19 @@ def test_specialist_rows_against_hand_numbers():
     assert rows["a"]["met"] and rows["a"]["gap"] == pytest.approx(-0.01) and rows["a"]["sequential_accuracy"] == 0.10
     assert not rows["b"]["met"] and rows["b"]["gap"] == pytest.approx(-0.10)
     assert specialist_rows(evals, "mopd", {"a": "sa"}, None, 0.0)[0]["sequential_accuracy"] is None
+
+
+def test_teacher_share_against_hand_numbers():
+    """The samples count is a running total per process (a resume restarts it: 6 before, 5 after); the KL windows
+    take only the steps that scored with this teacher."""
+    records = [{"step": 1, "teachers/t/samples": 4.0, "teacher/t/reverse_kl": 1.0},
+               {"step": 2, "teachers/t/samples": 4.0, "teachers/u/samples": 8.0, "teacher/u/reverse_kl": 5.0},
+               {"step": 3, "teachers/t/samples": 6.0, "teacher/t/reverse_kl": 0.5},
+               {"step": 4, "teachers/t/samples": 2.0, "teacher/t/reverse_kl": 0.3},  # resumed after step 3
+               {"step": 5, "teachers/t/samples": 5.0, "teacher/t/reverse_kl": 0.2}]
+    share = teacher_share(records, "t", steps=5, window=2)
+    assert share == pytest.approx({"samples": 11.0, "samples_per_step": 2.2, "kl_first": 0.75, "kl_last": 0.25})
+    assert teacher_share(records, "v", steps=5) is None
 
 
 def test_compare_recipes_fail_at_load_not_after_training(tmp_path):
@@ -289,3 +306,12 @@ def test_real_comparison_at_equal_tokens(tmp_path):
     assert row["specialist_accuracy"] == by_name["sft_a"]["eval"]["arithmetic"]["accuracy"]
     assert row["sequential_accuracy"] == by_name["grpo_a"]["eval"]["arithmetic"]["accuracy"]
     assert "`opd_a` vs each specialist vs sequential single-domain OPD (`grpo_a`)" in report
+    # and each run's share of the domain from its own records: every sample the audit saw, routed to `arithmetic`
+    audit = [json.loads(line) for line in (out / "opd_a" / "samples.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "opd_a" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["teacher/arithmetic/reverse_kl"] for r in records if "teacher/arithmetic/reverse_kl" in r]
+    share = row["training"]["opd_a"]
+    assert share["samples"] == sum(len(a["prompt_rows"]) for a in audit) == 3 * 4 * 2
+    assert share["kl_first"] == share["kl_last"] == pytest.approx(sum(kls) / 3) and len(kls) == 3
+    assert row["training"]["sft_a"] is None  # no teacher in an SFT stage
+    assert "| arithmetic | `opd_a` | 8.0 | 24 |" in report

@@ -18,7 +18,10 @@ def _run(seed_acc, opd_acc, sft_acc, met, ratio):
                                    "pairs": {"sft": {"accuracy": seed_acc, "focus_cost": 1e11, "cost": 1e11 * ratio,
                                                      "ratio": ratio}}},
                         "goals": [{"goal": "opd above sft at equal FLOPs", "met": met, "measured": "x"},
-                                  {"goal": "opd reaches sft", "met": None, "measured": "n/a"}]}]}
+                                  {"goal": "opd reaches sft", "met": None, "measured": "n/a"}]},
+                       {"name": "see_saw", "kind": "specialists", "consolidated": "opd_a", "margin": 0.02,
+                        "rows": [{"domain": "multiply", "specialist_accuracy": sft_acc, "consolidated_accuracy": opd_acc,
+                                  "gap": opd_acc - sft_acc, "met": opd_acc >= sft_acc - 0.02}]}]}
 
 
 def test_seeds_table_against_hand_numbers(tmp_path):
@@ -36,5 +39,7 @@ def test_seeds_table_against_hand_numbers(tmp_path):
     assert "Best accuracy every method reaches: 0.55 [0.5..0.6] (0.5, 0.6, 0.55); teacher 0.95" in out
     assert "| methods: opd above sft at equal FLOPs | 2 of 3 | mixed |" in out
     assert "| methods: opd reaches sft | 0 of 3 | n/a |" in out
+    # opd_a - sft_a per run: 0.3, 0.1, 0.35
+    assert "| multiply | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | 0.85 [0.8..0.9] (0.9, 0.8, 0.85) | 0.25 [0.1..0.35] (0.3, 0.1, 0.35) | 3 of 3 |" in out
     bad = opd("seeds", dirs[0], str(tmp_path), check=False)
     assert bad.returncode == 2 and f"{tmp_path}: no results.json" in bad.stderr + bad.stdout
