@@ -53,13 +53,19 @@ def seeds_summary(runs: list[dict[str, Any]]) -> list[str]:
             raise ValueError(f"run {i} has stages {[s['name'] for s in run['stages']]}, run 1 has {names}: not repeats")
     by_run = [_stages(r) for r in runs]
     lines = [f"# {runs[0].get('name', 'cascade')} over {len(runs)} runs", "",
-             "Greedy accuracy: mean [min..max] (each run in order).", "", "| stage | domain | accuracy |", "|---|---|---|"]
+             "Greedy accuracy and format score: mean [min..max] (each run in order).", "",
+             "| stage | domain | accuracy | format score |", "|---|---|---|---|"]
+
+    def row(name: str, evals: list[dict[str, Any]]) -> str:
+        return (f"| {name} | {spread([e['accuracy'] for e in evals])} "
+                f"| {spread([e.get('format_score') for e in evals])} |")
+
     for domain in runs[0]["start_eval"]:
-        lines.append(f"| start | {domain} | {spread([r['start_eval'][domain]['accuracy'] for r in runs])} |")
+        lines.append(row(f"start | {domain}", [r["start_eval"][domain] for r in runs]))
     for name in names:
         if by_run[0][name].get("eval"):
             for domain in by_run[0][name]["eval"]:
-                lines.append(f"| {name} | {domain} | {spread([s[name]['eval'][domain]['accuracy'] for s in by_run])} |")
+                lines.append(row(f"{name} | {domain}", [s[name]["eval"][domain] for s in by_run]))
     for name in names:
         first = by_run[0][name]
         if first["kind"] == "compare":

@@ -7,7 +7,7 @@ from helpers import opd
 
 def _run(seed_acc, opd_acc, sft_acc, met, ratio):
     return {"name": "cmp", "start_eval": {"multiply": {"accuracy": 0.3}},
-            "stages": [{"name": "opd_a", "kind": "opd", "eval": {"multiply": {"accuracy": opd_acc}}},
+            "stages": [{"name": "opd_a", "kind": "opd", "eval": {"multiply": {"accuracy": opd_acc, "format_score": opd_acc / 2}}},
                        {"name": "sft_a", "kind": "sft", "eval": {"multiply": {"accuracy": sft_acc}}},
                        {"name": "methods", "kind": "compare", "unit": "flops", "domain": "multiply",
                         "teacher_accuracy": 0.95,
@@ -32,8 +32,8 @@ def test_seeds_table_against_hand_numbers(tmp_path):
         (tmp_path / f"s{i}" / "results.json").write_text(json.dumps(run))
         dirs.append(str(tmp_path / f"s{i}"))
     out = opd("seeds", *dirs).stdout
-    assert "| opd_a | multiply | 0.85 [0.8..0.9] (0.9, 0.8, 0.85) |" in out
-    assert "| sft_a | multiply | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) |" in out
+    assert "| opd_a | multiply | 0.85 [0.8..0.9] (0.9, 0.8, 0.85) | 0.425 [0.4..0.45] (0.45, 0.4, 0.425) |" in out
+    assert "| sft_a | multiply | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | n/a (n/a, n/a, n/a) |" in out
     assert "| sft | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | 1e+12 [1e+12..1e+12] (1e+12, 1e+12, 1e+12) | sft_a, sft_a, sft_a |" in out
     assert "| 0.55 [0.5..0.6] (0.5, 0.6, 0.55) | 8 [3..12] (9, 12, 3) |" in out  # SFT's compute over OPD's: (9 + 12 + 3) / 3
     assert "Best accuracy every method reaches: 0.55 [0.5..0.6] (0.5, 0.6, 0.55); teacher 0.95" in out
