@@ -254,7 +254,9 @@ def teacher_share(records: list[dict[str, Any]], teacher: str, steps: int, windo
     samples it scored (``teachers/NAME/samples`` is a running count since the process started: a count
     that falls marks a resume, and the counts before it are added) in all and per step, and the
     student's reverse KL to it on its own tokens, mean over the first and the last ``window`` logged
-    steps that routed samples to it. None when no logged step routed a sample to this teacher."""
+    steps that routed samples to it (a step logged again after a resume counts once, its later record,
+    as in :func:`step_records`). None when no logged step routed a sample to this teacher."""
+    records = [r for _, r in sorted({int(r["step"]): r for r in records if "step" in r}.items())]
     kl = [r[f"teacher/{teacher}/reverse_kl"] for r in records if f"teacher/{teacher}/reverse_kl" in r]
     if not kl:
         return None
