@@ -45,7 +45,7 @@ LONGEST_FILES = {
     "bench/test_real_shapes.py": 149, "model/test_bridge.py": 132, "serve/test_bad_input.py": 114,
     "train/test_sft.py": 110, "launch/test_slurm.py": 107, "bench/test_benches.py": 101,
     "train/opd/test_self_distill.py": 90, "pipeline/test_cascade.py": 89, "serve/test_rollout_server.py": 80,
-    "eval/test_domains.py": 69, "train/opd/test_producer.py": 68, "model/test_moe.py": 150, "train/opd/test_moe_run.py": 100, "pipeline/test_compare.py": 59,
+    "eval/test_domains.py": 69, "train/opd/test_producer.py": 68, "model/test_moe.py": 110, "train/opd/test_moe_run.py": 100, "pipeline/test_compare.py": 59,
     "model/test_convert.py": 52, "train/test_dp.py": 48, "algo/test_vocab_parallel.py": 37,
     "teachers/test_cross_tokenizer.py": 33, "test_sockets.py": 33,
 }

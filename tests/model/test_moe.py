@@ -35,9 +35,10 @@ def _reference(hf_dir, input_ids):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,tp,pp,dp,ep", [(v, *layout) for v in ("norm_tied", "plain_untied")
-                                                 for layout in ((1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2))]
-                         + [("norm_tied", 2, 1, 2, 2), ("plain_untied", 2, 1, 2, 2)])
+# each layout once, each variant where it matters: the tied embedding split across pipeline stages (norm_tied at
+# PP2), the untied head alone and under EP (the replay test below runs the other pairings)
+@pytest.mark.parametrize("variant,tp,pp,dp,ep", [("plain_untied", 1, 1, 1, 1), ("norm_tied", 1, 2, 1, 1),
+                                                 ("plain_untied", 1, 1, 2, 2), ("norm_tied", 2, 1, 2, 2)])
 def test_logits_equal_transformers_and_the_export_is_the_checkpoint(moe_checkpoints, tmp_path, variant, tp, pp, dp, ep):
     hf_dir = moe_checkpoints[variant]
     input_ids = torch.randint(4, 96, (2, 13), generator=torch.Generator().manual_seed(7))
