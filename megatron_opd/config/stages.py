@@ -263,8 +263,20 @@ class LossConfig(Strict):
         "ones); sequence: each sample's tokens share an equal part (GRPO's original per-sample mean, verl's "
         "seq-mean-token-mean: long samples no longer dominate the step; per token they weigh less)")
 
+    domain_weights: dict[str, float] = Field(
+        default_factory=dict, description="normalize 'domain': each named domain's share of the loss is its weight "
+        "over the sum of the step's domains' weights (an unnamed domain weighs 1); e.g. `{strings: 0.5}` halves a "
+        "domain whose larger per-token gap would otherwise dominate MOPD's shared, clipped update")
+
     @model_validator(mode="after")
     def _topk(self) -> "LossConfig":
+        if self.domain_weights and self.normalize != "domain":
+            raise ValueError(f"loss.domain_weights sets domains' shares of the loss: it needs loss.normalize 'domain', "
+                             f"not {self.normalize!r}")
+        bad = {d: w for d, w in self.domain_weights.items() if not w > 0}
+        if bad:
+            raise ValueError(f"loss.domain_weights {bad}: each weight must be > 0 (leave a domain out of the data "
+                             "to drop it)")
         if self.kind != "sampled_token" and self.top_k < 1:
             raise ValueError(f"loss.kind {self.kind!r} needs loss.top_k >= 1")
         if self.token_set != "teacher" and self.kind == "sampled_token":

@@ -43,7 +43,7 @@ from megatron_opd.train.memory import MemoryProbe
 from megatron_opd.train.opd.engine import RolloutEngine, weight_sink
 from megatron_opd.train.opd.producer import RolloutProducer
 from megatron_opd.train.opd.step_log import StepLog
-from megatron_opd.train.opd.step_maker import StepMaker
+from megatron_opd.train.opd.step_maker import StepMaker, check_domain_weights
 from megatron_opd.train.opd.update import opd_loss, update_student
 from megatron_opd.train.session import StudentSession, open_student, save_step
 from megatron_opd.train.weight_export import WeightSink
@@ -76,6 +76,7 @@ def run_opd(cfg: OPDStageConfig, evaluator: Evaluator | None = None) -> dict[str
         prompts, skipped, problems = load_prompts(cfg.data.train, tokenizer, cfg.data.messages_field, cfg.data.domain_field,
                                                   cfg.data.max_prompt_length, contexts, cfg.rollout.on_policy_fraction < 1, own,
                                                   room, cfg.data.over_teacher_window)
+        check_domain_weights(cfg.loss.domain_weights, prompts)
     session = open_student(cfg.model, cfg.parallel, cfg.optim, cfg.train, out, "opd",  # type: ignore[arg-type]
                            optimizer_steps=cfg.train.steps * cfg.loss.epochs, run=cfg.run, recipe=cfg.model_dump(mode="json"))
     rank0 = session.is_rank0

@@ -108,7 +108,8 @@ class StepMaker:
             metrics.update(self.teachers.check_finite(scored, generated.step))
         top_k = cfg.loss.top_k if cfg.loss.kind != "sampled_token" else 0
         top_k *= 2 if cfg.loss.token_set == "union" else 1  # the set's width
-        batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight)
+        batch = build_step_batch(chosen, rollouts, scored, cfg.loss.normalize, top_k, task, opd_weight,
+                                 cfg.loss.domain_weights)
         lengths = sum(len(r.completion_ids) for r in rollouts if r.finish_reason != DATASET)
         metrics.update(rollout_metrics(rollouts, generated.step, cfg.rollout.max_staleness))
         if self.engine.routed is not None:  # the experts the sampler chose (routing replay)
@@ -200,7 +201,7 @@ def verifier_rewards(format_weight: float, prompts: list[Prompt], completions: l
 # -- the step as tensors ----------------------------------------------------------------------------
 def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: list[SampleScores] | None,
                      normalize: str, top_k: int, task_advantages: list[float] | None = None,
-                     opd_weight: float = 1.0) -> StepBatch:
+                     opd_weight: float = 1.0, domain_weights: dict[str, float] | None = None) -> StepBatch:
     """Tensorize one step: ``prompts[r.prompt_index]`` is each rollout's prompt; ``scored`` the
     teachers' scores per rollout (None: no teacher — the sampler's own log-probs stand in, so the
     teacher advantage is 0); ``top_k`` > 0 keeps the routed teachers' top-k for the top-k losses."""
@@ -210,7 +211,8 @@ def build_step_batch(prompts: list[Prompt], rollouts: list[Rollout], scored: lis
     if normalize == "token":
         weights = [1.0] * len(rollouts)
     else:  # equal shares per domain, or per sample (each its own group)
-        weights = equal_share_weights(tags if normalize == "domain" else list(range(len(rollouts))), lengths)
+        weights = (equal_share_weights(tags, lengths, domain_weights) if normalize == "domain"
+                   else equal_share_weights(list(range(len(rollouts))), lengths))
     sampler = torch.tensor([lp for r in rollouts for lp in r.logprobs], dtype=torch.float32)
     teacher = torch.cat([_mixed_teacher_logprobs(sc).float() for sc in scored]) if scored else sampler.clone()
     token_mask = torch.cat([sc.valid_tokens().float() for sc in scored]) if scored else torch.ones_like(sampler)
@@ -247,16 +249,27 @@ def _routed_experts(rollouts: list[Rollout]) -> torch.Tensor | None:
     return torch.cat([part for g in given for part in (g.to(given[0].dtype), last)])
 
 
-def equal_share_weights(groups: list[Any], lengths: list[int]) -> list[float]:
+def check_domain_weights(domain_weights: dict[str, float], prompts: list[Prompt]) -> None:
+    """``loss.domain_weights`` names only domains the prompts carry: a misspelt one would weigh nothing."""
+    tags = {p.domain for p in prompts if p.domain is not None}
+    unknown = sorted(set(domain_weights) - tags)
+    if unknown:
+        raise ValueError(f"loss.domain_weights: {unknown} tag no prompt of data.train (its domains: {sorted(tags)})")
+
+
+def equal_share_weights(groups: list[Any], lengths: list[int], shares: dict[Any, float] | None = None) -> list[float]:
     """Per-sample weights giving each group an equal share of a token-mean loss: a group with T_g of
     the step's T completion tokens gets w_g = T / (G * T_g), so sum_g w_g T_g = T. Groups are the
     samples' domains (``loss.normalize=domain``) or the samples themselves (``sequence``: w_i =
-    T / (N * T_i), a per-sample mean)."""
+    T / (N * T_i), a per-sample mean). ``shares`` (``loss.domain_weights``): group g's share is
+    s_g / sum of the present groups' s (1 where unnamed) instead of 1 / G; the weights still sum to T."""
     totals: dict[Any, int] = {}
     for group, n in zip(groups, lengths):
         totals[group] = totals.get(group, 0) + n
     total, present = sum(totals.values()), [g for g, n in totals.items() if n > 0]
-    return [total / (len(present) * totals[g]) if totals[g] else 1.0 for g in groups]
+    share = {g: (shares or {}).get(g, 1.0) for g in present}
+    norm = sum(share.values())
+    return [total * share[g] / (norm * totals[g]) if totals[g] else 1.0 for g in groups]
 
 
 def _mixed_teacher_logprobs(scored: SampleScores) -> torch.Tensor:

@@ -121,7 +121,7 @@ def test_domain_normalisation_gives_each_domain_an_equal_share():
     """loss.normalize=domain: a short-answer domain weighs as much as a long one in the token mean."""
     from megatron_opd.records import Prompt, Rollout
     from megatron_opd.train.batches import micro_batches
-    from megatron_opd.train.opd.step_maker import build_step_batch, equal_share_weights
+    from megatron_opd.train.opd.step_maker import build_step_batch, check_domain_weights, equal_share_weights
 
     domains, lengths = ["arith", "arith", "str", None], [30, 50, 4, 16]
     weights = equal_share_weights(domains, lengths)
@@ -135,6 +135,18 @@ def test_domain_normalisation_gives_each_domain_an_equal_share():
     micro = micro_batches(batch, 2, pad_id=0)  # longest first: samples 1, 0 | 3, 2
     assert [m.loss_w.tolist() for m in micro] == [pytest.approx([weights[1], weights[0]]), pytest.approx([weights[3], weights[2]])]
     assert build_step_batch(prompts, rollouts, None, "token", 0).loss_weights.tolist() == [1.0] * 4
+    # loss.domain_weights: str at half the weight of the others -> shares 1/2.5, 0.5/2.5, 1/2.5 (the untagged group)
+    halved = build_step_batch(prompts, rollouts, None, "domain", 0, domain_weights={"str": 0.5}).loss_weights.tolist()
+    assert halved == pytest.approx([100 / (2.5 * 80)] * 2 + [50 / (2.5 * 4), 100 / (2.5 * 16)])
+    assert sum(w * n for w, n in zip(halved, lengths)) == pytest.approx(sum(lengths))
+    assert load_recipe(RECIPE, ["loss.normalize=domain", "loss.domain_weights={arithmetic: 2}"]).loss.domain_weights == {"arithmetic": 2.0}
+    with pytest.raises(ConfigError, match="loss.domain_weights.*needs loss.normalize 'domain'"):
+        load_recipe(RECIPE, ["loss.normalize=token", "loss.domain_weights={arithmetic: 2}"])
+    with pytest.raises(ConfigError, match=r"loss.domain_weights \{'strings': 0.0\}: each weight must be > 0"):
+        load_recipe(RECIPE, ["loss.normalize=domain", "loss.domain_weights={strings: 0}"])
+    check_domain_weights({"str": 0.5}, prompts)
+    with pytest.raises(ValueError, match=r"loss.domain_weights: \['strings'\] tag no prompt of data.train \(its domains: \['arith', 'str'\]\)"):
+        check_domain_weights({"strings": 0.5}, prompts)
 
 
 def test_micro_batches_by_token_budget_keep_every_sample_once():
