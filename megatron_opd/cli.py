@@ -222,15 +222,26 @@ def report(run_dir: Path) -> None:
 
 
 @app.command()
-def seeds(run_dirs: List[Path] = typer.Argument(..., help="the same cascade's run directories, one per seed")) -> None:
+def seeds(run_dirs: List[Path] = typer.Argument(..., help="the same cascade's run directories, one per seed"),
+          plots: Optional[Path] = typer.Option(None, help="write each comparison's curves over the runs here "
+                                               "(compare_NAME_seeds.png)")) -> None:
     """One cascade run at several seeds side by side: each stage's accuracy as mean [min..max], each comparison's
-    methods and cost ratios, and how many runs met every goal."""
+    methods, accuracy-vs-cost curves and cost ratios, and how many runs met every goal."""
     from megatron_opd.pipeline.seeds import load_runs, seeds_summary
 
     try:
-        lines = seeds_summary(load_runs(run_dirs))
+        runs = load_runs(run_dirs)
+        lines = seeds_summary(runs)
     except (ValueError, KeyError) as exc:
         fail(f"opd seeds: {exc}")
+    if plots is not None:
+        from megatron_opd.pipeline.report import plot_comparison_seeds
+
+        plots.mkdir(parents=True, exist_ok=True)
+        for stage in (s for s in runs[0]["stages"] if s["kind"] == "compare"):
+            name = stage["name"]
+            stages = [next(s for s in run["stages"] if s["name"] == name) for run in runs]
+            lines.append(f"plot: {plot_comparison_seeds(stages, plots / f'compare_{name}_seeds.png')}")
     typer.echo("\n".join(lines))
 
 

@@ -333,8 +333,26 @@ def plot_comparison(s: dict[str, Any], path: Path) -> Path:
         ax.axhline(s["teacher_accuracy"], color="grey", linestyle="--", linewidth=1, label="teacher")
     if s.get("unit") == "flops":
         ax.set_xscale("symlog", linthresh=max(s["budget"] / 1000, 1.0))
+    ax.set_xlim(left=0)  # costs are never negative (symlog would show a mirrored empty half)
     ax.set_ylim(-0.02, 1.02)
     return _save(fig, ax, path, _unit(s), f"{s['domain']} held-out greedy accuracy", f"{s['name']}: equal-compute comparison")
+
+
+def plot_comparison_seeds(stages: list[dict[str, Any]], path: Path) -> Path:
+    """One compare stage repeated at several seeds: each method's curve per run (a colour per method)."""
+    s = stages[0]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for j, method in enumerate(s["methods"]):
+        for i, run in enumerate(stages):
+            ax.plot(*zip(*run["methods"][method]["curve"]), marker="o", markersize=3, color=f"C{j}", alpha=0.8,
+                    label=f"{method} ({len(stages)} runs)" if i == 0 else None)
+    teacher = [run["teacher_accuracy"] for run in stages if run.get("teacher_accuracy") is not None]
+    if teacher:
+        ax.axhline(sum(teacher) / len(teacher), color="grey", linestyle="--", linewidth=1, label="teacher")
+    ax.set_xlim(left=0)  # linear: the snapshots span about one decade of cost
+    ax.set_ylim(-0.02, 1.02)
+    return _save(fig, ax, path, _unit(s), f"{s['domain']} held-out greedy accuracy",
+                 f"{s['name']}: equal-compute comparison, {len(stages)} runs")
 
 
 def specialists_section(s: dict[str, Any]) -> list[str]:

@@ -103,6 +103,18 @@ def _compare_lines(name: str, stages: list[dict[str, Any]]) -> list[str]:
     teacher = [s.get("teacher_accuracy") for s in stages]
     lines += ["", f"Best accuracy every method reaches: {spread(common)}"
               + (f"; teacher {spread(teacher)}" if any(t is not None for t in teacher) else "")]
+    return lines + curve_lines(stages, unit)
+
+
+def curve_lines(stages: list[dict[str, Any]], unit: str) -> list[str]:
+    """Each method's accuracy-vs-cost curve over the runs: its picks' snapshots taken at the same steps, so
+    point i is each run's i-th snapshot (cost as the runs' mean; a curve some run lacks a point of ends there)."""
+    lines = ["", f"Accuracy vs {unit} of each method's pick, snapshot by snapshot (accuracy on the reported rows):", "",
+             f"| method | {unit} (mean over runs) | accuracy |", "|---|---|---|"]
+    for method in stages[0]["methods"]:
+        curves = [s["methods"][method].get("curve") or [] for s in stages]
+        for i in range(min(len(c) for c in curves)):
+            lines.append(f"| {method} | {mean(c[i][0] for c in curves):.3g} | {spread([c[i][1] for c in curves])} |")
     return lines
 
 

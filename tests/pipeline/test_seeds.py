@@ -11,8 +11,10 @@ def _run(seed_acc, opd_acc, sft_acc, met, ratio):
                        {"name": "sft_a", "kind": "sft", "eval": {"multiply": {"accuracy": sft_acc}}},
                        {"name": "methods", "kind": "compare", "unit": "flops", "domain": "multiply",
                         "teacher_accuracy": 0.95,
-                        "methods": {"opd": {"pick": "opd_a", "accuracy": opd_acc, "cost": 2e12},
-                                    "sft": {"pick": "sft_a", "accuracy": sft_acc, "cost": 1e12}},
+                        "methods": {"opd": {"pick": "opd_a", "accuracy": opd_acc, "cost": 2e12,
+                                            "curve": [[0.0, 0.3], [1e12 + 1e11 * ratio, opd_acc - 0.1], [2e12, opd_acc]]},
+                                    "sft": {"pick": "sft_a", "accuracy": sft_acc, "cost": 1e12,
+                                            "curve": [[0.0, 0.3], [1e12, sft_acc]][: 2 if ratio < 10 else 1]}},
                         "common": {"accuracy": seed_acc, "cost": {"opd": 1e11, "sft": 1e11 * ratio},
                                    "ratio_to_focus": {"opd": 1.0, "sft": ratio},
                                    "pairs": {"sft": {"accuracy": seed_acc, "focus_cost": 1e11, "cost": 1e11 * ratio,
@@ -31,7 +33,7 @@ def test_seeds_table_against_hand_numbers(tmp_path):
         (tmp_path / f"s{i}").mkdir()
         (tmp_path / f"s{i}" / "results.json").write_text(json.dumps(run))
         dirs.append(str(tmp_path / f"s{i}"))
-    out = opd("seeds", *dirs).stdout
+    out = opd("seeds", *dirs, "--plots", str(tmp_path / "plots")).stdout
     assert "| opd_a | multiply | 0.85 [0.8..0.9] (0.9, 0.8, 0.85) | 0.425 [0.4..0.45] (0.45, 0.4, 0.425) |" in out
     assert "| sft_a | multiply | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | n/a (n/a, n/a, n/a) |" in out
     assert "| sft | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | 1e+12 [1e+12..1e+12] (1e+12, 1e+12, 1e+12) | sft_a, sft_a, sft_a |" in out
@@ -41,5 +43,12 @@ def test_seeds_table_against_hand_numbers(tmp_path):
     assert "| methods: opd reaches sft | 0 of 3 | n/a |" in out
     # opd_a - sft_a per run: 0.3, 0.1, 0.35
     assert "| multiply | 0.6 [0.5..0.7] (0.6, 0.7, 0.5) | 0.85 [0.8..0.9] (0.9, 0.8, 0.85) | 0.25 [0.1..0.35] (0.3, 0.1, 0.35) | 3 of 3 |" in out
+    # each method's curve point by point: cost as the runs' mean ((1.9e12 + 2.2e12 + 1.3e12) / 3), accuracy spread;
+    # sft's second point is missing from the run at ratio 12, so its curve stops at its first
+    assert "| opd | 0 | 0.3 [0.3..0.3] (0.3, 0.3, 0.3) |" in out
+    assert "| opd | 1.8e+12 | 0.75 [0.7..0.8] (0.8, 0.7, 0.75) |" in out and "| opd | 2e+12 | 0.85 [0.8..0.9]" in out
+    assert "| sft | 0 | 0.3 [0.3..0.3] (0.3, 0.3, 0.3) |" in out and "| sft | 1e+12 |" not in out
+    plot = tmp_path / "plots" / "compare_methods_seeds.png"
+    assert f"plot: {plot}" in out and plot.read_bytes().startswith(b"\x89PNG")
     bad = opd("seeds", dirs[0], str(tmp_path), check=False)
     assert bad.returncode == 2 and f"{tmp_path}: no results.json" in bad.stderr + bad.stdout
