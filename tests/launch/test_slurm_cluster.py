@@ -77,9 +77,7 @@ def _queue(job_id: str, env: dict) -> list[str]:
 
 
 def _in_queue(job_id: str, env: dict) -> bool:
-    states = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
-                            env={**os.environ, **env}).stdout.split()
-    return any(state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for state in states)
+    return any(state not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for state in _queue(job_id, env))
 
 
 def _trainer_log(jobs, job_id: str) -> str:
