@@ -227,7 +227,7 @@ def seeds(run_dirs: List[Path] = typer.Argument(..., help="the same cascade's ru
                                                "(compare_NAME_seeds.png)")) -> None:
     """One cascade run at several seeds side by side: each stage's accuracy as mean [min..max], each comparison's
     methods, accuracy-vs-cost curves and cost ratios, and how many runs met every goal."""
-    from megatron_opd.pipeline.seeds import load_runs, seeds_summary
+    from megatron_opd.pipeline.seeds import compare_stages, load_runs, seeds_summary
 
     try:
         runs = load_runs(run_dirs)
@@ -238,9 +238,7 @@ def seeds(run_dirs: List[Path] = typer.Argument(..., help="the same cascade's ru
         from megatron_opd.pipeline.report import plot_comparison_seeds
 
         plots.mkdir(parents=True, exist_ok=True)
-        for stage in (s for s in runs[0]["stages"] if s["kind"] == "compare"):
-            name = stage["name"]
-            stages = [next(s for s in run["stages"] if s["name"] == name) for run in runs]
+        for name, stages in compare_stages(runs).items():
             lines.append(f"plot: {plot_comparison_seeds(stages, plots / f'compare_{name}_seeds.png')}")
     typer.echo("\n".join(lines))
 

@@ -43,6 +43,12 @@ def _stages(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in run["stages"]}
 
 
+def compare_stages(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Each compare stage's name -> that stage in every run, in run order."""
+    by_run = [_stages(r) for r in runs]
+    return {s["name"]: [stages[s["name"]] for stages in by_run] for s in runs[0]["stages"] if s["kind"] == "compare"}
+
+
 def seeds_summary(runs: list[dict[str, Any]]) -> list[str]:
     """Markdown: accuracy per training stage and domain, each compare stage's methods, every goal's met count."""
     if len(runs) < 2:
