@@ -12,7 +12,7 @@ from megatron_opd.model.checkpoint import load_checkpoint, read_meta, resolve, s
 
 
 def hf_to_megatron(src: str | Path, dst: str | Path, vocab_divisible_by: int = 128) -> Path:
-    bundle = build_model(load_hf_config(src), vocab_divisible_by=vocab_divisible_by)
+    bundle = build_model(load_hf_config(src), vocab_divisible_by=vocab_divisible_by, initialize=False)
     load_hf_weights(bundle, src)
     return save_checkpoint(dst, 0, bundle, tokenizer_src=src)
 
@@ -24,6 +24,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, shard_bytes: int = 2 << 30)
     bundle = build_model(
         load_hf_config(hf_dir),
         vocab_divisible_by=_divisor_for(meta["vocab_size"], meta["padded_vocab_size"]),
+        initialize=False,
     )
     load_checkpoint(step_dir, bundle)
     save_hf_checkpoint(bundle, dst, tokenizer_src=hf_dir, shard_bytes=shard_bytes)

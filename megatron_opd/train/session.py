@@ -66,7 +66,8 @@ def open_student(
     hf_config = load_hf_config(model.hf_path)
     if num_experts(hf_config):
         overrides.update(model.moe.overrides(), moe_enable_routing_replay=getattr(train, "routing_replay", False))
-    bundle = build_model(hf_config, dtype=dtype, vocab_divisible_by=model.vocab_divisible_by, **overrides)
+    bundle = build_model(hf_config, dtype=dtype, vocab_divisible_by=model.vocab_divisible_by, initialize=False,
+                         **overrides)  # its weights: the HF model's or the checkpoint's, loaded below
     state = wrap_for_training(bundle, optim_settings(optim, optimizer_steps or train.steps))
     ckpt_root = out_dir / "checkpoints"
     latest = find_latest(ckpt_root) if train.resume and ckpt_root.exists() else None

@@ -49,6 +49,9 @@ def test_weight_export_equals_mbridges_and_round_trips(tiny_hf, tmp_path, tp, pp
         for name in set(ours_names.split()):
             assert torch.equal(ours[f"ours/{name}"], theirs[f"mbridge/{name}"]), name
             assert torch.equal(ours[f"ours/{name}"], original[name]), name
+        for rank in range(tp * pp):  # the trainer's build (no random init) holds every tensor the loaded one holds
+            report = json.loads((out / f"uninitialised_rank{rank}.json").read_text())
+            assert report["tensors"] > 0 and report["differ"] == [], report
 
 
 @pytest.mark.parametrize("tp", [1, 2])

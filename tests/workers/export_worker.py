@@ -1,4 +1,7 @@
-"""torchrun worker: export the student's HF-named weights (our stream and mbridge's own) and save them."""
+"""torchrun worker: export the student's HF-named weights (our stream and mbridge's own) and save them; and name
+every tensor of its state (parameters and buffers, padding rows included) that a build without random init
+(``initialize=False``, the trainer's) holds differently once the same HF weights are loaded."""
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +18,12 @@ init_distributed(tp, pp)
 bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=2)
 load_hf_weights(bundle, hf_dir)
 ours = [(name, t.clone()) for name, t in export_hf_weights(bundle)]
+bare = build_model(load_hf_config(hf_dir), vocab_divisible_by=2, initialize=False)
+load_hf_weights(bare, hf_dir)
+state, bare_state = bundle.model.state_dict(), bare.model.state_dict()
+differ = [n for n, t in state.items() if torch.is_tensor(t) and not torch.equal(t, bare_state[n])]
+tensors = sum(torch.is_tensor(t) for t in state.values())
+(out / f"uninitialised_rank{dist.get_rank()}.json").write_text(json.dumps({"tensors": tensors, "differ": differ}))
 with torch.no_grad(), cpu_compat():
     theirs = [(name, t.clone()) for name, t in bundle.bridge.export_weights(bundle.chunks)]
 if dist.get_rank() == 0:

@@ -29,7 +29,9 @@ class RoutedBatch(TokenBatch):
 
 
 losses = dict(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001) if aux else {}
-bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8, moe_enable_routing_replay=replay, **losses)
+# as the trainer builds it: no random init, every weight loaded next (a weight left unloaded breaks the logits)
+bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=8, initialize=False, moe_enable_routing_replay=replay,
+                     **losses)
 load_hf_weights(bundle, hf_dir)
 for chunk in bundle.chunks:
     chunk.eval()

@@ -17,7 +17,7 @@ hf_dirs = sys.argv[4:]
 init_distributed(tp, pp)
 input_ids = torch.load(out_dir / "input_ids.pt", weights_only=True)
 for hf_dir in hf_dirs:
-    bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=2)
+    bundle = build_model(load_hf_config(hf_dir), vocab_divisible_by=2, initialize=False)  # as the trainer builds it
     load_hf_weights(bundle, hf_dir)
 
     def collect(logits_shard, batch):

@@ -1,5 +1,5 @@
 """The OPD loop end to end: TP2 x PP2 over gloo, embedded engine, an embedded teacher server,
-SIGKILL + resume, then SIGTERM (a checkpoint on the signal) + resume, reproducing the unbroken run exactly. A
+SIGTERM (a checkpoint on the signal) + resume, reproducing the unbroken run exactly. A
 resume at another layout (resharded by megatron's dist_checkpointing: TP2 x PP1 -> TP1 x PP2) is
 tests/bench/test_real_shapes.py's."""
 import json
@@ -42,14 +42,11 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
     assert (straight / "hf" / "model.safetensors").is_file()
 
     resumed = tmp_path / "resumed"
-    killed = opd("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}", env={"OPD_FAULT_INJECT": "step:4"}, check=False)
-    assert killed.returncode != 0
-    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step-00000002"
-    # resumed from step 2, then SIGTERM while step 3 runs (what Slurm sends at a time limit): step 3 finishes,
-    # is checkpointed, the teacher server is stopped and the run exits with 75
+    # SIGTERM while step 3 runs (what Slurm sends at a time limit): step 3 finishes, is checkpointed, the teacher
+    # server is stopped and the run exits with 75 (a SIGKILL's resume from the last periodic checkpoint is
+    # test_moe_run's, OPD at EP2, and test_sft's)
     stopped = opd_signalled("run", str(RECIPE), *SMALL, f"run.output_dir={resumed}", signum=signal.SIGTERM, before_step=3)
     assert stopped.returncode == 75, stopped.stdout[-3000:]
-    assert "resumed from" in stopped.stdout and "at step 2" in stopped.stdout
     seconds = float(re.search(r"stopped on SIGTERM after step 3: checkpoint \S+ written ([\d.]+) s after the signal",
                               stopped.stdout).group(1))
     assert seconds < 120
@@ -62,8 +59,8 @@ def test_opd_tp2pp2_runs_reports_and_resumes_exactly(tmp_path):
     assert "resumed from" in again.stdout and "at step 3" in again.stdout
     resumed_results = json.loads((resumed / "results.json").read_text())
     assert set(resumed_results["eval"]) == {"before", "after"}
-    # the teacher's counters went into the checkpoints and went on from there: the resumed run's totals are
-    # the unbroken run's (steps 1-2 counted before the kill, 3 before the signal, 4 after the last resume)
+    # the teacher's counters went into the checkpoint and went on from there: the resumed run's totals are
+    # the unbroken run's (steps 1-3 counted before the signal, 4 after the resume)
     for key in ("samples", "tokens", "requests"):
         assert resumed_results["teacher_counters"]["arithmetic"][key] == results["teacher_counters"]["arithmetic"][key], key
     keys = ("train/loss", "opd/reverse_kl", "rollout/response_length", "train/grad_norm", "opd/advantage_mean")
