@@ -111,7 +111,7 @@ def preflight_opd(cfg) -> None:
     for name, teacher in (cfg.teachers.teachers if cfg.teachers else {}).items():
         if not teacher.urls and teacher.model is not None and not teacher.live and not (Path(teacher.model) / "config.json").is_file():
             raise ValueError(f"teachers.teachers.{name}.model: {teacher.model} is not an HF checkpoint (no config.json)")
-    from megatron_opd.wire.vllm import vllm_python  # the vLLM venvs the run would start servers from exist
+    from megatron_opd.wire.process import vllm_python  # the vLLM venvs the run would start servers from exist
 
     if cfg.rollout.engine == "vllm" and not cfg.rollout.urls:
         vllm_python(cfg.rollout.vllm_python)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -103,3 +104,14 @@ def wait_started(servers: list[ServerProcess], what: str, timeout: float) -> Non
             server.stop(timeout=10)
         raise
 
+
+def vllm_python(configured: str | None, key: str = "rollout.vllm_python") -> str:
+    """The interpreter of the vLLM venv: the recipe's (``key``), else ``OPD_VLLM_PYTHON``; it must exist. (Here,
+    not in :mod:`megatron_opd.wire.vllm`: the launcher's preflight checks it without importing torch.)"""
+    python = configured or os.environ.get("OPD_VLLM_PYTHON")
+    if not python:
+        raise ValueError(f"{key}: vLLM servers start from their own virtual environment: set {key} (or "
+                         "OPD_VLLM_PYTHON) to its python (bash tools/setup_vllm_venv.sh builds .venv-vllm)")
+    if not Path(python).is_file():
+        raise ValueError(f"{key} / OPD_VLLM_PYTHON: {python} does not exist (bash tools/setup_vllm_venv.sh builds it)")
+    return python

@@ -27,20 +27,11 @@ from typing import Any, Callable
 
 from megatron_opd.records import Rollout, SamplingParams
 from megatron_opd.wire.client import ServerError
-from megatron_opd.wire.process import ServerProcess, start_process
+from megatron_opd.wire.process import ServerProcess, start_process, vllm_python  # noqa: F401 (re-exported)
 
 SEED_STRIDE = 1_000_003  # prompt i of a request seeded s samples with seed s + i * SEED_STRIDE (its n samples: + 0..n-1)
 
 
-def vllm_python(configured: str | None, key: str = "rollout.vllm_python") -> str:
-    """The interpreter of the vLLM venv: the recipe's (``key``), else ``OPD_VLLM_PYTHON``; it must exist."""
-    python = configured or os.environ.get("OPD_VLLM_PYTHON")
-    if not python:
-        raise ValueError(f"{key}: vLLM servers start from their own virtual environment: set {key} (or "
-                         "OPD_VLLM_PYTHON) to its python (bash tools/setup_vllm_venv.sh builds .venv-vllm)")
-    if not Path(python).is_file():
-        raise ValueError(f"{key} / OPD_VLLM_PYTHON: {python} does not exist (bash tools/setup_vllm_venv.sh builds it)")
-    return python
 
 
 def start_vllm_server(model: Path, python: str, served_name: str = "model", max_model_len: int | None = None,

@@ -39,3 +39,23 @@ def test_forked_and_spawned_ranks_train_the_same_step(tiny_world, tmp_path):
     assert losses[None] == losses["spawn"]  # bit for bit
     assert {"opd-rank-0", "opd-rank-1"} <= names[None], names[None]
     assert not any(n.startswith("opd-rank-") for n in names["spawn"]), names["spawn"]
+
+
+def test_the_launcher_checks_an_opd_run_and_starts_its_ranks_without_importing_torch(tmp_path):
+    """The `opd run` process of a multi-rank job only validates, checks its inputs and supervises the ranks: the
+    stack (torch ~1.2 s of CPU, megatron-core) loads in the ranks' process, never also in the launcher."""
+    code = (
+        "import json, sys\n"
+        "import megatron_opd.platform.local_ranks as local_ranks\n"
+        "import megatron_opd.cli as cli\n"
+        "def launched(nproc, argv):  # where the ranks would start: what the launcher imported by then\n"
+        "    print(json.dumps({'nproc': nproc, 'torch': 'torch' in sys.modules, 'megatron': 'megatron.core' in sys.modules}))\n"
+        "    return 0\n"
+        "local_ranks.relaunch_local = launched\n"
+        f"sys.argv = ['opd', 'run', 'recipes/tiny/opd_arith.yaml', 'run.output_dir={tmp_path / 'run'}']\n"
+        "cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == '{"nproc": 4, "torch": false, "megatron": false}', proc.stdout
