@@ -198,7 +198,7 @@ def build_model(
     Needs :func:`megatron_opd.platform.init_distributed` first. ``transformer_overrides`` go to
     megatron's ``TransformerConfig`` (e.g. ``recompute_granularity``). ``initialize=False``: the weight
     matrices are left unset, for a caller that loads every weight next (HF or a checkpoint): the random draws
-    it skips are most of the build on CPU (measured, one thread: 1.9 s -> 0.2 s for two layers at Qwen3-0.6B's
+    it skips are about 40% of the build on CPU (measured, one thread: 1.9 s -> 1.1 s for two layers at Qwen3-0.6B's
     width with its 151,936-row embedding). Not megatron's ``perform_initialization=False``: that also skips
     marking the TP-sharded weights as such (their export and gradient norm then treat them as replicated).
     """
