@@ -235,6 +235,16 @@ def rises_verdict(rises: dict[str, dict[str, float]], finals: dict[str, dict[str
     return verdict + (f" (Held at 1.000, nowhere to rise: {', '.join(held)}.)" if held else "")
 
 
+def _kept_note(results: dict[str, Any]) -> str:
+    """When stages were kept from an earlier invocation (a Slurm chain, a resumed cascade), the wall time is this
+    invocation's only: say so, with the stages' own wall times summed over every invocation."""
+    kept = results.get("kept_from_earlier_run") or []
+    if not kept:
+        return ""
+    total = sum(s.get("wall_s", 0.0) for s in results["stages"])
+    return f" in this invocation ({', '.join(kept)} kept from an earlier one; the stages' own wall times: {total:.0f} s in all)"
+
+
 def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     """report.md for a cascade: accuracy per domain after every stage, teacher picks, and each
     training stage's curves laid end to end."""
@@ -242,7 +252,7 @@ def write_cascade_report(out: Path, results: dict[str, Any]) -> Path:
     plots_dir.mkdir(parents=True, exist_ok=True)
     tables = {"start": results["start_eval"], **{s["name"]: s["eval"] for s in results["stages"] if s.get("eval")}}
     lines = [f"# Cascade report: {results['name']}", "",
-             f"Recipe `{results['recipe']}`; wall time {results['wall_time_s']:.0f} s.", "",
+             f"Recipe `{results['recipe']}`; wall time {results['wall_time_s']:.0f} s{_kept_note(results)}.", "",
              "## Held-out accuracy after each stage", "",
              f"Greedy and sampled (temperature 1) accuracy and format score on the first {results['eval_samples']} "
              "held-out rows of each domain.", "", accuracy_table(tables), ""]

@@ -109,6 +109,11 @@ def test_cascade_runs_stages_evaluates_picks_and_reports(tmp_path):
     assert picks["arithmetic"]["path"] in stage_cfg and picks["format"]["path"] in stage_cfg
     report = (out / "report.md").read_text()
     assert "| start |" in report and "| consolidate |" in report and "Selection `pick`" in report
+    # the wall time is this invocation's; the stages kept from the first part count in the stages' total
+    total = sum(s["wall_s"] for s in results["stages"])
+    assert by_name["sft"]["wall_s"] > 0 and by_name["opd"]["wall_s"] > 0  # measured in the first part, kept
+    assert (f"s in this invocation (sft, opd kept from an earlier one; the stages' own wall times: {total:.0f} s in all)"
+            in report)
     assert "`opd/step-000001`" in report and "`mopd/step-000002`" in report  # snapshots named by their stage
     # the verdict on "every domain rises at every stage" follows the measured tables
     greedy = {s["name"]: {d: r["accuracy"] for d, r in s["eval"].items()} for s in results["stages"] if s.get("eval")}

@@ -52,7 +52,8 @@ def test_the_launcher_checks_an_opd_run_and_starts_its_ranks_without_importing_t
         "    print(json.dumps({'nproc': nproc, 'torch': 'torch' in sys.modules, 'megatron': 'megatron.core' in sys.modules}))\n"
         "    return 0\n"
         "local_ranks.relaunch_local = launched\n"
-        f"sys.argv = ['opd', 'run', 'recipes/tiny/opd_arith.yaml', 'run.output_dir={tmp_path / 'run'}']\n"
+        "sys.argv = ['opd', 'run', 'recipes/tiny/opd_arith.yaml', 'model.hf_path=assets/tiny/student_init', "
+        f"'run.output_dir={tmp_path / 'run'}']\n"
         "cli.main()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
