@@ -193,7 +193,7 @@ def build_model(
     initialize: bool = True,
     **transformer_overrides: Any,
 ) -> ModelBundle:
-    """Build this rank's GPTModel chunk (random init) for ``hf_config``.
+    """Build this rank's GPTModel chunk for ``hf_config`` (random init unless ``initialize=False``).
 
     Needs :func:`megatron_opd.platform.init_distributed` first. ``transformer_overrides`` go to
     megatron's ``TransformerConfig`` (e.g. ``recompute_granularity``). ``initialize=False``: the weight
